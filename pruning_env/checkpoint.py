@@ -1,0 +1,162 @@
+"""Self-describing model checkpoints.
+
+A checkpoint is a ``torch.save`` dict that rebuilds its network without knowing
+how it was made, also after pruning changed the widths:
+
+=================  ============================================================
+key                content
+=================  ============================================================
+format_version     :data:`FORMAT_VERSION`
+spec               :class:`~pruning_env.models.ModelSpec` as a dict (arch, classes,
+                   input channels, actual width of every conv and hidden Linear)
+state_dict         the weights
+module             only for a user's own architecture (not in ``models``): the
+                   pickled module; loading it needs ``trust_pickle=True``
+input_shape        ``[C, H, W]`` of one image
+dataset            data set name; ``classes``: class names
+metrics            e.g. ``{"val_acc": 91.2, "test_acc": 90.8}`` (percent)
+train_config       the config that trained it (dict), if any
+plan               the pruning plan that produced it (dict), if any
+extra              anything else (e.g. ``train_state`` for resuming)
+=================  ============================================================
+
+Writes are atomic (temporary file + rename), so an interrupted save never leaves
+a truncated checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .models import ModelSpec, build_from_spec, channel_spec, list_models
+
+__all__ = ["FORMAT_VERSION", "Checkpoint", "save", "load", "CheckpointError", "atomic_save"]
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read or does not fit what was asked of it."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model plus everything recorded about it."""
+
+    model: nn.Module
+    input_shape: tuple[int, int, int]
+    dataset: str | None = None
+    classes: list[str] | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    train_config: dict[str, Any] | None = None
+    plan: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str:
+        return getattr(self.model, "arch", type(self.model).__name__)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    input_shape: tuple[int, int, int],
+    dataset: str | None = None,
+    classes: list[str] | None = None,
+    metrics: dict[str, float] | None = None,
+    train_config: dict[str, Any] | None = None,
+    plan: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write a self-describing checkpoint of ``model`` (see the module docstring)."""
+    blob: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "input_shape": [int(s) for s in input_shape],
+        "dataset": dataset,
+        "classes": classes,
+        "metrics": dict(metrics or {}),
+        "train_config": train_config,
+        "plan": plan,
+        "extra": dict(extra or {}),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if getattr(model, "arch", None) in list_models():
+        blob["spec"] = channel_spec(model).to_dict()
+    else:
+        blob["module"] = model
+    atomic_save(blob, path)
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    map_location: str | torch.device = "cpu",
+    expect_arch: str | None = None,
+    trust_pickle: bool = False,
+) -> Checkpoint:
+    """Load a checkpoint written by :func:`save`.
+
+    Args:
+        path: the ``.pt`` file.
+        map_location: device for the weights.
+        expect_arch: if given, raise :class:`CheckpointError` unless the checkpoint holds this architecture.
+        trust_pickle: allow loading a user's own pickled module (arbitrary code: only for files you trust).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not trust_pickle and ("weights_only" in str(exc) or "Unsupported global" in str(exc)):
+            raise CheckpointError(
+                f"{path} contains a pickled user module; load it with trust_pickle=True if you trust the file"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {msg}") from None
+    if not isinstance(blob, dict) or "format_version" not in blob:
+        raise CheckpointError(
+            f"{path} is not a pruning_env checkpoint (no format_version); save models with pruning_env.checkpoint.save"
+        )
+    if blob["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format version {blob['format_version']}, newer than this package's {FORMAT_VERSION}; "
+            "upgrade pruning-env"
+        )
+    if "spec" in blob:
+        spec = ModelSpec.from_dict(blob["spec"])
+        if expect_arch is not None and spec.arch != expect_arch:
+            raise CheckpointError(f"{path} holds a {spec.arch}, not a {expect_arch}")
+        model = build_from_spec(spec)
+        model.load_state_dict(blob["state_dict"])
+    else:
+        model = blob["module"]
+        if expect_arch is not None:
+            raise CheckpointError(f"{path} holds a user model ({type(model).__name__}), not a {expect_arch}")
+    model.to(map_location)
+    return Checkpoint(
+        model=model,
+        input_shape=tuple(blob["input_shape"]),  # type: ignore[arg-type]
+        dataset=blob.get("dataset"),
+        classes=blob.get("classes"),
+        metrics=blob.get("metrics") or {},
+        train_config=blob.get("train_config"),
+        plan=blob.get("plan"),
+        extra=blob.get("extra") or {},
+    )

@@ -1,0 +1,518 @@
+"""Data sets: CIFAR-10/100 (official python format) and any image-folder data set.
+
+Where data is looked for (first hit wins):
+
+1. the ``root`` argument,
+2. ``$PRUNING_ENV_DATA``,
+3. the user cache directory ``~/.cache/pruning_env/data`` (``$XDG_CACHE_HOME`` respected).
+
+Inside that directory a data set ``name`` may be stored as
+
+* an image folder: ``<dir>/<name>/train/<class>/*`` and ``<dir>/<name>/test/<class>/*``
+  (PNG/JPEG/..., RGB or grayscale; classes are the sorted folder names), or
+* for ``cifar10`` / ``cifar100``: the official python archives extracted to
+  ``<dir>/cifar-10-batches-py`` / ``<dir>/cifar-100-python`` (downloaded with MD5
+  verification when ``download=True`` and they are missing).
+
+``root`` may also point directly at an image folder (a directory holding ``train/``
+and ``test/``). Any other name is treated as an image folder ``<dir>/<name>``.
+
+Images are decoded once into ``uint8`` arrays cached under
+``~/.cache/pruning_env/decoded`` (keyed by the source's path, size and mtimes), so a
+second load takes a fraction of a second. Batches are produced from those tensors;
+augmentation (random crop with zero padding, horizontal flip) runs on whole batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tarfile
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DataError",
+    "ImageDataset",
+    "Split",
+    "Splits",
+    "load_dataset",
+    "load_splits",
+    "make_synthetic",
+    "batches",
+    "augment",
+    "data_dir",
+    "cache_dir",
+]
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+CIFAR_SOURCES = {
+    "cifar10": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "label_key": b"labels",
+        "meta": ("batches.meta", b"label_names"),
+    },
+    "cifar100": {
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "label_key": b"fine_labels",
+        "meta": ("meta", b"fine_label_names"),
+    },
+}
+_CACHE_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """Data is missing or malformed; the message says where we looked and what to do."""
+
+
+def cache_dir() -> Path:
+    """Root of the package's cache: ``$XDG_CACHE_HOME/pruning_env`` or ``~/.cache/pruning_env``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "pruning_env"
+
+
+def data_dir(root: str | os.PathLike | None = None) -> Path:
+    """The directory data sets are read from: ``root``, else ``$PRUNING_ENV_DATA``, else the cache."""
+    if root is not None:
+        return Path(root).expanduser()
+    env = os.environ.get("PRUNING_ENV_DATA")
+    if env:
+        return Path(env).expanduser()
+    return cache_dir() / "data"
+
+
+@dataclass
+class Split:
+    """One split of a data set.
+
+    Attributes:
+        images: ``(N, C, H, W)`` uint8 tensor.
+        labels: ``(N,)`` int64 tensor of class indices.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, n: int) -> "Split":
+        """The first ``n`` examples (the splits are already shuffled where it matters)."""
+        return Split(self.images[:n], self.labels[:n])
+
+
+@dataclass
+class Splits:
+    """Train / validation / test splits plus the normalisation they share.
+
+    ``val`` is carved out of the official training data and is what rewards and
+    model selection use; ``test`` is only for final reports.
+    """
+
+    train: Split
+    val: Split
+    test: Split
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+    name: str
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image."""
+        return tuple(int(s) for s in self.train.images.shape[1:])  # type: ignore[return-value]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+@dataclass
+class ImageDataset:
+    """A decoded data set: official train and test splits as uint8 tensors."""
+
+    name: str
+    classes: list[str]
+    train: Split
+    test: Split
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.train.images.shape[1:])  # type: ignore[return-value]
+
+    def splits(self, val_fraction: float = 0.1, seed: int = 0) -> Splits:
+        """Deterministic, class-stratified train/validation split of the training data.
+
+        Args:
+            val_fraction: share of each class held out for validation, in (0, 1).
+            seed: seed of the split's permutation (the same seed always gives the same split).
+        """
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        gen = np.random.default_rng(seed)
+        labels = self.train.labels.numpy()
+        val_idx, train_idx = [], []
+        for c in range(len(self.classes)):
+            idx = np.flatnonzero(labels == c)
+            idx = idx[gen.permutation(len(idx))]
+            n_val = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+            val_idx.append(idx[:n_val])
+            train_idx.append(idx[n_val:])
+        val = np.concatenate(val_idx)
+        train = np.concatenate(train_idx)
+        # Shuffle across classes so that a prefix (`Split.subset`) is a fair sample.
+        val = val[gen.permutation(len(val))]
+        train = train[gen.permutation(len(train))]
+        tr = Split(self.train.images[train], self.train.labels[train])
+        images = tr.images[:10_000].float() / 255.0  # statistics from a fixed 10k sample are plenty
+        mean = tuple(float(m) for m in images.mean(dim=(0, 2, 3)))
+        std = tuple(float(s) for s in images.std(dim=(0, 2, 3)).clamp_min(1e-3))
+        return Splits(
+            train=tr,
+            val=Split(self.train.images[val], self.train.labels[val]),
+            test=self.test,
+            mean=mean,
+            std=std,
+            classes=list(self.classes),
+            name=self.name,
+        )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_dataset(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    use_cache: bool = True,
+) -> ImageDataset:
+    """Load a data set by name (``cifar10``, ``cifar100`` or an image-folder name).
+
+    Args:
+        name: data set name, see the module docstring for where it is looked for.
+        root: directory to look in (else ``$PRUNING_ENV_DATA``, else the user cache).
+        download: for CIFAR, download the official archive if it is missing.
+        use_cache: read/write the decoded-array cache.
+
+    Raises:
+        DataError: with the places looked at and how to fix it.
+    """
+    base = data_dir(root)
+    candidates = []
+    if (base / "train").is_dir() and (base / "test").is_dir():
+        candidates.append(("folder", base))
+    candidates.append(("folder", base / name))
+    if name in CIFAR_SOURCES:
+        src = CIFAR_SOURCES[name]
+        candidates.append(("cifar", base / src["folder"]))
+        candidates.append(("cifar", base / name / src["folder"]))
+    for kind, path in candidates:
+        if kind == "folder" and (path / "train").is_dir() and (path / "test").is_dir():
+            return _cached(name, path, use_cache, lambda p=path: _read_folder(name, p))
+        if kind == "cifar" and path.is_dir():
+            return _cached(name, path, use_cache, lambda p=path: _read_cifar(name, p))
+    if name in CIFAR_SOURCES and download:
+        path = _download_cifar(name, base)
+        return _cached(name, path, use_cache, lambda: _read_cifar(name, path))
+    looked = "\n  ".join(str(p) for _, p in candidates)
+    hint = (
+        f"Download it with load_dataset({name!r}, download=True) when online, or "
+        if name in CIFAR_SOURCES
+        else ""
+    )
+    raise DataError(
+        f"data set {name!r} not found. Looked in:\n  {looked}\n{hint}"
+        f"put it in the image-folder layout <dir>/{name}/train/<class>/*.png and <dir>/{name}/test/<class>/*.png "
+        "and pass root=<dir> or set PRUNING_ENV_DATA=<dir>."
+    )
+
+
+def _source_key(path: Path) -> str:
+    """A fingerprint of a data source: its path and, for every directory in it, the
+    number of entries and the mtime (adding, removing or renaming files changes it;
+    rewriting a file in place does not: delete the cache folder then)."""
+    parts: list = [str(path.resolve()), _CACHE_VERSION]
+    for dirpath, dirs, files in os.walk(path):
+        dirs.sort()
+        parts.append((os.path.relpath(dirpath, path), len(files), os.stat(dirpath).st_mtime))
+        if len(dirs) == 0 and len(files) < 64:  # small archives (CIFAR python batches): add sizes
+            parts += [(f, os.stat(os.path.join(dirpath, f)).st_size) for f in sorted(files)]
+    raw = json.dumps(parts)
+    return hashlib.sha1(raw.encode()).hexdigest()[:16]
+
+
+def _cached(name: str, path: Path, use_cache: bool, read) -> ImageDataset:
+    if not use_cache:
+        return read()
+    folder = cache_dir() / "decoded" / f"{name}-{_source_key(path)}"
+    meta_file = folder / "meta.json"
+    if meta_file.is_file():
+        try:
+            meta = json.loads(meta_file.read_text())
+            arrays = {k: np.load(folder / f"{k}.npy") for k in ("xtr", "ytr", "xte", "yte")}
+            return ImageDataset(
+                name=name,
+                classes=meta["classes"],
+                train=Split(torch.from_numpy(arrays["xtr"]), torch.from_numpy(arrays["ytr"])),
+                test=Split(torch.from_numpy(arrays["xte"]), torch.from_numpy(arrays["yte"])),
+            )
+        except (OSError, ValueError, KeyError):
+            pass  # a broken cache is rebuilt below
+    ds = read()
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, t in (("xtr", ds.train.images), ("ytr", ds.train.labels), ("xte", ds.test.images), ("yte", ds.test.labels)):
+        tmp = folder / f"{k}.tmp.npy"
+        np.save(tmp, t.numpy())
+        os.replace(tmp, folder / f"{k}.npy")
+    meta_file.write_text(json.dumps({"classes": ds.classes, "source": str(path)}))
+    return ds
+
+
+def _decode(path: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            im = im.convert("L" if mode in ("L", "1", "I;16", "I") else "RGB")
+            return np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"cannot decode image {path}: {exc}. Remove or replace the corrupt file.") from None
+
+
+def _read_folder_split(root: Path, classes: list[str] | None) -> tuple[Split, list[str]]:
+    if classes is None:
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise DataError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+    files, labels = [], []
+    for i, c in enumerate(classes):
+        folder = root / c
+        if not folder.is_dir():
+            raise DataError(f"class folder {folder} is missing (train and test must have the same classes)")
+        names = sorted(f for f in os.listdir(folder) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        files += [str(folder / f) for f in names]
+        labels += [i] * len(names)
+    if not files:
+        raise DataError(f"no image files (*.png, *.jpg, ...) under {root}/<class>/")
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        arrays = list(pool.map(_decode, files, chunksize=256))
+    shapes = {a.shape for a in arrays}
+    if len(shapes) != 1:
+        raise DataError(
+            f"images under {root} have different sizes/channels {sorted(shapes)[:4]}; resize them to one size first"
+        )
+    x = np.stack(arrays)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    return Split(torch.from_numpy(np.ascontiguousarray(x)), torch.tensor(labels, dtype=torch.int64)), classes
+
+
+def _read_folder(name: str, path: Path) -> ImageDataset:
+    train, classes = _read_folder_split(path / "train", None)
+    test, _ = _read_folder_split(path / "test", classes)
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DataError(f"train images are {tuple(train.images.shape[1:])} but test images {tuple(test.images.shape[1:])}")
+    return ImageDataset(name=name, classes=classes, train=train, test=test)
+
+
+def _read_cifar(name: str, path: Path) -> ImageDataset:
+    src = CIFAR_SOURCES[name]
+
+    def unpickle(fname: str) -> dict:
+        f = path / fname
+        if not f.is_file():
+            raise DataError(
+                f"{f} is missing: {path} is not a complete {name} python-format folder. "
+                f"Delete it and re-download ({src['url']}), or use the image-folder layout."
+            )
+        try:
+            with open(f, "rb") as fh:
+                return pickle.load(fh, encoding="bytes")
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+            raise DataError(f"{f} is corrupt ({exc}); delete {path} and download again") from None
+
+    def read(files: list[str]) -> Split:
+        xs, ys = [], []
+        for fname in files:
+            d = unpickle(fname)
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[src["label_key"]], dtype=np.int64))
+        return Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
+
+    meta_file, key = src["meta"]
+    classes = [c.decode() for c in unpickle(meta_file)[key]]
+    return ImageDataset(name=name, classes=classes, train=read(src["train"]), test=read(src["test"]))
+
+
+def _download_cifar(name: str, base: Path) -> Path:
+    src = CIFAR_SOURCES[name]
+    base.mkdir(parents=True, exist_ok=True)
+    archive = base / Path(src["url"]).name
+    try:
+        if not archive.is_file():
+            tmp = archive.with_suffix(".part")
+            with urllib.request.urlopen(src["url"], timeout=30) as resp, open(tmp, "wb") as fh:
+                from tqdm import tqdm
+
+                total = int(resp.headers.get("Content-Length", 0)) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {name}") as bar:
+                    while chunk := resp.read(1 << 20):
+                        fh.write(chunk)
+                        bar.update(len(chunk))
+            os.replace(tmp, archive)
+    except OSError as exc:
+        raise DataError(
+            f"could not download {name} from {src['url']} ({exc}). Offline? Put the data set in an image folder "
+            f"<dir>/{name}/train/<class>/*.jpg + <dir>/{name}/test/<class>/*.jpg (or the extracted "
+            f"{src['folder']}/ folder) and set PRUNING_ENV_DATA=<dir> or pass root=<dir>. "
+            f"Looked in {base}."
+        ) from None
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    if md5 != src["md5"]:
+        archive.unlink()
+        raise DataError(f"{archive.name} failed its MD5 check ({md5} != {src['md5']}); deleted it, try again")
+    with tarfile.open(archive) as tar:
+        tar.extractall(base, filter="data")
+    return base / src["folder"]
+
+
+# ----------------------------------------------------------------------------- synthetic
+
+
+def make_synthetic(
+    *,
+    num_classes: int = 4,
+    n_train: int = 1024,
+    n_test: int = 256,
+    size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+    noise: float = 0.35,
+) -> ImageDataset:
+    """A small learnable data set generated in-process (for tests and tutorials).
+
+    Each class is a fixed random low-frequency pattern; examples are the pattern,
+    randomly shifted by up to 3 pixels, scaled and plus Gaussian noise, as uint8.
+    Deterministic in ``seed``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, channels, 4, 4, generator=gen)
+    protos = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+    def sample(n: int) -> Split:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=gen)]
+        x = protos[labels]
+        shifts = torch.randint(-3, 4, (n, 2), generator=gen)
+        x = torch.stack([torch.roll(x[i], tuple(shifts[i].tolist()), dims=(1, 2)) for i in range(n)])
+        x = x * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=gen)) + noise * torch.randn(x.shape, generator=gen)
+        return Split((x.clamp(0, 1) * 255).round().to(torch.uint8), labels.to(torch.int64))
+
+    classes = [f"class_{i}" for i in range(num_classes)]
+    return ImageDataset(name="synthetic", classes=classes, train=sample(n_train), test=sample(n_test))
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and random horizontal flip, on a whole batch.
+
+    Args:
+        images: ``(B, C, H, W)`` tensor (any dtype).
+        generator: CPU generator that draws the crop offsets and flips.
+        padding: pixels of zero padding on each side before cropping back to ``H x W``.
+
+    Returns:
+        ``(B, C, H, W)`` tensor of the same dtype and device.
+    """
+    b, c, h, w = images.shape
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(images.device)
+    flips = (torch.rand(b, generator=generator) < 0.5).to(images.device)
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    rows = offsets[0][:, None] + torch.arange(h, device=images.device)  # (B, H)
+    cols = offsets[1][:, None] + torch.arange(w, device=images.device)  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    bi = torch.arange(b, device=images.device)[:, None, None, None]
+    ci = torch.arange(c, device=images.device)[None, :, None, None]
+    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def batches(
+    split: Split,
+    batch_size: int,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    shuffle: bool = False,
+    augment_data: bool = False,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+    drop_last: bool = False,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield normalised ``(images, labels)`` batches.
+
+    Args:
+        split: uint8 images and labels.
+        batch_size: examples per batch.
+        mean, std: per-channel normalisation, in [0, 1] pixel units.
+        shuffle: draw a new permutation from ``generator`` (required then).
+        augment_data: apply :func:`augment` (random crop + flip) per batch.
+        generator: CPU ``torch.Generator``; makes shuffling and augmentation deterministic.
+        device: where the batches go.
+        drop_last: drop a last incomplete batch.
+
+    Yields:
+        ``(B, C, H, W)`` float32 images and ``(B,)`` int64 labels on ``device``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if (shuffle or augment_data) and generator is None:
+        raise ValueError("shuffle/augment_data need a torch.Generator for determinism")
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    dev = torch.device(device)
+    m = torch.tensor(mean, device=dev).view(1, -1, 1, 1) * 255.0
+    s = torch.tensor(std, device=dev).view(1, -1, 1, 1) * 255.0
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        idx = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
+        x = split.images[idx].to(dev, non_blocking=True)
+        y = split.labels[idx].to(dev, non_blocking=True)
+        if augment_data:
+            x = augment(x, generator)  # type: ignore[arg-type]
+        yield (x.float() - m) / s, y
+
+
+def load_splits(
+    name: str,
+    root: str | os.PathLike | None = None,
+    *,
+    val_fraction: float = 0.1,
+    split_seed: int = 0,
+    download: bool = True,
+) -> Splits:
+    """Load ``name`` and split it (see :meth:`ImageDataset.splits`).
+
+    ``name="synthetic"`` gives the seeded in-process data set of :func:`make_synthetic`.
+    """
+    ds = make_synthetic(seed=split_seed) if name == "synthetic" else load_dataset(name, root, download=download)
+    return ds.splits(val_fraction=val_fraction, seed=split_seed)

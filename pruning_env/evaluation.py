@@ -1,0 +1,81 @@
+"""Accuracy and latency measurement."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from .data import Split, batches
+
+__all__ = ["evaluate", "measure_latency"]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    split: Split,
+    *,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    batch_size: int = 500,
+    device: str | torch.device = "cpu",
+    limit: int | None = None,
+) -> float:
+    """Top-1 accuracy in percent of ``model`` (in eval mode) on ``split``.
+
+    Args:
+        limit: evaluate only the first ``limit`` examples (a fixed, deterministic subset).
+
+    The model's train/eval mode is restored afterwards.
+    """
+    if limit is not None:
+        split = split.subset(limit)
+    if len(split) == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    try:
+        for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
+            correct += int((model(x).argmax(1) == y).sum())
+    finally:
+        model.train(was_training)
+    return 100.0 * correct / len(split)
+
+
+@torch.no_grad()
+def measure_latency(
+    model: nn.Module,
+    input_shape: tuple[int, int, int],
+    *,
+    batch_size: int = 1,
+    device: str | torch.device = "cpu",
+    warmup: int = 5,
+    repeats: int = 30,
+) -> float:
+    """Median wall-clock latency of one forward pass, in milliseconds.
+
+    Args:
+        input_shape: ``(C, H, W)`` of one image.
+        batch_size: images per forward pass.
+    """
+    was_training = model.training
+    model.eval()
+    x = torch.randn(batch_size, *input_shape, device=device)
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model(x)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    times.sort()
+    return 1000.0 * times[len(times) // 2]

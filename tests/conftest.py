@@ -1,0 +1,47 @@
+"""Shared fixtures: small data sets made by the tests, and the real CIFAR-10 when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep the package's cache (decoded data, baselines) out of the user's home."""
+    cache = tmp_path_factory.getbasetemp() / "xdg-cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+
+
+def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 6, size: int = 32, mode: str = "RGB",
+                       fmt: str = "png", seed: int = 0) -> Path:
+    """Write a tiny image-folder data set ``root/{train,test}/<class>/*.<fmt>``."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    channels = 3 if mode == "RGB" else 1
+    for split, n in (("train", per_class), ("test", max(2, per_class // 2))):
+        for c in range(classes):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                arr = rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+                Image.fromarray(arr[..., 0] if channels == 1 else arr, mode=mode).save(d / f"{i:04d}.{fmt}")
+    return root
+
+
+def cifar_root() -> Path | None:
+    """``$PRUNING_ENV_DATA`` if it holds the real CIFAR-10 image folder, else None."""
+    env = os.environ.get("PRUNING_ENV_DATA")
+    if env and (Path(env) / "cifar10" / "train").is_dir():
+        return Path(env)
+    return None
+
+
+requires_cifar = pytest.mark.skipif(cifar_root() is None, reason="real CIFAR-10 not found under $PRUNING_ENV_DATA")

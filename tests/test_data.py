@@ -1,0 +1,152 @@
+import pickle
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cifar_root, requires_cifar, write_image_folder
+from pruning_env.data import DataError, augment, batches, load_dataset, load_splits, make_synthetic
+
+
+def _write_cifar_python(root, n_per_batch=20):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"data": rng.integers(0, 256, (n_per_batch, 3072), dtype=np.uint8),
+             b"labels": list(rng.integers(0, 10, n_per_batch))}
+        with open(folder / name, "wb") as fh:
+            pickle.dump(d, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, fh)
+    return folder
+
+
+def test_cifar_python_format_loads(tmp_path):
+    folder = _write_cifar_python(tmp_path)
+    ds = load_dataset("cifar10", tmp_path, download=False)
+    assert ds.train.images.shape == (100, 3, 32, 32) and ds.train.images.dtype == torch.uint8
+    assert ds.test.images.shape == (20, 3, 32, 32)
+    assert ds.classes == [f"c{i}" for i in range(10)]
+    with open(folder / "data_batch_1", "rb") as fh:
+        raw = pickle.load(fh)
+    assert np.array_equal(ds.train.images[0].numpy().reshape(-1), raw[b"data"][0])
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "png"), ("L", "jpg")])
+def test_image_folder_loads_rgb_and_grayscale(tmp_path, mode, fmt):
+    write_image_folder(tmp_path / "toy", mode=mode, fmt=fmt)
+    ds = load_dataset("toy", tmp_path)
+    channels = 3 if mode == "RGB" else 1
+    assert ds.train.images.shape == (18, channels, 32, 32)
+    assert ds.classes == ["class_0", "class_1", "class_2"]
+    assert sorted(ds.train.labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
+    # root may also point at the data set folder itself
+    assert torch.equal(load_dataset("whatever", tmp_path / "toy").train.images, ds.train.images)
+
+
+def test_second_load_hits_the_cache(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "toy", per_class=40)
+    first = load_dataset("toy", tmp_path)
+    import pruning_env.data as data
+
+    def boom(*a, **k):
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(data, "_decode", boom)
+    second = load_dataset("toy", tmp_path)
+    assert torch.equal(first.train.images, second.train.images)
+
+
+def test_env_var_is_used(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "toy")
+    monkeypatch.setenv("PRUNING_ENV_DATA", str(tmp_path))
+    assert len(load_dataset("toy").train) == 18
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    ds = make_synthetic(num_classes=4, n_train=400, n_test=40, seed=3)
+    a, b = ds.splits(0.1, seed=0), ds.splits(0.1, seed=0)
+    assert torch.equal(a.val.images, b.val.images) and torch.equal(a.train.labels, b.train.labels)
+    assert len(a.train) + len(a.val) == 400
+    assert torch.bincount(a.val.labels).tolist() == [10, 10, 10, 10]
+    c = ds.splits(0.1, seed=1)
+    assert not torch.equal(a.val.images, c.val.images)
+    # no validation image is also a training image
+    flat_train = {bytes(x.numpy()) for x in a.train.images}
+    assert not any(bytes(x.numpy()) in flat_train for x in a.val.images)
+
+
+def test_missing_data_error_says_where_and_what(tmp_path):
+    with pytest.raises(DataError) as err:
+        load_dataset("cifar10", tmp_path / "nowhere", download=False)
+    msg = str(err.value)
+    assert "nowhere" in msg and "PRUNING_ENV_DATA" in msg and "train/<class>" in msg
+
+
+def test_offline_download_fails_clearly(tmp_path, monkeypatch):
+    import urllib.request
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(DataError, match="Offline.*PRUNING_ENV_DATA"):
+        load_dataset("cifar10", tmp_path, download=True)
+
+
+def test_corrupt_data_errors(tmp_path):
+    write_image_folder(tmp_path / "toy")
+    (tmp_path / "toy" / "train" / "class_0" / "0000.png").write_bytes(b"not an image")
+    with pytest.raises(DataError, match="cannot decode.*0000.png"):
+        load_dataset("toy", tmp_path)
+    folder = _write_cifar_python(tmp_path / "c")
+    (folder / "data_batch_3").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="corrupt"):
+        load_dataset("cifar10", tmp_path / "c", download=False)
+    (folder / "data_batch_3").unlink()
+    with pytest.raises(DataError, match="missing"):
+        load_dataset("cifar10", tmp_path / "c", download=False, use_cache=False)
+
+
+def test_augment_is_a_crop_and_flip_of_the_padded_image():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    out = augment(x, gen, padding=2)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        found = any(
+            torch.equal(out[i], cand)
+            for dy in range(5)
+            for dx in range(5)
+            for cand in (padded[i, :, dy:dy + 8, dx:dx + 8], padded[i, :, dy:dy + 8, dx:dx + 8].flip(2))
+        )
+        assert found
+    again = augment(x, torch.Generator().manual_seed(0), padding=2)
+    assert torch.equal(out, again)
+
+
+def test_batches_normalise_and_cover_the_split():
+    ds = make_synthetic(n_train=50, n_test=10)
+    sp = ds.splits(0.2)
+    seen = 0
+    for x, y in batches(sp.train, 16, mean=sp.mean, std=sp.std, shuffle=True, augment_data=True,
+                        generator=torch.Generator().manual_seed(0)):
+        assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32)
+        seen += len(y)
+    assert seen == len(sp.train)
+    with pytest.raises(ValueError, match="Generator"):
+        next(batches(sp.train, 4, mean=sp.mean, std=sp.std, shuffle=True))
+
+
+@requires_cifar
+def test_real_cifar10_loads_fast_the_second_time():
+    load_splits("cifar10", cifar_root())
+    t0 = time.perf_counter()
+    sp = load_splits("cifar10", cifar_root())
+    elapsed = time.perf_counter() - t0
+    assert (len(sp.train), len(sp.val), len(sp.test)) == (45000, 5000, 10000)
+    assert sp.classes[:3] == ["airplane", "automobile", "bird"]
+    assert elapsed < 5.0  # a loose sanity bound (cache hit); the real figure is printed by the benchmarks

@@ -1,0 +1,91 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pruning_env.train as train_mod
+from pruning_env import checkpoint as ckpt
+from pruning_env.models import ModelSpec, build_from_spec
+from pruning_env.train import TrainConfig, train
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(net="vgg11", dataset="synthetic", width=0.125, epochs=3, batch_size=64, lr=0.05,
+                out=str(tmp_path / "m.pt"), progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_learns_and_writes_a_self_describing_checkpoint(tmp_path):
+    summary = train(_cfg(tmp_path))
+    assert set(summary) >= {"test_acc", "val_acc", "epochs", "seconds", "checkpoint"}
+    assert summary["val_acc"] > 50.0  # 4 classes: chance is 25 %
+    loaded = ckpt.load(summary["checkpoint"])
+    assert loaded.arch == "vgg11" and loaded.dataset == "synthetic" and loaded.input_shape == (3, 32, 32)
+    assert loaded.metrics["test_acc"] == summary["test_acc"]
+    assert loaded.train_config["epochs"] == 3
+    assert [h["epoch"] for h in loaded.extra["train_state"]["history"]] == [1, 2, 3]
+
+
+def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
+    reference = train(_cfg(tmp_path / "a"))
+    ref_state = ckpt.load(reference["checkpoint"]).model.state_dict()
+
+    real_batches = train_mod.batches
+    calls = {"n": 0}
+
+    def interrupting(*args, **kwargs):
+        if kwargs.get("shuffle"):
+            calls["n"] += 1  # one training epoch starts
+        for i, item in enumerate(real_batches(*args, **kwargs)):
+            if kwargs.get("shuffle") and calls["n"] == 2 and i == 3:  # mid-way through the second epoch
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(train_mod, "batches", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "b"))
+    partial = ckpt.load(tmp_path / "b" / "m.pt")
+    assert partial.extra["train_state"]["epoch"] == 1  # the finished epoch was saved
+    monkeypatch.setattr(train_mod, "batches", real_batches)
+    resumed = train(_cfg(tmp_path / "b", resume=True))
+    assert resumed["test_acc"] == reference["test_acc"]
+    state = ckpt.load(resumed["checkpoint"]).model.state_dict()
+    for k, v in ref_state.items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_pruned_widths_reload_without_knowing_how_they_were_made(tmp_path):
+    spec = ModelSpec("resnet20", 10, 3, (16, 3, 16, 5, 16, 7, 16, 9, 32, 11, 32, 13, 32, 15, 64, 17, 64, 19, 64), ())
+    model = build_from_spec(spec)
+    ckpt.save(tmp_path / "p.pt", model, input_shape=(3, 32, 32))
+    assert ckpt.load(tmp_path / "p.pt").model.layer2[0].conv1.out_channels == 9
+
+
+def test_checkpoint_errors_are_clear(tmp_path):
+    with pytest.raises(ckpt.CheckpointError, match="does not exist"):
+        ckpt.load(tmp_path / "nope.pt")
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(ckpt.CheckpointError, match="cannot read"):
+        ckpt.load(tmp_path / "junk.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ckpt.CheckpointError, match="not a pruning_env checkpoint"):
+        ckpt.load(tmp_path / "other.pt")
+    ckpt.save(tmp_path / "v.pt", build_from_spec(ModelSpec("vgg11", 10, 3, (4,) * 8, (4,))), input_shape=(3, 32, 32))
+    with pytest.raises(ckpt.CheckpointError, match="holds a vgg11, not a resnet56"):
+        ckpt.load(tmp_path / "v.pt", expect_arch="resnet56")
+
+
+def test_cli_prints_one_json_line_and_rejects_bad_flags(tmp_path):
+    cmd = [sys.executable, "-m", "pruning_env.train", "--net", "vgg11", "--dataset", "synthetic", "--width", "0.125",
+           "--epochs", "1", "--out", str(tmp_path / "c.pt"), "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 1 and 0.0 <= summary["test_acc"] <= 100.0
+    bad = subprocess.run(cmd[:3] + ["--net", "vgg17"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'vgg17'" in bad.stderr
+    bad = subprocess.run(cmd[:-1] + ["--dataset", "nosuchdata", "--data-dir", str(tmp_path)], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
