@@ -1,0 +1,446 @@
+"""The plug-in interface every pruning agent implements, and the registry that names them.
+
+Algorithms know the environment ONLY through the PettingZoo ``ParallelEnv`` API
+(``reset``/``step``/``state``/spaces); nothing here imports ``pruning_env``. An
+algorithm owns its env for its whole life and runs one episode per call:
+
+=====================  ====================================================================
+``train_episode()``    one exploring episode on ``env``, then learning; returns an
+                       :class:`EpisodeLog`
+``evaluate()``         one greedy episode, no learning (``evaluate`` does not count as a
+                       training episode and leaves the learner untouched)
+``state_dict()``       everything needed to resume EXACTLY: networks, optimisers, replay
+                       buffer, counters, RNG states (python, numpy, torch)
+``load_state_dict()``  restores it; ``state_dict`` holds only tensors and plain python
+                       values, so ``torch.save``/``torch.load(weights_only=True)`` work
+=====================  ====================================================================
+
+Seeding: all randomness of an algorithm comes from ``self.rngs`` (a python
+``random.Random``, a numpy ``Generator`` and a torch ``Generator``, all seeded from
+``seed``), networks are initialised under ``seeded_torch(seed)``, and the env is reset
+with ``env.reset(seed=seed)`` on the first episode and ``env.reset()`` afterwards (see
+:meth:`Algorithm.reset_env`). Same seed, same env => identical results on CPU.
+
+Team reward: every agent of the pruning env gets the same reward; for generality the
+team reward of a step is the MEAN over agents of their rewards (BenchMARL convention; an
+epymarl-style sum would be ``n_agents`` times larger) and ``episode_return`` is its sum
+over the episode.
+
+Adding an algorithm (one new file, then run it by name)::
+
+    # my_algos.py
+    import dataclasses
+    from agents import Algorithm, EpisodeLog, register
+
+    @dataclasses.dataclass
+    class GreedyConfig:
+        action: int = 0
+        \"\"\"Action index every agent always takes.\"\"\"
+
+    @register("always")
+    class Always(Algorithm):
+        config_cls = GreedyConfig
+
+        def train_episode(self) -> EpisodeLog:
+            log, _ = self.play_episode(lambda obs, infos: {a: self.config.action for a in obs})
+            self.episodes_done += 1
+            return log
+
+        def evaluate(self) -> EpisodeLog:
+            return self.play_episode(lambda obs, infos: {a: self.config.action for a in obs})[0]
+
+        def state_dict(self) -> dict:
+            return super().state_dict()          # counters + RNG states
+
+        def load_state_dict(self, d: dict) -> None:
+            super().load_state_dict(d)
+
+    # anywhere:
+    algo = make_algorithm("my_algos:always", env, seed=0, action=2)   # "module:name" imports
+    log = algo.train_episode()                                        # my_algos first
+
+A new QMIX mixer is one file too: subclass :class:`agents.qmix.Mixer`, decorate it with
+``@register_mixer("my_mixer")`` and run ``make_algorithm("qmix", env, seed=0,
+mixer="my_mixer")`` (see :mod:`agents.qmix`).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from pettingzoo import ParallelEnv
+
+__all__ = [
+    "Algorithm",
+    "EpisodeLog",
+    "EpisodeTrace",
+    "RandomStreams",
+    "get_algorithm",
+    "list_algorithms",
+    "make_algorithm",
+    "register",
+    "seeded_torch",
+    "split_observation",
+]
+
+MAX_EPISODE_STEPS = 100_000
+"""Safety net: an episode that has not ended after this many steps is a bug in the env."""
+
+
+@dataclass
+class EpisodeLog:
+    """What one episode produced, for logging and for picking the best pruning plan."""
+
+    episode_return: float
+    """Team return: sum over steps of the mean-over-agents reward."""
+    length: int
+    """Number of env steps in the episode."""
+    actions: list[dict[str, Any]]
+    """Per step, the action of every agent (``{"layer_0": 3, ...}``); ints for discrete
+    action spaces, floats for the continuous AMC view."""
+    final_info: dict[str, Any]
+    """The infos dict of the first agent at the last step (the pruning env puts the
+    accuracy/MACs ratios and the plan there)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Scalars computed on the way (e.g. ``td_loss``, ``epsilon``, ``q_mean``), for TensorBoard."""
+
+
+@dataclass
+class EpisodeTrace:
+    """Raw per-step data of one parallel-env episode (T steps), for learners.
+
+    ``obs``/``infos``/``states`` have T+1 entries (entry 0 is what ``reset`` returned,
+    entry t+1 what step t returned); the rest have T entries. ``states`` is empty unless
+    requested.
+    """
+
+    obs: list[dict[str, Any]] = field(default_factory=list)
+    infos: list[dict[str, dict]] = field(default_factory=list)
+    states: list[np.ndarray] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    team_rewards: list[float] = field(default_factory=list)
+    terminated: list[bool] = field(default_factory=list)
+    """True when the step ended the episode by termination (no bootstrapping)."""
+    truncated: list[bool] = field(default_factory=list)
+    """True when the step ended the episode by truncation only (bootstrap from the next state)."""
+
+
+class RandomStreams:
+    """The three random generators an algorithm may use, seeded from one seed.
+
+    ``py``: ``random.Random``; ``np``: ``numpy.random.Generator`` (PCG64); ``torch``: a
+    CPU ``torch.Generator``. Draw only from these (never from global RNGs) so that an
+    algorithm's results depend on its seed alone and resume exactly.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.py = random.Random(seed)
+        self.np = np.random.default_rng(seed)
+        self.torch = torch.Generator().manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "python": self.py.getstate(),
+            "numpy": self.np.bit_generator.state,
+            "torch": self.torch.get_state(),
+        }
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        version, internal, gauss = d["python"]
+        self.py.setstate((version, tuple(internal), gauss))
+        self.np.bit_generator.state = d["numpy"]
+        self.torch.set_state(d["torch"])
+
+
+@contextlib.contextmanager
+def seeded_torch(seed: int) -> Iterator[None]:
+    """Run the block with torch's global CPU RNG seeded to ``seed``, restoring it afterwards.
+
+    Use it around network construction: ``nn.Linear`` & co. initialise from the global
+    RNG, and this keeps their initialisation a function of the algorithm's seed without
+    disturbing anyone else's random stream.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        yield
+
+
+def split_observation(obs: Any, info: dict | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Return ``(observation as float32 vector, action mask or None)`` for one agent.
+
+    Accepts the PettingZoo conventions for masks: ``obs = {"observation": ..., "action_mask": ...}``
+    or ``info["action_mask"]``. The mask is a bool vector of length n_actions.
+    """
+    mask = None
+    if isinstance(obs, dict):
+        mask = obs.get("action_mask")
+        obs = obs["observation"]
+    if mask is None and info:
+        mask = info.get("action_mask")
+    vec = np.asarray(obs, dtype=np.float32).reshape(-1)
+    return vec, (None if mask is None else np.asarray(mask, dtype=bool).reshape(-1))
+
+
+class Algorithm(abc.ABC):
+    """Base class of every pruning agent (MARL learner, single-agent learner or baseline).
+
+    Subclasses set ``config_cls`` (a dataclass with a one-line docstring per field),
+    implement the four abstract methods and register themselves with :func:`register`.
+    ``state_dict``/``load_state_dict`` here handle the shared part (counters, RNG
+    states); subclasses extend them with ``super()``.
+
+    Attributes available to subclasses:
+        env: the PettingZoo ParallelEnv.
+        config: the config dataclass instance.
+        seed: the integer seed.
+        device: the torch device for networks.
+        rngs: :class:`RandomStreams` seeded from ``seed``.
+        episodes_done: training episodes finished (``evaluate`` does not count).
+        env_steps: env steps taken in training episodes.
+    """
+
+    name: ClassVar[str] = ""
+    """Registry name, set by :func:`register`."""
+    config_cls: ClassVar[type]
+    """The config dataclass of this algorithm."""
+
+    def __init__(
+        self,
+        env: ParallelEnv,
+        config: Any | None = None,
+        *,
+        seed: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if config is None:
+            config = self.default_config()
+        if not isinstance(config, self.config_cls):
+            raise TypeError(
+                f"{type(self).__name__} expects a {self.config_cls.__name__}, got {type(config).__name__}"
+            )
+        self.env = env
+        self.config = config
+        self.seed = int(seed)
+        self.device = torch.device(device)
+        self.rngs = RandomStreams(self.seed)
+        self.episodes_done = 0
+        self.env_steps = 0
+        self._env_resets = 0
+        self._env_seeded_by_me = False
+
+    # ------------------------------------------------------------------ interface
+    @classmethod
+    def default_config(cls, **overrides: Any) -> Any:
+        """The default config of this algorithm with ``overrides`` applied."""
+        return cls.config_cls(**overrides)
+
+    @abc.abstractmethod
+    def train_episode(self) -> EpisodeLog:
+        """Run ONE exploring training episode on ``env`` and learn from it."""
+
+    @abc.abstractmethod
+    def evaluate(self) -> EpisodeLog:
+        """Run one greedy (deterministic-policy) episode; no learning, no exploration."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly. Subclasses: ``d = super().state_dict(); d[...] = ...``."""
+        return {
+            "algorithm": self.name,
+            "seed": self.seed,
+            "config": dataclasses.asdict(self.config),
+            "episodes_done": self.episodes_done,
+            "env_steps": self.env_steps,
+            "env_resets": self._env_resets,
+            "rngs": self.rngs.state_dict(),
+        }
+
+    @abc.abstractmethod
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned. Subclasses call ``super().load_state_dict(d)``."""
+        if d.get("algorithm", self.name) != self.name:
+            raise ValueError(f"state_dict of algorithm {d['algorithm']!r} given to {self.name!r}")
+        self.seed = int(d["seed"])
+        self.episodes_done = int(d["episodes_done"])
+        self.env_steps = int(d["env_steps"])
+        self._env_resets = int(d["env_resets"])
+        self.rngs.load_state_dict(d["rngs"])
+
+    # ------------------------------------------------------------------ helpers
+    def next_reset_seed(self) -> int | None:
+        """The ``seed`` argument for the next ``env.reset``.
+
+        ``self.seed`` for the very first episode, ``None`` afterwards. An algorithm
+        restored with :meth:`load_state_dict` re-seeds the env once at its first reset
+        with a seed derived from ``(seed, resets so far)``: a resumed run is then
+        reproducible, and bit-identical to the uninterrupted one whenever the env's
+        episodes do not depend on its RNG history (the env's own state is not part of
+        the algorithm's checkpoint).
+        """
+        if self._env_seeded_by_me:
+            reset_seed = None
+        elif self._env_resets == 0:
+            reset_seed = self.seed
+        else:
+            reset_seed = int(np.random.SeedSequence([self.seed, self._env_resets]).generate_state(1)[0])
+        self._env_seeded_by_me = True
+        self._env_resets += 1
+        return reset_seed
+
+    def reset_env(self) -> tuple[dict[str, Any], dict[str, dict]]:
+        """``env.reset`` following the seeding rule of :meth:`next_reset_seed`."""
+        return self.env.reset(seed=self.next_reset_seed())
+
+    def play_episode(
+        self,
+        policy: Callable[[dict[str, Any], dict[str, dict]], dict[str, Any]],
+        *,
+        record_state: bool = False,
+    ) -> tuple[EpisodeLog, EpisodeTrace]:
+        """Run one episode of the parallel env with ``policy(obs, infos) -> actions``.
+
+        ``policy`` gets the observation and info dicts of the live agents and returns an
+        action for each of them. With ``record_state`` the global ``env.state()`` is
+        recorded after reset and after every step. Counters are NOT updated here.
+        """
+        env = self.env
+        obs, infos = self.reset_env()
+        trace = EpisodeTrace(obs=[obs], infos=[infos])
+        if record_state:
+            trace.states.append(np.asarray(env.state(), dtype=np.float32).reshape(-1))
+        for _ in range(MAX_EPISODE_STEPS):
+            actions = policy(obs, infos)
+            obs, rewards, terminations, truncations, infos = env.step(actions)
+            team_reward = float(np.mean([float(r) for r in rewards.values()])) if rewards else 0.0
+            done = not env.agents or all(
+                terminations.get(a, False) or truncations.get(a, False) for a in rewards
+            )
+            terminated = bool(terminations) and all(terminations.values())
+            trace.actions.append(dict(actions))
+            trace.team_rewards.append(team_reward)
+            trace.terminated.append(done and terminated)
+            trace.truncated.append(done and not terminated)
+            trace.obs.append(obs)
+            trace.infos.append(infos)
+            if record_state:
+                trace.states.append(np.asarray(env.state(), dtype=np.float32).reshape(-1))
+            if done:
+                break
+        else:
+            raise RuntimeError(f"episode did not end within {MAX_EPISODE_STEPS} steps")
+        log = EpisodeLog(
+            episode_return=float(sum(trace.team_rewards)),
+            length=len(trace.actions),
+            actions=[{a: _plain(v) for a, v in step.items()} for step in trace.actions],
+            final_info=_first_agent_info(infos, env),
+        )
+        return log, trace
+
+
+def _plain(action: Any) -> Any:
+    """numpy scalar/array action -> python int/float (EpisodeLog holds plain values)."""
+    arr = np.asarray(action)
+    if arr.size == 1:
+        return arr.item()
+    return arr.tolist()
+
+
+def _first_agent_info(infos: dict[str, dict], env: ParallelEnv) -> dict[str, Any]:
+    for agent in getattr(env, "possible_agents", []):
+        if agent in infos:
+            return dict(infos[agent])
+    return dict(next(iter(infos.values()), {}))
+
+
+# ---------------------------------------------------------------------- registry
+_REGISTRY: dict[str, type[Algorithm]] = {}
+A = TypeVar("A", bound=type[Algorithm])
+
+
+def register(name: str) -> Callable[[A], A]:
+    """Class decorator: make an :class:`Algorithm` subclass available as ``name``."""
+
+    def decorator(cls: A) -> A:
+        if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+            raise TypeError(f"@register({name!r}) must decorate an Algorithm subclass, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"algorithm name {name!r} is already registered by {_REGISTRY[name]!r}")
+        if not dataclasses.is_dataclass(getattr(cls, "config_cls", None)):
+            raise TypeError(f"{cls.__name__}.config_cls must be a dataclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_algorithms() -> list[str]:
+    """Registered algorithm names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    """The class registered as ``name``.
+
+    ``"package.module:name"`` first imports ``package.module`` (whose ``@register``
+    decorators then run), so an algorithm in a new file can be used without editing
+    this package.
+    """
+    if ":" in name:
+        module, _, name = name.rpartition(":")
+        importlib.import_module(module)
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown algorithm {name!r}; known: {', '.join(list_algorithms())} "
+            "(or 'module:name' to import a module that registers it)"
+        ) from None
+
+
+def make_algorithm(
+    name: str,
+    env: ParallelEnv,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    config: Any | None = None,
+    **overrides: Any,
+) -> Algorithm:
+    """Build the algorithm registered as ``name`` on ``env``.
+
+    ``overrides`` that name fields of the algorithm's config dataclass are applied to
+    ``config`` (or to the algorithm's default config); any other keyword must be a
+    keyword-only parameter of the algorithm's constructor (e.g. AMC's
+    ``make_sequential_env``). Unknown keywords raise ``TypeError`` listing the valid ones.
+    """
+    cls = get_algorithm(name)
+    config_fields = {f.name for f in dataclasses.fields(cls.config_cls)}
+    init_params = {
+        p.name
+        for p in inspect.signature(cls.__init__).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("seed", "device")
+    }
+    unknown = set(overrides) - config_fields - init_params
+    if unknown:
+        raise TypeError(
+            f"{name}: unknown option(s) {sorted(unknown)}; config fields: {sorted(config_fields)}"
+            + (f"; constructor options: {sorted(init_params)}" if init_params else "")
+        )
+    cfg_over = {k: v for k, v in overrides.items() if k in config_fields}
+    init_kw = {k: v for k, v in overrides.items() if k not in config_fields}
+    if config is None:
+        config = cls.default_config(**cfg_over)
+    elif cfg_over:
+        config = dataclasses.replace(config, **cfg_over)
+    return cls(env, config, seed=seed, device=device, **init_kw)

@@ -1,0 +1,591 @@
+"""QMIX, VDN and IQL: one value-decomposition learner with a pluggable mixer.
+
+Reference: Rashid et al. 2018 (QMIX), Sunehag et al. 2018 (VDN); settings follow pymarl
+/ pymarl2 (see docs/anchors.md) except the defaults marked "short runs", which are
+sized for pruning episodes of 1-5 steps and tens to hundreds of training episodes.
+
+Pieces, top to bottom:
+
+* :class:`QMIXConfig` - every hyper-parameter, one docstring each.
+* :class:`AgentNetwork` - the Q network shared by all agents; its input is the agent's
+  observation with a one-hot agent id appended. MLP by default, GRU optional.
+* Mixers - ``Q_tot = mixer(Q_1..Q_n, s)``. Registered by name with
+  :func:`register_mixer`: ``"qmix"`` (monotonic hypernetwork mixer), ``"vdn"`` (sum),
+  ``"none"`` (identity: IQL, every agent does its own TD on the team reward).
+* :class:`EpisodeReplayBuffer` - whole episodes, padded and masked when batched.
+* :class:`QMIX` - the learner (registered as ``"qmix"``); :class:`VDN` (``"vdn"``) and
+  :class:`IQL` (``"iql"``) are the same learner with another default mixer.
+
+A new mixer is one file::
+
+    import torch
+    from agents.qmix import Mixer, register_mixer
+
+    @register_mixer("max")
+    class MaxMixer(Mixer):
+        out_dim = 1
+        def forward(self, agent_qs, states):        # (B, T, n), (B, T, S) -> (B, T, 1)
+            return agent_qs.max(dim=-1, keepdim=True).values
+
+    algo = make_algorithm("qmix", env, seed=0, mixer="max")
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium import spaces
+from pettingzoo import ParallelEnv
+from torch import nn
+
+from agents.base import Algorithm, EpisodeLog, register, seeded_torch, split_observation
+
+__all__ = [
+    "IQL",
+    "QMIX",
+    "VDN",
+    "AgentNetwork",
+    "EpisodeReplayBuffer",
+    "IndependentMixer",
+    "Mixer",
+    "QMIXConfig",
+    "QMixer",
+    "VDNMixer",
+    "lambda_returns",
+    "list_mixers",
+    "register_mixer",
+]
+
+
+@dataclass
+class QMIXConfig:
+    """Hyper-parameters of the QMIX/VDN/IQL learner."""
+
+    mixer: str = "qmix"
+    """Registered mixer: "qmix" (monotonic hypernetwork mixer), "vdn" (sum) or "none" (IQL)."""
+    mixer_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the mixer's constructor (for plug-in mixers)."""
+    agent_net: Literal["mlp", "gru"] = "mlp"
+    """Shared agent network: "mlp" (3 layers) or "gru" (Linear-ReLU-GRUCell-Linear, recurrent over the episode)."""
+    hidden_dim: int = 64
+    """Hidden width of the agent network."""
+    agent_id: bool = True
+    """Append a one-hot agent id to each agent's observation (parameter sharing needs it)."""
+    mixing_embed_dim: int = 32
+    """Width of the QMIX mixing layer (w1 is n_agents x mixing_embed_dim)."""
+    hypernet_hidden_dim: int = 64
+    """Hidden width of the 2-layer hypernetworks producing w1 and w2."""
+    buffer_size: int = 5000
+    """Replay capacity in EPISODES (oldest are overwritten)."""
+    batch_size: int = 32
+    """Episodes per gradient update (fewer while the buffer holds fewer)."""
+    learning_starts: int = 8
+    """Episodes in the buffer before learning starts (short runs; pymarl: batch_size)."""
+    updates_per_episode: int = 4
+    """Gradient updates after each training episode (short runs; pymarl: 1)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    td_lambda: float = 0.0
+    """TD(lambda) targets when > 0 (pymarl2: 0.6); 0 gives one-step double-Q targets."""
+    double_q: bool = True
+    """Double-Q targets: argmax by the online net, value by the target net."""
+    optimizer: Literal["adam", "rmsprop"] = "adam"
+    """Optimiser: "adam" (pymarl2) or "rmsprop" (pymarl, alpha 0.99)."""
+    lr: float = 1e-3
+    """Learning rate (pymarl2 Adam 1e-3; pymarl RMSprop 5e-4)."""
+    optim_eps: float = 1e-5
+    """Epsilon of the optimiser's denominator."""
+    grad_clip: float = 10.0
+    """Max global gradient norm."""
+    target_update_interval: int = 20
+    """Hard target-network copy every this many training episodes (short runs; pymarl: 200)."""
+    target_tau: float = 0.0
+    """If > 0, soft (Polyak) target updates with this rate after every gradient step instead of hard copies."""
+    eps_start: float = 1.0
+    """Initial epsilon of epsilon-greedy exploration."""
+    eps_end: float = 0.05
+    """Final epsilon."""
+    eps_anneal_steps: int = 500
+    """Env steps over which epsilon decays linearly (short runs; pymarl: 50k)."""
+
+
+# ---------------------------------------------------------------------- networks
+class AgentNetwork(nn.Module):
+    """Per-agent Q network, parameters shared across agents.
+
+    ``forward(inputs (N, in_dim), hidden (N, H)) -> (q (N, n_actions), hidden (N, H))``
+    with N = batch x agents. The MLP ignores and returns ``hidden`` unchanged.
+    """
+
+    def __init__(self, in_dim: int, n_actions: int, hidden_dim: int, kind: Literal["mlp", "gru"]) -> None:
+        super().__init__()
+        if kind not in ("mlp", "gru"):
+            raise ValueError(f"agent_net must be 'mlp' or 'gru', got {kind!r}")
+        self.kind = kind
+        self.hidden_dim = hidden_dim
+        self.fc_in = nn.Linear(in_dim, hidden_dim)
+        self.core: nn.Module = nn.GRUCell(hidden_dim, hidden_dim) if kind == "gru" else nn.Linear(hidden_dim, hidden_dim)
+        self.fc_out = nn.Linear(hidden_dim, n_actions)
+
+    def init_hidden(self, n: int, device: torch.device) -> torch.Tensor:
+        """Zero recurrent state, shape (n, hidden_dim)."""
+        return torch.zeros(n, self.hidden_dim, device=device)
+
+    def forward(self, inputs: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = F.relu(self.fc_in(inputs))
+        if self.kind == "gru":
+            hidden = self.core(x, hidden)
+            x = hidden
+        else:
+            x = F.relu(self.core(x))
+        return self.fc_out(x), hidden
+
+
+# ---------------------------------------------------------------------- mixers
+class Mixer(nn.Module):
+    """Base class of mixers: ``forward(agent_qs (B, T, n_agents), states (B, T, state_dim)) -> (B, T, out_dim)``.
+
+    ``out_dim`` is 1 for a joint value Q_tot; a mixer returning ``n_agents`` values
+    (like ``"none"``) gives independent per-agent TD errors against the team reward.
+    Constructor: ``(n_agents, state_dim, config: QMIXConfig, **config.mixer_kwargs)``.
+    """
+
+    out_dim: ClassVar[int | None] = 1
+    """Output width; None means n_agents."""
+
+    def __init__(self, n_agents: int, state_dim: int, config: QMIXConfig, **kwargs: Any) -> None:
+        super().__init__()
+        if kwargs:
+            raise TypeError(f"{type(self).__name__} takes no mixer_kwargs, got {sorted(kwargs)}")
+        self.n_agents = n_agents
+        self.state_dim = state_dim
+
+    def forward(self, agent_qs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+_MIXERS: dict[str, type[Mixer]] = {}
+M = TypeVar("M", bound=type[Mixer])
+
+
+def register_mixer(name: str) -> Callable[[M], M]:
+    """Class decorator: make a :class:`Mixer` subclass selectable as ``QMIXConfig.mixer = name``."""
+
+    def decorator(cls: M) -> M:
+        if name in _MIXERS and _MIXERS[name] is not cls:
+            raise ValueError(f"mixer name {name!r} is already registered by {_MIXERS[name]!r}")
+        _MIXERS[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_mixers() -> list[str]:
+    """Registered mixer names, sorted."""
+    return sorted(_MIXERS)
+
+
+def _get_mixer(name: str) -> type[Mixer]:
+    try:
+        return _MIXERS[name]
+    except KeyError:
+        raise ValueError(f"unknown mixer {name!r}; known: {', '.join(list_mixers())}") from None
+
+
+@register_mixer("qmix")
+class QMixer(Mixer):
+    """Monotonic mixing network whose weights come from hypernetworks on the state.
+
+    ``w1 = |Hyper_w1(s)|`` (n x E), ``b1 = Hyper_b1(s)`` (E), ``h = ELU(Q . w1 + b1)``,
+    ``w2 = |Hyper_w2(s)|`` (E x 1), ``V(s)`` = Linear-ReLU-Linear,
+    ``Q_tot = h . w2 + V(s)``. Non-negative weights and monotone ELU make
+    ``dQ_tot/dQ_i >= 0``, so per-agent argmaxes give the joint argmax.
+    """
+
+    def __init__(self, n_agents: int, state_dim: int, config: QMIXConfig, **kwargs: Any) -> None:
+        super().__init__(n_agents, state_dim, config, **kwargs)
+        embed, hyper = config.mixing_embed_dim, config.hypernet_hidden_dim
+        self.embed_dim = embed
+        self.hyper_w1 = nn.Sequential(nn.Linear(state_dim, hyper), nn.ReLU(), nn.Linear(hyper, n_agents * embed))
+        self.hyper_b1 = nn.Linear(state_dim, embed)
+        self.hyper_w2 = nn.Sequential(nn.Linear(state_dim, hyper), nn.ReLU(), nn.Linear(hyper, embed))
+        self.v = nn.Sequential(nn.Linear(state_dim, embed), nn.ReLU(), nn.Linear(embed, 1))
+
+    def forward(self, agent_qs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        batch, time = agent_qs.shape[:2]
+        s = states.reshape(-1, self.state_dim)                                   # (BT, S)
+        qs = agent_qs.reshape(-1, 1, self.n_agents)                              # (BT, 1, n)
+        w1 = self.hyper_w1(s).abs().view(-1, self.n_agents, self.embed_dim)      # (BT, n, E)
+        b1 = self.hyper_b1(s).view(-1, 1, self.embed_dim)                        # (BT, 1, E)
+        hidden = F.elu(torch.bmm(qs, w1) + b1)                                   # (BT, 1, E)
+        w2 = self.hyper_w2(s).abs().view(-1, self.embed_dim, 1)                  # (BT, E, 1)
+        v = self.v(s).view(-1, 1, 1)                                             # (BT, 1, 1)
+        return (torch.bmm(hidden, w2) + v).view(batch, time, 1)
+
+
+@register_mixer("vdn")
+class VDNMixer(Mixer):
+    """``Q_tot = sum_i Q_i`` (no parameters, ignores the state)."""
+
+    def forward(self, agent_qs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return agent_qs.sum(dim=-1, keepdim=True)
+
+
+@register_mixer("none")
+class IndependentMixer(Mixer):
+    """Identity: every agent regresses its own Q on the team reward (IQL)."""
+
+    out_dim = None
+
+    def forward(self, agent_qs: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+        return agent_qs
+
+
+# ---------------------------------------------------------------------- replay
+class EpisodeReplayBuffer:
+    """Ring buffer of whole episodes (capacity counted in episodes).
+
+    An episode of T steps is a dict of CPU tensors:
+    ``obs`` (T+1, n, obs_dim) float32, ``state`` (T+1, state_dim) float32,
+    ``avail`` (T+1, n, n_actions) bool, ``actions`` (T, n) int64, ``reward`` (T,) float32,
+    ``terminated`` (T,) float32. :meth:`sample` pads to the longest episode drawn and
+    adds ``mask`` (B, T_max) float32, 1 on real steps.
+    """
+
+    KEYS: ClassVar[tuple[str, ...]] = ("obs", "state", "avail", "actions", "reward", "terminated")
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("buffer capacity must be >= 1")
+        self.capacity = capacity
+        self.episodes: list[dict[str, torch.Tensor]] = []
+        self.next_slot = 0
+
+    def __len__(self) -> int:
+        return len(self.episodes)
+
+    def add(self, episode: dict[str, torch.Tensor]) -> None:
+        if len(self.episodes) < self.capacity:
+            self.episodes.append(episode)
+        else:
+            self.episodes[self.next_slot] = episode
+        self.next_slot = (self.next_slot + 1) % self.capacity
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Draw ``min(batch_size, len)`` distinct episodes uniformly; returns padded (B, ...) tensors."""
+        idx = rng.choice(len(self.episodes), size=min(batch_size, len(self.episodes)), replace=False)
+        eps = [self.episodes[i] for i in idx]
+        t_max = max(int(e["actions"].shape[0]) for e in eps)
+        out: dict[str, torch.Tensor] = {}
+        for key in self.KEYS:
+            steps = t_max + 1 if key in ("obs", "state", "avail") else t_max
+            fill = True if key == "avail" else 0
+            padded = []
+            for e in eps:
+                x = e[key]
+                pad = torch.full((steps - x.shape[0], *x.shape[1:]), fill, dtype=x.dtype)
+                padded.append(torch.cat([x, pad]))
+            out[key] = torch.stack(padded)
+        lengths = torch.tensor([int(e["actions"].shape[0]) for e in eps])
+        out["mask"] = (torch.arange(t_max)[None, :] < lengths[:, None]).float()
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"capacity": self.capacity, "episodes": list(self.episodes), "next_slot": self.next_slot}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.capacity = int(d["capacity"])
+        self.episodes = [dict(e) for e in d["episodes"]]
+        self.next_slot = int(d["next_slot"])
+
+
+def lambda_returns(
+    reward: torch.Tensor,
+    terminated: torch.Tensor,
+    mask: torch.Tensor,
+    next_values: torch.Tensor,
+    gamma: float,
+    td_lambda: float,
+) -> torch.Tensor:
+    """TD(lambda) targets, shape (B, T, k).
+
+    ``reward``, ``terminated``, ``mask``: (B, T); ``next_values``: (B, T, k), the target
+    value of the state reached by step t. ``G_t = r_t + gamma (1 - term_t)
+    [(1 - lambda) V_{t+1} + lambda G_{t+1}]``, where the lambda part is dropped at the
+    episode's last step (a truncated episode bootstraps from V of its final state).
+    ``td_lambda = 0`` gives one-step targets.
+    """
+    batch, time = reward.shape
+    returns = torch.zeros_like(next_values)
+    g_next = torch.zeros_like(next_values[:, 0])
+    for t in reversed(range(time)):
+        cont = (mask[:, t + 1] if t + 1 < time else torch.zeros_like(mask[:, 0]))[:, None] * td_lambda
+        boot = (1.0 - cont) * next_values[:, t] + cont * g_next
+        g = reward[:, t, None] + gamma * (1.0 - terminated[:, t, None]) * boot
+        returns[:, t] = g
+        g_next = g
+    return returns
+
+
+# ---------------------------------------------------------------------- learner
+@register("qmix")
+class QMIX(Algorithm):
+    """Value-decomposition MARL learner (QMIX by default; VDN/IQL through ``config.mixer``).
+
+    Requirements on the env: identical ``Discrete(K)`` action spaces and identical
+    flat ``Box`` observation spaces for all agents, all ``possible_agents`` acting at
+    every step until the episode ends. The global state is ``env.state()``
+    (``env.state_space``); an env without ``state_space`` gets the concatenated
+    observations instead. Action masks are honoured when given as
+    ``infos[agent]["action_mask"]`` or ``obs[agent]["action_mask"]``.
+    """
+
+    config_cls = QMIXConfig
+
+    def __init__(
+        self,
+        env: ParallelEnv,
+        config: QMIXConfig | None = None,
+        *,
+        seed: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        super().__init__(env, config, seed=seed, device=device)
+        cfg: QMIXConfig = self.config
+        self.agents: list[str] = list(env.possible_agents)
+        self.n_agents = len(self.agents)
+        act_spaces = [env.action_space(a) for a in self.agents]
+        if not all(isinstance(s, spaces.Discrete) for s in act_spaces) or len({int(s.n) for s in act_spaces}) != 1:
+            raise ValueError("QMIX needs identical Discrete action spaces for all agents")
+        self.n_actions = int(act_spaces[0].n)
+        obs_space = env.observation_space(self.agents[0])
+        if isinstance(obs_space, spaces.Dict):
+            obs_space = obs_space["observation"]
+        self.obs_dim = int(np.prod(obs_space.shape))
+        state_space = getattr(env, "state_space", None)
+        self._concat_obs_state = state_space is None
+        self.state_dim = self.obs_dim * self.n_agents if state_space is None else int(np.prod(state_space.shape))
+        in_dim = self.obs_dim + (self.n_agents if cfg.agent_id else 0)
+
+        with seeded_torch(self.seed):
+            self.agent_net = AgentNetwork(in_dim, self.n_actions, cfg.hidden_dim, cfg.agent_net)
+            self.mixer = _get_mixer(cfg.mixer)(self.n_agents, self.state_dim, cfg, **cfg.mixer_kwargs)
+        self.agent_net.to(self.device)
+        self.mixer.to(self.device)
+        self.target_agent_net = copy.deepcopy(self.agent_net).requires_grad_(False)
+        self.target_mixer = copy.deepcopy(self.mixer).requires_grad_(False)
+        self.params = list(self.agent_net.parameters()) + list(self.mixer.parameters())
+        if cfg.optimizer == "adam":
+            self.optimizer: torch.optim.Optimizer = torch.optim.Adam(self.params, lr=cfg.lr, eps=cfg.optim_eps)
+        elif cfg.optimizer == "rmsprop":
+            self.optimizer = torch.optim.RMSprop(self.params, lr=cfg.lr, alpha=0.99, eps=cfg.optim_eps)
+        else:
+            raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {cfg.optimizer!r}")
+        self.buffer = EpisodeReplayBuffer(cfg.buffer_size)
+        self.gradient_steps = 0
+        self._agent_ids = torch.eye(self.n_agents, device=self.device)
+
+    # ------------------------------------------------------------------ acting
+    def epsilon(self) -> float:
+        """Current exploration rate (linear in training env steps)."""
+        cfg = self.config
+        frac = min(1.0, self.env_steps / max(1, cfg.eps_anneal_steps))
+        return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
+
+    def _agent_inputs(self, obs: torch.Tensor) -> torch.Tensor:
+        """(..., n, obs_dim) -> (..., n, in_dim): append one-hot agent ids."""
+        if not self.config.agent_id:
+            return obs
+        ids = self._agent_ids.expand(*obs.shape[:-2], self.n_agents, self.n_agents)
+        return torch.cat([obs, ids], dim=-1)
+
+    def _parse_step(self, obs: dict[str, Any], infos: dict[str, dict]) -> tuple[np.ndarray, np.ndarray]:
+        """Observation dicts -> obs (n, obs_dim) float32, avail (n, n_actions) bool."""
+        missing = [a for a in self.agents if a not in obs]
+        if missing:
+            raise RuntimeError(f"QMIX needs every agent at every step; missing {missing}")
+        vecs, avail = [], np.ones((self.n_agents, self.n_actions), dtype=bool)
+        for i, agent in enumerate(self.agents):
+            vec, mask = split_observation(obs[agent], infos.get(agent))
+            vecs.append(vec)
+            if mask is not None:
+                avail[i] = mask
+        return np.stack(vecs), avail
+
+    def _act(self, explore: bool) -> Callable[[dict[str, Any], dict[str, dict]], dict[str, int]]:
+        """A policy closure for :meth:`play_episode`; keeps the GRU state and step stats."""
+        hidden = self.agent_net.init_hidden(self.n_agents, self.device)
+        rng = self.rngs.np
+        self._step_q: list[float] = []
+
+        def policy(obs: dict[str, Any], infos: dict[str, dict]) -> dict[str, int]:
+            nonlocal hidden
+            obs_arr, avail = self._parse_step(obs, infos)
+            with torch.no_grad():
+                inputs = self._agent_inputs(torch.as_tensor(obs_arr, device=self.device))
+                q, hidden = self.agent_net(inputs, hidden)                      # (n, A)
+            q = q.cpu().numpy()
+            q_masked = np.where(avail, q, -np.inf)
+            actions = q_masked.argmax(axis=1)
+            if explore:
+                eps = self.epsilon()
+                for i in range(self.n_agents):
+                    if rng.random() < eps:
+                        actions[i] = rng.choice(np.flatnonzero(avail[i]))
+                self.env_steps += 1
+            self._step_q.append(float(q[np.arange(self.n_agents), actions].mean()))
+            return {agent: int(actions[i]) for i, agent in enumerate(self.agents)}
+
+        return policy
+
+    def _run(self, explore: bool) -> tuple[EpisodeLog, dict[str, torch.Tensor]]:
+        log, trace = self.play_episode(self._act(explore), record_state=not self._concat_obs_state)
+        parsed = [self._parse_step(o, i) if o else None for o, i in zip(trace.obs, trace.infos)]
+        # The final obs dict may be empty in envs that drop finished agents: repeat the last one.
+        for t in range(1, len(parsed)):
+            if parsed[t] is None:
+                parsed[t] = parsed[t - 1]
+        obs = np.stack([p[0] for p in parsed])                                   # (T+1, n, d)
+        avail = np.stack([p[1] for p in parsed])                                 # (T+1, n, A)
+        if self._concat_obs_state:
+            state = obs.reshape(obs.shape[0], -1)
+        else:
+            state = np.stack(trace.states)
+        episode = {
+            "obs": torch.as_tensor(obs, dtype=torch.float32),
+            "state": torch.as_tensor(state, dtype=torch.float32),
+            "avail": torch.as_tensor(avail, dtype=torch.bool),
+            "actions": torch.as_tensor([[a[ag] for ag in self.agents] for a in trace.actions], dtype=torch.int64),
+            "reward": torch.as_tensor(trace.team_rewards, dtype=torch.float32),
+            "terminated": torch.as_tensor(trace.terminated, dtype=torch.float32),
+        }
+        log.metrics["q_mean"] = float(np.mean(self._step_q))
+        return log, episode
+
+    # ------------------------------------------------------------------ learning
+    def _unroll(self, net: AgentNetwork, obs: torch.Tensor) -> torch.Tensor:
+        """Q values for every agent, step and action: obs (B, T+1, n, d) -> (B, T+1, n, A)."""
+        batch, steps = obs.shape[:2]
+        inputs = self._agent_inputs(obs)
+        if net.kind == "mlp":
+            return net(inputs.reshape(batch * steps * self.n_agents, -1), torch.empty(0))[0].view(
+                batch, steps, self.n_agents, self.n_actions
+            )
+        hidden = net.init_hidden(batch * self.n_agents, self.device)
+        qs = []
+        for t in range(steps):
+            q, hidden = net(inputs[:, t].reshape(batch * self.n_agents, -1), hidden)
+            qs.append(q.view(batch, self.n_agents, self.n_actions))
+        return torch.stack(qs, dim=1)
+
+    def _learn(self) -> dict[str, float]:
+        cfg = self.config
+        batch = {k: v.to(self.device) for k, v in self.buffer.sample(cfg.batch_size, self.rngs.np).items()}
+        actions, mask, avail = batch["actions"], batch["mask"], batch["avail"]
+        qs = self._unroll(self.agent_net, batch["obs"])                             # (B, T+1, n, A)
+        chosen = qs[:, :-1].gather(-1, actions.unsqueeze(-1)).squeeze(-1)           # (B, T, n)
+        with torch.no_grad():
+            target_qs = self._unroll(self.target_agent_net, batch["obs"])[:, 1:]    # (B, T, n, A)
+            picker = qs.detach()[:, 1:] if cfg.double_q else target_qs
+            next_actions = picker.masked_fill(~avail[:, 1:], -torch.inf).argmax(-1, keepdim=True)
+            target_next = target_qs.gather(-1, next_actions).squeeze(-1)            # (B, T, n)
+            next_values = self.target_mixer(target_next, batch["state"][:, 1:])     # (B, T, k)
+            targets = lambda_returns(
+                batch["reward"], batch["terminated"], mask, next_values, cfg.gamma, cfg.td_lambda
+            )
+        q_tot = self.mixer(chosen, batch["state"][:, :-1])                           # (B, T, k)
+        td = (q_tot - targets) * mask.unsqueeze(-1)
+        loss = td.pow(2).sum() / (mask.sum() * q_tot.shape[-1])
+        self.optimizer.zero_grad()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+        self.optimizer.step()
+        self.gradient_steps += 1
+        if cfg.target_tau > 0:
+            self._soft_update(cfg.target_tau)
+        n_valid = mask.sum() * q_tot.shape[-1]
+        return {
+            "td_loss": float(loss.detach()),
+            "grad_norm": float(grad_norm),
+            "q_taken_mean": float((q_tot.detach() * mask.unsqueeze(-1)).sum() / n_valid),
+            "target_mean": float((targets * mask.unsqueeze(-1)).sum() / n_valid),
+        }
+
+    def _soft_update(self, tau: float) -> None:
+        with torch.no_grad():
+            for target, online in ((self.target_agent_net, self.agent_net), (self.target_mixer, self.mixer)):
+                for tp, p in zip(target.parameters(), online.parameters()):
+                    tp.lerp_(p, tau)
+
+    def _hard_update(self) -> None:
+        self.target_agent_net.load_state_dict(self.agent_net.state_dict())
+        self.target_mixer.load_state_dict(self.mixer.state_dict())
+
+    # ------------------------------------------------------------------ interface
+    def train_episode(self) -> EpisodeLog:
+        cfg = self.config
+        log, episode = self._run(explore=True)
+        self.buffer.add(episode)
+        self.episodes_done += 1
+        stats: list[dict[str, float]] = []
+        if len(self.buffer) >= cfg.learning_starts:
+            stats = [self._learn() for _ in range(cfg.updates_per_episode)]
+        if cfg.target_tau <= 0 and self.episodes_done % cfg.target_update_interval == 0:
+            self._hard_update()
+        log.metrics["epsilon"] = self.epsilon()
+        log.metrics["buffer_episodes"] = float(len(self.buffer))
+        log.metrics["gradient_steps"] = float(self.gradient_steps)
+        for key in stats[0] if stats else ():
+            log.metrics[key] = float(np.mean([s[key] for s in stats]))
+        return log
+
+    def evaluate(self) -> EpisodeLog:
+        return self._run(explore=False)[0]
+
+    def state_dict(self) -> dict[str, Any]:
+        d = super().state_dict()
+        d.update(
+            agent_net=self.agent_net.state_dict(),
+            mixer=self.mixer.state_dict(),
+            target_agent_net=self.target_agent_net.state_dict(),
+            target_mixer=self.target_mixer.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            buffer=self.buffer.state_dict(),
+            gradient_steps=self.gradient_steps,
+        )
+        return copy.deepcopy(d)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        d = copy.deepcopy(d)
+        super().load_state_dict(d)
+        self.agent_net.load_state_dict(d["agent_net"])
+        self.mixer.load_state_dict(d["mixer"])
+        self.target_agent_net.load_state_dict(d["target_agent_net"])
+        self.target_mixer.load_state_dict(d["target_mixer"])
+        self.optimizer.load_state_dict(d["optimizer"])
+        self.buffer.load_state_dict(d["buffer"])
+        self.gradient_steps = int(d["gradient_steps"])
+
+
+@register("vdn")
+class VDN(QMIX):
+    """VDN: the QMIX learner with ``Q_tot = sum_i Q_i`` (``mixer="vdn"``)."""
+
+    @classmethod
+    def default_config(cls, **overrides: Any) -> QMIXConfig:
+        return QMIXConfig(**{"mixer": "vdn", **overrides})
+
+
+@register("iql")
+class IQL(QMIX):
+    """Independent Q-learning: the QMIX learner without mixer, each agent TD-learns the team reward."""
+
+    @classmethod
+    def default_config(cls, **overrides: Any) -> QMIXConfig:
+        return QMIXConfig(**{"mixer": "none", **overrides})
