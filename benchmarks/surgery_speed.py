@@ -1,0 +1,207 @@
+"""Surgery speed: pruning_env.pruning.apply vs Torch-Pruning (DepGraph), side by side.
+
+For each network, one random plan at ``--rate`` (uniform per layer) is applied
+``--repeats`` times and the median wall-clock time is reported:
+
+* ``ours (layers cached)``: ``apply(model, plan, layers=layers)``, the RL env's hot
+  path (the prunable layers are found once per network);
+* ``ours (cold)``: ``apply(model, plan)``, which also traces the model with torch.fx;
+* ``Torch-Pruning``: ``copy.deepcopy(model)`` (Torch-Pruning prunes in place) +
+  ``DependencyGraph().build_dependency`` + one ``get_pruning_group(...).prune()``
+  per layer; ``prune only`` is the last part alone.
+
+It also times the MACs of the pruned network: ``MacsModel.predict`` (no model
+built) vs ``flops.count`` on the pruned model vs ``tp.utils.count_ops_and_params``,
+and checks that both surgeries give the same outputs (max abs difference).
+
+Run from the repository root:
+    PYTHONPATH=. python benchmarks/surgery_speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from pruning_env import flops
+from pruning_env.graph import prunable_layers
+from pruning_env.models import build
+from pruning_env.pruning import MacsModel, apply, plan_uniform
+
+SHAPE = (3, 32, 32)
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
+                                   cwd=Path(__file__).resolve().parent).stdout.strip()
+            return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "no commit yet (uncommitted working tree)"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, "
+            f"torch threads {torch.get_num_threads()}, load average {load}")
+
+
+def bench_one(arch: str, width: float, rate: float, repeats: int, seed: int, tp) -> dict:
+    torch.manual_seed(seed)
+    model = build(arch, num_classes=10, width=width).eval()
+    layers = prunable_layers(model, SHAPE)
+    gen = torch.Generator().manual_seed(seed)
+    plan = plan_uniform({l.name: torch.rand(l.out_channels, generator=gen) for l in layers}, rate)
+    row: dict = {"net": f"{arch} w{width:g}", "layers": len(layers)}
+    row["ours_warm"] = _median_seconds(lambda: apply(model, plan, SHAPE, layers=layers), repeats)
+    row["ours_cold"] = _median_seconds(lambda: apply(model, plan, SHAPE), max(3, repeats // 4))
+    ours = apply(model, plan, SHAPE, layers=layers)
+    macs_model = MacsModel.from_model(model, SHAPE, layers=layers)
+    counts = plan.keep_counts()
+    row["predict"] = _median_seconds(lambda: macs_model.predict(counts), repeats * 50)
+    row["count"] = _median_seconds(lambda: flops.count(ours, SHAPE), repeats)
+    row["macs_reduction"] = 1 - macs_model.predict(counts)[0] / macs_model.base_macs
+    if tp is not None:
+        example = torch.randn(1, *SHAPE)
+
+        def tp_prune(m: torch.nn.Module, graph) -> None:
+            modules = dict(m.named_modules())
+            for layer in layers:
+                pruned = list(plan.pruned(layer.name))
+                if pruned:
+                    graph.get_pruning_group(modules[layer.name], tp.prune_conv_out_channels, idxs=pruned).prune()
+
+        def tp_total() -> torch.nn.Module:
+            m = copy.deepcopy(model)
+            graph = tp.DependencyGraph().build_dependency(m, example_inputs=example, verbose=False)
+            tp_prune(m, graph)
+            return m
+
+        row["tp_total"] = _median_seconds(tp_total, max(3, repeats // 4))
+        prune_times = []
+        for _ in range(max(3, repeats // 4)):
+            m = copy.deepcopy(model)
+            graph = tp.DependencyGraph().build_dependency(m, example_inputs=example, verbose=False)
+            t0 = time.perf_counter()
+            tp_prune(m, graph)
+            prune_times.append(time.perf_counter() - t0)
+        row["tp_prune"] = statistics.median(prune_times)
+        theirs = tp_total().eval()
+        row["tp_count"] = _median_seconds(lambda: tp.utils.count_ops_and_params(theirs, example), max(3, repeats // 4))
+        x = torch.randn(8, *SHAPE)
+        with torch.no_grad():
+            row["max_abs_diff"] = float((ours(x) - theirs(x)).abs().max())
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nets", nargs="+", default=["vgg16:0.25", "vgg16:1", "resnet56:1"],
+                        help="networks as arch:width (default: vgg16:0.25 vgg16:1 resnet56:1)")
+    parser.add_argument("--rate", type=float, default=0.5, help="uniform pruning rate of the random plan")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per measurement (median)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is stable on a shared CPU)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the models and plans")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "surgery_speed.md"),
+                        help="markdown report to write")
+    parser.add_argument("--no-write", action="store_true", help="print only, do not write --out")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        import torch_pruning as tp
+    except ImportError:
+        tp = None
+        print("torch-pruning is not installed: only our timings are shown (pip install torch-pruning)",
+              file=sys.stderr)
+    machine_start = _machine()
+    rows = []
+    for spec in args.nets:
+        arch, _, width = spec.partition(":")
+        rows.append(bench_one(arch, float(width or 1.0), args.rate, args.repeats, args.seed, tp))
+        print(f"done {spec}", file=sys.stderr)
+
+    def ms(x: float | None) -> str:
+        return "n/a" if x is None else f"{1000 * x:.2f}"
+
+    lines = [
+        "| net | prunable layers | MACs removed | ours, layers cached (ms) | ours, cold (ms) | Torch-Pruning total (ms) "
+        "| TP prune only (ms) | TP total / ours cached | TP total / ours cold | max abs output diff |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tp_total = r.get("tp_total")
+        warm_ratio = "n/a" if tp_total is None else f"{tp_total / r['ours_warm']:.1f}x"
+        cold_ratio = "n/a" if tp_total is None else f"{tp_total / r['ours_cold']:.1f}x"
+        diff = "n/a" if tp_total is None else f"{r['max_abs_diff']:.1e}"
+        lines.append(
+            f"| {r['net']} | {r['layers']} | {100 * r['macs_reduction']:.1f} % | {ms(r['ours_warm'])} | "
+            f"{ms(r['ours_cold'])} | {ms(tp_total)} | {ms(r.get('tp_prune'))} | {warm_ratio} | {cold_ratio} | {diff} |"
+        )
+    lines += [
+        "",
+        "| net | MacsModel.predict (us) | flops.count on pruned model (ms) | tp.utils.count_ops_and_params (ms) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['net']} | {1e6 * r['predict']:.1f} | {ms(r['count'])} | {ms(r.get('tp_count'))} |")
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        command = "PYTHONPATH=. python benchmarks/surgery_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        tp_version = getattr(tp, "__version__", "not installed") if tp is not None else "not installed"
+        text = (
+            "# Surgery speed: pruning_env.pruning.apply vs Torch-Pruning DepGraph\n\n"
+            f"Command: `{command.strip()}`\n\n"
+            f"Commit: {_commit()}\n\n"
+            f"Machine (at start): {machine_start}\n\n"
+            f"Torch-Pruning: {tp_version}. Random plan at a uniform rate of {args.rate} per prunable layer; "
+            f"medians of {args.repeats} repetitions (cold and Torch-Pruning: {max(3, args.repeats // 4)}). "
+            "Timings are wall-clock on a CPU shared with other jobs: compare the ratios, not absolute values.\n\n"
+            f"{table}\n\n"
+            "Columns: *ours, layers cached* = `apply(model, plan, layers=layers)` (the env's hot path); "
+            "*cold* also traces the model with torch.fx; *Torch-Pruning total* = `deepcopy` + "
+            "`DependencyGraph().build_dependency` + `get_pruning_group(...).prune()` per layer (it prunes in "
+            "place, so a copy is needed to keep the original); *prune only* = the group pruning alone, on a "
+            "graph already built.\n"
+        )
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Fine-tuning of pruned networks (optionally with knowledge distillation) and BN recalibration.
+
+Recipe (our choice, for few epochs on a CPU): SGD with Nesterov momentum 0.9,
+learning rate 0.01 with a cosine decay to zero stepped per batch, weight decay
+5e-4 (not on BN and biases), random-crop + flip augmentation. The DSFP paper
+fine-tunes with Adam 1e-4 and cosine restarts for up to 700 epochs; a pruned
+network that starts from trained weights recovers most of its accuracy in a few
+epochs at a larger, decaying learning rate, which is what the default does.
+``optimizer="adam", lr=1e-4`` reproduces the paper's optimiser.
+
+Knowledge distillation (``kd=True``, teacher = the unpruned network), as in the
+DSFP code::
+
+    loss = a * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - a) * CE(student, labels)
+
+with ``T = temperature`` (4) and ``a`` decaying linearly from ``alpha_start`` (0.5)
+in the first epoch to ``alpha_end`` (0.1) in the last.
+
+Model selection uses the VALIDATION split (never the test split): the weights
+with the best validation accuracy, including the starting weights (epoch 0), are
+kept, so fine-tuning never returns a network that is worse on validation than
+the one it was given.
+
+A checkpoint is written atomically after every epoch (current weights, best
+weights, optimiser, scheduler and RNG states under ``extra["train_state"]``);
+``resume=True`` continues an interrupted run to the same result as an
+uninterrupted one (on CPU). When the run ends, the checkpoint holds the best
+weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .cli import option, resolve_device, seed_everything
+from .data import Splits, batches
+from .evaluation import evaluate
+from .models import list_models
+
+__all__ = ["FinetuneConfig", "finetune", "kd_loss", "alpha_at", "recalibrate_bn"]
+
+
+@dataclass
+class FinetuneConfig:
+    """How to fine-tune a pruned network."""
+
+    epochs: int = option(5, "fine-tuning epochs (0 = none)")
+    optimizer: str = option("sgd", "optimiser: sgd (Nesterov momentum) or adam (the DSFP paper: adam, lr 1e-4)",
+                            choices=["sgd", "adam"])
+    lr: float = option(0.01, "peak learning rate (cosine decay to 0 over all steps)")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "L2 weight decay (not applied to BN and biases)")
+    batch_size: int = option(128, "batch size")
+    kd: bool = option(False, "distil from the unpruned teacher (a*T^2*KL + (1-a)*CE)")
+    temperature: float = option(4.0, "distillation temperature T")
+    alpha_start: float = option(0.5, "distillation weight a in the first epoch")
+    alpha_end: float = option(0.1, "distillation weight a in the last epoch (linear decay)")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy term")
+    augment: bool = option(True, "random-crop + flip augmentation of training batches")
+    bn_recal_batches: int = option(0, "re-estimate BN statistics on this many training batches before fine-tuning")
+    seed: int = option(0, "seed for shuffling, augmentation and dropout")
+    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    progress: bool = option(True, "show progress bars")
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for out-of-range settings."""
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("alpha_start", "alpha_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        if self.bn_recal_batches < 0:
+            raise ValueError(f"bn_recal_batches must be >= 0, got {self.bn_recal_batches}")
+
+
+def alpha_at(epoch: int, cfg: FinetuneConfig) -> float:
+    """Distillation weight in (0-based) ``epoch``: linear from ``alpha_start`` to ``alpha_end``."""
+    if cfg.epochs <= 1:
+        return cfg.alpha_start
+    return cfg.alpha_start + (cfg.alpha_end - cfg.alpha_start) * epoch / (cfg.epochs - 1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``alpha * T^2 * KL(p_teacher^T || p_student^T) + (1 - alpha) * CE(student, labels)``.
+
+    Args:
+        student_logits, teacher_logits: ``(B, classes)``.
+        labels: ``(B,)`` class indices.
+        alpha: weight of the distillation term in [0, 1].
+        temperature: ``T`` > 0; both distributions are ``softmax(logits / T)``.
+
+    Returns:
+        Scalar loss; the KL is summed over classes and averaged over the batch.
+    """
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits.detach() / t, dim=1),
+                  reduction="batchmean", log_target=True)
+    ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
+    return alpha * t * t * kl + (1.0 - alpha) * ce
+
+
+@torch.no_grad()
+def recalibrate_bn(
+    model: nn.Module,
+    splits: Splits,
+    n_batches: int,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics on ``n_batches`` training batches.
+
+    The statistics are reset and re-accumulated as a cumulative (equal-weight)
+    average (``momentum=None``) over ``n_batches`` shuffled, un-augmented batches
+    of ``splits.train`` drawn with ``seed``, with the rest of the model in eval
+    mode (dropout off). Each BN's momentum and every module's train/eval mode are
+    restored afterwards. Deterministic in ``seed``. Modifies ``model`` in place
+    and returns it; ``n_batches=0`` does nothing.
+    """
+    if n_batches < 0:
+        raise ValueError(f"n_batches must be >= 0, got {n_batches}")
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if n_batches == 0 or not norms:
+        return model
+    modes = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in norms]
+    try:
+        model.eval()
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        gen = torch.Generator().manual_seed(seed)
+        it = batches(splits.train, batch_size, mean=splits.mean, std=splits.std, shuffle=True, generator=gen,
+                     device=device)
+        for i, (x, _) in enumerate(it):
+            if i >= n_batches:
+                break
+            model(x)
+    finally:
+        for m, momentum in momenta:
+            m.momentum = momentum
+        for m, training in modes:
+            m.training = training
+    return model
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def finetune(
+    student: nn.Module,
+    splits: Splits,
+    cfg: FinetuneConfig,
+    *,
+    teacher: nn.Module | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    plan: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune ``student`` in place; it ends with its best-validation weights.
+
+    Args:
+        student: the (pruned) network; trained in place on ``cfg.device``.
+        splits: data; ``train`` for training, ``val`` for model selection.
+        cfg: the recipe (see :class:`FinetuneConfig`).
+        teacher: the unpruned network, required when ``cfg.kd`` (not modified).
+        out: checkpoint path written after every epoch (``None``: no checkpoint).
+        resume: continue the run recorded at ``out`` (if the file exists).
+        plan: the pruning plan (dict) to record in the checkpoint.
+        meta: extra entries for the checkpoint's ``extra`` (e.g. criterion).
+
+    Returns:
+        ``{"val_acc" (best, percent), "initial_val_acc", "best_epoch" (0 = the
+        starting weights), "epochs", "history" (per epoch: train_loss, val_acc,
+        alpha, lr, seconds), "seconds"}``.
+    """
+    cfg.check()
+    if cfg.kd and teacher is None:
+        raise ValueError("kd=True needs the unpruned teacher network (teacher=...)")
+    t_start = time.time()
+    device = resolve_device(cfg.device)
+    student.to(device)
+    if teacher is not None and cfg.kd:
+        teacher.to(device)
+        teacher_training = teacher.training
+        teacher.eval()
+    out = Path(out) if out is not None else None
+    seed_everything(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
+    groups = _param_groups(student, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    else:
+        opt = torch.optim.Adam(groups, lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+
+    state: dict[str, Any] | None = None
+    if resume and out is not None and out.is_file():
+        is_builtin = getattr(student, "arch", None) in list_models()
+        # The file is this run's own output; a user architecture is stored pickled.
+        loaded = ckpt.load(out, map_location=device, trust_pickle=not is_builtin)
+        state = loaded.extra.get("train_state")
+        if state is None:
+            raise ckpt.CheckpointError(f"{out} has no fine-tuning state to resume from")
+        try:
+            student.load_state_dict(loaded.model.state_dict())
+        except RuntimeError:
+            raise ckpt.CheckpointError(f"{out} holds a network of other widths than this student "
+                                       "(another plan?); delete it or resume with the same plan") from None
+        if state.get("finished"):
+            return dict(state["summary"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history = list(state["history"])
+        start_epoch = state["epoch"]
+        best_val, best_epoch, best_state = state["best_val"], state["best_epoch"], state["best_state_dict"]
+        initial_val = state["initial_val_acc"]
+        if cfg.progress:
+            print(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
+    else:
+        if cfg.bn_recal_batches:
+            recalibrate_bn(student, splits, cfg.bn_recal_batches, cfg.batch_size, cfg.seed, device)
+        initial_val = evaluate(student, splits.val, mean=splits.mean, std=splits.std, device=device)
+        history, start_epoch = [], 0
+        best_val, best_epoch, best_state = initial_val, 0, _state_copy(student)
+
+    def save(finished: bool, summary: dict[str, Any] | None = None) -> None:
+        if out is None:
+            return
+        train_state: dict[str, Any] = {"epoch": len(history), "history": history, "best_val": best_val,
+                                       "best_epoch": best_epoch, "initial_val_acc": initial_val,
+                                       "finished": finished, "config": dataclasses.asdict(cfg)}
+        if finished:
+            train_state["summary"] = summary
+        else:
+            train_state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), generator=gen.get_state(),
+                               torch_rng=torch.get_rng_state(), best_state_dict=best_state)
+        ckpt.save(out, student, input_shape=splits.input_shape, dataset=splits.name, classes=splits.classes,
+                  metrics={"val_acc": best_val if finished else history[-1]["val_acc"]}, plan=plan,
+                  extra={**(meta or {}), "train_state": train_state})
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.time()
+            alpha = alpha_at(epoch, cfg)
+            student.train()
+            loss_sum, seen = 0.0, 0
+            it = batches(splits.train, cfg.batch_size, mean=splits.mean, std=splits.std, shuffle=True,
+                         augment_data=cfg.augment, generator=gen, device=device)
+            bar = tqdm(it, total=steps_per_epoch, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=not cfg.progress, file=sys.stderr)
+            for x, y in bar:
+                logits = student(x)
+                if cfg.kd:
+                    with torch.no_grad():
+                        teacher_logits = teacher(x)  # type: ignore[misc]
+                    loss = kd_loss(logits, teacher_logits, y, alpha=alpha, temperature=cfg.temperature,
+                                   label_smoothing=cfg.label_smoothing)
+                else:
+                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            val_acc = evaluate(student, splits.val, mean=splits.mean, std=splits.std, device=device)
+            history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_acc": val_acc,
+                            "alpha": alpha if cfg.kd else 0.0, "lr": sched.get_last_lr()[0],
+                            "seconds": time.time() - t0})
+            if val_acc > best_val:
+                best_val, best_epoch, best_state = val_acc, epoch + 1, _state_copy(student)
+            if cfg.progress:
+                tqdm.write(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / max(seen, 1):.4f}  "
+                           f"val_acc {val_acc:.2f}% (best {best_val:.2f}%)", file=sys.stderr)
+            save(finished=False)
+    finally:
+        if teacher is not None and cfg.kd:
+            teacher.train(teacher_training)
+    student.load_state_dict(best_state)
+    student.eval()
+    summary = {"val_acc": best_val, "initial_val_acc": initial_val, "best_epoch": best_epoch,
+               "epochs": cfg.epochs, "history": history, "seconds": round(time.time() - t_start, 1)}
+    save(finished=True, summary=summary)
+    return summary

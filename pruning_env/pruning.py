@@ -1,0 +1,701 @@
+"""The pruning engine: plans, physical surgery and MACs prediction.
+
+Low-level operations are kept apart from policies:
+
+* :class:`PruningPlan` is a plain value: for each prunable layer, its original
+  width and the sorted indices of the filters it *keeps*. Plans can be saved
+  (JSON / dict), loaded, compared, hashed (:meth:`PruningPlan.key`) and applied.
+* Plan builders turn importance scores (``{conv name: (C_out,) tensor}``, LOW
+  values are pruned first) into plans: :func:`plan_uniform`, :func:`plan_per_layer`,
+  :func:`plan_global`, and the primitive :func:`plan_top_k` (keep counts given).
+* :func:`apply` performs the surgery: it returns a NEW, physically smaller model
+  and never touches the original.
+* :class:`MacsModel` predicts the MACs and parameters of any plan in
+  microseconds, without building a model (for an RL environment's hot path).
+
+Which layers are prunable is decided by :mod:`pruning_env.graph` (block-internal
+convs of ResNets only; see its docstring).
+
+Rates and counts
+----------------
+A pruning *rate* ``r`` in ``[0, 1)`` removes ``floor(r * C_out)`` filters of a
+layer with ``C_out`` filters, so a layer never loses more than ``r`` of its
+filters; it keeps ``k = C_out - floor(r * C_out)``. With ``round_to = m > 1`` the
+kept count is then rounded to the nearest multiple of ``m`` (at least ``m``, at
+most ``C_out``); finally ``k = max(k, min(min_keep, C_out))``: ``min_keep`` wins.
+Among equal scores the filter with the lower index is pruned first.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import flops as flops_mod
+from .graph import PrunableLayer, consumer_map, prunable_layers
+
+__all__ = [
+    "PlanError",
+    "PruningPlan",
+    "plan_top_k",
+    "plan_uniform",
+    "plan_per_layer",
+    "plan_global",
+    "keep_count_for_rate",
+    "apply",
+    "MacsModel",
+]
+
+PLAN_FORMAT = "pruning_env.plan/1"
+
+
+class PlanError(ValueError):
+    """A plan does not fit a model, or plan-builder arguments are invalid."""
+
+
+# ----------------------------------------------------------------------------- plans
+
+
+class PruningPlan:
+    """Which filters each prunable layer keeps.
+
+    Args:
+        keep: ``{layer name: kept filter indices}`` (any int sequence or 1-D tensor;
+            stored sorted, as a tuple). Layers not listed keep all their filters.
+        widths: ``{layer name: number of filters of the unpruned layer}`` for every
+            layer in ``keep`` (the plan's reference widths, for :meth:`keep_ratio`
+            and validation).
+
+    The plan is immutable; construct it freely, then :meth:`validate` it against a
+    model (``apply`` does so). Equality and hashing compare widths and kept indices.
+    """
+
+    __slots__ = ("_keep", "_widths", "_key", "_index_cache")
+
+    def __init__(self, keep: Mapping[str, Sequence[int] | torch.Tensor], widths: Mapping[str, int]) -> None:
+        kept: dict[str, tuple[int, ...]] = {}
+        for name, idx in keep.items():
+            if isinstance(idx, torch.Tensor):
+                if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() > 1:
+                    raise PlanError(f"layer {name!r}: kept indices must be a 1-D integer tensor, got {idx.dtype} "
+                                    f"of shape {tuple(idx.shape)}")
+                values = idx.tolist()
+            else:
+                values = list(idx)
+            if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+                raise PlanError(f"layer {name!r}: kept indices must be integers, got {values[:5]}...")
+            kept[str(name)] = tuple(sorted(int(v) for v in values))
+        missing = [n for n in kept if n not in widths]
+        if missing:
+            raise PlanError(f"widths missing for layers {missing}")
+        self._keep = MappingProxyType(kept)
+        self._widths = MappingProxyType({n: int(widths[n]) for n in kept})
+        self._key: str | None = None
+        self._index_cache: dict[str, torch.Tensor] = {}
+
+    # -- views
+    @property
+    def keep(self) -> Mapping[str, tuple[int, ...]]:
+        """``{layer: sorted kept indices}`` (read-only)."""
+        return self._keep
+
+    @property
+    def widths(self) -> Mapping[str, int]:
+        """``{layer: width of the unpruned layer}`` (read-only)."""
+        return self._widths
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in the plan, in insertion order."""
+        return list(self._keep)
+
+    def indices(self, layer: str) -> torch.Tensor:
+        """Kept filter indices of ``layer`` as a new ``(k,)`` int64 tensor."""
+        cached = self._index_cache.get(layer)
+        if cached is None:
+            cached = self._index_cache[layer] = torch.tensor(self._keep[layer], dtype=torch.long)
+        return cached.clone()
+
+    def keep_count(self, layer: str) -> int:
+        return len(self._keep[layer])
+
+    def keep_counts(self) -> dict[str, int]:
+        """``{layer: number of kept filters}``."""
+        return {n: len(k) for n, k in self._keep.items()}
+
+    def keep_ratio(self, layer: str) -> float:
+        """Kept fraction of ``layer``'s filters, in (0, 1]."""
+        return len(self._keep[layer]) / self._widths[layer]
+
+    def keep_ratios(self) -> dict[str, float]:
+        """``{layer: kept fraction of its filters}``."""
+        return {n: self.keep_ratio(n) for n in self._keep}
+
+    def pruned(self, layer: str) -> tuple[int, ...]:
+        """Indices of the filters ``layer`` removes."""
+        kept = set(self._keep[layer])
+        return tuple(i for i in range(self._widths[layer]) if i not in kept)
+
+    @property
+    def kept_filters(self) -> int:
+        return sum(len(k) for k in self._keep.values())
+
+    @property
+    def total_filters(self) -> int:
+        return sum(self._widths.values())
+
+    # -- constructors
+    @classmethod
+    def full(cls, layers: Sequence[PrunableLayer]) -> "PruningPlan":
+        """The identity plan: every layer keeps all its filters."""
+        return cls({l.name: range(l.out_channels) for l in layers}, {l.name: l.out_channels for l in layers})
+
+    @classmethod
+    def from_masks(cls, masks: Mapping[str, torch.Tensor | Sequence[bool]]) -> "PruningPlan":
+        """From boolean keep masks ``{layer: (C_out,) bool}`` (True = keep)."""
+        keep, widths = {}, {}
+        for name, mask in masks.items():
+            m = torch.as_tensor(mask, dtype=torch.bool).flatten()
+            keep[name] = torch.nonzero(m).flatten()
+            widths[name] = int(m.numel())
+        return cls(keep, widths)
+
+    # -- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """``{"format": ..., "keep": {name: [int, ...]}, "widths": {name: int}}`` (JSON-safe)."""
+        return {"format": PLAN_FORMAT, "keep": {n: list(k) for n, k in self._keep.items()},
+                "widths": dict(self._widths)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PruningPlan":
+        """Inverse of :meth:`to_dict`."""
+        if not isinstance(d, Mapping) or "keep" not in d or "widths" not in d:
+            raise PlanError("not a pruning plan: expected a dict with 'keep' and 'widths' (see PruningPlan.to_dict)")
+        fmt = d.get("format", PLAN_FORMAT)
+        if fmt != PLAN_FORMAT:
+            raise PlanError(f"unsupported plan format {fmt!r}; this version reads {PLAN_FORMAT!r}")
+        keep, widths = d["keep"], d["widths"]
+        if not isinstance(keep, Mapping) or not isinstance(widths, Mapping):
+            raise PlanError("malformed plan: 'keep' and 'widths' must map layer names to indices / widths")
+        try:
+            return cls(keep, widths)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, PlanError):
+                raise
+            raise PlanError(f"malformed plan: {exc}") from None
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from None
+
+    # -- identity
+    def key(self) -> str:
+        """A stable hex digest of the plan (same across processes), for caches.
+
+        Layers that keep every filter are ignored, so a plan and its identity-padded
+        version (``PruningPlan.full`` entries added) share a key.
+        """
+        if self._key is None:
+            h = hashlib.blake2b(digest_size=16)
+            for name in sorted(self._keep):
+                kept, width = self._keep[name], self._widths[name]
+                if len(kept) == width and kept == tuple(range(width)):
+                    continue
+                h.update(f"{name}\x00{width}\x00".encode())
+                h.update(np.asarray(kept, dtype=np.int64).tobytes())
+                h.update(b"\x01")
+            self._key = h.hexdigest()
+        return self._key
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PruningPlan):
+            return NotImplemented
+        return dict(self._keep) == dict(other._keep) and dict(self._widths) == dict(other._widths)
+
+    def __hash__(self) -> int:
+        return hash(self.key())
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable despite the read-only mapping views
+        return (PruningPlan, (dict(self._keep), dict(self._widths)))
+
+    def __copy__(self) -> "PruningPlan":
+        return self  # immutable
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "PruningPlan":
+        return self
+
+    def __repr__(self) -> str:
+        ratios = ", ".join(f"{n}: {len(k)}/{self._widths[n]}" for n, k in self._keep.items())
+        return f"PruningPlan({ratios})"
+
+    # -- validation
+    def validate(self, model_or_layers: nn.Module | Sequence[PrunableLayer],
+                 input_shape: tuple[int, int, int] = (3, 32, 32)) -> None:
+        """Raise :class:`PlanError` unless the plan fits.
+
+        Args:
+            model_or_layers: a model (its prunable layers are found with
+                :func:`~pruning_env.graph.prunable_layers`) or those layers.
+            input_shape: ``(C, H, W)`` when a model is given.
+
+        Checks: every layer is prunable, its width equals the plan's width, indices
+        are in ``[0, width)``, without duplicates, and at least one is kept.
+        """
+        layers = (prunable_layers(model_or_layers, input_shape) if isinstance(model_or_layers, nn.Module)
+                  else model_or_layers)
+        by_name = {l.name: l for l in layers}
+        for name, kept in self._keep.items():
+            layer = by_name.get(name)
+            if layer is None:
+                known = ", ".join(list(by_name)[:8]) + (", ..." if len(by_name) > 8 else "")
+                raise PlanError(f"layer {name!r} is not a prunable layer of this model (prunable: {known or 'none'})")
+            width = self._widths[name]
+            if width != layer.out_channels:
+                raise PlanError(f"layer {name!r}: the plan was made for {width} filters but the model has "
+                                f"{layer.out_channels} (a plan applies to the unpruned model it was made for)")
+            if not kept:
+                raise PlanError(f"layer {name!r}: the plan keeps no filter (keep at least one)")
+            if kept[0] < 0 or kept[-1] >= width:
+                bad = kept[0] if kept[0] < 0 else kept[-1]
+                raise PlanError(f"layer {name!r}: filter index {bad} out of range [0, {width})")
+            if len(set(kept)) != len(kept):
+                dup = sorted({i for i in kept if kept.count(i) > 1})
+                raise PlanError(f"layer {name!r}: duplicate filter indices {dup[:8]}")
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def _as_scores(scores: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    if not scores:
+        raise PlanError("no scores given")
+    out = {}
+    for name, s in scores.items():
+        t = torch.as_tensor(s).detach().to("cpu", torch.float64).flatten()
+        if t.numel() == 0:
+            raise PlanError(f"layer {name!r}: empty score vector")
+        if not torch.isfinite(t).all():
+            raise PlanError(f"layer {name!r}: scores contain NaN or inf")
+        out[str(name)] = t
+    return out
+
+
+def _check_rate(rate: float, what: str = "rate") -> float:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float, np.floating)) or not 0.0 <= float(rate) < 1.0:
+        raise PlanError(f"{what} must be a number in [0, 1) (the fraction of filters to remove), got {rate!r}")
+    return float(rate)
+
+
+def _check_ints(min_keep: int, round_to: int) -> None:
+    if isinstance(min_keep, bool) or not isinstance(min_keep, (int, np.integer)) or min_keep < 1:
+        raise PlanError(f"min_keep must be an integer >= 1, got {min_keep!r}")
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise PlanError(f"round_to must be an integer >= 1, got {round_to!r}")
+
+
+def _adjust_count(k: int, width: int, min_keep: int, round_to: int) -> int:
+    """Round ``k`` to a multiple of ``round_to`` (>= one multiple, <= width), then enforce ``min_keep``."""
+    if round_to > 1:
+        k = round_to * max(1, math.floor(k / round_to + 0.5))
+    k = min(k, width)
+    return max(k, min(min_keep, width))
+
+
+def keep_count_for_rate(width: int, rate: float, *, min_keep: int = 1, round_to: int = 1) -> int:
+    """Filters kept of a ``width``-filter layer at pruning ``rate`` (see the module docstring)."""
+    rate = _check_rate(rate)
+    _check_ints(min_keep, round_to)
+    return _adjust_count(width - math.floor(rate * width + 1e-9), width, min_keep, round_to)
+
+
+def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest scores, sorted; among ties the lower index is pruned first."""
+    order = torch.sort(scores, stable=True).indices  # ascending: pruned first
+    return torch.sort(order[scores.numel() - k:]).values
+
+
+def plan_top_k(scores: Mapping[str, Any], keep_counts: Mapping[str, int]) -> PruningPlan:
+    """Keep the ``keep_counts[layer]`` highest-scoring filters of each layer.
+
+    Args:
+        scores: ``{layer: (C_out,) scores}``, low = prune first.
+        keep_counts: ``{layer: filters to keep}`` in ``[1, C_out]``; layers of
+            ``scores`` not listed keep everything.
+    """
+    s = _as_scores(scores)
+    unknown = [n for n in keep_counts if n not in s]
+    if unknown:
+        raise PlanError(f"keep counts given for layers without scores: {unknown}")
+    keep, widths = {}, {}
+    for name, sc in s.items():
+        width = sc.numel()
+        k = int(keep_counts.get(name, width))
+        if not 1 <= k <= width:
+            raise PlanError(f"layer {name!r}: keep count {k} outside [1, {width}]")
+        keep[name] = _top_k(sc, k)
+        widths[name] = width
+    return PruningPlan(keep, widths)
+
+
+def plan_uniform(scores: Mapping[str, Any], rate: float, *, min_keep: int = 1, round_to: int = 1) -> PruningPlan:
+    """Prune the same fraction ``rate`` in [0, 1) of every layer (lowest scores first)."""
+    return plan_per_layer(scores, {n: rate for n in scores}, min_keep=min_keep, round_to=round_to)
+
+
+def plan_per_layer(scores: Mapping[str, Any], rates: Mapping[str, float], *, min_keep: int = 1,
+                   round_to: int = 1) -> PruningPlan:
+    """Prune ``rates[layer]`` in [0, 1) of each layer; layers missing from ``rates`` keep everything."""
+    _check_ints(min_keep, round_to)
+    s = _as_scores(scores)
+    unknown = [n for n in rates if n not in s]
+    if unknown:
+        raise PlanError(f"rates given for layers without scores: {unknown}")
+    counts = {}
+    for name, rate in rates.items():
+        r = _check_rate(rate, f"rate of layer {name!r}")
+        width = s[name].numel()
+        counts[name] = _adjust_count(width - math.floor(r * width + 1e-9), width, min_keep, round_to)
+    return plan_top_k(s, counts)
+
+
+def plan_global(scores: Mapping[str, Any], rate: float, *, min_keep: int = 1, round_to: int = 1) -> PruningPlan:
+    """Prune ``floor(rate * total filters)`` filters ranked across all layers.
+
+    Scores of different layers live on different scales (e.g. L1 norms grow with
+    fan-in), so each layer's scores are first divided by their mean absolute value
+    (a layer of all-zero scores stays zero). The lowest normalised scores are
+    then pruned globally, never touching a layer's ``min_keep`` best filters.
+    ``round_to`` is applied afterwards per layer, so the total is then approximate.
+    """
+    r = _check_rate(rate)
+    _check_ints(min_keep, round_to)
+    s = _as_scores(scores)
+    names = list(s)
+    widths = [s[n].numel() for n in names]
+    normed, candidate, owner = [], [], []
+    for i, name in enumerate(names):
+        sc = s[name]
+        scale = sc.abs().mean()
+        sc = sc / scale if scale > 0 else torch.zeros_like(sc)
+        protected = torch.zeros(sc.numel(), dtype=torch.bool)
+        protected[torch.sort(sc, stable=True).indices[sc.numel() - min(min_keep, sc.numel()):]] = True
+        normed.append(sc)
+        candidate.append(~protected)
+        owner.append(torch.full((sc.numel(),), i, dtype=torch.long))
+    all_scores, all_cand, all_owner = torch.cat(normed), torch.cat(candidate), torch.cat(owner)
+    n_prune = min(math.floor(r * all_scores.numel() + 1e-9), int(all_cand.sum()))
+    order = torch.sort(all_scores[all_cand], stable=True).indices[:n_prune]
+    pruned_per_layer = torch.bincount(all_owner[all_cand][order], minlength=len(names)).tolist()
+    counts = {n: _adjust_count(w - p, w, min_keep, round_to) for n, w, p in zip(names, widths, pruned_per_layer)}
+    return plan_top_k(s, counts)
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+def _new_param(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(data, requires_grad=old.requires_grad)
+    return data
+
+
+_PER_CHANNEL = frozenset({"weight", "bias", "running_mean", "running_var"})  # dim 0 = output channel
+_ATOMIC = frozenset({type(None), bool, int, float, str, torch.dtype, torch.device})
+_CONTAINERS = frozenset({tuple, list, set, dict, OrderedDict})
+
+
+def _clone_tree(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
+    """A structural copy of ``module``: tensors come from ``memo`` (prepared by the
+    caller), submodules are cloned recursively, small attributes are deep-copied.
+    Much cheaper than ``copy.deepcopy`` on a whole model, which we only use for
+    modules that define their own copying (e.g. ``fx.GraphModule``)."""
+    done = memo.get(id(module))
+    if done is not None:
+        return done
+    cls = type(module)
+    if getattr(cls, "__deepcopy__", None) is not None:
+        new = copy.deepcopy(module, memo)
+        return new
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {}
+    for key, value in module.__dict__.items():
+        kind = type(value)
+        if kind in _ATOMIC:
+            state[key] = value
+        elif key == "_parameters" or key == "_buffers":
+            state[key] = {n: (None if t is None else memo[id(t)]) for n, t in value.items()}
+        elif key == "_modules":
+            state[key] = {n: (None if m is None else _clone_tree(m, memo)) for n, m in value.items()}
+        elif kind in _CONTAINERS and all(type(v) in _ATOMIC for v in value):
+            state[key] = value if kind is tuple else kind(value)  # incl. the many empty hook dicts
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    new.__dict__.update(state)
+    return new
+
+
+def apply(model: nn.Module, plan: PruningPlan, input_shape: tuple[int, int, int] = (3, 32, 32), *,
+          layers: Sequence[PrunableLayer] | None = None) -> nn.Module:
+    """Physically remove the filters ``plan`` prunes; return a new, smaller model.
+
+    Each pruned conv loses output channels (weight rows, bias), its BatchNorm the
+    matching ``weight``, ``bias``, ``running_mean`` and ``running_var``, and each
+    consumer the matching input channels (conv) or input features (Linear after a
+    flatten: ``block`` consecutive features per channel).
+
+    The original model is not modified and shares no tensor or mutable state with
+    the result: kept slices are gathered with ``index_select`` into new tensors, the
+    rest is cloned once, and the module tree is rebuilt without ``copy.deepcopy``.
+    Attributes such as a built-in model's ``.arch`` are kept, so
+    :func:`~pruning_env.models.channel_spec` and :mod:`~pruning_env.checkpoint` work.
+
+    Args:
+        model: the unpruned model the plan was made for (any device/dtype).
+        plan: which filters to keep.
+        input_shape: ``(C, H, W)`` of one input, used to find the prunable layers.
+        layers: the model's :func:`~pruning_env.graph.prunable_layers` if already
+            known; pass them in hot loops to skip the ``torch.fx`` trace.
+
+    Returns:
+        The pruned model, in the original's train/eval mode, on its device.
+
+    Raises:
+        PlanError: the plan does not fit the model (see :meth:`PruningPlan.validate`).
+    """
+    if not isinstance(plan, PruningPlan):
+        raise PlanError(f"plan must be a PruningPlan, got {type(plan).__name__}")
+    if layers is None:
+        layers = prunable_layers(model, input_shape)
+    plan.validate(layers)
+
+    # Which dimension of which module shrinks: out-channel indices and in-feature indices.
+    out_index: dict[str, torch.Tensor] = {}
+    in_index: dict[str, torch.Tensor] = {}
+    new_out: dict[str, int] = {}
+    new_in: dict[str, int] = {}
+    for layer in layers:
+        if layer.name not in plan.keep:
+            continue
+        kept = plan.keep[layer.name]
+        if len(kept) == layer.out_channels:
+            continue  # keeps everything (indices are validated: sorted, unique, in range)
+        idx = plan.indices(layer.name)
+        out_index[layer.name] = idx
+        new_out[layer.name] = len(kept)
+        if layer.bn is not None:
+            out_index[layer.bn] = idx
+            new_out[layer.bn] = len(kept)
+        for consumer, block in layer.consumers:
+            in_index[consumer] = idx if block == 1 else (idx[:, None] * block + torch.arange(block)).flatten()
+            new_in[consumer] = len(kept) * block
+
+    memo: dict[int, Any] = {}
+    with torch.no_grad():
+        for mname, module in model.named_modules(remove_duplicate=False):
+            o_idx, i_idx = out_index.get(mname), in_index.get(mname)
+            for pname, t in list(module._parameters.items()) + list(module._buffers.items()):
+                if t is None or id(t) in memo:
+                    continue
+                data, copied = t.detach(), False
+                if o_idx is not None and pname in _PER_CHANNEL:
+                    data, copied = data.index_select(0, o_idx.to(data.device)), True
+                if i_idx is not None and pname == "weight" and t.dim() >= 2:
+                    data, copied = data.index_select(1, i_idx.to(data.device)), True
+                if not copied:
+                    data = data.clone()
+                memo[id(t)] = _new_param(t, data)
+        new_model = _clone_tree(model, memo)
+
+    for name, n in new_out.items():
+        mod = new_model.get_submodule(name)
+        if isinstance(mod, nn.Conv2d):
+            mod.out_channels = n
+        elif isinstance(mod, nn.BatchNorm2d):
+            mod.num_features = n
+    for name, n in new_in.items():
+        mod = new_model.get_submodule(name)
+        if isinstance(mod, nn.Conv2d):
+            mod.in_channels = n
+        elif isinstance(mod, nn.Linear):
+            mod.in_features = n
+    return new_model
+
+
+# ----------------------------------------------------------------------------- MACs model
+
+
+class MacsModel:
+    """Predict a pruned model's MACs and parameters from keep counts alone.
+
+    Built once from the unpruned model. Every layer that :func:`pruning_env.flops.count`
+    counts and whose width a plan can change contributes
+    ``a*O*I + b*O + c*I + d`` MACs (and likewise parameters), where ``O`` is its
+    output width (its own keep count for a prunable conv or its BatchNorm, else
+    fixed) and ``I`` its input width (``keep count * block`` of the prunable layer
+    feeding it, else fixed): conv MACs are bilinear in in/out channels, BatchNorm
+    linear in its channels, a Linear after a flatten bilinear in kept blocks. The
+    coefficients are measured, not assumed: each such layer is rebuilt on the
+    ``meta`` device at widths ``{1, 2} x {1, 2}`` and counted with ``flops.count``,
+    so predictions follow that counter's conventions (e.g. whether biases count)
+    exactly. Everything else is a constant. :meth:`predict` takes microseconds.
+
+    Attributes:
+        layer_names: the prunable layers, in forward order.
+        widths: their unpruned widths (``(L,)`` int64 array).
+        base_macs, base_params: the unpruned model's MACs (per image) and parameters.
+    """
+
+    def __init__(self, layer_names: Sequence[str], widths: Sequence[int], terms: np.ndarray,
+                 const_macs: int, const_params: int) -> None:
+        self.layer_names = tuple(layer_names)
+        self.widths = np.asarray(widths, dtype=np.int64)
+        self._index = {n: i for i, n in enumerate(self.layer_names)}
+        # columns: out_layer, out_fixed, in_layer, in_block, in_fixed, 4 MAC coefficients, 4 param coefficients
+        self._terms = np.asarray(terms, dtype=np.int64).reshape(-1, 13)
+        self._const_macs = int(const_macs)
+        self._const_params = int(const_params)
+        self.base_macs, self.base_params = self.predict_array(self.widths)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32), *,
+                   layers: Sequence[PrunableLayer] | None = None) -> "MacsModel":
+        """Analyse the unpruned ``model`` for inputs of ``input_shape`` ``(C, H, W)``."""
+        if layers is None:
+            layers = prunable_layers(model, input_shape)
+        report = flops_mod.count(model, input_shape)
+        modules = dict(model.named_modules())
+        index = {l.name: i for i, l in enumerate(layers)}
+        out_of: dict[str, int] = {}
+        for l in layers:
+            out_of[l.name] = index[l.name]
+            if l.bn is not None:
+                out_of[l.bn] = index[l.name]
+        in_of = {c: (index[p], block) for c, (p, block) in consumer_map(list(layers)).items()}
+        linked = [n for n in report.per_layer_macs if n in out_of or n in in_of]
+        in_shapes = _input_shapes(model, input_shape, linked)
+        const_macs, const_params = report.macs, report.params
+        rows = []
+        for name in linked:
+            mod = modules[name]
+            const_macs -= report.per_layer_macs[name]
+            const_params -= report.per_layer_params[name]
+            if isinstance(mod, nn.Conv2d):
+                o0, i0 = mod.out_channels, mod.in_channels
+            elif isinstance(mod, nn.Linear):
+                o0, i0 = mod.out_features, mod.in_features
+            elif isinstance(mod, nn.BatchNorm2d):
+                o0 = i0 = mod.num_features
+            else:  # pragma: no cover - the graph only links convs, BatchNorm2d and Linear
+                raise TypeError(f"unexpected layer type {type(mod).__name__} at {name}")
+            macs_c, params_c = _probe_coefficients(mod, in_shapes[name])
+            in_layer, block = in_of.get(name, (-1, 1))
+            rows.append((out_of.get(name, -1), o0, in_layer, block, i0, *macs_c, *params_c))
+        mm = cls([l.name for l in layers], [l.out_channels for l in layers], np.asarray(rows, dtype=np.int64),
+                 const_macs, const_params)
+        if (mm.base_macs, mm.base_params) != (report.macs, report.params):  # pragma: no cover - a safety net
+            raise RuntimeError(f"MacsModel does not reproduce flops.count on the unpruned model "
+                               f"({mm.base_macs}, {mm.base_params}) != ({report.macs}, {report.params})")
+        return mm
+
+    def predict_array(self, keep: np.ndarray | Sequence[int]) -> tuple[int, int]:
+        """``(macs, params)`` for keep counts given as an ``(L,)`` array in ``layer_names`` order."""
+        k = np.asarray(keep, dtype=np.int64)
+        t = self._terms
+        if t.shape[0] == 0:
+            return self._const_macs, self._const_params
+        o = np.where(t[:, 0] >= 0, k[t[:, 0]], t[:, 1])
+        i = np.where(t[:, 2] >= 0, k[t[:, 2]] * t[:, 3], t[:, 4])
+        basis = np.stack([o * i, o, i, np.ones_like(o)], axis=1)  # (terms, 4)
+        macs = int((t[:, 5:9] * basis).sum()) + self._const_macs
+        params = int((t[:, 9:13] * basis).sum()) + self._const_params
+        return macs, params
+
+    def predict(self, keep_counts: Mapping[str, int]) -> tuple[int, int]:
+        """``(macs per image, params)`` of the model whose layers keep ``keep_counts``
+        filters (``{layer: count}``; missing layers keep all)."""
+        k = self.widths.copy()
+        for name, count in keep_counts.items():
+            i = self._index.get(name)
+            if i is None:
+                raise PlanError(f"{name!r} is not a prunable layer of this model")
+            k[i] = count
+        if (k < 1).any() or (k > self.widths).any():
+            bad = [(n, int(c), int(w)) for n, c, w in zip(self.layer_names, k, self.widths) if not 1 <= c <= w]
+            raise PlanError(f"keep counts outside [1, width]: {bad[:4]}")
+        return self.predict_array(k)
+
+    def predict_plan(self, plan: PruningPlan) -> tuple[int, int]:
+        """``(macs, params)`` after applying ``plan``."""
+        return self.predict(plan.keep_counts())
+
+
+def _input_shapes(model: nn.Module, input_shape: tuple[int, ...], names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Input shape (without the batch dimension) of each named module for one forward pass."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    modules = dict(model.named_modules())
+    handles = []
+    for name in names:
+        def hook(_mod: nn.Module, args: tuple, name: str = name) -> None:
+            shapes[name] = tuple(int(s) for s in args[0].shape[1:])
+        handles.append(modules[name].register_forward_pre_hook(hook))
+    was_training = model.training
+    param = next(model.parameters(), None)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *input_shape[-3:]), device=param.device if param is not None else "cpu",
+                              dtype=param.dtype if param is not None else torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return shapes
+
+
+def _probe_coefficients(mod: nn.Module, in_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Coefficients ``(a, b, c, d)`` of ``a*O*I + b*O + c*I + d`` for the MACs and the
+    parameters of ``mod`` at output width ``O`` and input width ``I``, measured by
+    counting meta-device copies of ``mod`` at ``O, I in {1, 2}`` with ``flops.count``."""
+    f_macs, f_params = {}, {}
+    for o in (1, 2):
+        for i in (1, 2):
+            if isinstance(mod, nn.Conv2d):
+                probe: nn.Module = nn.Conv2d(i, o, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+                                             bias=mod.bias is not None, padding_mode=mod.padding_mode, device="meta")
+                shape = (i, *in_shape[1:])
+            elif isinstance(mod, nn.Linear):
+                if len(in_shape) != 1:
+                    raise PlanError(f"a Linear consumer must take (N, features) input, got (N, {in_shape})")
+                probe = nn.Sequential(nn.Flatten(), nn.Linear(i, o, bias=mod.bias is not None, device="meta"))
+                shape = (i, 1, 1)
+            else:
+                probe = nn.BatchNorm2d(o, affine=mod.affine, track_running_stats=mod.track_running_stats,
+                                       device="meta")
+                shape = (o, *in_shape[1:])
+            rep = flops_mod.count(probe, shape)
+            f_macs[o, i], f_params[o, i] = rep.macs, rep.params
+
+    def solve(f: dict[tuple[int, int], int]) -> tuple[int, ...]:
+        a = f[2, 2] - f[2, 1] - f[1, 2] + f[1, 1]
+        b = f[2, 1] - f[1, 1] - a
+        c = f[1, 2] - f[1, 1] - a
+        return a, b, c, f[1, 1] - a - b - c
+
+    return solve(f_macs), solve(f_params)
