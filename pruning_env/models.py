@@ -1,4 +1,4 @@
-"""CIFAR-style CNNs: VGG-11/13/16/19 (BN), AlexNet (CIFAR variant), ResNet-20/56.
+"""CIFAR-style CNNs: VGG-11/13/16/19 (BN), AlexNet (CIFAR variant), ResNet-20/56, and ``tiny``.
 
 Every network is built from plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear``
 modules so that the pruning engine can shrink them physically, and every network
@@ -13,6 +13,8 @@ Input sizes
 * AlexNet: at least 32x32 (three 2x2 max-pools, then an adaptive average pool to
   4x4, so the first Linear always takes ``C_last * 16`` inputs in 16-element
   spatial blocks per channel). At 32x32 the adaptive pool is the identity.
+* tiny: 4 convs (16, M, 32, M, 32, 64, M) and a 64->32->C head, global average
+  pool; any input of at least 8x8.
 * ResNet: at least 8x8 (two stride-2 stages and a global average pool); 32x32 is
   the design size.
 
@@ -42,9 +44,17 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
     ],
 }
 ALEXNET_CONFIG: list[int | str] = [64, "M", 192, "M", 384, 256, 256, "M"]
+# A 4-conv network for tests and tutorials (the Tiny-v0 env): seconds to train on CPU.
+TINY_CONFIG: list[int | str] = [16, "M", 32, "M", 32, 64, "M"]
+TINY_HIDDEN = [32]
 ALEXNET_HIDDEN = [1024, 512]
 VGG_HIDDEN = [512]
 RESNET_DEPTHS = {"resnet20": 20, "resnet56": 56}
+# Non-VGG plain networks: (layout, hidden Linear widths, adaptive pool size).
+_PLAIN: dict[str, tuple[list[int | str], list[int], int]] = {
+    "alexnet": (ALEXNET_CONFIG, ALEXNET_HIDDEN, 4),
+    "tiny": (TINY_CONFIG, TINY_HIDDEN, 1),
+}
 
 
 @dataclass(frozen=True)
@@ -209,7 +219,7 @@ class CifarResNet(nn.Module):
 
 def list_models() -> list[str]:
     """Names accepted by :func:`build`."""
-    return sorted([*VGG_CONFIGS, "alexnet", *RESNET_DEPTHS])
+    return sorted([*VGG_CONFIGS, "alexnet", *RESNET_DEPTHS, "tiny"])
 
 
 def _check_common(name: str, num_classes: int, in_channels: int) -> None:
@@ -229,9 +239,10 @@ def default_spec(name: str, *, num_classes: int, in_channels: int = 3, width: fl
     if name in VGG_CONFIGS:
         convs = [_scale(c, width) for c in VGG_CONFIGS[name] if c != "M"]
         hidden = [_scale(h, width) for h in VGG_HIDDEN]
-    elif name == "alexnet":
-        convs = [_scale(c, width) for c in ALEXNET_CONFIG if c != "M"]
-        hidden = [_scale(h, width) for h in ALEXNET_HIDDEN]
+    elif name in _PLAIN:
+        layout, hid, _ = _PLAIN[name]
+        convs = [_scale(c, width) for c in layout if c != "M"]
+        hidden = [_scale(h, width) for h in hid]
     else:
         n = (RESNET_DEPTHS[name] - 2) // 6
         stages = [_scale(c, width) for c in (16, 32, 64)]
@@ -246,10 +257,10 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
     """Build a (possibly pruned) network with exactly the widths in ``spec``."""
     _check_common(spec.arch, spec.num_classes, spec.in_channels)
     convs = list(spec.convs)
-    if spec.arch in VGG_CONFIGS or spec.arch == "alexnet":
-        base = VGG_CONFIGS.get(spec.arch, ALEXNET_CONFIG)
+    if spec.arch in VGG_CONFIGS or spec.arch in _PLAIN:
+        base, hid, pool = _PLAIN.get(spec.arch, (VGG_CONFIGS.get(spec.arch), VGG_HIDDEN, 1))
         n_conv = sum(1 for c in base if c != "M")
-        n_hidden = len(VGG_HIDDEN) if spec.arch in VGG_CONFIGS else len(ALEXNET_HIDDEN)
+        n_hidden = len(hid)
         if len(convs) != n_conv or len(spec.hidden) != n_hidden:
             raise ValueError(
                 f"{spec.arch} has {n_conv} convs and {n_hidden} hidden Linear layers; "
@@ -257,7 +268,6 @@ def build_from_spec(spec: ModelSpec) -> nn.Module:
             )
         it = iter(convs)
         layout = [c if c == "M" else next(it) for c in base]
-        pool = 1 if spec.arch in VGG_CONFIGS else 4
         return PlainCNN(spec.arch, layout, list(spec.hidden), spec.num_classes, spec.in_channels, pool)
     depth = RESNET_DEPTHS[spec.arch]
     n = (depth - 2) // 6

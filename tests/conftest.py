@@ -45,3 +45,39 @@ def cifar_root() -> Path | None:
 
 
 requires_cifar = pytest.mark.skipif(cifar_root() is None, reason="real CIFAR-10 not found under $PRUNING_ENV_DATA")
+
+
+@pytest.fixture(scope="session")
+def tiny_env_factory(tmp_path_factory):
+    """Build Tiny-v0 envs (the baseline is trained once per session into a temp cache)."""
+    import pruning_env  # noqa: F401  (registers the envs)
+    from pruning_env.registry import make_tiny_env
+
+    def factory(**kwargs):
+        return make_tiny_env(**kwargs)
+
+    return factory
+
+
+@pytest.fixture(scope="session")
+def cifar_vgg16():
+    """A briefly trained VGG-16 (width 0.25) on the real CIFAR-10 and its splits.
+
+    One epoch on 10,000 training images (about 40 % accuracy): enough for the
+    environment's tests, which check mechanics and bookkeeping, not accuracy.
+    """
+    root = cifar_root()
+    if root is None:
+        pytest.skip("real CIFAR-10 not found under $PRUNING_ENV_DATA")
+    from pruning_env.cli import seed_everything
+    from pruning_env.data import Split, load_splits
+    from pruning_env.models import build
+    from pruning_env.train import TrainConfig, fit
+
+    splits = load_splits("cifar10", root)
+    small = type(splits)(**{**splits.__dict__, "train": splits.train.subset(10_000)})
+    seed_everything(0)
+    model = build("vgg16", num_classes=10, width=0.25)
+    fit(model, small, TrainConfig(epochs=1, batch_size=128, lr=0.05, progress=False))
+    assert isinstance(small.train, Split)
+    return model.eval(), splits

@@ -1,0 +1,186 @@
+"""Registered environments: PettingZoo 1.27 registry ids and Gymnasium single-agent views.
+
+Ids (namespace ``pruning_env``)::
+
+    pruning_env/Tiny-v0                          4-layer CNN on seeded synthetic data (tests, tutorials)
+    pruning_env/{VGG11,VGG13,VGG16,VGG19,AlexNet,ResNet56}-{CIFAR10,CIFAR100}-v0
+
+PettingZoo (``ParallelEnv``): ``pettingzoo.make("parallel", id, **kwargs)`` or
+``pruning_env.make(id, **kwargs)``. Gymnasium single-agent views of the same
+problem: ``gymnasium.make(id.replace("-v0", "-Joint-v0"))`` (one joint action for
+all layers) and ``...-Sequential-v0`` (AMC-style, one layer per step).
+
+A CIFAR env needs a trained baseline: pass ``model=`` (an ``nn.Module``) or
+``checkpoint=`` (a path); otherwise it is looked up in the cache
+(:func:`pruning_env.train.default_checkpoint_path`) and, if missing, trained there
+with progress bars (this takes a while on a CPU: it says so).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import gymnasium
+import pettingzoo
+import torch
+from torch import nn
+
+from .cli import resolve_device
+from .data import Splits, load_splits, make_synthetic
+from .env import EnvConfig, FilterPruningEnv
+
+__all__ = ["make", "list_envs", "make_benchmark_env", "make_tiny_env", "baseline_model", "register_all"]
+
+NAMESPACE = "pruning_env"
+NETWORK_NAMES = {"vgg11": "VGG11", "vgg13": "VGG13", "vgg16": "VGG16", "vgg19": "VGG19", "alexnet": "AlexNet",
+         "resnet56": "ResNet56"}
+_DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+TINY_ENV_DEFAULTS = dict(calib_size=64, eval_size=256, eval_batch_size=256, bn_recal_batches=1,
+                         bn_recal_batch_size=128)
+_registered = False
+
+
+def _env_id(net: str, dataset: str) -> str:
+    return f"{NAMESPACE}/{NETWORK_NAMES[net]}-{_DATASETS[dataset]}-v0"
+
+
+def baseline_model(
+    net: str,
+    dataset: str,
+    *,
+    width: float = 1.0,
+    epochs: int = 30,
+    data_dir: str | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> nn.Module:
+    """The cached trained baseline ``net`` on ``dataset``; trains and caches it if missing."""
+    from .checkpoint import load
+    from .train import TrainConfig, default_checkpoint_path, train
+
+    path = default_checkpoint_path(net, dataset, width, epochs)
+    if path.is_file():
+        loaded = load(path)
+        if "test_acc" in loaded.metrics:  # a finished run (a partial one is resumed below)
+            return loaded.model
+    print(f"pruning_env: no trained {net} (width {width:g}, {epochs} epochs) on {dataset} in the cache; "
+          f"training it now into {path} (resumable; pass model= or checkpoint= to use your own)", file=sys.stderr)
+    cfg = TrainConfig(net=net, dataset=dataset, data_dir=data_dir, width=width, epochs=epochs, device=device,
+                      out=str(path), resume=path.is_file(), progress=progress)
+    train(cfg)
+    return load(path).model
+
+
+def make_benchmark_env(
+    net: str,
+    dataset: str,
+    *,
+    width: float = 1.0,
+    model: nn.Module | None = None,
+    checkpoint: str | None = None,
+    splits: Splits | None = None,
+    data_dir: str | None = None,
+    baseline_epochs: int = 30,
+    device: str = "auto",
+    max_cycles: int | None = None,
+    **env_kwargs: Any,
+) -> FilterPruningEnv:
+    """A :class:`FilterPruningEnv` for a registered network / data set pair.
+
+    Args:
+        net, dataset: e.g. ``"vgg16"``, ``"cifar10"``.
+        width: channel multiplier of the baseline (when it is looked up or trained).
+        model, checkpoint: your trained baseline (an ``nn.Module`` or a checkpoint path).
+        splits: pre-loaded data (else loaded from ``data_dir`` / ``$PRUNING_ENV_DATA``).
+        baseline_epochs: epochs of the cached baseline to look up or train.
+        env_kwargs: fields of :class:`EnvConfig`.
+    """
+    dev = resolve_device(device)
+    if splits is None:
+        splits = load_splits(dataset, data_dir)
+    source: nn.Module | str
+    if model is not None:
+        source = model
+    elif checkpoint is not None:
+        source = checkpoint
+    else:
+        source = baseline_model(net, dataset, width=width, epochs=baseline_epochs, data_dir=data_dir,
+                                device=str(dev))
+    return FilterPruningEnv(source, splits, EnvConfig(), max_cycles=max_cycles, device=dev, **env_kwargs)
+
+
+def _tiny_splits() -> Splits:
+    return make_synthetic(num_classes=4, n_train=1024, n_test=256, seed=0).splits(val_fraction=0.25, seed=0)
+
+
+def _tiny_baseline() -> nn.Module:
+    """The Tiny-v0 baseline: a 4-conv CNN trained for a few seconds on synthetic data, cached."""
+    from .checkpoint import load
+    from .train import TrainConfig, default_checkpoint_path, fit
+
+    path = default_checkpoint_path("tiny", "synthetic", 1.0, 4)
+    if path.is_file():
+        try:
+            return load(path).model
+        except Exception:  # noqa: BLE001 - a broken cache entry is simply rebuilt
+            path.unlink()
+    from .cli import seed_everything
+    from .models import build
+
+    seed_everything(0)
+    model = build("tiny", num_classes=4)
+    cfg = TrainConfig(net="tiny", dataset="synthetic", epochs=4, batch_size=64, lr=0.05, device="cpu",
+                      progress=False, channels_last=False)
+    fit(model, _tiny_splits(), cfg, out=path)
+    return model
+
+
+def make_tiny_env(*, max_cycles: int | None = None, device: str = "cpu", **env_kwargs: Any) -> FilterPruningEnv:
+    """``pruning_env/Tiny-v0``: a tiny CNN on seeded synthetic data; episodes take well under a second."""
+    kwargs = {**TINY_ENV_DEFAULTS, **env_kwargs}
+    return FilterPruningEnv(_tiny_baseline(), _tiny_splits(), EnvConfig(), max_cycles=max_cycles,
+                            device=torch.device(device), **kwargs)
+
+
+def list_envs() -> list[str]:
+    """Ids of the registered pruning environments."""
+    return sorted(k for k in pettingzoo.parallel_registry if k.startswith(f"{NAMESPACE}/"))
+
+
+def make(env_id: str, **kwargs: Any) -> FilterPruningEnv:
+    """``pettingzoo.make("parallel", env_id, **kwargs)`` with a helpful error for unknown ids."""
+    register_all()
+    if env_id not in pettingzoo.parallel_registry:
+        raise ValueError(f"unknown env id {env_id!r}; registered: {', '.join(list_envs())}")
+    return pettingzoo.make("parallel", env_id, **kwargs)
+
+
+def _joint(env_id: str, **kwargs: Any) -> gymnasium.Env:
+    from .wrappers import JointPruningEnv
+
+    return JointPruningEnv(make(env_id, **kwargs))
+
+
+def _sequential(env_id: str, **kwargs: Any) -> gymnasium.Env:
+    from .wrappers import SequentialPruningEnv
+
+    return SequentialPruningEnv(make(env_id, **kwargs))
+
+
+def register_all() -> None:
+    """Register every env id with PettingZoo and the single-agent views with Gymnasium (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    ids = {f"{NAMESPACE}/Tiny-v0": (make_tiny_env, {})}
+    for net in NETWORK_NAMES:
+        for dataset in _DATASETS:
+            ids[_env_id(net, dataset)] = (make_benchmark_env, {"net": net, "dataset": dataset})
+    for env_id, (entry, kwargs) in ids.items():
+        pettingzoo.register("parallel", env_id, entry, kwargs=kwargs)
+        for view, creator in (("Joint", _joint), ("Sequential", _sequential)):
+            gym_id = env_id.replace("-v0", f"-{view}-v0")
+            if gym_id not in gymnasium.registry:
+                gymnasium.register(gym_id, entry_point=creator, kwargs={"env_id": env_id})

@@ -1,0 +1,108 @@
+"""PettingZoo API conformance of the pruning env (Tiny-v0 and VGG-16 on the real CIFAR-10)."""
+
+import numpy as np
+import pytest
+from pettingzoo.test import api_test, max_cycles_test, parallel_api_test, state_test
+from pettingzoo.utils import parallel_to_aec
+
+import pruning_env
+from pruning_env import filter_pruning_v0
+from pruning_env.registry import make_benchmark_env
+
+
+def test_tiny_passes_the_pettingzoo_tests(tiny_env_factory):
+    parallel_api_test(tiny_env_factory(), num_cycles=30)
+    api_test(parallel_to_aec(tiny_env_factory()), num_cycles=30)
+    state_test(parallel_to_aec(tiny_env_factory()), tiny_env_factory(), num_cycles=10)
+    max_cycles_test(filter_pruning_v0)
+
+
+def test_spaces_are_cached_shared_and_bounded(tiny_env_factory):
+    env = tiny_env_factory()
+    a0, a1 = env.possible_agents[:2]
+    assert env.possible_agents == [f"layer_{i}" for i in range(4)]
+    assert env.observation_space(a0) is env.observation_space(a0) is env.observation_spaces[a1]
+    assert env.action_space(a0) is env.action_spaces[a1] and env.action_space(a0).n == 10
+    assert np.isfinite(env.state_space.low).all() and np.isfinite(env.state_space.high).all()
+    obs, infos = env.reset(seed=0)
+    for a, o in obs.items():
+        assert env.observation_space(a).contains(o)
+    assert env.state_space.contains(env.state())
+    assert infos[a0]["macs_ratio"] == 1.0 and infos[a0]["acc_ratio"] == 1.0
+
+
+def test_continuous_actions(tiny_env_factory):
+    env = tiny_env_factory(continuous=True)
+    parallel_api_test(env, num_cycles=10)
+    env.reset(seed=0)
+    _, _, _, _, infos = env.step({a: np.array([0.5], np.float32) for a in env.agents})
+    assert infos["layer_0"]["rate"] == pytest.approx(0.5, abs=0.07)
+
+
+def test_bad_actions_raise_clear_errors(tiny_env_factory):
+    env = tiny_env_factory()
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="missing \\['layer_3'\\]"):
+        env.step({a: 0 for a in env.agents[:3]})
+    with pytest.raises(ValueError, match="unknown \\['layer_9'\\]"):
+        env.step({**{a: 0 for a in env.agents}, "layer_9": 0})
+    with pytest.raises(ValueError, match="layer_0 must be an int in \\[0, 9\\]"):
+        env.step({**{a: 0 for a in env.agents}, "layer_0": 10})
+    with pytest.raises(ValueError, match="must be an int"):
+        env.step({**{a: 0 for a in env.agents}, "layer_0": 0.5})
+    for _ in range(env.config.episode_length):
+        env.step({a: 1 for a in env.agents})
+    with pytest.raises(RuntimeError, match="call reset"):
+        env.step({a: 1 for a in env.possible_agents})
+
+
+def test_bad_config_raises_clear_errors(tiny_env_factory):
+    with pytest.raises(ValueError, match="rates must be distinct pruning rates in \\[0, 1\\)"):
+        tiny_env_factory(rates=(0.0, 1.0))
+    with pytest.raises(ValueError, match="unknown criterion 'nope'"):
+        tiny_env_factory(criterion="nope")
+    with pytest.raises(ValueError, match="macs_target"):
+        tiny_env_factory(reward="budget", macs_target=1.5)
+
+
+def test_render_is_a_table(tiny_env_factory):
+    env = tiny_env_factory()
+    env.reset(seed=0)
+    env.step({a: 5 for a in env.agents})
+    text = env.render()
+    assert "layer_3" in text and "MACs" in text and "reward" in text
+
+
+def test_registry_and_make():
+    ids = pruning_env.list_envs()
+    assert "pruning_env/Tiny-v0" in ids and "pruning_env/VGG16-CIFAR10-v0" in ids
+    assert "pruning_env/ResNet56-CIFAR100-v0" in ids and "pruning_env/AlexNet-CIFAR10-v0" in ids
+    import pettingzoo
+
+    env = pettingzoo.make("parallel", "pruning_env/Tiny-v0", max_cycles=4)
+    assert env.config.episode_length == 4
+    assert pruning_env.make("pruning_env/Tiny-v0").config.episode_length == 3
+    with pytest.raises(ValueError, match="unknown env id.*Tiny-v0"):
+        pruning_env.make("pruning_env/Nope-v0")
+
+
+@pytest.mark.cifar
+def test_vgg16_cifar10_passes_the_pettingzoo_tests(cifar_vgg16):
+    model, splits = cifar_vgg16
+
+    def make():
+        return make_benchmark_env("vgg16", "cifar10", model=model, splits=splits, device="cpu", eval_size=200)
+
+    env = make()
+    assert len(env.possible_agents) == 13
+    parallel_api_test(env, num_cycles=6)
+    api_test(parallel_to_aec(make()), num_cycles=6)
+    state_test(parallel_to_aec(make()), make(), num_cycles=3)
+
+
+def test_pettingzoo_make_finds_a_registered_cifar_env_with_your_model(cifar_vgg16):
+    import pettingzoo
+
+    model, splits = cifar_vgg16
+    env = pettingzoo.make("parallel", "pruning_env/VGG16-CIFAR10-v0", model=model, splits=splits, eval_size=100)
+    assert len(env.possible_agents) == 13

@@ -1,0 +1,123 @@
+"""Episode semantics of the pruning env: determinism, monotone pruning, rewards, MACs, caching."""
+
+import numpy as np
+import pytest
+import torch
+
+from pruning_env.env import objective
+from pruning_env.flops import count
+from pruning_env.registry import make_benchmark_env
+
+
+def _rollout(env, actions_per_step, seed=0):
+    obs, infos = env.reset(seed=seed)
+    trace = [(obs, infos)]
+    for actions in actions_per_step:
+        trace.append(env.step(actions))
+    return trace
+
+
+def _assert_same(a, b):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_same(a[k], b[k])
+    elif isinstance(a, (tuple, list)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_same(x, y)
+    elif isinstance(a, np.ndarray):
+        np.testing.assert_array_equal(a, b)
+    else:
+        assert a == b
+
+
+def test_whole_episodes_are_deterministic(tiny_env_factory):
+    rng = np.random.default_rng(0)
+    actions = [{f"layer_{i}": int(rng.integers(10)) for i in range(4)} for _ in range(3)]
+    first = _rollout(tiny_env_factory(), actions)
+    second = _rollout(tiny_env_factory(), actions)
+    _assert_same(first, second)
+
+
+def test_pruning_is_monotone_and_return_is_objective_difference(tiny_env_factory):
+    env = tiny_env_factory()
+    _, infos = env.reset(seed=0)
+    j0 = infos["layer_0"]["objective"]
+    total = 0.0
+    rates_seen = []
+    for step_actions in ([{f"layer_{i}": 5 for i in range(4)}, {f"layer_{i}": 2 for i in range(4)},
+                          {f"layer_{i}": 7 for i in range(4)}]):
+        _, rewards, terms, truncs, infos = env.step(step_actions)
+        assert len(set(rewards.values())) == 1  # one team reward
+        total += rewards["layer_0"]
+        rates_seen.append([infos[a]["rate"] for a in sorted(infos)])
+    assert rates_seen[1] == rates_seen[0]  # a lower target keeps the current rate
+    assert all(r2 >= r1 for r1, r2 in zip(rates_seen[1], rates_seen[2]))
+    assert all(terms.values()) and not any(truncs.values()) and env.agents == []
+    assert total == pytest.approx(infos["layer_0"]["objective"] - j0, abs=1e-9)
+    # a plan is the kept filters of each layer, a subset of the previous step's
+    plan = infos["layer_0"]["plan"]
+    assert set(plan["keep"]) == set(env.layer_names)
+
+
+def test_reward_modes(tiny_env_factory):
+    for mode, kwargs in (("linear", {"lam": 0.3}), ("budget", {"macs_target": 0.4}), ("amc", {})):
+        env = tiny_env_factory(reward=mode, **kwargs)
+        env.reset(seed=0)
+        _, rewards, _, _, infos = env.step({a: 6 for a in env.agents})
+        info = infos["layer_0"]
+        expected = objective(env.config, info["acc_ratio"], info["macs_ratio"], info["acc"], info["macs"])
+        assert info["objective"] == pytest.approx(expected)
+    budget = tiny_env_factory(reward="budget", macs_target=0.05, budget_penalty=2.0)
+    budget.reset(seed=0)
+    _, _, _, _, infos = budget.step({a: 1 for a in budget.agents})
+    info = infos["layer_0"]
+    assert info["objective"] == pytest.approx(info["acc_ratio"] - 2.0 * (info["macs_ratio"] - 0.05))
+
+
+def test_reset_restores_the_unpruned_network_and_never_touches_the_original(tiny_env_factory):
+    env = tiny_env_factory()
+    before = {k: v.clone() for k, v in env.base_model.state_dict().items()}
+    env.reset(seed=0)
+    env.step({a: 8 for a in env.agents})
+    obs_again, infos = env.reset(seed=0)
+    assert infos["layer_0"]["macs_ratio"] == 1.0
+    assert all(o[8] == 1.0 for o in obs_again.values())  # keep_ratio feature
+    for k, v in env.base_model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_plans_are_cached(tiny_env_factory):
+    env = tiny_env_factory()
+    actions = {a: 4 for a in env.possible_agents}
+    env.reset(seed=0)
+    env.step(actions)
+    n = env.num_evaluations
+    env.reset(seed=0)
+    env.step(actions)
+    assert env.num_evaluations == n
+
+
+def test_reported_macs_equal_the_counter_on_the_pruned_network(tiny_env_factory):
+    env = tiny_env_factory()
+    env.reset(seed=0)
+    _, _, _, _, infos = env.step({a: i % 10 for i, a in enumerate(env.agents)})
+    pruned = env.pruned_model()
+    report = count(pruned, env.input_shape)
+    assert infos["layer_0"]["macs"] == report.macs and infos["layer_0"]["params"] == report.params
+
+
+@pytest.mark.cifar
+def test_real_cifar_episode_macs_match_the_counter(cifar_vgg16):
+    model, splits = cifar_vgg16
+    env = make_benchmark_env("vgg16", "cifar10", model=model, splits=splits, device="cpu", eval_size=500)
+    env.reset(seed=0)
+    rng = np.random.default_rng(1)
+    for _ in range(env.config.episode_length):
+        _, _, _, _, infos = env.step({a: int(rng.integers(10)) for a in env.agents})
+    info = infos["layer_0"]
+    pruned = env.pruned_model()
+    assert info["macs"] == count(pruned, (3, 32, 32)).macs
+    assert 0.0 < info["macs_ratio"] < 1.0 and 0.0 <= info["acc"] <= 100.0
+    assert env.baseline_acc > 25.0  # the briefly trained baseline is far above chance (10 %)

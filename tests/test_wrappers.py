@@ -1,0 +1,63 @@
+"""Single-agent Gymnasium views: centralised joint action and AMC-style sequential."""
+
+import gymnasium
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+
+import pruning_env  # noqa: F401  (registers the Gymnasium ids)
+from pruning_env.registry import make_benchmark_env
+from pruning_env.wrappers import JointPruningEnv, SequentialPruningEnv
+
+
+def test_views_pass_the_gymnasium_checker(tiny_env_factory):
+    check_env(JointPruningEnv(tiny_env_factory()), skip_render_check=True)
+    check_env(SequentialPruningEnv(tiny_env_factory()), skip_render_check=True)
+    check_env(JointPruningEnv(tiny_env_factory(continuous=True)), skip_render_check=True)
+
+
+def test_joint_view_equals_the_parallel_env(tiny_env_factory):
+    joint = JointPruningEnv(tiny_env_factory())
+    par = tiny_env_factory()
+    joint.reset(seed=0)
+    par.reset(seed=0)
+    for step in range(3):
+        action = np.array([step + 2, 3, 5, 1])
+        _, r, term, _, info = joint.step(action)
+        _, rewards, terms, _, infos = par.step({f"layer_{i}": int(a) for i, a in enumerate(action)})
+        assert r == rewards["layer_0"] and info["plan"] == infos["layer_0"]["plan"]
+    assert term
+
+
+def test_sequential_view_walks_the_layers_and_returns_the_team_reward(tiny_env_factory):
+    env = SequentialPruningEnv(tiny_env_factory())
+    obs, _ = env.reset(seed=0)
+    total, steps, terminated = 0.0, 0, False
+    while not terminated:
+        obs, r, terminated, truncated, info = env.step(np.array([0.55], np.float32))
+        total += r
+        steps += 1
+        assert env.observation_space.contains(obs)
+    assert steps == 4 * 3  # layers x multi-agent steps
+    assert info["rate"] == pytest.approx(0.4, abs=0.05)  # keep 0.55 -> rate 0.45 -> nearest grid rate 0.4
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(np.array([0.5], np.float32))
+
+
+def test_gymnasium_registry_makes_the_views():
+    env = gymnasium.make("pruning_env/Tiny-Joint-v0")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == env.observation_space.shape
+    env = gymnasium.make("pruning_env/Tiny-Sequential-v0")
+    assert env.reset(seed=0)[0].shape == (11,)
+
+
+@pytest.mark.cifar
+def test_views_on_vgg16_cifar10(cifar_vgg16):
+    model, splits = cifar_vgg16
+
+    def make():
+        return make_benchmark_env("vgg16", "cifar10", model=model, splits=splits, device="cpu", eval_size=100)
+
+    check_env(JointPruningEnv(make()), skip_render_check=True)
+    check_env(SequentialPruningEnv(make()), skip_render_check=True)
