@@ -1,0 +1,89 @@
+"""train_marl.py end to end on Tiny-v0 (smoke preset): every algorithm, outputs, resume, bad flags."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import train_marl
+from pruning_env import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(tmp_path, *extra):
+    argv = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--logdir", str(tmp_path), "--no-progress", *extra]
+    return train_marl.main(argv)
+
+
+@pytest.mark.parametrize("algo", ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"])
+def test_every_algorithm_writes_every_output(tmp_path, algo, tiny_env_factory):
+    assert _run(tmp_path, "--algo", algo) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    for key in ("algorithm", "test_acc", "baseline_test_acc", "retention", "macs_reduction", "params_reduction",
+                "plan", "latency_ms_b1", "latency_ms_b64"):
+        assert key in report, key
+    assert report["algorithm"] == algo
+    assert 0.0 <= report["macs_reduction"] < 1.0 and 0.0 <= report["test_acc"] <= 100.0
+    assert report["retention"] == pytest.approx(report["test_acc"] / report["baseline_test_acc"])
+    for name in ("report.md", "pareto.png", "learning_curve.png", "plan.json", "pruned_model.pt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    assert any((tmp_path / "tb").iterdir())
+    pruned = ckpt.load(tmp_path / "pruned_model.pt")
+    assert pruned.plan == report["plan"]
+
+
+def test_interrupted_search_resumes_to_the_same_plan(tmp_path, monkeypatch, tiny_env_factory):
+    assert _run(tmp_path / "full", "--algo", "qmix") == 0
+    reference = json.loads((tmp_path / "full" / "report.json").read_text())
+
+    real_make = train_marl.agents.make_algorithm
+
+    def make_interrupted(*args, **kwargs):
+        algo = real_make(*args, **kwargs)
+        real_episode, calls = algo.train_episode, {"n": 0}
+
+        def train_episode():
+            calls["n"] += 1
+            if calls["n"] == 6:  # Ctrl-C during the 6th episode (a checkpoint was saved after the 4th)
+                raise KeyboardInterrupt
+            return real_episode()
+
+        algo.train_episode = train_episode
+        return algo
+
+    monkeypatch.setattr(train_marl.agents, "make_algorithm", make_interrupted)
+    assert _run(tmp_path / "cut", "--algo", "qmix") == 130
+    monkeypatch.setattr(train_marl.agents, "make_algorithm", real_make)
+    assert (tmp_path / "cut" / "train_state.pt").is_file()
+    assert not (tmp_path / "cut" / "report.json").exists()
+    assert _run(tmp_path / "cut", "--algo", "qmix", "--resume") == 0
+    resumed = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert resumed["plan"] == reference["plan"]
+    assert resumed["search"] == reference["search"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--net", "vgg17"], "invalid choice: 'vgg17'"),
+    (["--algo", "nope"], "unknown algorithm 'nope'"),
+    (["--dataset", "imagenet-nope"], "unknown data set 'imagenet-nope'"),
+    (["--reward", "budget", "--macs-target", "0.001"], "impossible"),
+    (["--env", "pruning_env/Nope-v0"], "unknown env id"),
+])
+def test_bad_flags_fail_before_any_work(tmp_path, flags, message):
+    out = subprocess.run([sys.executable, str(ROOT / "train_marl.py"), "--preset", "smoke", "--logdir",
+                          str(tmp_path / "x"), *flags], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "x" / "report.json").exists()
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, str(ROOT / "train_marl.py"), "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True)
+    for flag in ("--net", "--dataset", "--data-dir", "--width", "--env", "--algo", "--episodes", "--reward", "--lam",
+                 "--macs-target", "--rates", "--episode-length", "--seed", "--device", "--logdir", "--checkpoint",
+                 "--finetune-epochs", "--kd", "--resume", "--preset"):
+        assert flag in out.stdout, flag
