@@ -159,6 +159,8 @@ class ImageDataset:
     def splits(self, val_fraction: float = 0.1, seed: int = 0) -> Splits:
         """Deterministic, class-stratified train/validation split of the training data.
 
+        All three splits come shuffled (deterministically), so any prefix is a fair sample.
+
         Args:
             val_fraction: share of each class held out for validation, in (0, 1).
             seed: seed of the split's permutation (the same seed always gives the same split).
@@ -180,13 +182,17 @@ class ImageDataset:
         val = val[gen.permutation(len(val))]
         train = train[gen.permutation(len(train))]
         tr = Split(self.train.images[train], self.train.labels[train])
+        # The test split is shuffled too (image folders list it class by class), so that a prefix
+        # (`Split.subset`, `evaluate(limit=...)`) is a fair sample of every class.
+        test_order = torch.from_numpy(gen.permutation(len(self.test)))
+        test = Split(self.test.images[test_order], self.test.labels[test_order])
         images = tr.images[:10_000].float() / 255.0  # statistics from a fixed 10k sample are plenty
         mean = tuple(float(m) for m in images.mean(dim=(0, 2, 3)))
         std = tuple(float(s) for s in images.std(dim=(0, 2, 3)).clamp_min(1e-3))
         return Splits(
             train=tr,
             val=Split(self.train.images[val], self.train.labels[val]),
-            test=self.test,
+            test=test,
             mean=mean,
             std=std,
             classes=list(self.classes),

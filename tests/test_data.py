@@ -150,3 +150,14 @@ def test_real_cifar10_loads_fast_the_second_time():
     assert (len(sp.train), len(sp.val), len(sp.test)) == (45000, 5000, 10000)
     assert sp.classes[:3] == ["airplane", "automobile", "bird"]
     assert elapsed < 5.0  # a loose sanity bound (cache hit); the real figure is printed by the benchmarks
+
+
+def test_prefixes_of_every_split_cover_all_classes():
+    ds = make_synthetic(num_classes=4, n_train=400, n_test=200, seed=0)
+    # make the official test split class-sorted, as image folders are
+    order = torch.argsort(ds.test.labels, stable=True)
+    ds.test.images, ds.test.labels = ds.test.images[order], ds.test.labels[order]
+    sp = ds.splits(0.1, seed=0)
+    for split in (sp.train, sp.val, sp.test):
+        assert set(split.subset(40).labels.tolist()) == {0, 1, 2, 3}
+    assert sorted(sp.test.labels.tolist()) == sorted(ds.test.labels.tolist())
