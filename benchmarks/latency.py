@@ -1,0 +1,267 @@
+"""Measured CPU latency of physically pruned networks against their MACs reduction.
+
+For every network (``--nets``, ``NET:WIDTH``) it builds the unpruned model and one pruned model per
+uniform rate (``--rates``; each layer loses the same fraction of its filters, ranked by
+``--criterion``, l1 by default: latency depends only on the remaining widths, not on which filters
+are kept, so a data-free criterion on randomly initialised weights gives the same timings as a
+trained network with DSFP scores). Then, per batch size (``--batch-sizes``), it times single
+forward passes of all of them INTERLEAVED: ``--repeats`` rounds, each round one forward of every
+model in a rotating order, so load changes on a shared machine hit pruned and unpruned models
+alike. Reported: median ms per forward, speed-up = median(unpruned) / median(pruned), against the
+MACs ratio (pruned / unpruned MACs from ``pruning_env.flops``); the ideal speed-up is 1 / MACs ratio.
+Rate 0 is the unpruned width put through the same surgery: its speed-up shows the noise level.
+
+    PYTHONPATH=. python benchmarks/latency.py                     # 5 nets x 5 rates, batch 1 and 64
+    PYTHONPATH=. python benchmarks/latency.py --nets vgg16:0.25 --rates 0 0.5 --repeats 10
+
+Writes ``--out`` (Markdown), the same path with ``.json`` (raw numbers) and ``.png`` (speed-up vs
+1 / MACs ratio with the ideal line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pruning_env import criteria  # noqa: E402
+from pruning_env.flops import count  # noqa: E402
+from pruning_env.graph import prunable_layers  # noqa: E402
+from pruning_env.models import build, list_models  # noqa: E402
+from pruning_env.pruning import apply, plan_uniform  # noqa: E402
+
+SHAPE = (3, 32, 32)
+DEFAULT_NETS = ["vgg16:0.25", "vgg16:1", "alexnet:0.25", "alexnet:1", "resnet56:1"]
+DATA_FREE = ("l1", "l2", "fpgm", "random")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=ROOT)
+        if out.returncode == 0 and out.stdout.strip():
+            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
+                                   cwd=ROOT).stdout.strip()
+            return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    return "none (no commit yet)"
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
+
+
+def _load() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+
+
+def _parse_net(item: str) -> tuple[str, float]:
+    net, _, width = item.partition(":")
+    if net not in list_models():
+        raise ValueError(f"unknown network {net!r} in {item!r}; choose from {', '.join(list_models())}")
+    try:
+        w = float(width) if width else 1.0
+    except ValueError:
+        raise ValueError(f"--nets entries are NET or NET:WIDTH, got {item!r}") from None
+    return net, w
+
+
+@torch.inference_mode()
+def interleaved_latency(models: list[torch.nn.Module], batch_size: int, repeats: int, warmup: int,
+                        seed: int = 0) -> list[list[float]]:
+    """Per model, ``repeats`` wall-clock times (ms) of one forward of a ``(batch_size, *SHAPE)`` input.
+
+    Each round times every model once, in an order rotated by one per round, so drifts of the
+    machine's load are shared by all models instead of biasing whichever is timed last.
+    """
+    x = torch.randn(batch_size, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    for m in models:
+        m.eval()
+        for _ in range(warmup):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
+    n = len(models)
+    for r in range(repeats):
+        for j in range(n):
+            i = (j + r) % n
+            t0 = time.perf_counter()
+            models[i](x)
+            times[i].append(1000.0 * (time.perf_counter() - t0))
+    return times
+
+
+def bench_net(net: str, width: float, args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch.manual_seed(args.seed)
+    base = build(net, num_classes=10, width=width).eval()
+    layers = prunable_layers(base, SHAPE)
+    base_report = count(base, SHAPE)
+    opts = {"seed": args.seed} if args.criterion == "random" else {}
+    scores = criteria.score(base, None, None, args.criterion, layers=[l.name for l in layers], **opts)
+    rows, models = [], [base]
+    for rate in args.rates:
+        pruned = apply(base, plan_uniform(scores, rate), SHAPE, layers=layers).eval()
+        rep = count(pruned, SHAPE)
+        models.append(pruned)
+        rows.append({"net": net, "width": width, "rate": rate, "macs": rep.macs, "params": rep.params,
+                     "macs_ratio": rep.macs / base_report.macs, "params_ratio": rep.params / base_report.params,
+                     "base_macs": base_report.macs, "base_params": base_report.params})
+    for b in args.batch_sizes:
+        times = interleaved_latency(models, b, args.repeats, args.warmup, args.seed)
+        base_ms = statistics.median(times[0])
+        for row, t in zip(rows, times[1:]):
+            ms = statistics.median(t)
+            row[f"base_ms_b{b}"] = base_ms
+            row[f"ms_b{b}"] = ms
+            row[f"speedup_b{b}"] = base_ms / ms
+            # Paired per round: robust to slow drifts of the machine's load.
+            row[f"speedup_paired_b{b}"] = statistics.median(tb / tp for tb, tp in zip(times[0], t))
+    return rows
+
+
+def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str, Any], out: Path) -> None:
+    bs = args.batch_sizes
+    head = ["net", "width", "rate", "MACs ratio", "params ratio", "ideal speed-up (1/MACs ratio)"]
+    for b in bs:
+        head += [f"latency b{b} ms", f"speed-up b{b}"]
+    lines = [
+        "# CPU latency of pruned networks vs MACs", "",
+        f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}  ", f"Machine: {meta['machine']}  ",
+        f"Date: {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min; load average {meta['load_before']} before, "
+        f"{meta['load_after']} after  ",
+        f"Method: uniform `{args.criterion}` plans (latency depends only on the widths), randomly initialised "
+        f"weights, float32, eval mode, `torch.inference_mode`, {SHAPE} inputs; per batch size, {args.warmup} warm-up "
+        f"passes per model, then {args.repeats} interleaved rounds (one forward of every model per round, rotating "
+        "order). Latency = median ms per forward; speed-up = median unpruned / median pruned (the JSON also has "
+        "the per-round paired ratio); rate 0 = the unpruned widths through the same surgery (noise level).", "",
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["net"], f"{r['width']:g}", f"{r['rate']:.0%}", f"{r['macs_ratio']:.3f}", f"{r['params_ratio']:.3f}",
+                 f"{1 / r['macs_ratio']:.2f}x"]
+        for b in bs:
+            cells += [f"{r[f'ms_b{b}']:.2f}", f"{r[f'speedup_b{b}']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    base_rows = {(r["net"], r["width"]): r for r in rows}
+    lines += ["", "Unpruned latency (median ms): " + "; ".join(
+        f"{n} w{w:g}: " + ", ".join(f"b{b} {r[f'base_ms_b{b}']:.2f}" for b in bs)
+        for (n, w), r in base_rows.items()), ""]
+    # Data-driven summary: how much of the ideal speed-up is realised.
+    summary = []
+    for b in bs:
+        eff = [(r[f"speedup_b{b}"] - 1) / (1 / r["macs_ratio"] - 1) for r in rows if r["macs_ratio"] < 0.95]
+        if eff:
+            summary.append(f"batch {b}: {statistics.median(eff):.0%} (range {min(eff):.0%} to {max(eff):.0%})")
+    if summary:
+        lines += ["Share of the ideal gain realised, (speed-up - 1) / (1 / MACs ratio - 1), median over the pruned "
+                  "rows with MACs ratio < 0.95: " + "; ".join(summary) + ".", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = out.with_suffix(".png")
+    if _plot(rows, bs, png):
+        lines += [f"![speed-up vs 1/MACs ratio]({png.name})", ""]
+    out.write_text("\n".join(lines))
+
+
+def _plot(rows: list[dict[str, Any]], bs: list[int], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 5))
+    configs = list(dict.fromkeys((r["net"], r["width"]) for r in rows))
+    colors = plt.get_cmap("tab10").colors
+    markers = "os^Dv<>"
+    hi = 1.0
+    for ci, (net, w) in enumerate(configs):
+        rs = [r for r in rows if (r["net"], r["width"]) == (net, w)]
+        xs = [1 / r["macs_ratio"] for r in rs]
+        hi = max(hi, *xs)
+        for bi, b in enumerate(bs):
+            ys = [r[f"speedup_b{b}"] for r in rs]
+            hi = max(hi, *ys)
+            ax.plot(xs, ys, ("-" if bi == 0 else "--") + markers[bi % len(markers)], color=colors[ci % 10],
+                    mfc=colors[ci % 10] if bi == 0 else "none", label=f"{net} w{w:g}, batch {b}")
+    ax.plot([1, hi], [1, hi], "k:", label="ideal (speed-up = 1 / MACs ratio)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("1 / MACs ratio (MACs reduction factor)")
+    ax.set_ylabel("measured CPU speed-up")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nets", nargs="+", default=DEFAULT_NETS,
+                   help=f"networks as NET:WIDTH (default: {' '.join(DEFAULT_NETS)})")
+    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9],
+                   help="uniform per-layer pruning rates in [0, 1) (default 0 0.3 0.5 0.7 0.9)")
+    p.add_argument("--criterion", choices=DATA_FREE, default="l1",
+                   help="data-free criterion ranking the filters (default l1; the timings do not depend on it)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed (default 1 64)")
+    p.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds per batch size (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed forward passes per model first (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.md"),
+                   help="Markdown report; raw numbers go to the same path with .json, the plot with .png")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print progress")
+    args = p.parse_args(argv)
+    try:
+        configs = [_parse_net(n) for n in args.nets]
+    except ValueError as exc:
+        p.error(str(exc))
+    if any(not 0 <= r < 1 for r in args.rates):
+        p.error(f"--rates must be in [0, 1), got {args.rates}")
+    if args.repeats < 1 or args.warmup < 0 or any(b < 1 for b in args.batch_sizes):
+        p.error("--repeats and --batch-sizes must be >= 1, --warmup >= 0")
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    load_before = _load()
+    rows: list[dict[str, Any]] = []
+    for net, width in configs:
+        if args.progress:
+            print(f"[{time.strftime('%H:%M:%S')}] {net} w{width:g} ...", file=sys.stderr, flush=True)
+        rows += bench_net(net, width, args)
+    meta = {"command": "PYTHONPATH=. python benchmarks/latency.py " + shlex.join(
+                argv if argv is not None else sys.argv[1:]),
+            "commit": _commit(), "machine": _machine(), "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "wall_s": time.time() - t0, "load_before": load_before, "load_after": _load()}
+    out = Path(args.out)
+    write_report(rows, args, meta, out)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "args": {k: v for k, v in vars(args).items()},
+                                                    "rows": rows}, indent=1))
+    print(out.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
