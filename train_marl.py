@@ -40,7 +40,7 @@ from pruning_env import checkpoint as ckpt
 from pruning_env.cli import add_config_args, config_from_args, option, resolve_device, seed_everything
 from pruning_env.env import EnvConfig, FilterPruningEnv, config_dict
 from pruning_env.evaluation import evaluate, measure_latency
-from pruning_env.finetune import FinetuneConfig, finetune
+from pruning_env.finetune import FinetuneConfig, finetune, recalibrate_bn
 from pruning_env.flops import count
 from pruning_env.models import build, list_models
 from pruning_env.pruning import MacsModel, PruningPlan, apply
@@ -75,6 +75,7 @@ class RunConfig:
     reward: str = option("linear", "reward mode: linear, budget or amc", choices=["linear", "budget", "amc"])
     lam: float = option(0.5, "linear reward: objective = acc_ratio - lam * macs_ratio")
     macs_target: float = option(0.5, "budget reward: target MACs ratio (pruned / unpruned)")
+    budget_penalty: float = option(2.0, "budget reward: penalty per unit of MACs ratio above the target")
     rates: list[float] = option([round(0.1 * i, 1) for i in range(10)], "grid of pruning rates (the actions)")
     episode_length: int = option(3, "pruning steps per episode")
     criterion: str = option("dsfp", "filter ranking of the env's transition")
@@ -149,7 +150,7 @@ def _min_macs_ratio(cfg: RunConfig) -> float:
 def make_env(cfg: RunConfig) -> FilterPruningEnv:
     """The pruning env of this run (registered id or net/dataset with its baseline)."""
     env_kwargs = dict(rates=tuple(cfg.rates), episode_length=cfg.episode_length, reward=cfg.reward, lam=cfg.lam,
-                      macs_target=cfg.macs_target, criterion=cfg.criterion, direction=cfg.direction, kl=cfg.kl)
+                      macs_target=cfg.macs_target, budget_penalty=cfg.budget_penalty, criterion=cfg.criterion, direction=cfg.direction, kl=cfg.kl)
     if cfg.env is not None:
         if cfg.env != "pruning_env/Tiny-v0":
             env_kwargs.update(eval_size=cfg.eval_size, calib_size=cfg.calib_size, device=cfg.device)
@@ -314,6 +315,9 @@ def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path) 
     base_report, pruned_report = count(base, shape), count(pruned, shape)
     test = lambda m: evaluate(m, splits.test, mean=splits.mean, std=splits.std, device=device)  # noqa: E731
     baseline_test = test(base)
+    if env.config.bn_recal_batches > 0:  # as the env's reward measured it: BN re-estimated
+        recalibrate_bn(pruned, splits, n_batches=env.config.bn_recal_batches,
+                       batch_size=env.config.bn_recal_batch_size, seed=0, device=device)
     acc_pruned = test(pruned)
     ft_cfg = FinetuneConfig(epochs=cfg.finetune_epochs, kd=cfg.kd, seed=cfg.seed, device=str(device),
                             progress=cfg.progress)
@@ -321,11 +325,6 @@ def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path) 
     if cfg.finetune_epochs > 0:
         ft = finetune(pruned, splits, ft_cfg, teacher=base if cfg.kd else None, out=logdir / "finetune.pt",
                       resume=cfg.resume, plan=plan.to_dict(), meta={"algorithm": cfg.algo})
-    else:
-        from pruning_env.finetune import recalibrate_bn
-
-        recalibrate_bn(pruned, splits, n_batches=env.config.bn_recal_batches or 4, batch_size=128, seed=cfg.seed,
-                       device=device)
     test_acc = test(pruned)
     val_acc = evaluate(pruned, splits.val, mean=splits.mean, std=splits.std, device=device)
     lat = {}

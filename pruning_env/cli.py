@@ -55,7 +55,10 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[s
             (elem,) = typing.get_args(tp)[:1]
             parser.add_argument(flag, type=elem, nargs="+", default=default, help=f"{help_text} (default: {default})")
         else:
-            kw: dict[str, Any] = {"type": tp if tp in (int, float, str) else str, "default": default}
+            conv = tp if tp in (int, float, str) else str
+            if _base_type(hints[f.name])[1]:  # Optional: the word "none" gives None
+                conv = (lambda c: (lambda v: None if v.lower() == "none" else c(v)))(conv)
+            kw: dict[str, Any] = {"type": conv, "default": default}
             if "choices" in f.metadata:
                 kw["choices"] = f.metadata["choices"]
             parser.add_argument(flag, help=f"{help_text} (default: {default})", **kw)

@@ -105,6 +105,7 @@ class _Measured:
     params: int
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # pruning order: low = prune first
     features: np.ndarray | None = None  # (L, n_dsfp_features + K)
+    plan: PruningPlan | None = None
 
 
 class FilterPruningEnv(ParallelEnv):
@@ -383,6 +384,10 @@ class FilterPruningEnv(ParallelEnv):
         self._recalibrate(model)
         return model
 
+    def measured_plans(self) -> list[dict[str, Any]]:
+        """Every plan measured and still cached, oldest first: its summary (as in ``infos``) and ``plan``."""
+        return [{**self._summary(m), "plan": m.plan.to_dict()} for m in self._cache.values()]
+
     def evaluate_plan(self, plan: PruningPlan) -> dict[str, float]:
         """Accuracy, MACs and objective of any plan (cached like env steps)."""
         m = self._measure(plan)
@@ -474,7 +479,8 @@ class FilterPruningEnv(ParallelEnv):
         for phase, seconds in (("surgery", t1 - t0), ("bn_recal", t2 - t1), ("evaluation", t3 - t2),
                                ("scoring", t4 - t3)):
             self.timings[phase] = self.timings.get(phase, 0.0) + seconds
-        measured = _Measured(acc=acc, macs=int(macs), params=int(params), scores=scores, features=features)
+        measured = _Measured(acc=acc, macs=int(macs), params=int(params), scores=scores, features=features,
+                             plan=plan)
         self.num_evaluations += 1
         self._cache[key] = measured
         if len(self._cache) > cfg.cache_size:

@@ -48,6 +48,8 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD (Nesterov) momentum")
     weight_decay: float = option(5e-4, "L2 weight decay (not applied to BN and biases)")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (0 disables)")
+    dropout: float | None = option(0.0, "dropout rate of the classifier's Dropout layers while training "
+                                   "(None keeps the architecture's 0.5)")
     schedule: str = option("onecycle", "learning-rate schedule", choices=["onecycle", "cosine"])
     warmup_frac: float = option(0.15, "one-cycle: fraction of steps spent warming up")
     val_fraction: float = option(0.1, "share of the training data held out for validation")
@@ -97,6 +99,12 @@ def fit(
     """
     device = resolve_device(cfg.device)
     model.to(device)
+    if cfg.dropout is not None:
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = cfg.dropout
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
