@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import agents
 import pruning_env
 from pruning_env import checkpoint as ckpt
 from pruning_env.cli import add_config_args, config_from_args, option, resolve_device, seed_everything
-from pruning_env.env import EnvConfig, FilterPruningEnv, config_dict
+from pruning_env.env import FilterPruningEnv, config_dict
 from pruning_env.evaluation import evaluate, measure_latency
 from pruning_env.finetune import FinetuneConfig, finetune, recalibrate_bn
 from pruning_env.flops import count
@@ -51,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(episodes=8, eval_every=4, finetune_epochs=1, latency_repeats=3, width=0.125, eval_size=200,
                   calib_size=64, baseline_epochs=1),
     # a machine without a GPU: VGG-16 at width 0.25, about an hour with a cached baseline
-    "cpu": dict(episodes=240, eval_every=20, finetune_epochs=8, latency_repeats=30, width=0.25, eval_size=1000,
+    "cpu": dict(episodes=400, eval_every=20, finetune_epochs=8, latency_repeats=30, width=0.25, eval_size=1000,
                 calib_size=128, baseline_epochs=30),
     # GPU scale: full width
     "paper": dict(episodes=1000, eval_every=50, finetune_epochs=60, latency_repeats=50, width=1.0, eval_size=5000,
@@ -70,7 +69,7 @@ class RunConfig:
     width: float | None = option(None, "channel width of the baseline (preset: smoke 0.125, cpu 0.25, paper 1)")
     env: str | None = option(None, "a registered env id (e.g. pruning_env/Tiny-v0) instead of --net/--dataset")
     algo: str = option("qmix", "algorithm: qmix, vdn, iql, amc, random, dsfp-uniform or module:name")
-    episodes: int | None = option(None, "training episodes (preset: smoke 8, cpu 240, paper 1000)")
+    episodes: int | None = option(None, "training episodes (preset: smoke 8, cpu 400, paper 1000)")
     eval_every: int | None = option(None, "greedy evaluation every N episodes")
     reward: str = option("linear", "reward mode: linear, budget or amc", choices=["linear", "budget", "amc"])
     lam: float = option(0.5, "linear reward: objective = acc_ratio - lam * macs_ratio")
@@ -172,6 +171,19 @@ def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return front
 
 
+def budget_scaled(cfg: RunConfig) -> dict[str, Any]:
+    """Exploration schedules scaled to the run's length (the algorithms' defaults assume a fixed budget).
+
+    QMIX/VDN/IQL anneal epsilon over the first half of the env steps; AMC warms up with
+    random actions for the first eighth of its episodes.
+    """
+    if cfg.algo in ("qmix", "vdn", "iql"):
+        return {"eps_anneal_steps": max(10, cfg.episodes * cfg.episode_length // 2)}
+    if cfg.algo == "amc":
+        return {"warmup_episodes": max(1, cfg.episodes // 8)}
+    return {}
+
+
 class Search:
     """The RL search loop with TensorBoard logging, best-plan tracking and exact resume."""
 
@@ -179,7 +191,7 @@ class Search:
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg, self.env, self.logdir = cfg, env, logdir
-        self.algo = agents.make_algorithm(cfg.algo, env, seed=cfg.seed, device="cpu")
+        self.algo = agents.make_algorithm(cfg.algo, env, seed=cfg.seed, device="cpu", **budget_scaled(cfg))
         self.episode = 0
         self.best: dict[str, Any] | None = None
         self.points: list[dict[str, Any]] = []  # every distinct plan evaluated (for the Pareto front)

@@ -385,8 +385,9 @@ class FilterPruningEnv(ParallelEnv):
         return model
 
     def measured_plans(self) -> list[dict[str, Any]]:
-        """Every plan measured and still cached, oldest first: its summary (as in ``infos``) and ``plan``."""
-        return [{**self._summary(m), "plan": m.plan.to_dict()} for m in self._cache.values()]
+        """Every plan measured and still cached, oldest first: its summary (as in ``infos``), ``plan``
+        (a :class:`PruningPlan`) and ``key`` (``plan.key()``)."""
+        return [{**self._summary(m), "plan": m.plan, "key": key} for key, m in self._cache.items()]
 
     def evaluate_plan(self, plan: PruningPlan) -> dict[str, float]:
         """Accuracy, MACs and objective of any plan (cached like env steps)."""

@@ -1,0 +1,78 @@
+"""benchmarks/marl.py end to end on Tiny-v0 with a tiny budget: outputs, one row per method, resume."""
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ALGOS = ["qmix", "random", "dsfp-uniform"]
+
+
+@pytest.fixture(scope="module")
+def marl():
+    spec = importlib.util.spec_from_file_location("bench_marl", ROOT / "benchmarks" / "marl.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _argv(out: Path) -> list[str]:
+    return ["--env", "pruning_env/Tiny-v0", "--plans", "12", "--finetune-epochs", "1", "--seeds", "0",
+            "--algos", *ALGOS, "--out-dir", str(out), "--work-dir", str(out / "work"), "--no-progress"]
+
+
+def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory):
+    out = tmp_path / "marl"
+    assert marl.main(_argv(out)) == 0
+    for name in ("marl.md", "marl.json", "marl_curves.png", "marl_pareto.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    state = json.loads((out / "marl.json").read_text())
+    run = state["runs"]["0"]
+    assert sorted(run["search"]) == sorted(ALGOS)
+    assert sorted(run["finetune"]) == sorted([*ALGOS, "torch-pruning"])
+    for name, search in run["search"].items():
+        # the same budget for everyone: at least 12 plans unless the algorithm ran out of new plans, and never
+        # more than one episode (episode_length - 1 = 2 plans) over it
+        assert search["plans_used"] <= 12 + 2, name
+        assert search["plans_used"] >= 12 or search["exhausted"], name
+        assert len(search["points"]) == search["plans_used"], name
+        bests = [c["best"] for c in search["curve"]]
+        assert bests == sorted(bests) and bests[-1] == search["best"]["objective"], name
+    for name, ft in run["finetune"].items():
+        assert 0.0 < ft["macs_ratio"] < 1.0 and 0.0 <= ft["test_acc"] <= 100.0, name
+        assert 0.0 <= ft["test_acc_before_finetune"] <= 100.0, name
+        if name != "torch-pruning":  # re-measuring the best plan gives what the search saw
+            assert ft["val_objective"] == pytest.approx(ft["search_val_objective"]), name
+    tp = run["finetune"]["torch-pruning"]
+    assert tp["macs_ratio"] <= run["finetune"]["qmix"]["macs_ratio"] + 1e-9  # matched to QMIX's MACs
+    assert tp["other_layers_pruned"] == []
+
+    md = (out / "marl.md").read_text()
+    for label in ("QMIX", "random search", "DSFP-uniform", "Torch-Pruning global L1"):
+        rows = [line for line in md.splitlines() if line.startswith(f"| {label} |")]
+        assert rows, label
+    assert "## Summary" in md and "QMIX" in state["summary"] and "Command: `python benchmarks/marl.py" in md
+
+    # A rerun with the same settings reuses everything recorded and changes nothing.
+    t0 = time.perf_counter()
+    assert marl.main(_argv(out)) == 0
+    assert time.perf_counter() - t0 < 10
+    assert json.loads((out / "marl.json").read_text())["runs"] == state["runs"]
+
+
+def test_other_settings_refuse_to_mix_with_recorded_results(marl, tmp_path):
+    out = tmp_path / "marl"
+    out.mkdir()
+    (out / "marl.json").write_text(json.dumps({"search_config": {"plans": 1}, "finetune_config": {}, "runs": {}}))
+    with pytest.raises(SystemExit) as exc:
+        marl.main(_argv(out))
+    assert exc.value.code == 2
