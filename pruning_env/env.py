@@ -70,7 +70,7 @@ class EnvConfig:
     criterion: str = option("dsfp", "filter ranking used for the transition")
     direction: str = option("low", "dsfp: which end of the fused score is pruned", choices=["low", "high"])
     kl: str = option("exact", "KL component of the unpruned network (computed once, cached)")
-    kl_per_step: str | None = option(None, "recompute KL on the pruned network every step: exact or fisher")
+    kl_per_step: str | None = option(None, "recompute KL on the pruned network every step: exact, linear or fisher")
     dynamic: bool = option(True, "recompute grad and Taylor scores on the pruned network every step")
     calib_size: int = option(128, "calibration images (train split) for the sensitivity scores")
     eval_size: int = option(1000, "validation images the reward's accuracy is measured on")
