@@ -71,7 +71,8 @@ class RunConfig:
     algo: str = option("qmix", "algorithm: qmix, vdn, iql, amc, random, dsfp-uniform or module:name")
     episodes: int | None = option(None, "training episodes (preset: smoke 8, cpu 400, paper 1000)")
     eval_every: int | None = option(None, "greedy evaluation every N episodes")
-    reward: str = option("linear", "reward mode: linear, budget or amc", choices=["linear", "budget", "amc"])
+    reward: str = option("budget", "reward mode: budget (accuracy under a MACs target), linear or amc",
+                         choices=["budget", "linear", "amc"])
     lam: float = option(0.5, "linear reward: objective = acc_ratio - lam * macs_ratio")
     macs_target: float = option(0.5, "budget reward: target MACs ratio (pruned / unpruned)")
     budget_penalty: float = option(2.0, "budget reward: penalty per unit of MACs ratio above the target")
