@@ -43,10 +43,8 @@ import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -68,6 +66,16 @@ from pruning_env.finetune import FinetuneConfig, finetune, recalibrate_bn  # noq
 from pruning_env.graph import prunable_layers  # noqa: E402
 from pruning_env.pruning import MacsModel, apply, plan_uniform  # noqa: E402
 from pruning_env.train import TrainConfig, default_checkpoint_path, train  # noqa: E402
+from pruning_env.provenance import git_commit, machine_description  # noqa: E402
+
+
+def _commit() -> str:
+    return git_commit(Path(__file__).resolve().parents[1])
+
+
+def _machine() -> str:
+    return machine_description()
+
 
 PAPER_RETENTION = 98.23  # DSFP abstract: % of the baseline accuracy kept at 70 % pruning
 PAPER_RATE = 0.7
@@ -168,35 +176,6 @@ class ScoreBank:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=ROOT)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                                   cwd=ROOT).stdout.strip()
-            return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git not available)"
-    return "none (no commit yet)"
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} logical cores{gpu}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-            f"load average at start {load}")
 
 
 def _file_sha1(path: Path) -> str:

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,14 +39,16 @@ from pruning_env.models import build  # noqa: E402
 from pruning_env.pruning import apply  # noqa: E402
 from pruning_env.registry import make_tiny_env  # noqa: E402
 from pruning_env.train import default_checkpoint_path  # noqa: E402
+from pruning_env.provenance import git_commit, machine_description  # noqa: E402
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
-                              check=True).stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
+    return git_commit(Path(__file__).resolve().parents[1])
+
+
+def _machine() -> str:
+    return machine_description()
+
 
 
 def _make_env(name: str, data_dir: str | None, bn_recal: int) -> tuple[FilterPruningEnv, str]:
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n".join([
         "# Env step cost", "",
         f"Command: `{cmd.strip()}`  ", f"Commit: {_commit()}  ",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"torch {torch.__version__}  ", f"Steps timed per net: {args.steps} (random actions, new plans: no cache hits)",
+        f"Machine: {_machine()}  ", f"Steps timed per net: {args.steps} (random actions, new plans: no cache hits)",
         "", *lines, "",
         "Columns: the time split of a step (shares of the step), the ratio of a whole step to the bare cost of "
         "scoring (one forward/backward for DSFP's grad and Taylor) plus evaluating the same pruned network "

@@ -24,10 +24,8 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,36 +41,20 @@ from pruning_env.flops import count  # noqa: E402
 from pruning_env.graph import prunable_layers  # noqa: E402
 from pruning_env.models import build, list_models  # noqa: E402
 from pruning_env.pruning import apply, plan_uniform  # noqa: E402
+from pruning_env.provenance import git_commit, machine_description  # noqa: E402
+
+
+def _commit() -> str:
+    return git_commit(Path(__file__).resolve().parents[1])
+
+
+def _machine() -> str:
+    return machine_description()
+
 
 SHAPE = (3, 32, 32)
 DEFAULT_NETS = ["vgg16:0.25", "vgg16:1", "alexnet:0.25", "alexnet:1", "resnet56:1"]
 DATA_FREE = ("l1", "l2", "fpgm", "random")
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=ROOT)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                                   cwd=ROOT).stdout.strip()
-            return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git not available)"
-    return "none (no commit yet)"
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
 
 
 def _load() -> str:

@@ -46,10 +46,7 @@ import dataclasses
 import datetime as dt
 import json
 import math
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -76,7 +73,17 @@ from pruning_env.flops import count  # noqa: E402
 from pruning_env.pruning import PruningPlan, apply  # noqa: E402
 from pruning_env.registry import NETWORK_NAMES, make_benchmark_env  # noqa: E402
 from pruning_env.train import default_checkpoint_path  # noqa: E402
+from pruning_env.provenance import git_commit, machine_description  # noqa: E402
 from train_marl import pareto_front  # noqa: E402
+
+
+def _commit() -> str:
+    return git_commit(Path(__file__).resolve().parents[1])
+
+
+def _machine() -> str:
+    return machine_description()
+
 
 ALGOS = ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"]
 TP_NAME = "torch-pruning"
@@ -433,35 +440,6 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
 
 
 # ----------------------------------------------------------------------------- bookkeeping
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=ROOT)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                                   cwd=ROOT).stdout.strip()
-            return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "none (not a git checkout, or no commit yet)"
-
-
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{cpu}, {os.cpu_count()} logical cores{gpu}, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, torch threads {torch.get_num_threads()}, "
-            f"load average at start {load}")
 
 
 def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool]:

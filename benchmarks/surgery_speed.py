@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +33,16 @@ from pruning_env import flops
 from pruning_env.graph import prunable_layers
 from pruning_env.models import build
 from pruning_env.pruning import MacsModel, apply, plan_uniform
+from pruning_env.provenance import git_commit, machine_description
+
+
+def _commit() -> str:
+    return git_commit(Path(__file__).resolve().parents[1])
+
+
+def _machine() -> str:
+    return machine_description()
+
 
 SHAPE = (3, 32, 32)
 
@@ -49,34 +56,6 @@ def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).resolve().parent)
-        if out.returncode == 0 and out.stdout.strip():
-            dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, timeout=10,
-                                   cwd=Path(__file__).resolve().parent).stdout.strip()
-            return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "no commit yet (uncommitted working tree)"
-
-
-def _machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{cpu}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"torch threads {torch.get_num_threads()}, load average {load}")
 
 
 def bench_one(arch: str, width: float, rate: float, repeats: int, seed: int, tp) -> dict:
