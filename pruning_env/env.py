@@ -68,7 +68,8 @@ class EnvConfig:
     macs_target: float = option(0.5, "budget mode: target MACs ratio (pruned / unpruned)")
     budget_penalty: float = option(2.0, "budget mode: penalty per unit of MACs ratio above the target")
     criterion: str = option("dsfp", "filter ranking used for the transition")
-    direction: str = option("low", "dsfp: which end of the fused score is pruned", choices=["low", "high"])
+    direction: str = option("low", "dsfp: which end of the fused score is pruned (low: the paper's code; "
+                            "benchmarks/results/criteria.md found no significant difference)", choices=["low", "high"])
     kl: str = option("exact", "KL component of the unpruned network (computed once, cached)")
     kl_per_step: str | None = option(None, "recompute KL on the pruned network every step: exact, linear or fisher")
     dynamic: bool = option(True, "recompute grad and Taylor scores on the pruned network every step")
