@@ -1,5 +1,7 @@
 """PettingZoo API conformance of the pruning env (Tiny-v0 and VGG-16 on the real CIFAR-10)."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from pettingzoo.test import api_test, max_cycles_test, parallel_api_test, state_test
@@ -98,6 +100,12 @@ def test_vgg16_cifar10_passes_the_pettingzoo_tests(cifar_vgg16):
     parallel_api_test(env, num_cycles=6)
     api_test(parallel_to_aec(make()), num_cycles=6)
     state_test(parallel_to_aec(make()), make(), num_cycles=3)
+    module = SimpleNamespace(
+        parallel_env=lambda max_cycles: make_benchmark_env("vgg16", "cifar10", model=model, splits=splits,
+                                                           device="cpu", eval_size=100, max_cycles=max_cycles),
+        env=lambda max_cycles: parallel_to_aec(module.parallel_env(max_cycles)),
+    )
+    max_cycles_test(module)
 
 
 def test_pettingzoo_make_finds_a_registered_cifar_env_with_your_model(cifar_vgg16):
