@@ -67,8 +67,9 @@ class PruneConfig:
     criterion: str | None = option(None, "importance criterion (required unless --plan)",
                                    choices=criteria.list_criteria())
     rate: float = option(0.5, "fraction of the filters of every prunable layer to remove, in [0, 1)")
-    direction: str | None = option(None, "dsfp only, required there: prune the lowest fused scores (low, the paper's "
-                                         "code) or the highest (high, the paper's text)", choices=["low", "high"])
+    direction: str | None = option(None, "dsfp only: prune the lowest fused scores (low, the paper's code; the "
+                                         "default, see benchmarks/results/criteria.md) or the highest (high, the "
+                                         "paper's text)", choices=["low", "high"])
     kl: str | None = option(None, "KL mode of the dsfp/kl criteria (default: exact)", choices=list(criteria.KL_MODES))
     plan: str | None = option(None, "apply this saved plan (JSON from PruningPlan.to_json) instead of scoring")
     net: str | None = option(None, "expected architecture of the checkpoint (error if it holds another)",
@@ -110,9 +111,6 @@ def _check(cfg: PruneConfig) -> None:
             raise ValueError(f"unknown criterion {cfg.criterion!r}; choose one of {', '.join(criteria.list_criteria())}")
         if isinstance(cfg.rate, bool) or not 0.0 <= float(cfg.rate) < 1.0:
             raise ValueError(f"--rate must be in [0, 1) (the fraction of filters removed), got {cfg.rate}")
-        if cfg.criterion == "dsfp" and cfg.direction is None:
-            raise ValueError("--criterion dsfp needs --direction low (prune the lowest fused scores, as the paper's "
-                             "code) or --direction high (the highest, as the paper's text)")
         if cfg.criterion != "dsfp" and cfg.direction not in (None, "low"):
             raise ValueError(f"--direction applies to dsfp only; {cfg.criterion} always prunes its lowest scores")
         if cfg.kl is not None and cfg.criterion not in ("dsfp", "kl"):

@@ -88,7 +88,7 @@ def test_saved_plan_and_data_free_criterion(base, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--criterion", "dsfp", "--direction", "low", "--rate", "1.0"], "rate"),
-    (["--criterion", "dsfp", "--rate", "0.5"], "needs --direction"),
+    (["--criterion", "dsfp", "--direction", "sideways"], "invalid choice"),
     (["--criterion", "l1", "--direction", "high"], "dsfp only"),
     (["--criterion", "l1", "--net", "resnet20"], "not a resnet20"),
 ])
