@@ -342,7 +342,7 @@ def fuse(grad: Mapping[str, Tensor], taylor: Mapping[str, Tensor], kl: Mapping[s
             raise ValueError(f"layer {name!r}: grad, taylor and kl have lengths {[p.numel() for p in parts]}")
         if not all(bool(torch.isfinite(p).all()) for p in parts):
             raise ValueError(f"layer {name!r}: the sensitivities contain NaN or inf")
-        g, t, k = (_minmax(p) for p in parts)
+        g, t, k = (minmax(p) for p in parts)
         out[name] = torch.exp((g - t).abs() + (t - k).abs() + 0.5 * (g - k).abs()).float()
     return out
 
@@ -461,7 +461,8 @@ def _to_out(t: Tensor) -> Tensor:
     return t.detach().to("cpu", torch.float32).flatten()
 
 
-def _minmax(x: Tensor) -> Tensor:
+def minmax(x: Tensor) -> Tensor:
+    """Min-max normalise a layer's scores to [0, 1]; a constant layer gives zeros (no NaN)."""
     lo, hi = x.min(), x.max()
     span = hi - lo
     if not bool(span > 0):

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .cli import option
-from .criteria import compute_components, fuse, list_criteria, score
+from .criteria import compute_components, fuse, list_criteria, minmax, score
 from .data import Splits
 from .evaluation import evaluate
 from .finetune import recalibrate_bn
@@ -520,7 +520,7 @@ class FilterPruningEnv(ParallelEnv):
         mass = {c: sum(float(d[n].sum()) for n in self._names) or 1.0
                 for c, d in (("g", grad), ("t", taylor), ("k", kl))}
         for i, n in enumerate(self._names):
-            comps = [_minmax(d[n]) for d in (grad, taylor, kl)]
+            comps = [minmax(d[n].double()) for d in (grad, taylor, kl)]
             log_f = torch.log(fused[n].double()) / _LOG_FUSED_MAX
             sens = (comps[0] + comps[1] + comps[2]) / 3.0
             total = float(sens.sum())
@@ -575,12 +575,6 @@ class FilterPruningEnv(ParallelEnv):
         return {a: {**summary, "rate": 1.0 - len(self._plan.keep[self._names[i]]) / float(self._orig[i]),
                     "plan": plan}
                 for i, a in enumerate(self.possible_agents)}
-
-
-def _minmax(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    lo, hi = x.min(), x.max()
-    return (x - lo) / (hi - lo) if hi > lo else torch.zeros_like(x)
 
 
 def _std(x: torch.Tensor) -> float:

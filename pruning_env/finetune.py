@@ -46,6 +46,7 @@ from . import checkpoint as ckpt
 from .cli import option, resolve_device, seed_everything
 from .data import Splits, batches
 from .evaluation import evaluate
+from .train import param_groups
 from .models import list_models
 
 __all__ = ["FinetuneConfig", "finetune", "kd_loss", "alpha_at", "recalibrate_bn"]
@@ -172,12 +173,6 @@ def recalibrate_bn(
     return model
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -224,7 +219,7 @@ def finetune(
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
-    groups = _param_groups(student, cfg.weight_decay)
+    groups = param_groups(student, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     else:

@@ -67,10 +67,10 @@ def default_checkpoint_path(net: str, dataset: str, width: float, epochs: int, s
     return cache_dir() / "checkpoints" / f"{net}-{dataset}-w{width:g}-e{epochs}-s{seed}.pt"
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.ndim > 1 else no_decay).append(p)
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Optimiser groups: weight decay on weight matrices/kernels, none on BN parameters and biases."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -107,7 +107,7 @@ def fit(
                 m.p = cfg.dropout
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
     sched = _make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)

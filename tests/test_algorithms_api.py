@@ -26,7 +26,6 @@ from agents import (
 )
 from agents.qmix import Mixer
 
-torch.set_num_threads(1)
 
 
 class ToySequentialEnv(gym.Env):

@@ -13,15 +13,6 @@ from pruning_env import criteria, data, models
 from pruning_env.criteria import CRITERIA, compute_components, fuse, list_criteria, prune_first, score
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models on a shared 2-core machine run far faster without intra-op threading.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def batch():
     ds = data.make_synthetic(num_classes=10, n_train=16, n_test=8, seed=1)

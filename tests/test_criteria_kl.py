@@ -14,13 +14,6 @@ from pruning_env import models
 from pruning_env.criteria import KL_MODES, score
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BatchNorm layers trained-looking statistics, so that removing a filter matters

@@ -22,13 +22,6 @@ _HOOK_DICTS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _prepared(arch: str, training: bool) -> nn.Module:
     """A model with every kind of state a caller might have: some .grad set and some

@@ -9,14 +9,6 @@ from pruning_env.graph import GraphError, consumer_map, prunable_layers
 from pruning_env.models import build
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads can be 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("arch, expected", [("vgg16", 13), ("vgg11", 8), ("alexnet", 5), ("resnet56", 27),
                                             ("resnet20", 9)])

@@ -7,7 +7,6 @@ import torch
 
 from agents.qmix import IndependentMixer, QMIXConfig, QMixer, VDNMixer, list_mixers
 
-torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("n_agents, state_dim, weight_scale", [(2, 3, 1.0), (5, 7, 3.0), (8, 16, 10.0)])

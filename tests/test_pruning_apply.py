@@ -15,14 +15,6 @@ from pruning_env.pruning import MacsModel, PlanError, PruningPlan, apply, plan_u
 from test_graph import UserNet
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads can be 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 SHAPE = (3, 32, 32)
 

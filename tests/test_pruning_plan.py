@@ -13,14 +13,6 @@ from pruning_env.pruning import (PlanError, PruningPlan, keep_count_for_rate, pl
                                  plan_top_k, plan_uniform)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads can be 100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def vgg_layers():

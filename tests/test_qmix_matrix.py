@@ -13,7 +13,6 @@ from pettingzoo.utils.conversions import parallel_to_aec
 from agents import MatrixGameEnv, make_algorithm
 from agents.qmix import lambda_returns
 
-torch.set_num_threads(1)
 
 # Two-step episodes so that targets bootstrap once (step 0) and stop at termination (step 1).
 SHORT_RUN = dict(eps_anneal_steps=200, updates_per_episode=2, target_update_interval=10)
