@@ -439,13 +439,15 @@ def make_synthetic(
 # ----------------------------------------------------------------------------- batches
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) -> torch.Tensor:
-    """Random crop with zero padding and random horizontal flip, on a whole batch.
+def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, cutout: int = 0) -> torch.Tensor:
+    """Random crop with zero padding, random horizontal flip and optional Cutout, on a whole batch.
 
     Args:
         images: ``(B, C, H, W)`` tensor (any dtype).
-        generator: CPU generator that draws the crop offsets and flips.
+        generator: CPU generator that draws the crop offsets, flips and cutout centres.
         padding: pixels of zero padding on each side before cropping back to ``H x W``.
+        cutout: side in pixels of a square set to zero at a random centre of every image
+            (DeVries & Taylor, 2017; the square may be clipped at the border); 0 disables.
 
     Returns:
         ``(B, C, H, W)`` tensor of the same dtype and device.
@@ -459,7 +461,17 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4) 
     cols = torch.where(flips[:, None], cols.flip(1), cols)
     bi = torch.arange(b, device=images.device)[:, None, None, None]
     ci = torch.arange(c, device=images.device)[None, :, None, None]
-    return padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    out = padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
+    if cutout > 0:
+        cy = torch.randint(0, h, (b,), generator=generator).to(images.device)
+        cx = torch.randint(0, w, (b,), generator=generator).to(images.device)
+        ys = torch.arange(h, device=images.device)[None, :]
+        xs = torch.arange(w, device=images.device)[None, :]
+        in_y = (ys - cy[:, None] + cutout // 2 >= 0) & (ys - cy[:, None] + cutout // 2 < cutout)  # (B, H)
+        in_x = (xs - cx[:, None] + cutout // 2 >= 0) & (xs - cx[:, None] + cutout // 2 < cutout)  # (B, W)
+        hole = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
+        out = out.masked_fill(hole, 0)
+    return out
 
 
 def batches(
@@ -473,6 +485,7 @@ def batches(
     generator: torch.Generator | None = None,
     device: str | torch.device = "cpu",
     drop_last: bool = False,
+    cutout: int = 0,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalised ``(images, labels)`` batches.
 
@@ -485,12 +498,15 @@ def batches(
         generator: CPU ``torch.Generator``; makes shuffling and augmentation deterministic.
         device: where the batches go.
         drop_last: drop a last incomplete batch.
+        cutout: with ``augment_data``, side of the Cutout square in pixels (0: none).
 
     Yields:
         ``(B, C, H, W)`` float32 images and ``(B,)`` int64 labels on ``device``.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if cutout < 0:
+        raise ValueError(f"cutout must be >= 0 pixels, got {cutout}")
     if (shuffle or augment_data) and generator is None:
         raise ValueError("shuffle/augment_data need a torch.Generator for determinism")
     n = len(split)
@@ -504,7 +520,7 @@ def batches(
         x = split.images[idx].to(dev, non_blocking=True)
         y = split.labels[idx].to(dev, non_blocking=True)
         if augment_data:
-            x = augment(x, generator)  # type: ignore[arg-type]
+            x = augment(x, generator, cutout=cutout)  # type: ignore[arg-type]
         yield (x.float() - m) / s, y
 
 

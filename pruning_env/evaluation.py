@@ -22,11 +22,15 @@ def evaluate(
     batch_size: int = 500,
     device: str | torch.device = "cpu",
     limit: int | None = None,
+    flip_tta: bool = False,
 ) -> float:
     """Top-1 accuracy in percent of ``model`` (in eval mode) on ``split``.
 
     Args:
         limit: evaluate only the first ``limit`` examples (a fixed, deterministic subset).
+        flip_tta: test-time augmentation: classify by the mean softmax of each image and
+            its horizontal mirror (two forward passes). Off everywhere the package measures
+            accuracy (rewards, fine-tuning, reports' ``test_acc``); reports give it separately.
 
     The model's train/eval mode is restored afterwards.
     """
@@ -39,7 +43,11 @@ def evaluate(
     correct = 0
     try:
         for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
-            correct += int((model(x).argmax(1) == y).sum())
+            if flip_tta:
+                logits = model(x).softmax(1) + model(x.flip(3)).softmax(1)
+            else:
+                logits = model(x)
+            correct += int((logits.argmax(1) == y).sum())
     finally:
         model.train(was_training)
     return 100.0 * correct / len(split)

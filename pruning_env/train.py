@@ -52,6 +52,9 @@ class TrainConfig:
                                    "(None keeps the architecture's 0.5)")
     schedule: str = option("onecycle", "learning-rate schedule", choices=["onecycle", "cosine"])
     warmup_frac: float = option(0.15, "one-cycle: fraction of steps spent warming up")
+    cutout: int = option(0, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)")
+    ema_decay: float = option(0.0, "exponential moving average of the weights and BN statistics, decay per "
+                              "step (e.g. 0.999); the average is validated and saved (0: off)")
     val_fraction: float = option(0.1, "share of the training data held out for validation")
     split_seed: int = option(0, "seed of the train/validation split")
     seed: int = option(0, "seed for initialisation, shuffling and augmentation")
@@ -83,6 +86,53 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
 
 
+class _Ema:
+    """Exponential moving average of a model's floating-point state (weights and BN statistics).
+
+    ``swap()`` exchanges the live model's values with the average in place (no reallocation),
+    so the model object the caller holds is validated and saved with the averaged weights.
+    The effective decay warms up as ``min(decay, (1 + t) / (10 + t))`` after ``t`` updates so
+    the average is not dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.updates = 0
+        self.live = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
+        self.avg = [t.detach().clone() for t in self.live]
+        self.swapped = False
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.avg, [t.detach() for t in self.live], 1.0 - d)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for live, avg in zip(self.live, self.avg):
+            tmp = live.detach().clone()
+            live.copy_(avg)
+            avg.copy_(tmp)
+        self.swapped = not self.swapped
+
+    def resume_state(self) -> dict[str, Any]:
+        """What a checkpoint needs to continue: the raw (non-averaged) weights and the step count."""
+        other = [t.clone() for t in self.avg]  # while swapped, ``avg`` holds the raw weights
+        return {"ema_other": other, "ema_updates": self.updates, "ema_swapped": self.swapped}
+
+    @torch.no_grad()
+    def load_resume(self, state: dict[str, Any]) -> None:
+        if "ema_other" not in state:
+            raise ValueError("this checkpoint was trained without --ema-decay; resume it with --ema-decay 0")
+        for avg, t in zip(self.avg, state["ema_other"]):
+            avg.copy_(t)
+        self.updates = int(state["ema_updates"])
+        self.swapped = bool(state["ema_swapped"])
+        if self.swapped:  # the saved model holds the average: put the raw weights back live
+            self.swap()
+
+
 def fit(
     model: nn.Module,
     splits: Splits,
@@ -99,6 +149,10 @@ def fit(
     """
     device = resolve_device(cfg.device)
     model.to(device)
+    if not 0.0 <= cfg.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
+    if cfg.cutout < 0:
+        raise ValueError(f"cutout must be >= 0 pixels, got {cfg.cutout}")
     if cfg.dropout is not None:
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
@@ -112,19 +166,22 @@ def fit(
     sched = _make_scheduler(opt, cfg, cfg.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(cfg.seed)
     start_epoch, history = 0, []
+    ema = _Ema(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     if resume_state is not None:
         opt.load_state_dict(resume_state["optimizer"])
         sched.load_state_dict(resume_state["scheduler"])
         gen.set_state(resume_state["generator"])
         torch.set_rng_state(resume_state["torch_rng"])
         start_epoch, history = resume_state["epoch"], list(resume_state["history"])
+        if ema is not None:
+            ema.load_resume(resume_state)
     val_acc = history[-1]["val_acc"] if history else float("nan")
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0 = time.time()
         loss_sum, seen = 0.0, 0
         it = batches(splits.train, cfg.batch_size, mean=splits.mean, std=splits.std, shuffle=True,
-                     augment_data=True, generator=gen, device=device)
+                     augment_data=True, generator=gen, device=device, cutout=cfg.cutout)
         bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                    leave=False, file=sys.stderr)
         for x, y in bar:
@@ -135,9 +192,13 @@ def fit(
             loss.backward()
             opt.step()
             sched.step()
+            if ema is not None:
+                ema.update()
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+        if ema is not None:
+            ema.swap()  # validate and save the average; the raw weights travel in the train state
         val_acc = evaluate(model, splits.val, mean=splits.mean, std=splits.std, device=device)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_acc": val_acc,
                         "seconds": time.time() - t0})
@@ -147,16 +208,22 @@ def fit(
         if out is not None:
             state = {"epoch": epoch + 1, "history": history, "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "generator": gen.get_state(), "torch_rng": torch.get_rng_state()}
+            if ema is not None:
+                state.update(ema.resume_state())
             ckpt.save(out, model, input_shape=splits.input_shape, dataset=splits.name, classes=splits.classes,
                       metrics={"val_acc": val_acc}, train_config=dataclasses.asdict(cfg),
                       extra={"train_state": state, **(meta or {})})
+        if ema is not None and epoch + 1 < cfg.epochs:
+            ema.swap()  # back to the raw weights for the next epoch
     return {"val_acc": val_acc, "epochs": cfg.epochs, "history": history}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a baseline as configured; returns the JSON summary the CLI prints.
 
-    The returned dict has ``test_acc`` and ``val_acc`` (percent), ``epochs``,
+    The returned dict has ``test_acc`` and ``val_acc`` (percent; single forward pass, what
+    every other part of the package measures), ``test_acc_flip_tta`` (percent, mean softmax of
+    the image and its mirror: reported separately, never used for rewards), ``epochs``,
     ``seconds`` (this run's wall-clock time) and ``checkpoint`` (path).
     """
     t0 = time.time()
@@ -180,11 +247,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         print(f"note: overwriting {out} (pass --resume to continue it instead)", file=sys.stderr)
     result = fit(model, splits, cfg, out=out, resume_state=resume_state)
     test_acc = evaluate(model, splits.test, mean=splits.mean, std=splits.std, device=device)
+    test_tta = evaluate(model, splits.test, mean=splits.mean, std=splits.std, device=device, flip_tta=True)
     loaded = ckpt.load(out)
     ckpt.save(out, model, input_shape=splits.input_shape, dataset=splits.name, classes=splits.classes,
-              metrics={"val_acc": result["val_acc"], "test_acc": test_acc}, train_config=dataclasses.asdict(cfg),
-              extra=loaded.extra)
-    return {"test_acc": test_acc, "val_acc": result["val_acc"], "epochs": cfg.epochs,
+              metrics={"val_acc": result["val_acc"], "test_acc": test_acc, "test_acc_flip_tta": test_tta},
+              train_config=dataclasses.asdict(cfg), extra=loaded.extra)
+    return {"test_acc": test_acc, "test_acc_flip_tta": test_tta, "val_acc": result["val_acc"], "epochs": cfg.epochs,
             "seconds": round(time.time() - t0, 1), "checkpoint": str(out)}
 
 

@@ -128,6 +128,24 @@ def test_augment_is_a_crop_and_flip_of_the_padded_image():
     assert torch.equal(out, again)
 
 
+def test_cutout_zeroes_one_square_per_image_and_nothing_else():
+    x = torch.full((64, 3, 16, 16), 7, dtype=torch.uint8)
+    out = augment(x, torch.Generator().manual_seed(1), padding=0, cutout=6)
+    holes = (out == 0).all(1)  # (B, H, W): zeroed in every channel
+    assert torch.equal(out == 0, holes[:, None].expand_as(out))  # a whole pixel or nothing
+    assert ((out == 0) | (out == 7)).all()
+    areas = holes.sum((1, 2))
+    assert int(areas.max()) == 36 and int(areas.min()) > 0  # full squares inside, clipped at borders
+    for i in range(64):  # each hole is a rectangle (a clipped square)
+        rows, cols = holes[i].any(1).nonzero(), holes[i].any(0).nonzero()
+        assert int(areas[i]) == len(rows) * len(cols) and len(rows) <= 6 and len(cols) <= 6
+    no_cut = augment(x, torch.Generator().manual_seed(1), padding=0)
+    assert (no_cut == 7).all()
+    with pytest.raises(ValueError, match="cutout must be >= 0"):
+        next(batches(make_synthetic(n_train=8, n_test=2).splits(0.25).train, 4, mean=(0.5,) * 3, std=(0.5,) * 3,
+                     augment_data=True, generator=torch.Generator(), cutout=-1))
+
+
 def test_batches_normalise_and_cover_the_split():
     ds = make_synthetic(n_train=50, n_test=10)
     sp = ds.splits(0.2)

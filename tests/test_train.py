@@ -29,8 +29,9 @@ def test_training_learns_and_writes_a_self_describing_checkpoint(tmp_path):
     assert [h["epoch"] for h in loaded.extra["train_state"]["history"]] == [1, 2, 3]
 
 
-def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
-    reference = train(_cfg(tmp_path / "a"))
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.99, "cutout": 8}], ids=["plain", "ema+cutout"])
+def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, extra):
+    reference = train(_cfg(tmp_path / "a", **extra))
     ref_state = ckpt.load(reference["checkpoint"]).model.state_dict()
 
     real_batches = train_mod.batches
@@ -46,15 +47,48 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_mod, "batches", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path / "b"))
+        train(_cfg(tmp_path / "b", **extra))
     partial = ckpt.load(tmp_path / "b" / "m.pt")
     assert partial.extra["train_state"]["epoch"] == 1  # the finished epoch was saved
     monkeypatch.setattr(train_mod, "batches", real_batches)
-    resumed = train(_cfg(tmp_path / "b", resume=True))
+    resumed = train(_cfg(tmp_path / "b", resume=True, **extra))
     assert resumed["test_acc"] == reference["test_acc"]
     state = ckpt.load(resumed["checkpoint"]).model.state_dict()
     for k, v in ref_state.items():
         assert torch.equal(v, state[k]), k
+
+
+def test_ema_saves_the_average_of_the_weights(tmp_path, monkeypatch):
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def recording_step(self, *a, **k):  # the first conv's weights before the first and after every step
+        w = self.param_groups[0]["params"][0]
+        if not seen:
+            seen.append(w.detach().clone())
+        out = real_step(self, *a, **k)
+        seen.append(w.detach().clone())
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    summary = train(_cfg(tmp_path, epochs=1, ema_decay=0.9))
+    saved = ckpt.load(summary["checkpoint"])
+    avg = seen[0].clone()
+    for t, w in enumerate(seen[1:], start=1):
+        avg.lerp_(w, 1 - min(0.9, (1 + t) / (10 + t)))
+    first_conv = saved.model.features[0].weight
+    assert torch.allclose(first_conv, avg, atol=1e-6)
+    assert not torch.allclose(first_conv, seen[-1], atol=1e-4)  # not the last raw weights
+    raw = saved.extra["train_state"]["ema_other"]  # the raw weights travel for --resume
+    assert any(torch.equal(t, seen[-1]) for t in raw)
+    assert 0.0 <= summary["test_acc_flip_tta"] <= 100.0
+
+
+def test_bad_ema_and_cutout_values_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        train(_cfg(tmp_path, ema_decay=1.0))
+    with pytest.raises(ValueError, match="cutout must be >= 0"):
+        train(_cfg(tmp_path, cutout=-2))
 
 
 def test_pruned_widths_reload_without_knowing_how_they_were_made(tmp_path):
