@@ -52,6 +52,9 @@ class TrainConfig:
                                    "(None keeps the architecture's 0.5)")
     schedule: str = option("onecycle", "learning-rate schedule", choices=["onecycle", "cosine"])
     warmup_frac: float = option(0.15, "one-cycle: fraction of steps spent warming up")
+    anneal: str = option("linear", "one-cycle: shape of the warm-up and decay", choices=["linear", "cos"])
+    cycle_momentum: bool = option(False, "one-cycle: cycle the momentum inversely to the learning rate "
+                                  "(0.95 -> 0.85 -> 0.95, torch's OneCycleLR default)")
     cutout: int = option(0, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)")
     ema_decay: float = option(0.0, "exponential moving average of the weights and BN statistics, decay per "
                               "step (e.g. 0.999); the average is validated and saved (0: off)")
@@ -81,7 +84,8 @@ def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: i
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_frac, div_factor=10.0,
-            final_div_factor=100.0, three_phase=False, anneal_strategy="linear",
+            final_div_factor=100.0, three_phase=False, anneal_strategy=cfg.anneal,
+            cycle_momentum=cfg.cycle_momentum, base_momentum=0.85, max_momentum=0.95,
         )
     return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
 

@@ -123,3 +123,24 @@ def test_cli_prints_one_json_line_and_rejects_bad_flags(tmp_path):
     bad = subprocess.run(cmd[:-1] + ["--dataset", "nosuchdata", "--data-dir", str(tmp_path)], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_one_cycle_shape_options(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = train_mod._make_scheduler(opt, _cfg(tmp_path, lr=0.1, warmup_frac=0.3, anneal="cos",
+                                                cycle_momentum=True), total_steps=100)
+    lrs, moms = [], []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        moms.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    peak = max(range(100), key=lrs.__getitem__)
+    assert peak in (29, 30) and lrs[peak] == pytest.approx(0.1)
+    assert moms[0] == pytest.approx(0.95) and moms[peak] == pytest.approx(0.85)
+    # cosine decay: half-way through the decay the lr is about half the peak (linear would be too,
+    # but a quarter of the way in the cosine is well above the linear value)
+    quarter = peak + (99 - peak) // 4
+    linear_value = 0.1 - (0.1 - 1e-4) * (quarter - peak) / (99 - peak)
+    assert lrs[quarter] > linear_value + 0.01
