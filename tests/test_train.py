@@ -1,3 +1,4 @@
+import copy
 import json
 import subprocess
 import sys
@@ -29,7 +30,8 @@ def test_training_learns_and_writes_a_self_describing_checkpoint(tmp_path):
     assert [h["epoch"] for h in loaded.extra["train_state"]["history"]] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.99, "cutout": 8}], ids=["plain", "ema+cutout"])
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.99, "cutout": 8}, {"sam_rho": 0.05}],
+                         ids=["plain", "ema+cutout", "sam"])
 def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, extra):
     reference = train(_cfg(tmp_path / "a", **extra))
     ref_state = ckpt.load(reference["checkpoint"]).model.state_dict()
@@ -89,6 +91,36 @@ def test_bad_ema_and_cutout_values_are_rejected(tmp_path):
         train(_cfg(tmp_path, ema_decay=1.0))
     with pytest.raises(ValueError, match="cutout must be >= 0"):
         train(_cfg(tmp_path, cutout=-2))
+    with pytest.raises(ValueError, match="sam_rho must be >= 0"):
+        train(_cfg(tmp_path, sam_rho=-0.1))
+
+
+def test_sam_gradient_is_the_gradient_at_the_perturbed_weights(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 3))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
+    cfg = _cfg(tmp_path, sam_rho=0.1, label_smoothing=0.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    g = [p.grad.clone() for p in model.parameters()]
+    stats_after_first = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    train_mod._sam_second_pass(model, x, y, cfg)
+    # reference: the plain gradient at w + rho * g / ||g|| (BN in train mode uses batch statistics)
+    ref = copy.deepcopy(model)
+    norm = torch.sqrt(sum((t ** 2).sum() for t in g))
+    with torch.no_grad():
+        for p, gi in zip(ref.parameters(), g):
+            p.add_(gi * 0.1 / norm)
+    ref.zero_grad()
+    torch.nn.functional.cross_entropy(ref(x), y).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+    for k, v in model.state_dict().items():  # weights restored; BN stats untouched by the second pass
+        if "running" in k:
+            assert torch.equal(v, stats_after_first[k]), k
+        elif "num_batches" not in k:
+            assert torch.equal(v, before[k]), k
 
 
 def test_pruned_widths_reload_without_knowing_how_they_were_made(tmp_path):
