@@ -144,6 +144,14 @@ def test_checkpoint_errors_are_clear(tmp_path):
         ckpt.load(tmp_path / "v.pt", expect_arch="resnet56")
 
 
+@pytest.mark.parametrize("module", ["pruning_env.train", "pruning_env.prune"])
+def test_cli_modules_start_without_runpy_warnings(module):
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", module, "--help"],
+                         capture_output=True, text=True, check=False)
+    assert out.returncode == 0 and "RuntimeWarning" not in out.stderr, out.stderr
+    assert "--help" in out.stdout
+
+
 def test_cli_prints_one_json_line_and_rejects_bad_flags(tmp_path):
     cmd = [sys.executable, "-m", "pruning_env.train", "--net", "vgg11", "--dataset", "synthetic", "--width", "0.125",
            "--epochs", "1", "--out", str(tmp_path / "c.pt"), "--no-progress"]
