@@ -47,6 +47,7 @@ from .cli import option, resolve_device, seed_everything
 from .data import Splits, batches
 from .evaluation import evaluate
 from .models import list_models
+from .optim import param_groups
 
 __all__ = ["FinetuneConfig", "finetune", "kd_loss", "alpha_at", "recalibrate_bn"]
 
@@ -218,10 +219,6 @@ def finetune(
     seed_everything(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = -(-len(splits.train) // cfg.batch_size)
-    # Imported here, not at module level: `python -m pruning_env.train` imports the package (and
-    # so this module) first, and a module-level import would load train twice (runpy warns).
-    from .train import param_groups
-
     groups = param_groups(student, cfg.weight_decay)
     if cfg.optimizer == "sgd":
         opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
