@@ -463,12 +463,11 @@ def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, 
     ci = torch.arange(c, device=images.device)[None, :, None, None]
     out = padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
     if cutout > 0:
-        cy = torch.randint(0, h, (b,), generator=generator).to(images.device)
-        cx = torch.randint(0, w, (b,), generator=generator).to(images.device)
-        ys = torch.arange(h, device=images.device)[None, :]
-        xs = torch.arange(w, device=images.device)[None, :]
-        in_y = (ys - cy[:, None] + cutout // 2 >= 0) & (ys - cy[:, None] + cutout // 2 < cutout)  # (B, H)
-        in_x = (xs - cx[:, None] + cutout // 2 >= 0) & (xs - cx[:, None] + cutout // 2 < cutout)  # (B, W)
+        top = torch.randint(0, h, (b,), generator=generator).to(images.device)[:, None] - cutout // 2  # (B, 1)
+        left = torch.randint(0, w, (b,), generator=generator).to(images.device)[:, None] - cutout // 2
+        ys, xs = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
+        in_y = (ys >= top) & (ys < top + cutout)  # (B, H)
+        in_x = (xs >= left) & (xs < left + cutout)  # (B, W)
         hole = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
         out = out.masked_fill(hole, 0)
     return out

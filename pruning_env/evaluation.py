@@ -43,11 +43,8 @@ def evaluate(
     correct = 0
     try:
         for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
-            if flip_tta:
-                logits = model(x).softmax(1) + model(x.flip(3)).softmax(1)
-            else:
-                logits = model(x)
-            correct += int((logits.argmax(1) == y).sum())
+            scores = model(x).softmax(1) + model(x.flip(3)).softmax(1) if flip_tta else model(x)
+            correct += int((scores.argmax(1) == y).sum())
     finally:
         model.train(was_training)
     return 100.0 * correct / len(split)

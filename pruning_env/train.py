@@ -30,6 +30,7 @@ from .cli import add_config_args, config_from_args, option, print_json, resolve_
 from .data import Splits, batches, cache_dir, load_splits
 from .evaluation import evaluate
 from .models import build, list_models
+from .optim import param_groups
 
 __all__ = ["TrainConfig", "train", "fit", "default_checkpoint_path", "main"]
 
@@ -75,13 +76,6 @@ def default_checkpoint_path(net: str, dataset: str, width: float, epochs: int, s
     return cache_dir() / "checkpoints" / f"{net}-{dataset}-w{width:g}-e{epochs}-s{seed}.pt"
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Optimiser groups: weight decay on weight matrices/kernels, none on BN parameters and biases."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -124,8 +118,9 @@ def _sam_second_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Tr
 class _Ema:
     """Exponential moving average of a model's floating-point state (weights and BN statistics).
 
-    ``swap()`` exchanges the live model's values with the average in place (no reallocation),
-    so the model object the caller holds is validated and saved with the averaged weights.
+    ``swap()`` exchanges the live model's values with the other copy, in the model's own
+    tensors. Between epochs the model holds the average (validated, saved, returned) and the
+    other copy the raw weights; ``fit`` swaps at the start and at the end of every epoch.
     The effective decay warms up as ``min(decay, (1 + t) / (10 + t))`` after ``t`` updates so
     the average is not dominated by the random initialisation.
     """
@@ -135,7 +130,6 @@ class _Ema:
         self.updates = 0
         self.live = [t for t in model.state_dict().values() if t.dtype.is_floating_point]
         self.avg = [t.detach().clone() for t in self.live]
-        self.swapped = False
 
     @torch.no_grad()
     def update(self) -> None:
@@ -146,26 +140,21 @@ class _Ema:
     @torch.no_grad()
     def swap(self) -> None:
         for live, avg in zip(self.live, self.avg):
-            tmp = live.detach().clone()
+            tmp = live.clone()
             live.copy_(avg)
             avg.copy_(tmp)
-        self.swapped = not self.swapped
 
     def resume_state(self) -> dict[str, Any]:
-        """What a checkpoint needs to continue: the raw (non-averaged) weights and the step count."""
-        other = [t.clone() for t in self.avg]  # while swapped, ``avg`` holds the raw weights
-        return {"ema_other": other, "ema_updates": self.updates, "ema_swapped": self.swapped}
+        """Between epochs: the raw weights and the step count, for ``--resume``."""
+        return {"ema_raw": [t.clone() for t in self.avg], "ema_updates": self.updates}
 
     @torch.no_grad()
     def load_resume(self, state: dict[str, Any]) -> None:
-        if "ema_other" not in state:
+        """Continue from a checkpoint, whose model holds the average: the raw weights go aside."""
+        if "ema_raw" not in state:
             raise ValueError("this checkpoint was trained without --ema-decay; resume it with --ema-decay 0")
-        for avg, t in zip(self.avg, state["ema_other"]):
-            avg.copy_(t)
+        torch._foreach_copy_(self.avg, state["ema_raw"])
         self.updates = int(state["ema_updates"])
-        self.swapped = bool(state["ema_swapped"])
-        if self.swapped:  # the saved model holds the average: put the raw weights back live
-            self.swap()
 
 
 def fit(
@@ -186,8 +175,6 @@ def fit(
     model.to(device)
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.cutout < 0:
-        raise ValueError(f"cutout must be >= 0 pixels, got {cfg.cutout}")
     if cfg.sam_rho < 0:
         raise ValueError(f"sam_rho must be >= 0, got {cfg.sam_rho}")
     if cfg.dropout is not None:
@@ -214,6 +201,8 @@ def fit(
             ema.load_resume(resume_state)
     val_acc = history[-1]["val_acc"] if history else float("nan")
     for epoch in range(start_epoch, cfg.epochs):
+        if ema is not None:
+            ema.swap()  # train the raw weights (at the first epoch both copies are equal)
         model.train()
         t0 = time.time()
         loss_sum, seen = 0.0, 0
@@ -237,7 +226,7 @@ def fit(
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         if ema is not None:
-            ema.swap()  # validate and save the average; the raw weights travel in the train state
+            ema.swap()  # validate, save and return the average; the raw weights travel in the train state
         val_acc = evaluate(model, splits.val, mean=splits.mean, std=splits.std, device=device)
         history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_acc": val_acc,
                         "seconds": time.time() - t0})
@@ -252,8 +241,6 @@ def fit(
             ckpt.save(out, model, input_shape=splits.input_shape, dataset=splits.name, classes=splits.classes,
                       metrics={"val_acc": val_acc}, train_config=dataclasses.asdict(cfg),
                       extra={"train_state": state, **(meta or {})})
-        if ema is not None and epoch + 1 < cfg.epochs:
-            ema.swap()  # back to the raw weights for the next epoch
     return {"val_acc": val_acc, "epochs": cfg.epochs, "history": history}
 
 

@@ -81,9 +81,13 @@ def test_ema_saves_the_average_of_the_weights(tmp_path, monkeypatch):
     first_conv = saved.model.features[0].weight
     assert torch.allclose(first_conv, avg, atol=1e-6)
     assert not torch.allclose(first_conv, seen[-1], atol=1e-4)  # not the last raw weights
-    raw = saved.extra["train_state"]["ema_other"]  # the raw weights travel for --resume
+    raw = saved.extra["train_state"]["ema_raw"]  # the raw weights travel for --resume
     assert any(torch.equal(t, seen[-1]) for t in raw)
     assert 0.0 <= summary["test_acc_flip_tta"] <= 100.0
+    # resuming a finished run changes nothing: the model stays the average
+    again = train(_cfg(tmp_path, epochs=1, ema_decay=0.9, resume=True))
+    assert torch.equal(ckpt.load(again["checkpoint"]).model.features[0].weight, first_conv)
+    assert again["test_acc"] == summary["test_acc"]
 
 
 def test_bad_ema_and_cutout_values_are_rejected(tmp_path):
