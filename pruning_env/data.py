@@ -485,6 +485,7 @@ def batches(
     device: str | torch.device = "cpu",
     drop_last: bool = False,
     cutout: int = 0,
+    padding: int = 4,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalised ``(images, labels)`` batches.
 
@@ -498,6 +499,7 @@ def batches(
         device: where the batches go.
         drop_last: drop a last incomplete batch.
         cutout: with ``augment_data``, side of the Cutout square in pixels (0: none).
+        padding: with ``augment_data``, zero padding in pixels of the random crop (0: no crop).
 
     Yields:
         ``(B, C, H, W)`` float32 images and ``(B,)`` int64 labels on ``device``.
@@ -506,6 +508,8 @@ def batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if cutout < 0:
         raise ValueError(f"cutout must be >= 0 pixels, got {cutout}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0 pixels, got {padding}")
     if (shuffle or augment_data) and generator is None:
         raise ValueError("shuffle/augment_data need a torch.Generator for determinism")
     n = len(split)
@@ -519,7 +523,7 @@ def batches(
         x = split.images[idx].to(dev, non_blocking=True)
         y = split.labels[idx].to(dev, non_blocking=True)
         if augment_data:
-            x = augment(x, generator, cutout=cutout)  # type: ignore[arg-type]
+            x = augment(x, generator, padding=padding, cutout=cutout)  # type: ignore[arg-type]
         yield (x.float() - m) / s, y
 
 

@@ -56,6 +56,7 @@ class TrainConfig:
     anneal: str = option("linear", "one-cycle: shape of the warm-up and decay", choices=["linear", "cos"])
     cycle_momentum: bool = option(False, "one-cycle: cycle the momentum inversely to the learning rate "
                                   "(0.95 -> 0.85 -> 0.95, torch's OneCycleLR default)")
+    crop_padding: int = option(4, "random-crop augmentation: pixels of zero padding on each side (0: no crop)")
     cutout: int = option(0, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)")
     sam_rho: float = option(0.0, "sharpness-aware minimisation (Foret et al., 2021): radius of the weight "
                             "perturbation, e.g. 0.05; costs a second forward/backward per step (0: off)")
@@ -207,7 +208,8 @@ def fit(
         t0 = time.time()
         loss_sum, seen = 0.0, 0
         it = batches(splits.train, cfg.batch_size, mean=splits.mean, std=splits.std, shuffle=True,
-                     augment_data=True, generator=gen, device=device, cutout=cfg.cutout)
+                     augment_data=True, generator=gen, device=device, cutout=cfg.cutout,
+                     padding=cfg.crop_padding)
         bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                    leave=False, file=sys.stderr)
         for x, y in bar:

@@ -146,6 +146,22 @@ def test_cutout_zeroes_one_square_per_image_and_nothing_else():
                      augment_data=True, generator=torch.Generator(), cutout=-1))
 
 
+def test_batches_crop_padding_sets_the_crop_range():
+    split = make_synthetic(n_train=64, n_test=4).splits(0.25).train
+    kw = dict(mean=(0.0,) * 3, std=(1 / 255,) * 3, augment_data=True)
+    plain = next(batches(split, 48, mean=(0.0,) * 3, std=(1 / 255,) * 3))[0]
+    no_crop = next(batches(split, 48, **kw, generator=torch.Generator().manual_seed(0), padding=0))[0]
+    for i in range(48):  # without padding only the flip is left
+        assert torch.equal(no_crop[i], plain[i]) or torch.equal(no_crop[i], plain[i].flip(2))
+    assert not all(torch.equal(no_crop[i], plain[i]) for i in range(48))  # some images are flipped
+    cropped = next(batches(split, 48, **kw, generator=torch.Generator().manual_seed(0), padding=1))[0]
+    # a 1-pixel shift leaves a zero border on some images, never one wider than a pixel
+    zero_rows = (cropped == 0).all(1).all(2)  # (B, H)
+    assert zero_rows.any() and not zero_rows[:, 1:-1].any()
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        next(batches(split, 4, **kw, generator=torch.Generator(), padding=-1))
+
+
 def test_batches_normalise_and_cover_the_split():
     ds = make_synthetic(n_train=50, n_test=10)
     sp = ds.splits(0.2)
