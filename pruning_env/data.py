@@ -486,6 +486,7 @@ def batches(
     drop_last: bool = False,
     cutout: int = 0,
     padding: int = 4,
+    copies: int = 1,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield normalised ``(images, labels)`` batches.
 
@@ -500,9 +501,13 @@ def batches(
         drop_last: drop a last incomplete batch.
         cutout: with ``augment_data``, side of the Cutout square in pixels (0: none).
         padding: with ``augment_data``, zero padding in pixels of the random crop (0: no crop).
+        copies: with ``augment_data``, independently augmented copies of every image in its
+            batch (batch augmentation, Hoffer et al., 2020): a batch of ``b`` images yields
+            ``copies * b`` examples, the copies stacked one block after another.
 
     Yields:
-        ``(B, C, H, W)`` float32 images and ``(B,)`` int64 labels on ``device``.
+        ``(B, C, H, W)`` float32 images and ``(B,)`` int64 labels on ``device`` (``B`` is
+        ``copies`` times the number of images drawn).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -510,6 +515,8 @@ def batches(
         raise ValueError(f"cutout must be >= 0 pixels, got {cutout}")
     if padding < 0:
         raise ValueError(f"padding must be >= 0 pixels, got {padding}")
+    if copies < 1 or (copies > 1 and not augment_data):
+        raise ValueError(f"copies must be >= 1, and > 1 only with augment_data, got {copies}")
     if (shuffle or augment_data) and generator is None:
         raise ValueError("shuffle/augment_data need a torch.Generator for determinism")
     n = len(split)
@@ -523,6 +530,8 @@ def batches(
         x = split.images[idx].to(dev, non_blocking=True)
         y = split.labels[idx].to(dev, non_blocking=True)
         if augment_data:
+            if copies > 1:
+                x, y = x.repeat(copies, 1, 1, 1), y.repeat(copies)
             x = augment(x, generator, padding=padding, cutout=cutout)  # type: ignore[arg-type]
         yield (x.float() - m) / s, y
 

@@ -57,6 +57,8 @@ class TrainConfig:
     cycle_momentum: bool = option(False, "one-cycle: cycle the momentum inversely to the learning rate "
                                   "(0.95 -> 0.85 -> 0.95, torch's OneCycleLR default)")
     crop_padding: int = option(4, "random-crop augmentation: pixels of zero padding on each side (0: no crop)")
+    aug_copies: int = option(1, "batch augmentation (Hoffer et al., 2020): independently augmented copies of "
+                             "every image in its batch; costs that many times the compute per step (1: off)")
     cutout: int = option(0, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)")
     sam_rho: float = option(0.0, "sharpness-aware minimisation (Foret et al., 2021): radius of the weight "
                             "perturbation, e.g. 0.05; costs a second forward/backward per step (0: off)")
@@ -178,6 +180,8 @@ def fit(
         raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
     if cfg.sam_rho < 0:
         raise ValueError(f"sam_rho must be >= 0, got {cfg.sam_rho}")
+    if cfg.aug_copies < 1:
+        raise ValueError(f"aug_copies must be >= 1 (1 turns batch augmentation off), got {cfg.aug_copies}")
     if cfg.dropout is not None:
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
@@ -209,7 +213,7 @@ def fit(
         loss_sum, seen = 0.0, 0
         it = batches(splits.train, cfg.batch_size, mean=splits.mean, std=splits.std, shuffle=True,
                      augment_data=True, generator=gen, device=device, cutout=cfg.cutout,
-                     padding=cfg.crop_padding)
+                     padding=cfg.crop_padding, copies=cfg.aug_copies)
         bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                    leave=False, file=sys.stderr)
         for x, y in bar:

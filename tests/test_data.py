@@ -162,6 +162,25 @@ def test_batches_crop_padding_sets_the_crop_range():
         next(batches(split, 4, **kw, generator=torch.Generator(), padding=-1))
 
 
+def test_batch_augmentation_stacks_independent_copies_of_each_batch():
+    split = make_synthetic(n_train=64, n_test=4).splits(0.25).train
+    kw = dict(mean=(0.0,) * 3, std=(1 / 255,) * 3)
+    plain_x, plain_y = next(batches(split, 16, **kw))
+    x, y = next(batches(split, 16, **kw, augment_data=True, generator=torch.Generator().manual_seed(3),
+                        padding=0, copies=3))
+    assert x.shape == (48, *plain_x.shape[1:]) and torch.equal(y, plain_y.repeat(3))
+    for k in range(3):  # each block is a flip-or-not of the same 16 images
+        for i in range(16):
+            xi = x[16 * k + i]
+            assert torch.equal(xi, plain_x[i]) or torch.equal(xi, plain_x[i].flip(2))
+    flipped = torch.tensor([[not torch.equal(x[16 * k + i], plain_x[i]) for i in range(16)] for k in range(3)])
+    assert not (flipped[0] == flipped[1]).all()  # the copies are augmented independently
+    with pytest.raises(ValueError, match="copies must be >= 1"):
+        next(batches(split, 4, **kw, augment_data=True, generator=torch.Generator(), copies=0))
+    with pytest.raises(ValueError, match="only with augment_data"):
+        next(batches(split, 4, **kw, copies=2))
+
+
 def test_batches_normalise_and_cover_the_split():
     ds = make_synthetic(n_train=50, n_test=10)
     sp = ds.splits(0.2)

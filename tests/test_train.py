@@ -30,8 +30,9 @@ def test_training_learns_and_writes_a_self_describing_checkpoint(tmp_path):
     assert [h["epoch"] for h in loaded.extra["train_state"]["history"]] == [1, 2, 3]
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.99, "cutout": 8}, {"sam_rho": 0.05}],
-                         ids=["plain", "ema+cutout", "sam"])
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.99, "cutout": 8}, {"sam_rho": 0.05},
+                                   {"crop_padding": 2, "aug_copies": 2}],
+                         ids=["plain", "ema+cutout", "sam", "pad2+copies"])
 def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, extra):
     reference = train(_cfg(tmp_path / "a", **extra))
     ref_state = ckpt.load(reference["checkpoint"]).model.state_dict()
@@ -90,13 +91,17 @@ def test_ema_saves_the_average_of_the_weights(tmp_path, monkeypatch):
     assert again["test_acc"] == summary["test_acc"]
 
 
-def test_bad_ema_and_cutout_values_are_rejected(tmp_path):
+def test_bad_recipe_values_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="ema_decay must be in"):
         train(_cfg(tmp_path, ema_decay=1.0))
     with pytest.raises(ValueError, match="cutout must be >= 0"):
         train(_cfg(tmp_path, cutout=-2))
     with pytest.raises(ValueError, match="sam_rho must be >= 0"):
         train(_cfg(tmp_path, sam_rho=-0.1))
+    with pytest.raises(ValueError, match="aug_copies must be >= 1"):
+        train(_cfg(tmp_path, aug_copies=0))
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        train(_cfg(tmp_path, crop_padding=-1))
 
 
 def test_sam_gradient_is_the_gradient_at_the_perturbed_weights(tmp_path):
