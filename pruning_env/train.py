@@ -2,7 +2,9 @@
 
 Recipe: SGD with Nesterov momentum, one-cycle (or cosine) learning rate schedule
 stepped per batch, weight decay, label smoothing, random-crop + flip augmentation
-on batched tensors. The validation split (held out from the training data) is
+on batched tensors, with batch augmentation: every batch of 128 images holds two
+independently augmented copies of each (``--aug-copies 2``, twice the compute of a
+plain epoch; ``--aug-copies 1`` is the plain recipe). The validation split (held out from the training data) is
 evaluated after every epoch; the test split once at the end.
 
 A checkpoint is written atomically after every epoch (model + optimiser +
@@ -57,7 +59,7 @@ class TrainConfig:
     cycle_momentum: bool = option(False, "one-cycle: cycle the momentum inversely to the learning rate "
                                   "(0.95 -> 0.85 -> 0.95, torch's OneCycleLR default)")
     crop_padding: int = option(4, "random-crop augmentation: pixels of zero padding on each side (0: no crop)")
-    aug_copies: int = option(1, "batch augmentation (Hoffer et al., 2020): independently augmented copies of "
+    aug_copies: int = option(2, "batch augmentation (Hoffer et al., 2020): independently augmented copies of "
                              "every image in its batch; costs that many times the compute per step (1: off)")
     cutout: int = option(0, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)")
     sam_rho: float = option(0.0, "sharpness-aware minimisation (Foret et al., 2021): radius of the weight "
