@@ -18,6 +18,7 @@ with progress bars (this takes a while on a CPU: it says so).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any
 
@@ -57,18 +58,22 @@ def baseline_model(
 ) -> nn.Module:
     """The cached trained baseline ``net`` on ``dataset``; trains and caches it if missing."""
     from .checkpoint import load
-    from .train import TrainConfig, default_checkpoint_path, train
+    from .train import TrainConfig, default_checkpoint_path, recipe_mismatch, train
 
     path = default_checkpoint_path(net, dataset, width, epochs)
+    partial_recipe: dict[str, Any] = {}
     if path.is_file():
         loaded = load(path)
         if "test_acc" in loaded.metrics:  # a finished run (a partial one is resumed below)
             return loaded.model
+        if loaded.train_config is not None:  # continue it with the recipe it was started with
+            probe = TrainConfig(net=net, dataset=dataset, width=width, epochs=epochs)
+            partial_recipe = {k: old for k, (old, _) in recipe_mismatch(probe, loaded.train_config).items()}
     print(f"pruning_env: no trained {net} (width {width:g}, {epochs} epochs) on {dataset} in the cache; "
           f"training it now into {path} (resumable; pass model= or checkpoint= to use your own)", file=sys.stderr)
     cfg = TrainConfig(net=net, dataset=dataset, data_dir=data_dir, width=width, epochs=epochs, device=device,
                       out=str(path), resume=path.is_file(), progress=progress)
-    train(cfg)
+    train(dataclasses.replace(cfg, **partial_recipe))
     return load(path).model
 
 

@@ -252,6 +252,36 @@ def fit(
     return {"val_acc": val_acc, "epochs": cfg.epochs, "history": history}
 
 
+# Fields that say where and how a run executes, not what it computes: --resume may change them.
+_RUN_ONLY_FIELDS = frozenset({"data_dir", "device", "out", "resume", "progress", "channels_last"})
+# What checkpoints from before a field existed were trained with (the feature was off).
+_LEGACY_VALUES: dict[str, Any] = {"aug_copies": 1, "crop_padding": 4, "cutout": 0, "ema_decay": 0.0, "sam_rho": 0.0,
+                                  "warmup_frac": 0.15, "anneal": "linear", "cycle_momentum": False}
+
+
+def _flag(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')} {value}"
+
+
+def recipe_mismatch(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Recipe fields where ``cfg`` differs from a checkpoint's saved ``train_config``.
+
+    Returns ``{field: (saved value, cfg value)}``; fields that only say where the run executes
+    (device, paths, progress bars, memory format) are ignored, and fields a checkpoint predates
+    count as the value the code then used.
+    """
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in dataclasses.fields(cfg):
+        if f.name in _RUN_ONLY_FIELDS or (f.name not in saved and f.name not in _LEGACY_VALUES):
+            continue
+        old, new = saved.get(f.name, _LEGACY_VALUES.get(f.name)), getattr(cfg, f.name)
+        if old != new:
+            out[f.name] = (old, new)
+    return out
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a baseline as configured; returns the JSON summary the CLI prints.
 
@@ -274,6 +304,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         resume_state = loaded.extra.get("train_state")
         if resume_state is None:
             raise ckpt.CheckpointError(f"{out} has no training state to resume from")
+        diff = recipe_mismatch(cfg, loaded.train_config) if loaded.train_config is not None else {}
+        if diff:
+            raise ValueError(
+                f"{out} was trained with a different recipe than this run asks for ("
+                + "; ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in diff.items())
+                + "); resuming would mix the two. Resume with the checkpoint's recipe ("
+                + " ".join(_flag(k, a) for k, (a, _) in diff.items())
+                + "), or drop --resume to start afresh.")
         model = loaded.model
         if cfg.progress:
             print(f"resuming {out} after epoch {resume_state['epoch']}/{cfg.epochs}", file=sys.stderr)

@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -37,6 +38,21 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, 
     reference = train(_cfg(tmp_path / "a", **extra))
     ref_state = ckpt.load(reference["checkpoint"]).model.state_dict()
 
+    real_batches = _interrupt_in_second_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "b", **extra))
+    partial = ckpt.load(tmp_path / "b" / "m.pt")
+    assert partial.extra["train_state"]["epoch"] == 1  # the finished epoch was saved
+    monkeypatch.setattr(train_mod, "batches", real_batches)
+    resumed = train(_cfg(tmp_path / "b", resume=True, **extra))
+    assert resumed["test_acc"] == reference["test_acc"]
+    state = ckpt.load(resumed["checkpoint"]).model.state_dict()
+    for k, v in ref_state.items():
+        assert torch.equal(v, state[k]), k
+
+
+def _interrupt_in_second_epoch(monkeypatch):
+    """Make the next ``train`` raise KeyboardInterrupt mid-way through its second epoch."""
     real_batches = train_mod.batches
     calls = {"n": 0}
 
@@ -49,16 +65,43 @@ def test_interrupted_training_resumes_to_the_same_result(tmp_path, monkeypatch, 
             yield item
 
     monkeypatch.setattr(train_mod, "batches", interrupting)
+    return real_batches
+
+
+def test_resume_with_a_different_recipe_is_refused_with_the_flags_to_use(tmp_path, monkeypatch):
+    real_batches = _interrupt_in_second_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(tmp_path / "b", **extra))
-    partial = ckpt.load(tmp_path / "b" / "m.pt")
-    assert partial.extra["train_state"]["epoch"] == 1  # the finished epoch was saved
+        train(_cfg(tmp_path, aug_copies=1, cutout=4, cycle_momentum=True))
     monkeypatch.setattr(train_mod, "batches", real_batches)
-    resumed = train(_cfg(tmp_path / "b", resume=True, **extra))
-    assert resumed["test_acc"] == reference["test_acc"]
-    state = ckpt.load(resumed["checkpoint"]).model.state_dict()
-    for k, v in ref_state.items():
-        assert torch.equal(v, state[k]), k
+    with pytest.raises(ValueError, match=r"aug_copies=1 there, 2 here.*\(--cycle-momentum --aug-copies 1 --cutout 4\)"):
+        train(_cfg(tmp_path, resume=True, aug_copies=2, cutout=0, cycle_momentum=False))
+    assert ckpt.load(tmp_path / "m.pt").extra["train_state"]["epoch"] == 1  # the refused resume changed nothing
+    # where and how it runs may change: progress bars, memory format
+    done = train(_cfg(tmp_path, resume=True, aug_copies=1, cutout=4, cycle_momentum=True, channels_last=False))
+    assert done["epochs"] == 3
+
+
+def test_recipe_fields_a_checkpoint_predates_count_as_their_old_values(tmp_path):
+    cfg = _cfg(tmp_path, aug_copies=2, ema_decay=0.0)
+    saved = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("aug_copies", "ema_decay")}
+    assert train_mod.recipe_mismatch(cfg, saved) == {"aug_copies": (1, 2)}  # no aug_copies then: 1 copy
+    saved["out"] = "/elsewhere.pt"
+    assert train_mod.recipe_mismatch(dataclasses.replace(cfg, aug_copies=1), saved) == {}
+
+
+def test_cached_baseline_resumes_with_the_recipe_it_was_started_with(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from pruning_env.registry import baseline_model
+
+    path = train_mod.default_checkpoint_path("vgg11", "synthetic", 0.125, 3)
+    real_batches = _interrupt_in_second_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):  # started with a recipe other than today's default
+        train(_cfg(tmp_path, out=str(path), aug_copies=1, ema_decay=0.0, cutout=0, batch_size=128, lr=0.1))
+    monkeypatch.setattr(train_mod, "batches", real_batches)
+    baseline_model("vgg11", "synthetic", width=0.125, epochs=3, device="cpu", progress=False)
+    done = ckpt.load(path)
+    assert "test_acc" in done.metrics and done.extra["train_state"]["epoch"] == 3
+    assert (done.train_config["aug_copies"], done.train_config["ema_decay"], done.train_config["cutout"]) == (1, 0.0, 0)
 
 
 def test_ema_saves_the_average_of_the_weights(tmp_path, monkeypatch):
