@@ -274,11 +274,25 @@ def ensure_baseline(net: str, epochs: int, args: argparse.Namespace, say) -> tup
 
 
 def describe_training(cfg: dict[str, Any] | None) -> str:
+    """One line saying how a baseline was trained, from its checkpoint's ``train_config``.
+
+    Options a checkpoint predates count as off (what the code then did).
+    """
     if not cfg:
         return "unknown recipe"
+    aug = f"crop (padding {cfg.get('crop_padding', 4)}) + flip"
+    if cfg.get("cutout", 0):
+        aug += f" + Cutout {cfg['cutout']}"
+    extras = []
+    if cfg.get("aug_copies", 1) > 1:
+        extras.append(f"{cfg['aug_copies']} augmented copies per image")
+    if cfg.get("ema_decay", 0.0):
+        extras.append(f"weight EMA {cfg['ema_decay']}")
+    if cfg.get("sam_rho", 0.0):
+        extras.append(f"SAM rho {cfg['sam_rho']}")
     return (f"{cfg.get('epochs')} epochs, SGD Nesterov lr {cfg.get('lr')} ({cfg.get('schedule')}), batch "
             f"{cfg.get('batch_size')}, wd {cfg.get('weight_decay')}, label smoothing {cfg.get('label_smoothing')}, "
-            f"crop+flip, seed {cfg.get('seed')}, val split {cfg.get('val_fraction')}")
+            + ", ".join([aug, *extras]) + f", seed {cfg.get('seed')}, val split {cfg.get('val_fraction')}")
 
 
 # ----------------------------------------------------------------------------- one row

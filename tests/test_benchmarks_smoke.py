@@ -108,3 +108,18 @@ def test_latency_benchmark_smoke(tmp_path):
     assert [r["rate"] for r in rows] == [0.0, 0.5]
     assert rows[1]["macs_ratio"] < 0.5 and rows[1]["ms_b1"] > 0
     assert out.with_suffix(".png").is_file()
+
+
+def test_baseline_recipe_description_names_every_augmentation():
+    import dataclasses
+
+    from pruning_env.train import TrainConfig
+
+    bench = _load("criteria")
+    now = bench.describe_training(dataclasses.asdict(TrainConfig(aug_copies=2, ema_decay=0.999, cutout=8)))
+    assert "crop (padding 4) + flip + Cutout 8, 2 augmented copies per image, weight EMA 0.999, seed 0" in now
+    legacy = {"epochs": 30, "lr": 0.1, "schedule": "onecycle", "batch_size": 128, "weight_decay": 5e-4,
+              "label_smoothing": 0.1, "seed": 0, "val_fraction": 0.1}  # a checkpoint from before these options
+    assert bench.describe_training(legacy).endswith(
+        "label smoothing 0.1, crop (padding 4) + flip, seed 0, val split 0.1")
+    assert bench.describe_training(None) == "unknown recipe"
