@@ -136,7 +136,7 @@ def _tiny_baseline() -> nn.Module:
     seed_everything(0)
     model = build("tiny", num_classes=4)
     cfg = TrainConfig(net="tiny", dataset="synthetic", epochs=4, batch_size=64, lr=0.05, device="cpu",
-                      progress=False, channels_last=False, aug_copies=1)
+                      progress=False, channels_last=False, aug_copies=1, ema_decay=0.0, cutout=0)
     fit(model, _tiny_splits(), cfg, out=path)
     return model
 

@@ -1,11 +1,13 @@
 """Train a baseline CNN: ``python -m pruning_env.train --net vgg16 --dataset cifar10``.
 
 Recipe: SGD with Nesterov momentum, one-cycle (or cosine) learning rate schedule
-stepped per batch, weight decay, label smoothing, random-crop + flip augmentation
-on batched tensors, with batch augmentation: every batch of 128 images holds two
-independently augmented copies of each (``--aug-copies 2``, twice the compute of a
-plain epoch; ``--aug-copies 1`` is the plain recipe). The validation split (held out from the training data) is
-evaluated after every epoch; the test split once at the end.
+stepped per batch, weight decay, label smoothing, random-crop + flip + Cutout 8x8
+augmentation on batched tensors, batch augmentation (every batch of 128 images holds
+two independently augmented copies of each: twice the compute of a plain epoch) and an
+exponential moving average of the weights (decay 0.999), which is what is validated
+and saved. ``--aug-copies 1 --ema-decay 0 --cutout 0`` is the plain recipe. The
+validation split (held out from the training data) is evaluated after every epoch;
+the test split once at the end.
 
 A checkpoint is written atomically after every epoch (model + optimiser +
 scheduler + RNG states), so ``--resume`` after an interruption continues from the
@@ -61,10 +63,10 @@ class TrainConfig:
     crop_padding: int = option(4, "random-crop augmentation: pixels of zero padding on each side (0: no crop)")
     aug_copies: int = option(2, "batch augmentation (Hoffer et al., 2020): independently augmented copies of "
                              "every image in its batch; costs that many times the compute per step (1: off)")
-    cutout: int = option(0, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)")
+    cutout: int = option(8, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)")
     sam_rho: float = option(0.0, "sharpness-aware minimisation (Foret et al., 2021): radius of the weight "
                             "perturbation, e.g. 0.05; costs a second forward/backward per step (0: off)")
-    ema_decay: float = option(0.0, "exponential moving average of the weights and BN statistics, decay per "
+    ema_decay: float = option(0.999, "exponential moving average of the weights and BN statistics, decay per "
                               "step (e.g. 0.999); the average is validated and saved (0: off)")
     val_fraction: float = option(0.1, "share of the training data held out for validation")
     split_seed: int = option(0, "seed of the train/validation split")
