@@ -65,7 +65,7 @@ from pruning_env.evaluation import evaluate  # noqa: E402
 from pruning_env.finetune import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
 from pruning_env.graph import prunable_layers  # noqa: E402
 from pruning_env.pruning import MacsModel, apply, plan_uniform  # noqa: E402
-from pruning_env.train import TrainConfig, default_checkpoint_path, train  # noqa: E402
+from pruning_env.train import TrainConfig, default_checkpoint_path, train, with_legacy_values  # noqa: E402
 from pruning_env.provenance import git_commit, machine_description  # noqa: E402
 
 
@@ -276,20 +276,15 @@ def ensure_baseline(net: str, epochs: int, args: argparse.Namespace, say) -> tup
 def describe_training(cfg: dict[str, Any] | None) -> str:
     """One line saying how a baseline was trained, from its checkpoint's ``train_config``.
 
-    Options a checkpoint predates count as off (what the code then did).
+    Options a checkpoint predates count as off (``train.with_legacy_values``).
     """
     if not cfg:
         return "unknown recipe"
-    aug = f"crop (padding {cfg.get('crop_padding', 4)}) + flip"
-    if cfg.get("cutout", 0):
-        aug += f" + Cutout {cfg['cutout']}"
-    extras = []
-    if cfg.get("aug_copies", 1) > 1:
-        extras.append(f"{cfg['aug_copies']} augmented copies per image")
-    if cfg.get("ema_decay", 0.0):
-        extras.append(f"weight EMA {cfg['ema_decay']}")
-    if cfg.get("sam_rho", 0.0):
-        extras.append(f"SAM rho {cfg['sam_rho']}")
+    cfg = with_legacy_values(cfg)
+    aug = f"crop (padding {cfg['crop_padding']}) + flip" + (f" + Cutout {cfg['cutout']}" if cfg["cutout"] else "")
+    extras = [f"{cfg['aug_copies']} augmented copies per image"] if cfg["aug_copies"] > 1 else []
+    extras += [f"weight EMA {cfg['ema_decay']}"] if cfg["ema_decay"] else []
+    extras += [f"SAM rho {cfg['sam_rho']}"] if cfg["sam_rho"] else []
     return (f"{cfg.get('epochs')} epochs, SGD Nesterov lr {cfg.get('lr')} ({cfg.get('schedule')}), batch "
             f"{cfg.get('batch_size')}, wd {cfg.get('weight_decay')}, label smoothing {cfg.get('label_smoothing')}, "
             + ", ".join([aug, *extras]) + f", seed {cfg.get('seed')}, val split {cfg.get('val_fraction')}")

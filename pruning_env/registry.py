@@ -61,19 +61,16 @@ def baseline_model(
     from .train import TrainConfig, default_checkpoint_path, recipe_mismatch, train
 
     path = default_checkpoint_path(net, dataset, width, epochs)
-    partial_recipe: dict[str, Any] = {}
-    if path.is_file():
-        loaded = load(path)
-        if "test_acc" in loaded.metrics:  # a finished run (a partial one is resumed below)
-            return loaded.model
-        if loaded.train_config is not None:  # continue it with the recipe it was started with
-            probe = TrainConfig(net=net, dataset=dataset, width=width, epochs=epochs)
-            partial_recipe = {k: old for k, (old, _) in recipe_mismatch(probe, loaded.train_config).items()}
+    partial = load(path) if path.is_file() else None
+    if partial is not None and "test_acc" in partial.metrics:  # a finished run (a partial one is resumed below)
+        return partial.model
     print(f"pruning_env: no trained {net} (width {width:g}, {epochs} epochs) on {dataset} in the cache; "
           f"training it now into {path} (resumable; pass model= or checkpoint= to use your own)", file=sys.stderr)
     cfg = TrainConfig(net=net, dataset=dataset, data_dir=data_dir, width=width, epochs=epochs, device=device,
-                      out=str(path), resume=path.is_file(), progress=progress)
-    train(dataclasses.replace(cfg, **partial_recipe))
+                      out=str(path), resume=partial is not None, progress=progress)
+    if partial is not None and partial.train_config is not None:  # continue with the recipe it was started with
+        cfg = dataclasses.replace(cfg, **{k: old for k, (old, _) in recipe_mismatch(cfg, partial.train_config).items()})
+    train(cfg)
     return load(path).model
 
 

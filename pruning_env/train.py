@@ -267,21 +267,24 @@ def _flag(name: str, value: Any) -> str:
     return f"--{name.replace('_', '-')} {value}"
 
 
+def with_legacy_values(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's saved ``train_config`` with the recipe fields it predates filled in.
+
+    Those fields get the values the code used before they existed (the option was off).
+    """
+    return {**_LEGACY_VALUES, **saved}
+
+
 def recipe_mismatch(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Recipe fields where ``cfg`` differs from a checkpoint's saved ``train_config``.
 
     Returns ``{field: (saved value, cfg value)}``; fields that only say where the run executes
     (device, paths, progress bars, memory format) are ignored, and fields a checkpoint predates
-    count as the value the code then used.
+    count as the value the code then used (``with_legacy_values``).
     """
-    out: dict[str, tuple[Any, Any]] = {}
-    for f in dataclasses.fields(cfg):
-        if f.name in _RUN_ONLY_FIELDS or (f.name not in saved and f.name not in _LEGACY_VALUES):
-            continue
-        old, new = saved.get(f.name, _LEGACY_VALUES.get(f.name)), getattr(cfg, f.name)
-        if old != new:
-            out[f.name] = (old, new)
-    return out
+    saved = with_legacy_values(saved)
+    return {f.name: (saved[f.name], getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if f.name not in _RUN_ONLY_FIELDS and f.name in saved and saved[f.name] != getattr(cfg, f.name)}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
