@@ -3,7 +3,7 @@
 One agent walks the layers one per step on a Gymnasium SEQUENTIAL view of the parallel
 pruning env: per-layer state vector in, ``Box(low, high, (1,))`` action (a ratio)
 out, one terminal reward. By default the view is
-``pruning_env.wrappers.SequentialPruningEnv(parallel_env)`` (imported lazily); pass
+``pruning_env.envs.views.SequentialPruningEnv(parallel_env)`` (imported lazily); pass
 ``make_sequential_env=`` to use another one.
 
 As in AMC (``amc_search.py`` / ``lib/agent.py``):
@@ -120,7 +120,7 @@ def _baseline_ddpg_class() -> type:
 
 
 def _default_sequential_env(env: ParallelEnv) -> gym.Env:
-    from pruning_env.wrappers import SequentialPruningEnv  # lazy: agents must not need pruning_env
+    from pruning_env.envs.views import SequentialPruningEnv  # lazy: agents must not need pruning_env
 
     return SequentialPruningEnv(env)
 

@@ -57,16 +57,19 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pruning_env import checkpoint as ckpt  # noqa: E402
+from pruning_env.core import checkpoint as ckpt  # noqa: E402
 from pruning_env import criteria  # noqa: E402
-from pruning_env.cli import resolve_device  # noqa: E402
-from pruning_env.data import Split, Splits, batches, load_splits  # noqa: E402
-from pruning_env.evaluation import evaluate  # noqa: E402
-from pruning_env.finetune import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
-from pruning_env.graph import prunable_layers  # noqa: E402
-from pruning_env.pruning import MacsModel, apply, plan_uniform  # noqa: E402
-from pruning_env.train import TrainConfig, default_checkpoint_path, train, with_legacy_values  # noqa: E402
-from pruning_env.provenance import git_commit, machine_description  # noqa: E402
+from pruning_env.core.config import resolve_device  # noqa: E402
+from pruning_env.core.data import Split, Splits, batches, load_splits  # noqa: E402
+from pruning_env.core.evaluation import evaluate  # noqa: E402
+from pruning_env.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from pruning_env.engine.bn import recalibrate_bn  # noqa: E402
+from pruning_env.engine.graph import prunable_layers  # noqa: E402
+from pruning_env.engine.macs import MacsModel  # noqa: E402
+from pruning_env.engine.surgery import apply  # noqa: E402
+from pruning_env.engine.plan import plan_uniform  # noqa: E402
+from pruning_env.training.train import TrainConfig, default_checkpoint_path, train, with_legacy_values  # noqa: E402
+from pruning_env.core.provenance import git_commit, machine_description  # noqa: E402
 
 
 def _commit() -> str:
@@ -677,7 +680,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "train split, the same N every epoch and row (0 = all; default 20000)")
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tuning peak learning rate (default 0.01)")
     p.add_argument("--finetune-optimizer", choices=["sgd", "adam"], default="sgd",
-                   help="fine-tuning optimiser (default sgd; cosine decay, see pruning_env.finetune)")
+                   help="fine-tuning optimiser (default sgd; cosine decay, see pruning_env.training.finetune)")
     p.add_argument("--eval-limit", type=int, default=None,
                    help="evaluate on N test/validation images drawn with a fixed seed (smoke runs; default: all)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")

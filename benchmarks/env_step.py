@@ -32,14 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pruning_env.criteria import compute_components  # noqa: E402
-from pruning_env.data import load_splits  # noqa: E402
-from pruning_env.env import FilterPruningEnv  # noqa: E402
-from pruning_env.evaluation import evaluate  # noqa: E402
-from pruning_env.models import build  # noqa: E402
-from pruning_env.pruning import apply  # noqa: E402
-from pruning_env.registry import make_tiny_env  # noqa: E402
-from pruning_env.train import default_checkpoint_path  # noqa: E402
-from pruning_env.provenance import git_commit, machine_description  # noqa: E402
+from pruning_env.core.data import load_splits  # noqa: E402
+from pruning_env.envs.env import FilterPruningEnv  # noqa: E402
+from pruning_env.core.evaluation import evaluate  # noqa: E402
+from pruning_env.core.models import build  # noqa: E402
+from pruning_env.engine.surgery import apply  # noqa: E402
+from pruning_env.envs.registry import make_tiny_env  # noqa: E402
+from pruning_env.training.train import default_checkpoint_path  # noqa: E402
+from pruning_env.core.provenance import git_commit, machine_description  # noqa: E402
 
 
 def _commit() -> str:
@@ -59,7 +59,7 @@ def _make_env(name: str, data_dir: str | None, bn_recal: int) -> tuple[FilterPru
     splits = load_splits("cifar10", data_dir)
     path = default_checkpoint_path(net, "cifar10", width_f, 30)
     if path.is_file():
-        from pruning_env.checkpoint import load
+        from pruning_env.core.checkpoint import load
 
         model, note = load(path).model, f"trained ({path.name})"
     else:

@@ -43,7 +43,15 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pruning_env import checkpoint, criteria, data, flops, models  # noqa: E402
+from pruning_env.core import checkpoint  # noqa: E402
+
+from pruning_env import criteria  # noqa: E402
+
+from pruning_env.core import data  # noqa: E402
+
+from pruning_env.engine import flops  # noqa: E402
+
+from pruning_env.core import models  # noqa: E402
 
 CHEAP_MODES = ("fisher", "fisher_delta", "linear")
 

@@ -8,7 +8,7 @@ trained network with DSFP scores). Then, per batch size (``--batch-sizes``), it 
 forward passes of all of them INTERLEAVED: ``--repeats`` rounds, each round one forward of every
 model in a rotating order, so load changes on a shared machine hit pruned and unpruned models
 alike. Reported: median ms per forward, speed-up = median(unpruned) / median(pruned), against the
-MACs ratio (pruned / unpruned MACs from ``pruning_env.flops``); the ideal speed-up is 1 / MACs ratio.
+MACs ratio (pruned / unpruned MACs from ``pruning_env.engine.flops``); the ideal speed-up is 1 / MACs ratio.
 Rate 0 is the unpruned width put through the same surgery: its speed-up shows the noise level.
 
     PYTHONPATH=. python benchmarks/latency.py                     # 5 nets x 5 rates, batch 1 and 64
@@ -37,11 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pruning_env import criteria  # noqa: E402
-from pruning_env.flops import count  # noqa: E402
-from pruning_env.graph import prunable_layers  # noqa: E402
-from pruning_env.models import build, list_models  # noqa: E402
-from pruning_env.pruning import apply, plan_uniform  # noqa: E402
-from pruning_env.provenance import git_commit, machine_description  # noqa: E402
+from pruning_env.engine.flops import count  # noqa: E402
+from pruning_env.engine.graph import prunable_layers  # noqa: E402
+from pruning_env.core.models import build, list_models  # noqa: E402
+from pruning_env.engine.surgery import apply  # noqa: E402
+from pruning_env.engine.plan import plan_uniform  # noqa: E402
+from pruning_env.core.provenance import git_commit, machine_description  # noqa: E402
 
 
 def _commit() -> str:

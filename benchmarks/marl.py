@@ -63,18 +63,21 @@ sys.path.insert(0, str(ROOT))
 
 import agents  # noqa: E402
 import pruning_env  # noqa: E402
-from pruning_env import checkpoint as ckpt  # noqa: E402
-from pruning_env.cli import add_config_args, config_from_args, option, resolve_device, seed_everything  # noqa: E402
-from pruning_env.data import load_splits  # noqa: E402
-from pruning_env.env import FilterPruningEnv, config_dict, objective  # noqa: E402
-from pruning_env.evaluation import evaluate  # noqa: E402
-from pruning_env.finetune import FinetuneConfig, finetune, recalibrate_bn  # noqa: E402
-from pruning_env.flops import count  # noqa: E402
-from pruning_env.pruning import PruningPlan, apply  # noqa: E402
-from pruning_env.registry import NETWORK_NAMES, make_benchmark_env  # noqa: E402
-from pruning_env.train import default_checkpoint_path  # noqa: E402
-from pruning_env.provenance import git_commit, machine_description  # noqa: E402
-from train_marl import pareto_front  # noqa: E402
+from pruning_env.core import checkpoint as ckpt  # noqa: E402
+from pruning_env.cli.options import add_config_args, config_from_args  # noqa: E402
+from pruning_env.core.config import option, resolve_device, seed_everything  # noqa: E402
+from pruning_env.core.data import load_splits  # noqa: E402
+from pruning_env.envs.env import FilterPruningEnv, config_dict, objective  # noqa: E402
+from pruning_env.core.evaluation import evaluate  # noqa: E402
+from pruning_env.training.finetune import FinetuneConfig, finetune  # noqa: E402
+from pruning_env.engine.bn import recalibrate_bn  # noqa: E402
+from pruning_env.engine.flops import count  # noqa: E402
+from pruning_env.engine.plan import PruningPlan  # noqa: E402
+from pruning_env.engine.surgery import apply  # noqa: E402
+from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env  # noqa: E402
+from pruning_env.training.train import default_checkpoint_path  # noqa: E402
+from pruning_env.core.provenance import git_commit, machine_description  # noqa: E402
+from pruning_env.cli.marl import pareto_front  # noqa: E402
 
 
 def _commit() -> str:
@@ -712,7 +715,7 @@ def write_report(state: dict[str, Any], cfg: BenchConfig, out_dir: Path, header:
                   else ", full training split")
                + ")", "",
                "TEST accuracy. 'Before' = right after pruning with BatchNorm re-estimated as in the env's reward. "
-               "MACs and params ratios counted on the pruned network (`pruning_env.flops.count`). Val objective = "
+               "MACs and params ratios counted on the pruned network (`pruning_env.engine.flops.count`). Val objective = "
                "the env's objective of the pruned network before fine-tuning (for the searches: the value the "
                "search saw). Torch-Pruning: `MagnitudePruner` with `MagnitudeImportance(p=1)`, global pruning of "
                "the same convs (all Linears ignored), per-layer cap = the largest grid rate, iterative steps until "

@@ -1,4 +1,4 @@
-"""Surgery speed: pruning_env.pruning.apply vs Torch-Pruning (DepGraph), side by side.
+"""Surgery speed: pruning_env.engine.apply vs Torch-Pruning (DepGraph), side by side.
 
 For each network, one random plan at ``--rate`` (uniform per layer) is applied
 ``--repeats`` times and the median wall-clock time is reported:
@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
-from pruning_env import flops
-from pruning_env.graph import prunable_layers
-from pruning_env.models import build
-from pruning_env.pruning import MacsModel, apply, plan_uniform
-from pruning_env.provenance import git_commit, machine_description
+from pruning_env.engine import flops
+from pruning_env.engine.graph import prunable_layers
+from pruning_env.core.models import build
+from pruning_env.engine.macs import MacsModel
+from pruning_env.engine.surgery import apply
+from pruning_env.engine.plan import plan_uniform
+from pruning_env.core.provenance import git_commit, machine_description
 
 
 def _commit() -> str:
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         command = "PYTHONPATH=. python benchmarks/surgery_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
         tp_version = getattr(tp, "__version__", "not installed") if tp is not None else "not installed"
         text = (
-            "# Surgery speed: pruning_env.pruning.apply vs Torch-Pruning DepGraph\n\n"
+            "# Surgery speed: pruning_env.engine.apply vs Torch-Pruning DepGraph\n\n"
             f"Command: `{command.strip()}`\n\n"
             f"Commit: {_commit()}\n\n"
             f"Machine (at start): {machine_start}\n\n"

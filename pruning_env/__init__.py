@@ -3,19 +3,22 @@
 Importing the package registers its environments with PettingZoo's registry
 (``pruning_env/Tiny-v0``, ``pruning_env/VGG16-CIFAR10-v0``, ...) and their
 single-agent views with Gymnasium (``...-Joint-v0``, ``...-Sequential-v0``).
+
+The public API is what ``__all__`` lists; the layers (``core``, ``criteria``,
+``engine``, ``training``, ``envs``, ``search``, ``cli``) are importable subpackages
+with their own ``__all__`` (see the README's "Architecture" section).
 """
 
 from __future__ import annotations
 
-from . import checkpoint, criteria, data, flops, models, pruning
-from .criteria import score
-from .data import load_splits
-from .env import EnvConfig, FilterPruningEnv
-from .flops import count as count_macs
-from .models import build, list_models
-from .pruning import PruningPlan, apply
-from .registry import list_envs, make, register_all
-from .wrappers import JointPruningEnv, SequentialPruningEnv
+from pruning_env.core.data import Splits, load_splits
+from pruning_env.core.models import build, list_models
+from pruning_env.criteria import list_criteria, score
+from pruning_env.engine import PruningPlan, apply
+from pruning_env.engine.flops import count as count_macs
+from pruning_env.envs.env import EnvConfig, FilterPruningEnv
+from pruning_env.envs.registry import list_envs, make, register_all
+from pruning_env.envs.views import JointPruningEnv, SequentialPruningEnv
 
 register_all()
 
@@ -25,21 +28,18 @@ __all__ = [
     "EnvConfig",
     "FilterPruningEnv",
     "JointPruningEnv",
-    "SequentialPruningEnv",
     "PruningPlan",
+    "SequentialPruningEnv",
+    "Splits",
+    "__version__",
     "apply",
     "build",
     "count_macs",
+    "list_criteria",
     "list_envs",
     "list_models",
     "load_splits",
     "make",
+    "register_all",
     "score",
-    "checkpoint",
-    "criteria",
-    "data",
-    "flops",
-    "models",
-    "pruning",
-    "__version__",
 ]

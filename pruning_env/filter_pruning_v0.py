@@ -1,6 +1,6 @@
 """PettingZoo's versioned-module style: ``from pruning_env import filter_pruning_v0``.
 
-``parallel_env(**kwargs)`` builds a :class:`~pruning_env.env.FilterPruningEnv`: with
+``parallel_env(**kwargs)`` builds a :class:`~pruning_env.envs.env.FilterPruningEnv`: with
 ``model=`` and ``splits=`` your own network and data, otherwise the ``Tiny-v0``
 problem. ``env(**kwargs)`` / ``raw_env(**kwargs)`` give its AEC version
 (``pettingzoo.utils.parallel_to_aec``). All accept ``max_cycles`` (= episode length).
@@ -13,8 +13,8 @@ from typing import Any
 from pettingzoo.utils import parallel_to_aec
 from pettingzoo.utils.env import AECEnv
 
-from .env import EnvConfig, FilterPruningEnv
-from .registry import make_tiny_env
+from pruning_env.envs.env import EnvConfig, FilterPruningEnv
+from pruning_env.envs.registry import make_tiny_env
 
 __all__ = ["parallel_env", "env", "raw_env"]
 

@@ -53,7 +53,7 @@ requires_cifar = pytest.mark.skipif(cifar_root() is None, reason="real CIFAR-10 
 def tiny_env_factory(tmp_path_factory):
     """Build Tiny-v0 envs (the baseline is trained once per session into a temp cache)."""
     import pruning_env  # noqa: F401  (registers the envs)
-    from pruning_env.registry import make_tiny_env
+    from pruning_env.envs.registry import make_tiny_env
 
     def factory(**kwargs):
         return make_tiny_env(**kwargs)
@@ -71,10 +71,10 @@ def cifar_vgg16():
     root = cifar_root()
     if root is None:
         pytest.skip("real CIFAR-10 not found under $PRUNING_ENV_DATA")
-    from pruning_env.cli import seed_everything
-    from pruning_env.data import Split, load_splits
-    from pruning_env.models import build
-    from pruning_env.train import TrainConfig, fit
+    from pruning_env.core.config import seed_everything
+    from pruning_env.core.data import Split, load_splits
+    from pruning_env.core.models import build
+    from pruning_env.training.train import TrainConfig, fit
 
     splits = load_splits("cifar10", root)
     small = type(splits)(**{**splits.__dict__, "train": splits.train.subset(10_000)})

@@ -69,7 +69,7 @@ def test_criteria_benchmark_smoke(tmp_path, capsys):
 def test_score_bank_matches_criteria_score():
     """The cached-component DSFP fusion is exactly what pruning_env.criteria.score computes."""
     from pruning_env import criteria
-    from pruning_env.models import build
+    from pruning_env.core.models import build
 
     bench = _load("criteria")
     torch.manual_seed(0)
@@ -113,7 +113,7 @@ def test_latency_benchmark_smoke(tmp_path):
 def test_baseline_recipe_description_names_every_augmentation():
     import dataclasses
 
-    from pruning_env.train import TrainConfig
+    from pruning_env.training.train import TrainConfig
 
     bench = _load("criteria")
     now = bench.describe_training(dataclasses.asdict(TrainConfig(aug_copies=2, ema_decay=0.999, cutout=8)))

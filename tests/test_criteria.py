@@ -9,7 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_env import criteria, data, models
+from pruning_env import criteria
+
+from pruning_env.core import data
+
+from pruning_env.core import models
 from pruning_env.criteria import CRITERIA, compute_components, fuse, list_criteria, prune_first, score
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
-from pruning_env import models
+from pruning_env.core import models
 from pruning_env.criteria import KL_MODES, score
 
 

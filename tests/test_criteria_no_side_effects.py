@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_env import models
+from pruning_env.core import models
 from pruning_env.criteria import CRITERIA, KL_MODES, compute_components, score
 
 _HOOK_DICTS = (

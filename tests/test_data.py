@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import cifar_root, requires_cifar, write_image_folder
-from pruning_env.data import DataError, augment, batches, load_dataset, load_splits, make_synthetic
+from pruning_env.core.data import DataError, augment, batches, load_dataset, load_splits, make_synthetic
 
 
 def _write_cifar_python(root, n_per_batch=20):
@@ -49,7 +49,7 @@ def test_image_folder_loads_rgb_and_grayscale(tmp_path, mode, fmt):
 def test_second_load_hits_the_cache(tmp_path, monkeypatch):
     write_image_folder(tmp_path / "toy", per_class=40)
     first = load_dataset("toy", tmp_path)
-    import pruning_env.data as data
+    import pruning_env.core.data as data
 
     def boom(*a, **k):
         raise AssertionError("decoded again")

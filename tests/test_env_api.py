@@ -9,7 +9,7 @@ from pettingzoo.utils import parallel_to_aec
 
 import pruning_env
 from pruning_env import filter_pruning_v0
-from pruning_env.registry import make_benchmark_env
+from pruning_env.envs.registry import make_benchmark_env
 
 
 def test_tiny_passes_the_pettingzoo_tests(tiny_env_factory):

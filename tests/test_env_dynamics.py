@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from pruning_env.env import objective
-from pruning_env.flops import count
-from pruning_env.registry import make_benchmark_env
+from pruning_env.envs.env import objective
+from pruning_env.engine.flops import count
+from pruning_env.envs.registry import make_benchmark_env
 
 
 def _rollout(env, actions_per_step, seed=0):

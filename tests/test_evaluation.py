@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_env.data import Split
-from pruning_env.evaluation import evaluate, measure_latency
+from pruning_env.core.data import Split
+from pruning_env.core.evaluation import evaluate, measure_latency
 
 
 class _LeftHalf(nn.Module):

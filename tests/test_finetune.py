@@ -6,15 +6,17 @@ import pytest
 import torch
 from torch import nn
 
-import pruning_env.finetune as finetune_mod
-from pruning_env import checkpoint as ckpt
-from pruning_env.data import load_splits
-from pruning_env.evaluation import evaluate
-from pruning_env.finetune import FinetuneConfig, alpha_at, finetune, kd_loss, recalibrate_bn
-from pruning_env.graph import prunable_layers
-from pruning_env.models import build
-from pruning_env.pruning import apply, plan_uniform
-from pruning_env.train import TrainConfig, fit
+import pruning_env.training.finetune as finetune_mod
+from pruning_env.core import checkpoint as ckpt
+from pruning_env.core.data import load_splits
+from pruning_env.core.evaluation import evaluate
+from pruning_env.training.finetune import FinetuneConfig, alpha_at, finetune, kd_loss
+from pruning_env.engine.bn import recalibrate_bn
+from pruning_env.engine.graph import prunable_layers
+from pruning_env.core.models import build
+from pruning_env.engine.surgery import apply
+from pruning_env.engine.plan import plan_uniform
+from pruning_env.training.train import TrainConfig, fit
 
 
 

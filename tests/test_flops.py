@@ -3,8 +3,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pruning_env.flops import count
-from pruning_env.models import build, list_models
+from pruning_env.engine.flops import count
+from pruning_env.core.models import build, list_models
 
 
 def _independent_conv_linear_macs(model: nn.Module, shape) -> int:
@@ -27,7 +27,7 @@ def test_counter_matches_torch_flop_counter(name, width):
 
 
 def test_counter_on_irregular_widths_and_sizes():
-    from pruning_env.models import ModelSpec, build_from_spec
+    from pruning_env.core.models import ModelSpec, build_from_spec
 
     spec = ModelSpec("alexnet", 10, 1, (5, 7, 9, 3, 11), (13, 6))
     model = build_from_spec(spec)

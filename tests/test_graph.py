@@ -1,12 +1,12 @@
-"""Prunable-layer discovery (pruning_env.graph) on built-in and user-defined models."""
+"""Prunable-layer discovery (pruning_env.engine.graph) on built-in and user-defined models."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_env.graph import GraphError, consumer_map, prunable_layers
-from pruning_env.models import build
+from pruning_env.engine.graph import GraphError, consumer_map, prunable_layers
+from pruning_env.core.models import build
 
 
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pruning_env.flops import count
-from pruning_env.models import build, build_from_spec, channel_spec, list_models
+from pruning_env.engine.flops import count
+from pruning_env.core.models import build, build_from_spec, channel_spec, list_models
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -48,5 +48,5 @@ def test_bad_names_and_arguments_are_clear():
         build("vgg16", num_classes=1)
     with pytest.raises(ValueError, match="width"):
         build("vgg16", num_classes=10, width=0)
-    with pytest.raises(ValueError, match="pruning_env.models"):
+    with pytest.raises(ValueError, match="pruning_env.core.models"):
         channel_spec(torch.nn.Linear(2, 2))

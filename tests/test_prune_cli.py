@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pruning_env import checkpoint as ckpt
-from pruning_env.models import channel_spec
-from pruning_env.prune import main
-from pruning_env.pruning import PruningPlan
-from pruning_env.train import TrainConfig, train
+from pruning_env.core import checkpoint as ckpt
+from pruning_env.core.models import channel_spec
+from pruning_env.cli.prune import main
+from pruning_env.engine.plan import PruningPlan
+from pruning_env.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 

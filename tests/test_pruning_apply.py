@@ -6,11 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from pruning_env import checkpoint as ckpt
-from pruning_env import flops
-from pruning_env.graph import prunable_layers
-from pruning_env.models import build, channel_spec
-from pruning_env.pruning import MacsModel, PlanError, PruningPlan, apply, plan_uniform
+from pruning_env.core import checkpoint as ckpt
+from pruning_env.engine import flops
+from pruning_env.engine.graph import prunable_layers
+from pruning_env.core.models import build, channel_spec
+from pruning_env.engine.macs import MacsModel
+from pruning_env.engine.plan import PlanError, PruningPlan, plan_uniform
+from pruning_env.engine.surgery import apply
 
 from test_graph import UserNet
 

@@ -7,10 +7,17 @@ import pickle
 import pytest
 import torch
 
-from pruning_env.graph import prunable_layers
-from pruning_env.models import build
-from pruning_env.pruning import (PlanError, PruningPlan, keep_count_for_rate, plan_global, plan_per_layer,
-                                 plan_top_k, plan_uniform)
+from pruning_env.engine.graph import prunable_layers
+from pruning_env.core.models import build
+from pruning_env.engine.plan import (
+    PlanError,
+    PruningPlan,
+    keep_count_for_rate,
+    plan_global,
+    plan_per_layer,
+    plan_top_k,
+    plan_uniform,
+)
 
 
 

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-import pruning_env.train as train_mod
-from pruning_env import checkpoint as ckpt
-from pruning_env.models import ModelSpec, build_from_spec
-from pruning_env.train import TrainConfig, train
+import pruning_env.training.train as train_mod
+from pruning_env.core import checkpoint as ckpt
+from pruning_env.core.models import ModelSpec, build_from_spec
+from pruning_env.training.train import TrainConfig, train
 
 
 def _cfg(tmp_path, **kw):
@@ -91,7 +91,7 @@ def test_recipe_fields_a_checkpoint_predates_count_as_their_old_values(tmp_path)
 
 def test_cached_baseline_resumes_with_the_recipe_it_was_started_with(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    from pruning_env.registry import baseline_model
+    from pruning_env.envs.registry import baseline_model
 
     path = train_mod.default_checkpoint_path("vgg11", "synthetic", 0.125, 3)
     real_batches = _interrupt_in_second_epoch(monkeypatch)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import train_marl
-from pruning_env import checkpoint as ckpt
+from pruning_env.cli import marl as train_marl
+from pruning_env.core import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import pruning_env  # noqa: F401  (registers the Gymnasium ids)
-from pruning_env.registry import make_benchmark_env
-from pruning_env.wrappers import JointPruningEnv, SequentialPruningEnv
+from pruning_env.envs.registry import make_benchmark_env
+from pruning_env.envs.views import JointPruningEnv, SequentialPruningEnv
 
 
 def test_views_pass_the_gymnasium_checker(tiny_env_factory):

@@ -1,4 +1,4 @@
-"""Single-agent Gymnasium views of :class:`~pruning_env.env.FilterPruningEnv`.
+"""Single-agent Gymnasium views of :class:`~pruning_env.envs.env.FilterPruningEnv`.
 
 Both views wrap the same multi-agent env, so single-agent algorithms are
 compared with multi-agent ones on exactly the same problem (same plans, same
@@ -22,7 +22,7 @@ import gymnasium
 import numpy as np
 from gymnasium import spaces
 
-from .env import FilterPruningEnv
+from pruning_env.envs.env import FilterPruningEnv
 
 __all__ = ["JointPruningEnv", "SequentialPruningEnv", "AMC_FEATURES"]
 

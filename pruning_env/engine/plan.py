@@ -1,6 +1,6 @@
-"""The pruning engine: plans, physical surgery and MACs prediction.
+"""Pruning plans, the one rate rule, and plan builders.
 
-Low-level operations are kept apart from policies:
+The engine keeps low-level operations apart from policies:
 
 * :class:`PruningPlan` is a plain value: for each prunable layer, its original
   width and the sorted indices of the filters it *keeps*. Plans can be saved
@@ -13,7 +13,7 @@ Low-level operations are kept apart from policies:
 * :class:`MacsModel` predicts the MACs and parameters of any plan in
   microseconds, without building a model (for an RL environment's hot path).
 
-Which layers are prunable is decided by :mod:`pruning_env.graph` (block-internal
+Which layers are prunable is decided by :mod:`pruning_env.engine.graph` (block-internal
 convs of ResNets only; see its docstring).
 
 Rates and counts
@@ -28,11 +28,9 @@ Among equal scores the filter with the lower index is pruned first.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -41,8 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import flops as flops_mod
-from .graph import PrunableLayer, consumer_map, prunable_layers
+from pruning_env.engine.graph import PrunableLayer, prunable_layers
 
 __all__ = [
     "PlanError",
@@ -52,8 +49,6 @@ __all__ = [
     "plan_per_layer",
     "plan_global",
     "keep_count_for_rate",
-    "apply",
-    "MacsModel",
 ]
 
 PLAN_FORMAT = "pruning_env.plan/1"
@@ -251,7 +246,7 @@ class PruningPlan:
 
         Args:
             model_or_layers: a model (its prunable layers are found with
-                :func:`~pruning_env.graph.prunable_layers`) or those layers.
+                :func:`~pruning_env.engine.graph.prunable_layers`) or those layers.
             input_shape: ``(C, H, W)`` when a model is given.
 
         Checks: every layer is prunable, its width equals the plan's width, indices
@@ -404,298 +399,3 @@ def plan_global(scores: Mapping[str, Any], rate: float, *, min_keep: int = 1, ro
     pruned_per_layer = torch.bincount(all_owner[all_cand][order], minlength=len(names)).tolist()
     counts = {n: _adjust_count(w - p, w, min_keep, round_to) for n, w, p in zip(names, widths, pruned_per_layer)}
     return plan_top_k(s, counts)
-
-
-# ----------------------------------------------------------------------------- surgery
-
-
-def _new_param(old: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    if isinstance(old, nn.Parameter):
-        return nn.Parameter(data, requires_grad=old.requires_grad)
-    return data
-
-
-_PER_CHANNEL = frozenset({"weight", "bias", "running_mean", "running_var"})  # dim 0 = output channel
-_ATOMIC = frozenset({type(None), bool, int, float, str, torch.dtype, torch.device})
-_CONTAINERS = frozenset({tuple, list, set, dict, OrderedDict})
-
-
-def _clone_tree(module: nn.Module, memo: dict[int, Any]) -> nn.Module:
-    """A structural copy of ``module``: tensors come from ``memo`` (prepared by the
-    caller), submodules are cloned recursively, small attributes are deep-copied.
-    Much cheaper than ``copy.deepcopy`` on a whole model, which we only use for
-    modules that define their own copying (e.g. ``fx.GraphModule``)."""
-    done = memo.get(id(module))
-    if done is not None:
-        return done
-    cls = type(module)
-    if getattr(cls, "__deepcopy__", None) is not None:
-        new = copy.deepcopy(module, memo)
-        return new
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    state = {}
-    for key, value in module.__dict__.items():
-        kind = type(value)
-        if kind in _ATOMIC:
-            state[key] = value
-        elif key == "_parameters" or key == "_buffers":
-            state[key] = {n: (None if t is None else memo[id(t)]) for n, t in value.items()}
-        elif key == "_modules":
-            state[key] = {n: (None if m is None else _clone_tree(m, memo)) for n, m in value.items()}
-        elif kind in _CONTAINERS and all(type(v) in _ATOMIC for v in value):
-            state[key] = value if kind is tuple else kind(value)  # incl. the many empty hook dicts
-        else:
-            state[key] = copy.deepcopy(value, memo)
-    new.__dict__.update(state)
-    return new
-
-
-def apply(model: nn.Module, plan: PruningPlan, input_shape: tuple[int, int, int] = (3, 32, 32), *,
-          layers: Sequence[PrunableLayer] | None = None) -> nn.Module:
-    """Physically remove the filters ``plan`` prunes; return a new, smaller model.
-
-    Each pruned conv loses output channels (weight rows, bias), its BatchNorm the
-    matching ``weight``, ``bias``, ``running_mean`` and ``running_var``, and each
-    consumer the matching input channels (conv) or input features (Linear after a
-    flatten: ``block`` consecutive features per channel).
-
-    The original model is not modified and shares no tensor or mutable state with
-    the result: kept slices are gathered with ``index_select`` into new tensors, the
-    rest is cloned once, and the module tree is rebuilt without ``copy.deepcopy``.
-    Attributes such as a built-in model's ``.arch`` are kept, so
-    :func:`~pruning_env.models.channel_spec` and :mod:`~pruning_env.checkpoint` work.
-
-    Args:
-        model: the unpruned model the plan was made for (any device/dtype).
-        plan: which filters to keep.
-        input_shape: ``(C, H, W)`` of one input, used to find the prunable layers.
-        layers: the model's :func:`~pruning_env.graph.prunable_layers` if already
-            known; pass them in hot loops to skip the ``torch.fx`` trace.
-
-    Returns:
-        The pruned model, in the original's train/eval mode, on its device.
-
-    Raises:
-        PlanError: the plan does not fit the model (see :meth:`PruningPlan.validate`).
-    """
-    if not isinstance(plan, PruningPlan):
-        raise PlanError(f"plan must be a PruningPlan, got {type(plan).__name__}")
-    if layers is None:
-        layers = prunable_layers(model, input_shape)
-    plan.validate(layers)
-
-    # Which dimension of which module shrinks: out-channel indices and in-feature indices.
-    out_index: dict[str, torch.Tensor] = {}
-    in_index: dict[str, torch.Tensor] = {}
-    new_out: dict[str, int] = {}
-    new_in: dict[str, int] = {}
-    for layer in layers:
-        if layer.name not in plan.keep:
-            continue
-        kept = plan.keep[layer.name]
-        if len(kept) == layer.out_channels:
-            continue  # keeps everything (indices are validated: sorted, unique, in range)
-        idx = plan.indices(layer.name)
-        out_index[layer.name] = idx
-        new_out[layer.name] = len(kept)
-        if layer.bn is not None:
-            out_index[layer.bn] = idx
-            new_out[layer.bn] = len(kept)
-        for consumer, block in layer.consumers:
-            in_index[consumer] = idx if block == 1 else (idx[:, None] * block + torch.arange(block)).flatten()
-            new_in[consumer] = len(kept) * block
-
-    memo: dict[int, Any] = {}
-    with torch.no_grad():
-        for mname, module in model.named_modules(remove_duplicate=False):
-            o_idx, i_idx = out_index.get(mname), in_index.get(mname)
-            for pname, t in list(module._parameters.items()) + list(module._buffers.items()):
-                if t is None or id(t) in memo:
-                    continue
-                data, copied = t.detach(), False
-                if o_idx is not None and pname in _PER_CHANNEL:
-                    data, copied = data.index_select(0, o_idx.to(data.device)), True
-                if i_idx is not None and pname == "weight" and t.dim() >= 2:
-                    data, copied = data.index_select(1, i_idx.to(data.device)), True
-                if not copied:
-                    data = data.clone()
-                memo[id(t)] = _new_param(t, data)
-        new_model = _clone_tree(model, memo)
-
-    for name, n in new_out.items():
-        mod = new_model.get_submodule(name)
-        if isinstance(mod, nn.Conv2d):
-            mod.out_channels = n
-        elif isinstance(mod, nn.BatchNorm2d):
-            mod.num_features = n
-    for name, n in new_in.items():
-        mod = new_model.get_submodule(name)
-        if isinstance(mod, nn.Conv2d):
-            mod.in_channels = n
-        elif isinstance(mod, nn.Linear):
-            mod.in_features = n
-    return new_model
-
-
-# ----------------------------------------------------------------------------- MACs model
-
-
-class MacsModel:
-    """Predict a pruned model's MACs and parameters from keep counts alone.
-
-    Built once from the unpruned model. Every layer that :func:`pruning_env.flops.count`
-    counts and whose width a plan can change contributes
-    ``a*O*I + b*O + c*I + d`` MACs (and likewise parameters), where ``O`` is its
-    output width (its own keep count for a prunable conv or its BatchNorm, else
-    fixed) and ``I`` its input width (``keep count * block`` of the prunable layer
-    feeding it, else fixed): conv MACs are bilinear in in/out channels, BatchNorm
-    linear in its channels, a Linear after a flatten bilinear in kept blocks. The
-    coefficients are measured, not assumed: each such layer is rebuilt on the
-    ``meta`` device at widths ``{1, 2} x {1, 2}`` and counted with ``flops.count``,
-    so predictions follow that counter's conventions (e.g. whether biases count)
-    exactly. Everything else is a constant. :meth:`predict` takes microseconds.
-
-    Attributes:
-        layer_names: the prunable layers, in forward order.
-        widths: their unpruned widths (``(L,)`` int64 array).
-        base_macs, base_params: the unpruned model's MACs (per image) and parameters.
-    """
-
-    def __init__(self, layer_names: Sequence[str], widths: Sequence[int], terms: np.ndarray,
-                 const_macs: int, const_params: int) -> None:
-        self.layer_names = tuple(layer_names)
-        self.widths = np.asarray(widths, dtype=np.int64)
-        self._index = {n: i for i, n in enumerate(self.layer_names)}
-        # columns: out_layer, out_fixed, in_layer, in_block, in_fixed, 4 MAC coefficients, 4 param coefficients
-        self._terms = np.asarray(terms, dtype=np.int64).reshape(-1, 13)
-        self._const_macs = int(const_macs)
-        self._const_params = int(const_params)
-        self.base_macs, self.base_params = self.predict_array(self.widths)
-
-    @classmethod
-    def from_model(cls, model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32), *,
-                   layers: Sequence[PrunableLayer] | None = None) -> "MacsModel":
-        """Analyse the unpruned ``model`` for inputs of ``input_shape`` ``(C, H, W)``."""
-        if layers is None:
-            layers = prunable_layers(model, input_shape)
-        report = flops_mod.count(model, input_shape)
-        modules = dict(model.named_modules())
-        index = {l.name: i for i, l in enumerate(layers)}
-        out_of: dict[str, int] = {}
-        for l in layers:
-            out_of[l.name] = index[l.name]
-            if l.bn is not None:
-                out_of[l.bn] = index[l.name]
-        in_of = {c: (index[p], block) for c, (p, block) in consumer_map(list(layers)).items()}
-        linked = [n for n in report.per_layer_macs if n in out_of or n in in_of]
-        in_shapes = _input_shapes(model, input_shape, linked)
-        const_macs, const_params = report.macs, report.params
-        rows = []
-        for name in linked:
-            mod = modules[name]
-            const_macs -= report.per_layer_macs[name]
-            const_params -= report.per_layer_params[name]
-            if isinstance(mod, nn.Conv2d):
-                o0, i0 = mod.out_channels, mod.in_channels
-            elif isinstance(mod, nn.Linear):
-                o0, i0 = mod.out_features, mod.in_features
-            elif isinstance(mod, nn.BatchNorm2d):
-                o0 = i0 = mod.num_features
-            else:  # pragma: no cover - the graph only links convs, BatchNorm2d and Linear
-                raise TypeError(f"unexpected layer type {type(mod).__name__} at {name}")
-            macs_c, params_c = _probe_coefficients(mod, in_shapes[name])
-            in_layer, block = in_of.get(name, (-1, 1))
-            rows.append((out_of.get(name, -1), o0, in_layer, block, i0, *macs_c, *params_c))
-        mm = cls([l.name for l in layers], [l.out_channels for l in layers], np.asarray(rows, dtype=np.int64),
-                 const_macs, const_params)
-        if (mm.base_macs, mm.base_params) != (report.macs, report.params):  # pragma: no cover - a safety net
-            raise RuntimeError(f"MacsModel does not reproduce flops.count on the unpruned model "
-                               f"({mm.base_macs}, {mm.base_params}) != ({report.macs}, {report.params})")
-        return mm
-
-    def predict_array(self, keep: np.ndarray | Sequence[int]) -> tuple[int, int]:
-        """``(macs, params)`` for keep counts given as an ``(L,)`` array in ``layer_names`` order."""
-        k = np.asarray(keep, dtype=np.int64)
-        t = self._terms
-        if t.shape[0] == 0:
-            return self._const_macs, self._const_params
-        o = np.where(t[:, 0] >= 0, k[t[:, 0]], t[:, 1])
-        i = np.where(t[:, 2] >= 0, k[t[:, 2]] * t[:, 3], t[:, 4])
-        basis = np.stack([o * i, o, i, np.ones_like(o)], axis=1)  # (terms, 4)
-        macs = int((t[:, 5:9] * basis).sum()) + self._const_macs
-        params = int((t[:, 9:13] * basis).sum()) + self._const_params
-        return macs, params
-
-    def predict(self, keep_counts: Mapping[str, int]) -> tuple[int, int]:
-        """``(macs per image, params)`` of the model whose layers keep ``keep_counts``
-        filters (``{layer: count}``; missing layers keep all)."""
-        k = self.widths.copy()
-        for name, count in keep_counts.items():
-            i = self._index.get(name)
-            if i is None:
-                raise PlanError(f"{name!r} is not a prunable layer of this model")
-            k[i] = count
-        if (k < 1).any() or (k > self.widths).any():
-            bad = [(n, int(c), int(w)) for n, c, w in zip(self.layer_names, k, self.widths) if not 1 <= c <= w]
-            raise PlanError(f"keep counts outside [1, width]: {bad[:4]}")
-        return self.predict_array(k)
-
-    def predict_plan(self, plan: PruningPlan) -> tuple[int, int]:
-        """``(macs, params)`` after applying ``plan``."""
-        return self.predict(plan.keep_counts())
-
-
-def _input_shapes(model: nn.Module, input_shape: tuple[int, ...], names: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Input shape (without the batch dimension) of each named module for one forward pass."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    modules = dict(model.named_modules())
-    handles = []
-    for name in names:
-        def hook(_mod: nn.Module, args: tuple, name: str = name) -> None:
-            shapes[name] = tuple(int(s) for s in args[0].shape[1:])
-        handles.append(modules[name].register_forward_pre_hook(hook))
-    was_training = model.training
-    param = next(model.parameters(), None)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape[-3:]), device=param.device if param is not None else "cpu",
-                              dtype=param.dtype if param is not None else torch.float32))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return shapes
-
-
-def _probe_coefficients(mod: nn.Module, in_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Coefficients ``(a, b, c, d)`` of ``a*O*I + b*O + c*I + d`` for the MACs and the
-    parameters of ``mod`` at output width ``O`` and input width ``I``, measured by
-    counting meta-device copies of ``mod`` at ``O, I in {1, 2}`` with ``flops.count``."""
-    f_macs, f_params = {}, {}
-    for o in (1, 2):
-        for i in (1, 2):
-            if isinstance(mod, nn.Conv2d):
-                probe: nn.Module = nn.Conv2d(i, o, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
-                                             bias=mod.bias is not None, padding_mode=mod.padding_mode, device="meta")
-                shape = (i, *in_shape[1:])
-            elif isinstance(mod, nn.Linear):
-                if len(in_shape) != 1:
-                    raise PlanError(f"a Linear consumer must take (N, features) input, got (N, {in_shape})")
-                probe = nn.Sequential(nn.Flatten(), nn.Linear(i, o, bias=mod.bias is not None, device="meta"))
-                shape = (i, 1, 1)
-            else:
-                probe = nn.BatchNorm2d(o, affine=mod.affine, track_running_stats=mod.track_running_stats,
-                                       device="meta")
-                shape = (o, *in_shape[1:])
-            rep = flops_mod.count(probe, shape)
-            f_macs[o, i], f_params[o, i] = rep.macs, rep.params
-
-    def solve(f: dict[tuple[int, int], int]) -> tuple[int, ...]:
-        a = f[2, 2] - f[2, 1] - f[1, 2] + f[1, 1]
-        b = f[2, 1] - f[1, 1] - a
-        c = f[1, 2] - f[1, 1] - a
-        return a, b, c, f[1, 1] - a - b - c
-
-    return solve(f_macs), solve(f_params)

@@ -15,15 +15,17 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from torch import nn
 
-from . import checkpoint as ckpt
-from .cli import option
-from .criteria import compute_components, fuse, list_criteria, minmax, score
-from .data import Splits
-from .evaluation import evaluate
-from .finetune import recalibrate_bn
-from .flops import count
-from .graph import consumer_map, prunable_layers
-from .pruning import MacsModel, PruningPlan, apply
+from pruning_env.core import checkpoint as ckpt
+from pruning_env.core.config import option
+from pruning_env.criteria import compute_components, fuse, list_criteria, minmax, score
+from pruning_env.core.data import Splits
+from pruning_env.core.evaluation import evaluate
+from pruning_env.engine.bn import recalibrate_bn
+from pruning_env.engine.flops import count
+from pruning_env.engine.graph import consumer_map, prunable_layers
+from pruning_env.engine.macs import MacsModel
+from pruning_env.engine.plan import PruningPlan
+from pruning_env.engine.surgery import apply
 
 __all__ = ["EnvConfig", "FilterPruningEnv", "objective", "REWARD_MODES", "OBSERVATION_FEATURES"]
 
@@ -126,7 +128,7 @@ class FilterPruningEnv(ParallelEnv):
     Agents
     ------
     ``layer_0 ... layer_{L-1}``, one per prunable conv in forward order (see
-    :func:`pruning_env.graph.prunable_layers`: ResNets expose only block-internal
+    :func:`pruning_env.engine.graph.prunable_layers`: ResNets expose only block-internal
     convs). All agents share one observation space and one action space.
 
     Observation Space
@@ -191,7 +193,7 @@ class FilterPruningEnv(ParallelEnv):
     Arguments
     ---------
     ``model``: a trained ``nn.Module`` (never modified) or a checkpoint path;
-    ``splits``: :class:`pruning_env.data.Splits` (calibration from ``train``,
+    ``splits``: :class:`pruning_env.core.data.Splits` (calibration from ``train``,
     rewards from ``val``; ``test`` is never touched); ``config``: :class:`EnvConfig`
     (or its fields as keyword arguments); ``max_cycles``: alias of
     ``episode_length`` (what ``pettingzoo.make`` passes); ``device``.
@@ -227,13 +229,13 @@ class FilterPruningEnv(ParallelEnv):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or a checkpoint path, got {type(model).__name__}")
         if not isinstance(splits, Splits):
-            raise TypeError("splits must be a pruning_env.data.Splits (e.g. from pruning_env.data.load_splits)")
+            raise TypeError("splits must be a pruning_env.core.data.Splits (e.g. from pruning_env.core.data.load_splits)")
         self.splits = splits
         self.input_shape = splits.input_shape
         self._base = model.to(self.device).eval()  # never modified: every network is a new pruned copy
         self._layers = prunable_layers(self._base, self.input_shape)
         if not self._layers:
-            raise ValueError("the model has no prunable conv layer (see pruning_env.graph for the policy)")
+            raise ValueError("the model has no prunable conv layer (see pruning_env.engine.graph for the policy)")
         self._names = [layer.name for layer in self._layers]
         self._orig = np.array([layer.out_channels for layer in self._layers])
         self._widths = {layer.name: layer.out_channels for layer in self._layers}

@@ -308,7 +308,7 @@ def channel_spec(model: nn.Module) -> ModelSpec:
     arch = getattr(model, "arch", None)
     if arch not in list_models():
         raise ValueError(
-            "channel_spec() needs a network built by pruning_env.models (it has an .arch attribute); "
+            "channel_spec() needs a network built by pruning_env.core.models (it has an .arch attribute); "
             f"got {type(model).__name__}"
         )
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]

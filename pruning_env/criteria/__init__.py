@@ -400,7 +400,7 @@ def _check_batch(images: Any, labels: Any, *, need_labels: bool) -> tuple[Tensor
     if images.dim() != 4:
         raise ValueError(f"images must be a (N, C, H, W) tensor, got shape {tuple(images.shape)}")
     if not images.is_floating_point():
-        raise ValueError(f"images must be float and normalised (e.g. via pruning_env.data.batches), got {images.dtype}")
+        raise ValueError(f"images must be float and normalised (e.g. via pruning_env.core.data.batches), got {images.dtype}")
     if images.shape[0] == 0:
         raise ValueError("images is an empty batch (N = 0)")
     if not bool(torch.isfinite(images).all()):

@@ -27,9 +27,9 @@ import pettingzoo
 import torch
 from torch import nn
 
-from .cli import resolve_device
-from .data import Splits, load_splits, make_synthetic
-from .env import EnvConfig, FilterPruningEnv
+from pruning_env.core.config import resolve_device
+from pruning_env.core.data import Splits, load_splits, make_synthetic
+from pruning_env.envs.env import EnvConfig, FilterPruningEnv
 
 __all__ = ["make", "list_envs", "make_benchmark_env", "make_tiny_env", "baseline_model", "register_all"]
 
@@ -57,8 +57,8 @@ def baseline_model(
     progress: bool = True,
 ) -> nn.Module:
     """The cached trained baseline ``net`` on ``dataset``; trains and caches it if missing."""
-    from .checkpoint import load
-    from .train import TrainConfig, default_checkpoint_path, recipe_mismatch, train
+    from pruning_env.core.checkpoint import load
+    from pruning_env.training.train import TrainConfig, default_checkpoint_path, recipe_mismatch, train
 
     path = default_checkpoint_path(net, dataset, width, epochs)
     partial = load(path) if path.is_file() else None
@@ -118,8 +118,8 @@ def _tiny_splits() -> Splits:
 
 def _tiny_baseline() -> nn.Module:
     """The Tiny-v0 baseline: a 4-conv CNN trained for a few seconds on synthetic data, cached."""
-    from .checkpoint import load
-    from .train import TrainConfig, default_checkpoint_path, fit
+    from pruning_env.core.checkpoint import load
+    from pruning_env.training.train import TrainConfig, default_checkpoint_path, fit
 
     path = default_checkpoint_path("tiny", "synthetic", 1.0, 4)
     if path.is_file():
@@ -127,8 +127,8 @@ def _tiny_baseline() -> nn.Module:
             return load(path).model
         except Exception:  # noqa: BLE001 - a broken cache entry is simply rebuilt
             path.unlink()
-    from .cli import seed_everything
-    from .models import build
+    from pruning_env.core.config import seed_everything
+    from pruning_env.core.models import build
 
     seed_everything(0)
     model = build("tiny", num_classes=4)
@@ -159,13 +159,13 @@ def make(env_id: str, **kwargs: Any) -> FilterPruningEnv:
 
 
 def _joint(env_id: str, **kwargs: Any) -> gymnasium.Env:
-    from .wrappers import JointPruningEnv
+    from pruning_env.envs.views import JointPruningEnv
 
     return JointPruningEnv(make(env_id, **kwargs))
 
 
 def _sequential(env_id: str, **kwargs: Any) -> gymnasium.Env:
-    from .wrappers import SequentialPruningEnv
+    from pruning_env.envs.views import SequentialPruningEnv
 
     return SequentialPruningEnv(make(env_id, **kwargs))
 

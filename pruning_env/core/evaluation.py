@@ -7,7 +7,7 @@ import time
 import torch
 from torch import nn
 
-from .data import Split, batches
+from pruning_env.core.data import Split, batches
 
 __all__ = ["evaluate", "measure_latency"]
 

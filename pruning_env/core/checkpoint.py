@@ -7,7 +7,7 @@ how it was made, also after pruning changed the widths:
 key                content
 =================  ============================================================
 format_version     :data:`FORMAT_VERSION`
-spec               :class:`~pruning_env.models.ModelSpec` as a dict (arch, classes,
+spec               :class:`~pruning_env.core.models.ModelSpec` as a dict (arch, classes,
                    input channels, actual width of every conv and hidden Linear)
 state_dict         the weights
 module             only for a user's own architecture (not in ``models``): the
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import ModelSpec, build_from_spec, channel_spec, list_models
+from pruning_env.core.models import ModelSpec, build_from_spec, channel_spec, list_models
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "save", "load", "CheckpointError", "atomic_save"]
 
@@ -132,7 +132,7 @@ def load(
         raise CheckpointError(f"cannot read checkpoint {path}: {msg}") from None
     if not isinstance(blob, dict) or "format_version" not in blob:
         raise CheckpointError(
-            f"{path} is not a pruning_env checkpoint (no format_version); save models with pruning_env.checkpoint.save"
+            f"{path} is not a pruning_env checkpoint (no format_version); save models with pruning_env.core.checkpoint.save"
         )
     if blob["format_version"] > FORMAT_VERSION:
         raise CheckpointError(

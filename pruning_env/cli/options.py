@@ -18,16 +18,9 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-__all__ = ["option", "add_config_args", "config_from_args", "resolve_device", "seed_everything", "print_json"]
+__all__ = ["add_config_args", "config_from_args", "print_json"]
 
 T = TypeVar("T")
-
-
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
-    """A dataclass field with a help text (used for ``--help``)."""
-    if isinstance(default, (list, dict, set)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kwargs})
-    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
 def _base_type(tp: Any) -> tuple[Any, bool]:
@@ -69,26 +62,6 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **overrides: Any) -
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     values.update(overrides)
     return cls(**values)  # type: ignore[call-arg]
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; otherwise check the name is usable."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
-    return dev
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's ``random``, NumPy's legacy global RNG and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def print_json(obj: dict[str, Any]) -> None:

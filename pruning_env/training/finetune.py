@@ -1,4 +1,4 @@
-"""Fine-tuning of pruned networks (optionally with knowledge distillation) and BN recalibration.
+"""Fine-tuning of pruned networks, optionally with knowledge distillation.
 
 Recipe (our choice, for few epochs on a CPU): SGD with Nesterov momentum 0.9,
 learning rate 0.01 with a cosine decay to zero stepped per batch, weight decay
@@ -42,14 +42,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import checkpoint as ckpt
-from .cli import option, resolve_device, seed_everything
-from .data import Splits, batches
-from .evaluation import evaluate
-from .models import list_models
-from .optim import param_groups
+from pruning_env.core import checkpoint as ckpt
+from pruning_env.core.config import option, resolve_device, seed_everything
+from pruning_env.core.data import Splits, batches
+from pruning_env.core.evaluation import evaluate
+from pruning_env.core.models import list_models
+from pruning_env.training.optim import param_groups
 
-__all__ = ["FinetuneConfig", "finetune", "kd_loss", "alpha_at", "recalibrate_bn"]
+__all__ = ["FinetuneConfig", "finetune", "kd_loss", "alpha_at"]
 
 
 @dataclass
@@ -125,52 +125,6 @@ def kd_loss(
                   reduction="batchmean", log_target=True)
     ce = F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing)
     return alpha * t * t * kl + (1.0 - alpha) * ce
-
-
-@torch.no_grad()
-def recalibrate_bn(
-    model: nn.Module,
-    splits: Splits,
-    n_batches: int,
-    batch_size: int = 128,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-) -> nn.Module:
-    """Re-estimate every BatchNorm's running statistics on ``n_batches`` training batches.
-
-    The statistics are reset and re-accumulated as a cumulative (equal-weight)
-    average (``momentum=None``) over ``n_batches`` shuffled, un-augmented batches
-    of ``splits.train`` drawn with ``seed``, with the rest of the model in eval
-    mode (dropout off). Each BN's momentum and every module's train/eval mode are
-    restored afterwards. Deterministic in ``seed``. Modifies ``model`` in place
-    and returns it; ``n_batches=0`` does nothing.
-    """
-    if n_batches < 0:
-        raise ValueError(f"n_batches must be >= 0, got {n_batches}")
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if n_batches == 0 or not norms:
-        return model
-    modes = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in norms]
-    try:
-        model.eval()
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        gen = torch.Generator().manual_seed(seed)
-        it = batches(splits.train, batch_size, mean=splits.mean, std=splits.std, shuffle=True, generator=gen,
-                     device=device)
-        for i, (x, _) in enumerate(it):
-            if i >= n_batches:
-                break
-            model(x)
-    finally:
-        for m, momentum in momenta:
-            m.momentum = momentum
-        for m, training in modes:
-            m.training = training
-    return model
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

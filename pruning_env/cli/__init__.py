@@ -1,0 +1,1 @@
+"""Command lines, generated from config dataclasses (``--help`` documents every flag)."""

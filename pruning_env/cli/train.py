@@ -1,0 +1,31 @@
+"""``python -m pruning_env.train``: train a baseline CNN (see :mod:`pruning_env.training.train`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pruning_env.cli.options import add_config_args, config_from_args, print_json
+from pruning_env.training.train import TrainConfig, train
+from pruning_env.training import train as _train_module
+
+__all__ = ["main"]
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pruning_env.train", description=_train_module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, TrainConfig)
+    args = parser.parse_args(argv)
+    cfg = config_from_args(TrainConfig, args)
+    try:
+        summary = train(cfg)
+    except (ValueError, RuntimeError) as exc:  # our errors carry actionable messages
+        parser.exit(2, f"error: {exc}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, "interrupted: the last finished epoch is saved; rerun with --resume to continue\n")
+    print_json(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

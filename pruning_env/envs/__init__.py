@@ -1,0 +1,1 @@
+"""The environment layer: the PettingZoo env, its observation features and objective, views, registry."""

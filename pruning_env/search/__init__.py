@@ -1,0 +1,1 @@
+"""The search loop shared by ``train_marl.py`` and the benchmarks (budget unit: plans measured)."""

@@ -1,0 +1,1 @@
+"""Training: baseline training, fine-tuning (with knowledge distillation) and the finalize pipeline."""
