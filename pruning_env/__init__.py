@@ -16,7 +16,8 @@ from pruning_env.core.models import build, list_models
 from pruning_env.criteria import list_criteria, score
 from pruning_env.engine import PruningPlan, apply
 from pruning_env.engine.flops import count as count_macs
-from pruning_env.envs.env import EnvConfig, FilterPruningEnv
+from pruning_env.envs.config import EnvConfig
+from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import list_envs, make, register_all
 from pruning_env.envs.views import JointPruningEnv, SequentialPruningEnv
 

@@ -13,7 +13,8 @@ from typing import Any
 from pettingzoo.utils import parallel_to_aec
 from pettingzoo.utils.env import AECEnv
 
-from pruning_env.envs.env import EnvConfig, FilterPruningEnv
+from pruning_env.envs.config import EnvConfig
+from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import make_tiny_env
 
 __all__ = ["parallel_env", "env", "raw_env"]

@@ -1,10 +1,12 @@
 """Episode semantics of the pruning env: determinism, monotone pruning, rewards, MACs, caching."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from pruning_env.envs.env import objective
+from pruning_env.envs.objective import objective
 from pruning_env.engine.flops import count
 from pruning_env.envs.registry import make_benchmark_env
 
@@ -67,8 +69,16 @@ def test_reward_modes(tiny_env_factory):
         env.reset(seed=0)
         _, rewards, _, _, infos = env.step({a: 6 for a in env.agents})
         info = infos["layer_0"]
-        expected = objective(env.config, info["acc_ratio"], info["macs_ratio"], info["acc"], info["macs"])
+        # The formulas written out here, independently of the env's objective():
+        acc_ratio, macs_ratio = info["acc"] / env.baseline_acc, info["macs"] / env.base_macs
+        expected = {"linear": acc_ratio - 0.3 * macs_ratio,
+                    "budget": acc_ratio - 2.0 * max(0.0, macs_ratio - 0.4),
+                    "amc": -(1.0 - info["acc"] / 100.0) * math.log(info["macs"])}[mode]
+        assert info["acc_ratio"] == pytest.approx(acc_ratio) and info["macs_ratio"] == pytest.approx(macs_ratio)
         assert info["objective"] == pytest.approx(expected)
+        j0 = {"linear": 1.0 - 0.3, "budget": 1.0 - 2.0 * 0.6,  # the unpruned network: both ratios are 1
+              "amc": -(1.0 - env.baseline_acc / 100.0) * math.log(env.base_macs)}[mode]
+        assert rewards["layer_0"] == pytest.approx(expected - j0)
     budget = tiny_env_factory(reward="budget", macs_target=0.05, budget_penalty=2.0)
     budget.reset(seed=0)
     _, _, _, _, infos = budget.step({a: 1 for a in budget.agents})

@@ -48,6 +48,7 @@ __all__ = [
     "load_splits",
     "make_synthetic",
     "batches",
+    "calibration_batch",
     "augment",
     "data_dir",
     "cache_dir",
@@ -534,6 +535,25 @@ def batches(
                 x, y = x.repeat(copies, 1, 1, 1), y.repeat(copies)
             x = augment(x, generator, padding=padding, cutout=cutout)  # type: ignore[arg-type]
         yield (x.float() - m) / s, y
+
+
+def calibration_batch(splits: Splits, n: int, *, seed: int = 0,
+                      device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The calibration batch of the data-driven criteria: ``n`` TRAINING images drawn with ``seed``.
+
+    One rule for every caller (the env uses ``seed=0``; the prune CLI its ``--seed``), so the
+    env's DSFP-uniform plan and ``prune --criterion dsfp --rate r`` score the same images.
+
+    Returns:
+        ``(images, labels)``: ``(n, C, H, W)`` float32 normalised as in training, ``(n,)`` int64,
+        on ``device`` (``n`` is capped at the training split's size).
+    """
+    if n < 1:
+        raise ValueError(f"the calibration batch needs n >= 1 images, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(splits.train), generator=gen)[: min(n, len(splits.train))]
+    subset = Split(splits.train.images[idx], splits.train.labels[idx])
+    return next(batches(subset, len(subset), mean=splits.mean, std=splits.std, device=device))
 
 
 def load_splits(

@@ -5,9 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dataclasses import dataclass
+
+from pruning_env.core.config import option
 from pruning_env.core.data import Splits, batches
 
-__all__ = ["recalibrate_bn"]
+__all__ = ["BNRecalConfig", "recalibrate_bn"]
+
+
+@dataclass(frozen=True)
+class BNRecalConfig:
+    """BatchNorm re-estimation after pruning (see :func:`recalibrate_bn`)."""
+
+    bn_recal_batches: int = option(2, "training batches to re-estimate BN statistics on after pruning (0: off)")
+    bn_recal_batch_size: int = option(128, "batch size of the BN re-estimation")
+
+    def __post_init__(self) -> None:
+        if self.bn_recal_batches < 0 or self.bn_recal_batch_size < 1:
+            raise ValueError(f"bn_recal_batches must be >= 0 and bn_recal_batch_size >= 1, got "
+                             f"{self.bn_recal_batches} and {self.bn_recal_batch_size}")
+
+    def apply(self, model: nn.Module, splits: Splits, *, seed: int = 0,
+              device: str | torch.device = "cpu") -> nn.Module:
+        """Re-estimate ``model``'s BN statistics in place as configured (nothing when 0 batches)."""
+        return recalibrate_bn(model, splits, self.bn_recal_batches, self.bn_recal_batch_size, seed, device)
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -39,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pruning_env.core.config import option
 from pruning_env.engine.graph import PrunableLayer, prunable_layers
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "plan_per_layer",
     "plan_global",
     "keep_count_for_rate",
+    "RateRule",
 ]
 
 PLAN_FORMAT = "pruning_env.plan/1"
@@ -313,10 +316,32 @@ def _adjust_count(k: int, width: int, min_keep: int, round_to: int) -> int:
 
 
 def keep_count_for_rate(width: int, rate: float, *, min_keep: int = 1, round_to: int = 1) -> int:
-    """Filters kept of a ``width``-filter layer at pruning ``rate`` (see the module docstring)."""
+    """Filters kept of a ``width``-filter layer at pruning ``rate`` (see the module docstring).
+
+    THE rate rule of the package: the plan builders, the env's actions and observation
+    features, the prune CLI and the scripts all call this function (through
+    :class:`RateRule` or directly); ``tests/test_rate_rule.py`` pins them to it.
+    """
     rate = _check_rate(rate)
     _check_ints(min_keep, round_to)
-    return _adjust_count(width - math.floor(rate * width + 1e-9), width, min_keep, round_to)
+    if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
+        raise PlanError(f"width must be an integer >= 1 (filters of the unpruned layer), got {width!r}")
+    return _adjust_count(width - math.floor(rate * width + 1e-9), int(width), min_keep, round_to)
+
+
+@dataclass(frozen=True)
+class RateRule:
+    """The settings of the rate rule (:func:`keep_count_for_rate`) that a caller may change."""
+
+    min_keep: int = option(1, "filters every layer keeps at least")
+    round_to: int = option(1, "round every layer's kept filter count to a multiple of this")
+
+    def __post_init__(self) -> None:
+        _check_ints(self.min_keep, self.round_to)
+
+    def keep_count(self, width: int, rate: float) -> int:
+        """Filters a ``width``-filter layer keeps at pruning ``rate`` in [0, 1)."""
+        return keep_count_for_rate(width, rate, min_keep=self.min_keep, round_to=self.round_to)
 
 
 def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -364,8 +389,7 @@ def plan_per_layer(scores: Mapping[str, Any], rates: Mapping[str, float], *, min
     counts = {}
     for name, rate in rates.items():
         r = _check_rate(rate, f"rate of layer {name!r}")
-        width = s[name].numel()
-        counts[name] = _adjust_count(width - math.floor(r * width + 1e-9), width, min_keep, round_to)
+        counts[name] = keep_count_for_rate(s[name].numel(), r, min_keep=min_keep, round_to=round_to)
     return plan_top_k(s, counts)
 
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,87 +15,19 @@ from pettingzoo import ParallelEnv
 from torch import nn
 
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import option
-from pruning_env.criteria import compute_components, fuse, list_criteria, minmax, score
-from pruning_env.core.data import Splits
+from pruning_env.core.config import with_overrides
+from pruning_env.core.data import Splits, calibration_batch
 from pruning_env.core.evaluation import evaluate
-from pruning_env.engine.bn import recalibrate_bn
-from pruning_env.engine.flops import count
-from pruning_env.engine.graph import consumer_map, prunable_layers
+from pruning_env.criteria import compute_components, fuse, score
+from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.engine.surgery import apply
+from pruning_env.envs.config import EnvConfig
+from pruning_env.envs.features import GLOBAL_FEATURES, OBSERVATION_FEATURES, STATIC_FEATURES, dsfp_features, static_features
+from pruning_env.envs.objective import objective
 
-__all__ = ["EnvConfig", "FilterPruningEnv", "objective", "REWARD_MODES", "OBSERVATION_FEATURES"]
-
-REWARD_MODES = ("linear", "budget", "amc")
-_LOG_FUSED_MAX = 2.5  # log of the largest possible DSFP fused score: |g-t|+|t-k|+0.5|g-k| <= 2.5
-
-STATIC_FEATURES = (
-    "depth",  # layer index / (L - 1)
-    "in_channels",  # original input channels / widest layer of the network
-    "out_channels",  # original filters / widest layer of the network
-    "kernel_area",  # k_h * k_w / 25, clipped to 1
-    "stride",  # stride / 2, clipped to 1
-    "fmap_size",  # output height / input height
-    "macs_share",  # the layer's share of the unpruned network's MACs
-    "params_share",  # the layer's share of the unpruned network's parameters
-)
-DYNAMIC_FEATURES = (
-    "keep_ratio",  # current filters / original filters of this layer
-    "input_keep_ratio",  # same for the prunable layer feeding it (1 if none)
-    "macs_ratio",  # MACs of the current network / unpruned
-    "acc_ratio",  # last measured validation accuracy / unpruned, clipped to [0, 1]
-    "progress",  # steps taken / episode length
-)
-DSFP_FEATURES = (
-    "fused_mean", "fused_std", "fused_min", "fused_max",  # log(DSFP fused score) / 2.5 over current filters
-    "grad_mean", "grad_std", "taylor_mean", "taylor_std", "kl_mean", "kl_std",  # min-max normalised components
-    "grad_share", "taylor_share", "kl_share",  # the layer's share of the network's raw component mass
-)
-OBSERVATION_FEATURES = STATIC_FEATURES + DYNAMIC_FEATURES + DSFP_FEATURES  # + one "removed_mass" per grid rate
-GLOBAL_FEATURES = ("macs_ratio", "params_ratio", "acc_ratio", "progress")
-
-
-@dataclass
-class EnvConfig:
-    """Settings of :class:`FilterPruningEnv` (all have working defaults)."""
-
-    rates: tuple[float, ...] = option(tuple(round(0.1 * i, 1) for i in range(10)), "grid of pruning rates (actions)")
-    episode_length: int = option(3, "pruning steps per episode (T)")
-    continuous: bool = option(False, "Box action (a pruning rate in [0, max rate]) instead of Discrete(K)")
-    reward: str = option("linear", "reward mode", choices=list(REWARD_MODES))
-    lam: float = option(0.5, "linear mode: weight of the MACs ratio (objective = acc_ratio - lam * macs_ratio)")
-    macs_target: float = option(0.5, "budget mode: target MACs ratio (pruned / unpruned)")
-    budget_penalty: float = option(2.0, "budget mode: penalty per unit of MACs ratio above the target")
-    criterion: str = option("dsfp", "filter ranking used for the transition")
-    direction: str = option("low", "dsfp: which end of the fused score is pruned (low: the paper's code; "
-                            "benchmarks/results/criteria.md found no significant difference)", choices=["low", "high"])
-    kl: str = option("exact", "KL component of the unpruned network (computed once, cached)")
-    kl_per_step: str | None = option(None, "recompute KL on the pruned network every step: exact, linear or fisher")
-    dynamic: bool = option(True, "recompute grad and Taylor scores on the pruned network every step")
-    calib_size: int = option(128, "calibration images (train split) for the sensitivity scores")
-    eval_size: int = option(1000, "validation images the reward's accuracy is measured on")
-    eval_batch_size: int = option(500, "batch size of the reward evaluation")
-    bn_recal_batches: int = option(2, "training batches to re-estimate BN statistics before evaluation (0: off)")
-    bn_recal_batch_size: int = option(128, "batch size of the BN recalibration")
-    min_keep: int = option(1, "filters every layer keeps at least")
-    round_to: int = option(1, "round kept filters to a multiple of this")
-    cache_size: int = option(4096, "evaluated plans remembered (LRU)")
-
-
-def objective(cfg: EnvConfig, acc_ratio: float, macs_ratio: float, acc: float, macs: float) -> float:
-    """The team objective J of a network (the reward is its per-step difference).
-
-    * ``linear``: ``acc_ratio - lam * macs_ratio``
-    * ``budget``: ``acc_ratio - budget_penalty * max(0, macs_ratio - macs_target)``
-    * ``amc``: ``-error * log(MACs)`` (He et al. 2018), error = 1 - acc / 100.
-    """
-    if cfg.reward == "linear":
-        return acc_ratio - cfg.lam * macs_ratio
-    if cfg.reward == "budget":
-        return acc_ratio - cfg.budget_penalty * max(0.0, macs_ratio - cfg.macs_target)
-    return -(1.0 - acc / 100.0) * math.log(max(macs, 1.0))
+__all__ = ["FilterPruningEnv"]
 
 
 @dataclass
@@ -216,10 +147,13 @@ class FilterPruningEnv(ParallelEnv):
         render_mode: str | None = None,
         **overrides: Any,
     ) -> None:
-        cfg = replace(config or EnvConfig(), **overrides)
+        try:
+            cfg = with_overrides(config or EnvConfig(), **overrides)
+        except TypeError as exc:  # an unknown keyword: say which settings exist
+            raise TypeError(f"FilterPruningEnv: {exc}") from None
         if max_cycles is not None:
-            cfg = replace(cfg, episode_length=int(max_cycles))
-        self.config = cfg = _validated(cfg)
+            cfg = with_overrides(cfg, episode_length=int(max_cycles))
+        self.config = cfg
         if render_mode not in (None, "ansi", "human"):
             raise ValueError(f"render_mode must be None, 'ansi' or 'human', got {render_mode!r}")
         self.render_mode = render_mode
@@ -250,11 +184,7 @@ class FilterPruningEnv(ParallelEnv):
         self._macs_model = MacsModel.from_model(self._base, self.input_shape)
 
         # Fixed calibration batch (train split) and reward subset (validation split).
-        calib = splits.train.subset(cfg.calib_size)
-        mean = torch.tensor(splits.mean).view(1, -1, 1, 1) * 255.0
-        std = torch.tensor(splits.std).view(1, -1, 1, 1) * 255.0
-        self._calib_x = ((calib.images.float() - mean) / std).to(self.device)
-        self._calib_y = calib.labels.to(self.device)
+        self._calib_x, self._calib_y = calibration_batch(splits, cfg.scoring.calib_size, seed=0, device=self.device)
 
         self._cache: OrderedDict[bytes, _Measured] = OrderedDict()
         self.num_evaluations = 0  # plans measured (cache misses): the budget unit of a search
@@ -262,7 +192,7 @@ class FilterPruningEnv(ParallelEnv):
         self.timings: dict[str, float] = {}
         full = self._full_plan()
         self._base_macs, self._base_params = self._macs_model.predict(self._keep_counts(full))
-        self._static = self._static_features()
+        self._static = static_features(self._base, self._layers, self.input_shape, self._base_macs, self._base_params)
         self._base_kl: dict[str, torch.Tensor] | None = None
         base = self._measure(full)
         self.baseline_acc = base.acc
@@ -312,7 +242,7 @@ class FilterPruningEnv(ParallelEnv):
         keep = {}
         for i, name in enumerate(self._names):
             current = self._plan.indices(name)
-            n_keep = self._n_keep(i, targets[i])
+            n_keep = self.keep_count(i, targets[i])
             if n_keep >= len(current):
                 keep[name] = current  # monotone: never grow back
             else:
@@ -381,6 +311,69 @@ class FilterPruningEnv(ParallelEnv):
         """The unpruned network (do not modify it)."""
         return self._base
 
+    @property
+    def layers(self) -> list[PrunableLayer]:
+        """The prunable layers (one per agent, in agent order): name, BN, consumers, shapes."""
+        return list(self._layers)
+
+    @property
+    def widths(self) -> dict[str, int]:
+        """``{layer name: filters of the unpruned layer}``."""
+        return dict(self._widths)
+
+    @property
+    def current_step(self) -> int:
+        """Steps taken in the current episode (0 after ``reset``, ``episode_length`` at its end)."""
+        return self._step
+
+    @property
+    def static_features(self) -> dict[str, np.ndarray]:
+        """The unpruned network's per-layer facts by name (:data:`~pruning_env.envs.features.STATIC_FEATURES`):
+        ``{feature: (L,) float32 array in [0, 1]}``, agent order (columns 0-7 of every observation)."""
+        return {name: self._static[:, j].copy() for j, name in enumerate(STATIC_FEATURES)}
+
+    @property
+    def calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fixed calibration batch of the sensitivity scores: normalised ``(N, C, H, W)`` float images
+        and ``(N,)`` int64 labels from the TRAINING split, on the env's device (do not modify)."""
+        return self._calib_x, self._calib_y
+
+    @property
+    def macs_model(self) -> MacsModel:
+        """The analytic MACs/params predictor of the unpruned network (``predict(keep_counts)``)."""
+        return self._macs_model
+
+    @property
+    def base_macs(self) -> int:
+        """MACs per image of the unpruned network."""
+        return int(self._base_macs)
+
+    @property
+    def base_params(self) -> int:
+        """Parameters of the unpruned network."""
+        return int(self._base_params)
+
+    def keep_count(self, layer: int | str, rate: float) -> int:
+        """Filters ``layer`` (agent index or conv name) keeps at pruning ``rate``: the engine's one rate rule
+        (:func:`pruning_env.engine.plan.keep_count_for_rate` with this env's ``min_keep`` / ``round_to``)."""
+        i = layer if isinstance(layer, int) else self._names.index(layer)
+        return self.config.rule.keep_count(int(self._orig[i]), float(rate))
+
+    def uniform_plan(self, rate: float) -> PruningPlan:
+        """The plan one step at ``rate`` on every layer gives from the unpruned network (DSFP-uniform at
+        ``rate``): each layer keeps ``keep_count(layer, rate)`` filters, lowest transition scores pruned."""
+        full = self._measure(self._full_plan())
+        keep = {}
+        for i, name in enumerate(self._names):
+            k = self.keep_count(i, rate)
+            keep[name] = torch.sort(torch.argsort(full.scores[name], stable=True)[int(self._orig[i]) - k:]).values
+        return PruningPlan(keep, self._widths)
+
+    def objective_of(self, acc: float, macs: float) -> float:
+        """The objective J of a network with validation accuracy ``acc`` (percent, on the env's reward subset)
+        and ``macs`` MACs per image, under this env's reward settings."""
+        return objective(self.config, acc / max(self.baseline_acc, 1e-9), macs / self._base_macs, acc, macs)
+
     def pruned_model(self) -> nn.Module:
         """A new, physically pruned copy of the current network (BN recalibrated as in the env)."""
         model = apply(self._base, self._plan, self.input_shape, layers=self._layers)
@@ -404,14 +397,6 @@ class FilterPruningEnv(ParallelEnv):
 
     def _keep_counts(self, plan: PruningPlan) -> dict[str, int]:
         return {n: len(plan.keep[n]) for n in self._names}
-
-    def _n_keep(self, i: int, rate: float) -> int:
-        c = int(self._orig[i])
-        n = int(round((1.0 - rate) * c))
-        r = self.config.round_to
-        if r > 1:
-            n = min(c, int(math.ceil(n / r) * r))
-        return max(min(self.config.min_keep, c), n)
 
     def _parse_actions(self, actions: dict[str, Any]) -> list[float]:
         if not isinstance(actions, dict):
@@ -440,7 +425,7 @@ class FilterPruningEnv(ParallelEnv):
         return rates
 
     def _objective(self, m: _Measured) -> float:
-        return objective(self.config, m.acc / max(self.baseline_acc, 1e-9), m.macs / self._base_macs, m.acc, m.macs)
+        return self.objective_of(m.acc, m.macs)
 
     def _summary(self, m: _Measured) -> dict[str, float]:
         return {
@@ -454,9 +439,7 @@ class FilterPruningEnv(ParallelEnv):
         }
 
     def _recalibrate(self, model: nn.Module) -> None:
-        if self.config.bn_recal_batches > 0:
-            recalibrate_bn(model, self.splits, n_batches=self.config.bn_recal_batches,
-                           batch_size=self.config.bn_recal_batch_size, seed=0, device=self.device)
+        self.config.bn.apply(model, self.splits, seed=0, device=self.device)
 
     def _measure(self, plan: PruningPlan) -> _Measured:
         """Accuracy, MACs and next-step scores of ``plan``'s network, cached by plan."""
@@ -497,7 +480,7 @@ class FilterPruningEnv(ParallelEnv):
         names = self._names
         if self._base_kl is None:
             self._base_kl = compute_components(self._base, self._calib_x, self._calib_y, layers=names,
-                                               kl=cfg.kl).kl
+                                               kl=cfg.scoring.kl).kl
         if cfg.dynamic or is_base or cfg.kl_per_step:
             comp = compute_components(model, self._calib_x, self._calib_y, layers=names,
                                       kl=cfg.kl_per_step if (cfg.kl_per_step and not is_base) else None)
@@ -510,51 +493,13 @@ class FilterPruningEnv(ParallelEnv):
         if is_base:
             self._base_components = {"grad": grad, "taylor": taylor}
         fused = fuse(grad, taylor, kl)
-        if cfg.criterion == "dsfp":
-            order = fused if cfg.direction == "low" else {n: -v for n, v in fused.items()}
+        sc = cfg.scoring
+        if sc.criterion == "dsfp":  # the fused score is at hand already: no second gradient pass
+            order = fused if sc.direction == "low" else {n: -v for n, v in fused.items()}
         else:
-            order = score(model, self._calib_x, self._calib_y, cfg.criterion, layers=names,
-                          **({"seed": 0} if cfg.criterion == "random" else {}))
-        return order, self._dsfp_features(grad, taylor, kl, fused, order)
-
-    def _dsfp_features(self, grad, taylor, kl, fused, order) -> np.ndarray:
-        rows = []
-        mass = {c: sum(float(d[n].sum()) for n in self._names) or 1.0
-                for c, d in (("g", grad), ("t", taylor), ("k", kl))}
-        for i, n in enumerate(self._names):
-            comps = [minmax(d[n].double()) for d in (grad, taylor, kl)]
-            log_f = torch.log(fused[n].double()) / _LOG_FUSED_MAX
-            sens = (comps[0] + comps[1] + comps[2]) / 3.0
-            total = float(sens.sum())
-            ranked = sens[torch.argsort(order[n], stable=True)]
-            cum = torch.cat([torch.zeros(1, dtype=ranked.dtype), torch.cumsum(ranked, 0)])
-            current = len(ranked)
-            removed = []
-            for rate in self._rates:
-                n_prune = max(0, current - self._n_keep(i, float(rate)))
-                removed.append(float(cum[n_prune]) / total if total > 0 else n_prune / max(current, 1))
-            rows.append([
-                float(log_f.mean()), _std(log_f), float(log_f.min()), float(log_f.max()),
-                *[v for c in comps for v in (float(c.mean()), _std(c))],
-                float(grad[n].sum()) / mass["g"], float(taylor[n].sum()) / mass["t"], float(kl[n].sum()) / mass["k"],
-                *removed,
-            ])
-        return np.clip(np.asarray(rows, dtype=np.float32), 0.0, 1.0)
-
-    def _static_features(self) -> np.ndarray:
-        report = count(self._base, self.input_shape)
-        per_macs, per_params = report.per_layer_macs, report.per_layer_params
-        widest = max(max(layer.in_channels, layer.out_channels) for layer in self._layers)
-        n = len(self._layers)
-        rows = []
-        for i, layer in enumerate(self._layers):
-            kh, kw = layer.kernel_size
-            rows.append([
-                i / max(n - 1, 1), layer.in_channels / widest, layer.out_channels / widest, min(1.0, kh * kw / 25),
-                min(1.0, layer.stride[0] / 2), layer.out_hw[0] / self.input_shape[1],
-                per_macs[layer.name] / self._base_macs, per_params[layer.name] / self._base_params,
-            ])
-        return np.clip(np.asarray(rows, dtype=np.float32), 0.0, 1.0)
+            order = score(model, self._calib_x, self._calib_y, sc.criterion, layers=names, **sc.options(seed=0))
+        feats = dsfp_features(names, grad, taylor, kl, fused, order, self._rates.tolist(), self.keep_count)
+        return order, feats
 
     def _observation_matrix(self, m: _Measured) -> np.ndarray:
         keep = np.array([len(self._plan.keep[n]) for n in self._names]) / self._orig
@@ -577,35 +522,3 @@ class FilterPruningEnv(ParallelEnv):
         return {a: {**summary, "rate": 1.0 - len(self._plan.keep[self._names[i]]) / float(self._orig[i]),
                     "plan": plan}
                 for i, a in enumerate(self.possible_agents)}
-
-
-def _std(x: torch.Tensor) -> float:
-    return float(x.std(unbiased=False)) if x.numel() > 1 else 0.0
-
-
-def _validated(cfg: EnvConfig) -> EnvConfig:
-    rates = tuple(float(r) for r in cfg.rates)
-    if not rates or any(not (0.0 <= r < 1.0) for r in rates) or len(set(rates)) != len(rates):
-        raise ValueError(f"rates must be distinct pruning rates in [0, 1), got {cfg.rates!r}")
-    if cfg.episode_length < 1:
-        raise ValueError(f"episode_length / max_cycles must be >= 1, got {cfg.episode_length}")
-    if cfg.reward not in REWARD_MODES:
-        raise ValueError(f"reward must be one of {REWARD_MODES}, got {cfg.reward!r}")
-    if cfg.reward == "budget" and not 0.0 < cfg.macs_target <= 1.0:
-        raise ValueError(f"macs_target must be a MACs ratio in (0, 1], got {cfg.macs_target}")
-    if cfg.criterion not in list_criteria():
-        raise ValueError(f"unknown criterion {cfg.criterion!r}; choose one of {', '.join(list_criteria())}")
-    if cfg.direction not in ("low", "high"):
-        raise ValueError(f"direction must be 'low' or 'high', got {cfg.direction!r}")
-    for name in ("calib_size", "eval_size", "eval_batch_size", "min_keep", "round_to", "cache_size",
-                 "bn_recal_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    return replace(cfg, rates=rates)
-
-
-def config_dict(cfg: EnvConfig) -> dict[str, Any]:
-    """The config as a JSON-friendly dict."""
-    d = asdict(cfg)
-    d["rates"] = list(d["rates"])
-    return d

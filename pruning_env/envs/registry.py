@@ -29,7 +29,8 @@ from torch import nn
 
 from pruning_env.core.config import resolve_device
 from pruning_env.core.data import Splits, load_splits, make_synthetic
-from pruning_env.envs.env import EnvConfig, FilterPruningEnv
+from pruning_env.envs.config import EnvConfig
+from pruning_env.envs.env import FilterPruningEnv
 
 __all__ = ["make", "list_envs", "make_benchmark_env", "make_tiny_env", "baseline_model", "register_all"]
 

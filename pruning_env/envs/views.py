@@ -95,11 +95,14 @@ class SequentialPruningEnv(gymnasium.Env):
         self.action_space = spaces.Box(0.0, 1.0, (1,), np.float32)
         self.observation_space = spaces.Box(0.0, 1.0, (len(AMC_FEATURES),), np.float32)
         self._n = len(env.possible_agents)
+        self.possible_agents = list(env.possible_agents)  # the layer deciding at step t is possible_agents[t % L]
         self._discrete = isinstance(env.action_space(env.possible_agents[0]), spaces.Discrete)
         self._rates = np.asarray(env.config.rates)
-        static = env._static  # (L, 8): depth, in, out, kernel, stride, fmap, macs share, params share
-        self._static = static
-        self._layer_macs = static[:, 6].astype(np.float64)
+        static = env.static_features
+        # The static part of AMC's state, per layer, in AMC_FEATURES order.
+        self._static = np.stack([static[k] for k in ("depth", "in_channels", "out_channels", "stride",
+                                                     "kernel_area", "fmap_size")], axis=1)
+        self._layer_macs = static["macs_share"].astype(np.float64)
         self._rest = np.array([self._layer_macs[i + 1 :].sum() for i in range(self._n)])
         self._pending: dict[str, Any] = {}
         self._layer = 0
@@ -108,9 +111,8 @@ class SequentialPruningEnv(gymnasium.Env):
         self._done = True
 
     def _obs(self) -> np.ndarray:
-        s = self._static[self._layer]
-        feats = [s[0], s[1], s[2], s[4], s[3], s[5], self._layer_macs[self._layer], self._reduced,
-                 self._rest[self._layer], self._prev, self.env._step / self.env.config.episode_length]
+        feats = [*self._static[self._layer], self._layer_macs[self._layer], self._reduced,
+                 self._rest[self._layer], self._prev, self.env.current_step / self.env.config.episode_length]
         return np.clip(np.asarray(feats, dtype=np.float32), 0.0, 1.0)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
@@ -133,8 +135,8 @@ class SequentialPruningEnv(gymnasium.Env):
             rate = float(self._rates[self._pending[agent]])
         else:
             self._pending[agent] = np.array([rate], dtype=np.float32)
-        current = self.env._plan.keep[self.env.layer_names[self._layer]]
-        current_rate = 1.0 - len(current) / float(self.env._orig[self._layer])
+        name = self.env.layer_names[self._layer]
+        current_rate = 1.0 - self.env.plan.keep_ratio(name)
         # MACs of a layer scale ~ with its filters: a first-order estimate of what this decision removes.
         self._reduced += self._layer_macs[self._layer] * max(0.0, rate - current_rate)
         self._prev = 1.0 - rate

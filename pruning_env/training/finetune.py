@@ -63,16 +63,18 @@ class FinetuneConfig:
     momentum: float = option(0.9, "SGD momentum")
     weight_decay: float = option(5e-4, "L2 weight decay (not applied to BN and biases)")
     batch_size: int = option(128, "batch size")
-    kd: bool = option(False, "distil from the unpruned teacher (a*T^2*KL + (1-a)*CE)")
-    temperature: float = option(4.0, "distillation temperature T")
+    kd: bool = option(True, "distil from the unpruned teacher (a*T^2*KL + (1-a)*CE)", aliases=("kd",))
+    temperature: float = option(4.0, "distillation temperature T", aliases=("temperature",))
     alpha_start: float = option(0.5, "distillation weight a in the first epoch")
     alpha_end: float = option(0.1, "distillation weight a in the last epoch (linear decay)")
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy term")
     augment: bool = option(True, "random-crop + flip augmentation of training batches")
-    bn_recal_batches: int = option(0, "re-estimate BN statistics on this many training batches before fine-tuning")
-    seed: int = option(0, "seed for shuffling, augmentation and dropout")
-    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    progress: bool = option(True, "show progress bars")
+    train_limit: int | None = option(None, "training images per epoch: a fixed subset of the training split "
+                                     "(None: all)", aliases=("finetune_limit",))
+    # Where and how a run executes: a command sets these from its own --seed/--device/--progress.
+    seed: int = option(0, "seed for shuffling, augmentation and dropout", cli=False)
+    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", cli=False)
+    progress: bool = option(True, "show progress bars", cli=False)
 
     def check(self) -> None:
         """Raise ``ValueError`` for out-of-range settings."""
@@ -89,8 +91,8 @@ class FinetuneConfig:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.optimizer not in ("sgd", "adam"):
             raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if self.bn_recal_batches < 0:
-            raise ValueError(f"bn_recal_batches must be >= 0, got {self.bn_recal_batches}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ValueError(f"train_limit must be >= 1 (or None for all), got {self.train_limit}")
 
 
 def alpha_at(epoch: int, cfg: FinetuneConfig) -> float:
@@ -163,6 +165,8 @@ def finetune(
     if cfg.kd and teacher is None:
         raise ValueError("kd=True needs the unpruned teacher network (teacher=...)")
     t_start = time.time()
+    if cfg.train_limit is not None:  # a fixed subset (the first N of the shuffled training split)
+        splits = dataclasses.replace(splits, train=splits.train.subset(cfg.train_limit))
     device = resolve_device(cfg.device)
     student.to(device)
     if teacher is not None and cfg.kd:
@@ -206,8 +210,6 @@ def finetune(
         if cfg.progress:
             print(f"resuming {out} after epoch {start_epoch}/{cfg.epochs}", file=sys.stderr)
     else:
-        if cfg.bn_recal_batches:
-            recalibrate_bn(student, splits, cfg.bn_recal_batches, cfg.batch_size, cfg.seed, device)
         initial_val = evaluate(student, splits.val, mean=splits.mean, std=splits.std, device=device)
         history, start_epoch = [], 0
         best_val, best_epoch, best_state = initial_val, 0, _state_copy(student)

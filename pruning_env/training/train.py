@@ -29,7 +29,6 @@ from torch import nn
 from tqdm import tqdm
 
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core.config import option, resolve_device, seed_everything
 from pruning_env.core.data import Splits, batches, cache_dir, load_splits
 from pruning_env.core.evaluation import evaluate

@@ -1,0 +1,73 @@
+"""The env's settings: one composed dataclass that ``train_marl.py`` and the benchmarks nest whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pruning_env.core.config import flat_dict, nested, option
+from pruning_env.criteria import KL_MODES, list_criteria
+from pruning_env.criteria.config import ScoringConfig
+from pruning_env.engine.bn import BNRecalConfig
+from pruning_env.engine.plan import RateRule
+from pruning_env.envs.objective import REWARD_MODES
+
+__all__ = ["EnvConfig", "config_dict"]
+
+
+@dataclass
+class EnvConfig:
+    """Settings of :class:`~pruning_env.envs.env.FilterPruningEnv` (all have working defaults).
+
+    Composed of the shared :class:`~pruning_env.criteria.config.ScoringConfig` (ranking),
+    :class:`~pruning_env.engine.plan.RateRule` (rate -> kept filters) and
+    :class:`~pruning_env.engine.bn.BNRecalConfig`; every leaf setting has one flat name
+    (``criterion``, ``min_keep``, ``bn_recal_batches``...), which is what the env's keyword
+    arguments, ``pruning_env.make`` and the command lines take.
+    """
+
+    rates: tuple[float, ...] = option(tuple(round(0.1 * i, 1) for i in range(10)), "grid of pruning rates (actions)")
+    episode_length: int = option(3, "pruning steps per episode (T)")
+    continuous: bool = option(False, "Box action (a pruning rate in [0, max rate]) instead of Discrete(K)")
+    reward: str = option("budget", "reward mode: budget (accuracy under a MACs target), linear or amc",
+                         choices=list(REWARD_MODES))
+    lam: float = option(0.5, "linear reward: objective = acc_ratio - lam * macs_ratio")
+    macs_target: float = option(0.5, "budget reward: target MACs ratio (pruned / unpruned)")
+    budget_penalty: float = option(2.0, "budget reward: penalty per unit of MACs ratio above the target")
+    scoring: ScoringConfig = nested(ScoringConfig, "filter ranking of the transition (the unpruned network's KL "
+                                    "component is computed once and cached)")
+    kl_per_step: str | None = option(None, "recompute KL on the pruned network every step: exact, linear or fisher")
+    dynamic: bool = option(True, "recompute grad and Taylor scores on the pruned network every step")
+    eval_size: int = option(1000, "validation images the reward's accuracy is measured on")
+    eval_batch_size: int = option(500, "batch size of the reward evaluation")
+    bn: BNRecalConfig = nested(BNRecalConfig, "BN re-estimation before each reward evaluation")
+    rule: RateRule = nested(RateRule, "how a rate becomes a number of kept filters")
+    cache_size: int = option(4096, "evaluated plans remembered (LRU)")
+
+    def __post_init__(self) -> None:
+        rates = tuple(float(r) for r in self.rates)
+        if not rates or any(not (0.0 <= r < 1.0) for r in rates) or len(set(rates)) != len(rates):
+            raise ValueError(f"rates must be distinct pruning rates in [0, 1), got {self.rates!r}")
+        self.rates = rates
+        if self.episode_length < 1:
+            raise ValueError(f"episode_length / max_cycles must be >= 1, got {self.episode_length}")
+        if self.reward not in REWARD_MODES:
+            raise ValueError(f"reward must be one of {REWARD_MODES}, got {self.reward!r}")
+        if self.reward == "budget" and not 0.0 < self.macs_target <= 1.0:
+            raise ValueError(f"macs_target must be a MACs ratio in (0, 1], got {self.macs_target}")
+        sc = self.scoring
+        if sc.criterion not in list_criteria():
+            raise ValueError(f"unknown criterion {sc.criterion!r}; choose one of {', '.join(list_criteria())}")
+        if sc.direction not in ("low", "high"):
+            raise ValueError(f"direction must be 'low' or 'high', got {sc.direction!r}")
+        if sc.kl not in KL_MODES:
+            raise ValueError(f"kl must be one of {', '.join(KL_MODES)}, got {sc.kl!r}")
+        for name, value in (("calib_size", sc.calib_size), ("eval_size", self.eval_size),
+                            ("eval_batch_size", self.eval_batch_size), ("cache_size", self.cache_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def config_dict(cfg: EnvConfig) -> dict[str, Any]:
+    """The config as a flat, JSON-friendly dict (one entry per setting, by flat name)."""
+    return flat_dict(cfg)

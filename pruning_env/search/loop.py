@@ -1,0 +1,231 @@
+"""The one search loop: an algorithm explores a pruning env until a budget of measured plans is spent.
+
+``train_marl.py`` and ``benchmarks/marl.py`` both run :class:`Search`. The budget unit is
+**plans measured**: distinct pruning plans whose accuracy the env measured for this search
+(intermediate steps of an episode and greedy evaluations count; the unpruned network and
+plans seen before do not). An episode is never cut, so a search may end up to
+``episode_length - 1`` plans over its budget; the exact figure is reported.
+
+Every plan measured is a point of the accuracy-vs-MACs picture (:func:`pareto_front`);
+the *best plan* is the final plan of a training or greedy episode with the highest
+validation objective. TensorBoard scalars use plans measured as the global step, so
+algorithms with different episode lengths (AMC: one layer per step) compare directly:
+``charts/`` (return, objective, accuracy and MACs ratios, best objective), ``losses/``
+(the algorithm's metrics whose names end in ``loss``), ``train/`` (its other metrics:
+epsilon, buffer size, gradient steps, noise...) and ``eval/`` (greedy evaluations).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from pruning_env.core.config import option
+from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.views import SequentialPruningEnv
+
+__all__ = ["Search", "SearchConfig", "algorithm_env", "algorithm_overrides", "pareto_front"]
+
+_POINT_KEYS = ("acc_ratio", "macs_ratio", "params_ratio", "objective")
+
+
+@dataclass
+class SearchConfig:
+    """The budget and rhythm of a search (shared by train_marl.py and benchmarks/marl.py)."""
+
+    plans: int = option(300, "budget: distinct plans the env measures for the search (greedy evaluations "
+                        "included, the unpruned network not)")
+    episodes: int | None = option(None, "also stop after this many training episodes (none: the plan budget alone)")
+    eval_every: int = option(10, "greedy evaluation every N training episodes (its plans count toward the budget)")
+    stall_episodes: int = option(100, "stop early after this many training episodes in a row without a new plan "
+                                 "(e.g. DSFP-uniform has one plan per grid rate)")
+    algo_config: str | None = option(None, "JSON of algorithm config overrides by algorithm, applied after the "
+                                     "budget hints, e.g. '{\"qmix\": {\"lr\": 0.0005}}'")
+
+    def __post_init__(self) -> None:
+        if self.plans < 1 or self.eval_every < 1 or self.stall_episodes < 1:
+            raise ValueError(f"plans, eval_every and stall_episodes must be >= 1, got {self.plans}, "
+                             f"{self.eval_every} and {self.stall_episodes}")
+        if self.episodes is not None and self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1 (or none), got {self.episodes}")
+        self.overrides_for("")  # validates the JSON
+
+    def overrides_for(self, algorithm: str) -> dict[str, Any]:
+        """The ``algo_config`` entry of ``algorithm`` (``{}`` if none)."""
+        if not self.algo_config:
+            return {}
+        try:
+            table = json.loads(self.algo_config)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"algo_config is not valid JSON: {exc}") from None
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+            raise ValueError("algo_config must be a JSON object {algorithm: {config field: value}}, "
+                             "e.g. '{\"qmix\": {\"lr\": 0.0005}}'")
+        return dict(table.get(algorithm, {}))
+
+
+class _Algorithm(Protocol):  # what agents.Algorithm provides (pruning_env does not import agents)
+    def train_episode(self) -> Any: ...
+    def evaluate(self) -> Any: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+
+
+def algorithm_env(algorithm_cls: type, env: FilterPruningEnv) -> Any:
+    """The env ``algorithm_cls`` wants, by its ``env_api``: the parallel env, or the AMC-style sequential view."""
+    api = getattr(algorithm_cls, "env_api", "parallel")
+    if api == "parallel":
+        return env
+    if api == "sequential":
+        return SequentialPruningEnv(env)
+    raise ValueError(f"{algorithm_cls.__name__}.env_api = {api!r}; the pruning env offers 'parallel' and 'sequential'")
+
+
+def algorithm_overrides(algorithm_cls: type, name: str, cfg: SearchConfig, episode_length: int) -> dict[str, Any]:
+    """Config overrides of an algorithm for a search: its own budget hints, then ``cfg.algo_config``."""
+    hints = getattr(algorithm_cls, "budget_overrides", None)
+    over = dict(hints(cfg.plans, episode_length)) if hints is not None else {}
+    over.update(cfg.overrides_for(name))
+    return over
+
+
+def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Plans not dominated in (higher ``acc_ratio``, lower ``macs_ratio``), sorted by MACs."""
+    front: list[dict[str, Any]] = []
+    for p in sorted(points, key=lambda q: (q["macs_ratio"], -q["acc_ratio"])):
+        if not front or p["acc_ratio"] > front[-1]["acc_ratio"]:
+            front.append(p)
+    return front
+
+
+class Search:
+    """One algorithm searching one env, with best-plan tracking, logging and an exact, resumable state.
+
+    Args:
+        algorithm: built on ``env`` (or on its view, see :func:`algorithm_env`).
+        env: the parallel pruning env the algorithm's episodes run on.
+        cfg: budget and rhythm.
+        writer: a TensorBoard ``SummaryWriter`` (optional).
+        progress: show a progress bar (unit: plans).
+        desc: the progress bar's label.
+    """
+
+    def __init__(self, algorithm: _Algorithm, env: FilterPruningEnv, cfg: SearchConfig, *, writer: Any = None,
+                 progress: bool = True, desc: str = "search") -> None:
+        self.algorithm, self.env, self.cfg = algorithm, env, cfg
+        self.writer, self.progress, self.desc = writer, progress, desc
+        self.episodes = 0
+        self.greedy_evaluations = 0
+        self.stall = 0
+        self.exhausted = False
+        self.seconds = 0.0
+        self.best: dict[str, Any] | None = None
+        self.points: list[dict[str, Any]] = []  # every plan measured, in the order found
+        self.curve: list[dict[str, Any]] = []  # one entry per episode (training or greedy)
+        self.seen: set[str] = {m["key"] for m in env.measured_plans()}  # the unpruned network is no candidate
+
+    # ------------------------------------------------------------------ state
+    @property
+    def plans_used(self) -> int:
+        """Distinct plans measured for this search so far (the budget spent)."""
+        return len(self.points)
+
+    @property
+    def done(self) -> bool:
+        """Whether the budget (or the episode cap) is spent or the search stalled."""
+        cap = self.cfg.episodes
+        return self.exhausted or self.plans_used >= self.cfg.plans or (cap is not None and self.episodes >= cap)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly (the algorithm's state included)."""
+        return {"algorithm": self.algorithm.state_dict(), "episodes": self.episodes,
+                "greedy_evaluations": self.greedy_evaluations, "stall": self.stall, "exhausted": self.exhausted,
+                "seconds": self.seconds, "best": self.best, "points": self.points, "curve": self.curve,
+                "seen": sorted(self.seen)}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.algorithm.load_state_dict(d["algorithm"])
+        self.episodes, self.greedy_evaluations, self.stall = d["episodes"], d["greedy_evaluations"], d["stall"]
+        self.exhausted, self.seconds, self.best = d["exhausted"], d["seconds"], d["best"]
+        self.points, self.curve, self.seen = list(d["points"]), list(d["curve"]), set(d["seen"])
+
+    def result(self) -> dict[str, Any]:
+        """The search's record: budget spent, best plan (with its plan dict), every point and the curve."""
+        return {"plans_used": self.plans_used, "episodes": self.episodes,
+                "greedy_evaluations": self.greedy_evaluations, "exhausted": self.exhausted,
+                "seconds": round(self.seconds, 2), "best": self.best, "points": self.points, "curve": self.curve}
+
+    # ------------------------------------------------------------------ loop
+    def run(self, *, after_episode: Any = None) -> None:
+        """Run training (and greedy) episodes until :attr:`done`; ``after_episode()`` is called after each
+        finished training episode (e.g. to save :meth:`state_dict`: an interruption then resumes from there)."""
+        bar = tqdm(total=self.cfg.plans, initial=min(self.plans_used, self.cfg.plans), desc=self.desc, unit="plan",
+                   disable=not self.progress, file=sys.stderr)
+        try:
+            while not self.done:
+                before = self.plans_used
+                t0 = time.perf_counter()
+                log = self.algorithm.train_episode()
+                seconds = time.perf_counter() - t0
+                self.episodes += 1
+                self._record(log, "train", seconds)
+                if self.episodes % self.cfg.eval_every == 0 and self.plans_used < self.cfg.plans:
+                    t0 = time.perf_counter()
+                    self._record(self.algorithm.evaluate(), "greedy", time.perf_counter() - t0)
+                    self.greedy_evaluations += 1
+                self.stall = self.stall + 1 if self.plans_used == before else 0
+                if self.stall >= self.cfg.stall_episodes:
+                    self.exhausted = True
+                if after_episode is not None:
+                    after_episode()
+                bar.update(min(self.plans_used, self.cfg.plans) - bar.n)
+                if self.best is not None:
+                    bar.set_postfix(best=f"{self.best['objective']:.3f}", macs=f"{self.best['macs_ratio']:.2f}")
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.flush()
+
+    def _record(self, log: Any, source: str, seconds: float) -> None:
+        env = self.env
+        for m in env.measured_plans():
+            if m["key"] not in self.seen:
+                self.seen.add(m["key"])
+                # rounded: keeps results files small; 1e-6 is far below the measurement noise
+                self.points.append({**{k: round(float(m[k]), 6) for k in _POINT_KEYS}, "order": len(self.points)})
+        self.seconds += seconds
+        final = env.evaluate_plan(env.plan)  # the episode's final plan (cached: costs nothing)
+        cand = {k: float(final[k]) for k in ("objective", "acc", "acc_ratio", "macs_ratio", "params_ratio")}
+        cand.update(episode=self.episodes, source=source, plans_used=self.plans_used)
+        if self.best is None or cand["objective"] > self.best["objective"]:
+            self.best = {**cand, "plan": env.plan.to_dict()}
+        entry = {"plans": self.plans_used, "episode": self.episodes, "source": source,
+                 "objective": cand["objective"], "best": self.best["objective"], "return": float(log.episode_return),
+                 "acc_ratio": cand["acc_ratio"], "macs_ratio": cand["macs_ratio"]}
+        self.curve.append(entry)
+        self._log(log, entry, seconds)
+
+    def _log(self, log: Any, entry: dict[str, Any], seconds: float) -> None:
+        w, step = self.writer, self.plans_used
+        if w is None:
+            return
+        if entry["source"] == "greedy":
+            for k in ("objective", "acc_ratio", "macs_ratio"):
+                w.add_scalar(f"eval/{k}", entry[k], step)
+            return
+        w.add_scalar("charts/episode_return", entry["return"], step)
+        for k in ("objective", "acc_ratio", "macs_ratio"):
+            w.add_scalar(f"charts/{k}", entry[k], step)
+        w.add_scalar("charts/best_objective", entry["best"], step)
+        w.add_scalar("train/episodes", self.episodes, step)
+        w.add_scalar("train/steps_per_second", log.length / max(seconds, 1e-9), step)
+        for k, v in log.metrics.items():
+            w.add_scalar(("losses/" if k.endswith("loss") else "train/") + k, v, step)
+        w.add_histogram("charts/layer_rates", np.asarray([1.0 - r for r in self.env.plan.keep_ratios().values()]),
+                        step)
