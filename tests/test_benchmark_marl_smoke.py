@@ -1,27 +1,18 @@
 """benchmarks/marl.py end to end on Tiny-v0 with a tiny budget: outputs, one row per method, resume."""
 
-import importlib.util
 import json
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import marl as marl_module
+
 ALGOS = ["qmix", "random", "dsfp-uniform"]
 
 
 @pytest.fixture(scope="module")
 def marl():
-    spec = importlib.util.spec_from_file_location("bench_marl", ROOT / "benchmarks" / "marl.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop(spec.name, None)
+    return marl_module
 
 
 def _argv(out: Path) -> list[str]:
@@ -29,7 +20,7 @@ def _argv(out: Path) -> list[str]:
             "--algos", *ALGOS, "--out-dir", str(out), "--work-dir", str(out / "work"), "--no-progress"]
 
 
-def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory):
+def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory, monkeypatch):
     out = tmp_path / "marl"
     assert marl.main(_argv(out)) == 0
     for name in ("marl.md", "marl.json", "marl_curves.png", "marl_pareto.png"):
@@ -60,12 +51,15 @@ def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory)
     for label in ("QMIX", "random search", "DSFP-uniform", "Torch-Pruning global L1"):
         rows = [line for line in md.splitlines() if line.startswith(f"| {label} |")]
         assert rows, label
-    assert "## Summary" in md and "QMIX" in state["summary"] and "Command: `python benchmarks/marl.py" in md
+    assert "## Summary" in md and "QMIX" in state["summary"] and "Command: `python -m benchmarks.marl" in md
 
-    # A rerun with the same settings reuses everything recorded and changes nothing.
-    t0 = time.perf_counter()
-    assert marl.main(_argv(out)) == 0
-    assert time.perf_counter() - t0 < 10
+    # A rerun with --resume and the same settings reuses everything recorded and changes nothing.
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a recorded search or fine-tune was run again")
+
+    monkeypatch.setattr(marl, "run_search", must_not_run)
+    monkeypatch.setattr(marl, "run_finetune", must_not_run)
+    assert marl.main([*_argv(out), "--resume"]) == 0
     assert json.loads((out / "marl.json").read_text())["runs"] == state["runs"]
 
 
@@ -74,5 +68,5 @@ def test_other_settings_refuse_to_mix_with_recorded_results(marl, tmp_path):
     out.mkdir()
     (out / "marl.json").write_text(json.dumps({"search_config": {"plans": 1}, "finetune_config": {}, "runs": {}}))
     with pytest.raises(SystemExit) as exc:
-        marl.main(_argv(out))
+        marl.main([*_argv(out), "--resume"])
     assert exc.value.code == 2

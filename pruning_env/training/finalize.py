@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,7 @@ def finalize(
     eval_limit: int | None = None,
     bn_seed: int = 0,
     baseline_accuracy: dict[str, float] | None = None,
+    probe: Callable[[nn.Module], Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Turn ``plan`` (or an already pruned ``model``) into a final network and report on it.
 
@@ -96,10 +97,12 @@ def finalize(
         eval_limit: measure accuracy on the first N validation/test images only (quick runs).
         bn_seed: seed of the BN re-estimation batches (0: as the env).
         baseline_accuracy: ``base``'s ``{"val", "test"}`` accuracy if already measured.
+        probe: called on the network after BN re-estimation, before fine-tuning (e.g. to measure it
+            exactly as the env's reward did); its return value is the report's ``probe``.
 
     Returns:
         ``(network, report)``. The report holds ``baseline`` (``{"val", "test"}`` percent),
-        ``accuracy`` (``{stage: {"val", "test"} or None}`` for :data:`STAGES`), ``val_acc`` and
+        ``accuracy`` (``{stage: {"val", "test"} or None}`` for :data:`STAGES`), ``probe``, ``val_acc`` and
         ``test_acc`` of the final network, ``retention`` (final / baseline test accuracy),
         ``macs``, ``params``, ``baseline_macs``, ``baseline_params`` (per image), their
         ``*_ratio`` and ``*_reduction``, ``keep`` (kept filters per layer), ``finetune`` (the
@@ -122,6 +125,7 @@ def finalize(
     if bn.bn_recal_batches > 0:
         bn.apply(model, splits, seed=bn_seed, device=device)
         stages["after_bn_recal"] = accuracy(model, splits, device=device, limit=eval_limit)
+    probed = probe(model) if probe is not None else None
     summary = None
     if ft.epochs > 0:
         ft = dataclasses.replace(ft, device=str(device)) if ft.device == "auto" else ft
@@ -146,5 +150,6 @@ def finalize(
         "keep": keep,
         "finetune": summary,
         "plan": plan.to_dict() if plan is not None else None,
+        "probe": probed,
     }
     return model, report

@@ -1,0 +1,1 @@
+"""Reproducible benchmarks on real data; run from the repository root as ``python -m benchmarks.<name>``."""

@@ -1,0 +1,306 @@
+"""The report of ``benchmarks/marl.py``: plots, tables and the summary paragraph, written from ``marl.json``.
+
+Every function takes the recorded state and the benchmark's settings as a flat namespace
+(``SimpleNamespace(**flat_dict(cfg))``: one attribute per setting, by flat name).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pruning_env.search import pareto_front
+
+__all__ = ["ALGOS", "LABELS", "TP_NAME", "plots", "summary", "write_report"]
+
+ALGOS = ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"]
+TP_NAME = "torch-pruning"
+LABELS = {"qmix": "QMIX", "vdn": "VDN", "iql": "IQL", "amc": "AMC (DDPG)", "random": "random search",
+          "dsfp-uniform": "DSFP-uniform", TP_NAME: "Torch-Pruning global L1"}
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    a = np.asarray([x for x in xs if x is not None], dtype=np.float64)
+    if a.size == 0:
+        return float("nan"), float("nan")
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def _fmt(xs: list[float | None], digits: int = 4) -> str:
+    """``mean ± std`` over seeds (just the value for one seed; "-" for none)."""
+    m, s = _mean_std(xs)
+    if math.isnan(m):
+        return "-"
+    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if len([x for x in xs if x is not None]) > 1 else "")
+
+
+def plots(state: dict[str, Any], cfg: Any, out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    algos = [a for a in cfg.algos if any(a in r["search"] for r in state["runs"].values())]
+    colors = {a: plt.cm.tab10(i) for i, a in enumerate(ALGOS + [TP_NAME])}
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for a in algos:
+        curves = [r["search"][a]["curve"] for r in state["runs"].values() if a in r["search"]]
+        top = max(c[-1]["plans"] for c in curves)
+        grid = np.arange(1, top + 1)
+        ys = []
+        for c in curves:
+            plans, best = np.asarray([p["plans"] for p in c]), np.asarray([p["best"] for p in c])
+            idx = np.searchsorted(plans, grid, side="right") - 1
+            y = np.where(idx >= 0, best[np.clip(idx, 0, None)], np.nan)
+            y[grid > plans[-1]] = best[-1]
+            ys.append(y)
+        ys = np.asarray(ys)
+        # Seeds start at different x (after their first episode): plot from where every seed has a value, so the
+        # mean of best-so-far values never decreases.
+        complete = ~np.isnan(ys).any(axis=0)
+        mean = np.where(complete, np.where(complete, ys, 0.0).mean(axis=0), np.nan)
+        lo = np.where(complete, np.where(complete, ys, 0.0).min(axis=0), np.nan)
+        hi = np.where(complete, np.where(complete, ys, 0.0).max(axis=0), np.nan)
+        ax.plot(grid, mean, color=colors[a], label=f"{LABELS[a]} (n={len(curves)})")
+        if len(curves) > 1:
+            ax.fill_between(grid, lo, hi, color=colors[a], alpha=0.15)
+    ax.axvline(cfg.plans, color="grey", ls=":", lw=1)
+    ax.set_xlabel("plans evaluated (env.num_evaluations, greedy evaluations included)")
+    ax.set_ylabel(f"best-so-far validation objective ({cfg.reward})")
+    ax.set_title("Search progress at equal budget (mean over seeds, band = min..max)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "marl_curves.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for a in algos:
+        pts = [p for r in state["runs"].values() if a in r["search"] for p in r["search"][a]["points"]]
+        ax.scatter([p["macs_ratio"] for p in pts], [p["acc_ratio"] for p in pts], s=5, alpha=0.15, color=colors[a])
+        front = pareto_front(pts)
+        ax.plot([p["macs_ratio"] for p in front], [p["acc_ratio"] for p in front], ".-", color=colors[a], ms=3,
+                label=f"{LABELS[a]} ({len(pts)} plans)")
+        bests = [r["search"][a]["best"] for r in state["runs"].values() if a in r["search"]]
+        ax.plot([b["macs_ratio"] for b in bests], [b["acc_ratio"] for b in bests], "*", color=colors[a], ms=11,
+                mec="k", mew=0.5)
+    tps = [r["finetune"][TP_NAME] for r in state["runs"].values() if TP_NAME in r.get("finetune", {})]
+    if tps:
+        ax.plot([t["macs_ratio"] for t in tps], [t["val_acc_ratio"] for t in tps], "kX", ms=9,
+                label=LABELS[TP_NAME])
+    if cfg.reward == "budget":
+        ax.axvline(cfg.macs_target, color="grey", ls=":", lw=1, label=f"MACs target {cfg.macs_target:g}")
+    ax.set_xlabel("MACs ratio (pruned / unpruned)")
+    ax.set_ylabel("validation accuracy ratio (before fine-tuning)")
+    ax.set_title("Every plan measured, all seeds pooled; Pareto fronts; stars = best plans")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_dir / "marl_pareto.png", dpi=120)
+    plt.close(fig)
+
+
+def _acc_at_target(search: dict[str, Any], target: float) -> float | None:
+    """Best validation accuracy ratio among ALL plans the search measured with MACs ratio <= target."""
+    accs = [p["acc_ratio"] for p in search["points"] if p["macs_ratio"] <= target]
+    return max(accs) if accs else None
+
+
+def _compare(state: dict[str, Any], a: str, b: str, section: str, key: str) -> dict[str, Any] | None:
+    pairs = []
+    for run in state["runs"].values():
+        ra, rb = run.get(section, {}).get(a), run.get(section, {}).get(b)
+        if ra and rb:
+            if key.startswith("acc_at_"):
+                va, vb = (_acc_at_target(r, float(key[len("acc_at_"):])) for r in (ra, rb))
+                if va is None or vb is None:
+                    continue
+            else:
+                va = ra["best"][key] if section == "search" else ra[key]
+                vb = rb["best"][key] if section == "search" else rb[key]
+            ma = ra["best"]["macs_ratio"] if section == "search" else ra["macs_ratio"]
+            mb = rb["best"]["macs_ratio"] if section == "search" else rb["macs_ratio"]
+            pairs.append((va, vb, ma, mb))
+    if not pairs:
+        return None
+    d = [p[0] - p[1] for p in pairs]
+    return {"n": len(pairs), "a": _mean_std([p[0] for p in pairs]), "b": _mean_std([p[1] for p in pairs]),
+            "diff": _mean_std(d), "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d),
+            "macs_a": _mean_std([p[2] for p in pairs])[0], "macs_b": _mean_std([p[3] for p in pairs])[0]}
+
+
+def _verdict(c: dict[str, Any], noise: float = 0.0) -> str:
+    m, _ = c["diff"]
+    if abs(m) <= noise:
+        return "is within measurement noise of"
+    if c["wins"] == c["n"] and m > 0:
+        return "beats"
+    if c["wins"] == 0:
+        return "does not beat" if c["ties"] < c["n"] else "ties with"
+    return "is mixed against"
+
+
+def summary(state: dict[str, Any], cfg: Any) -> str:
+    """A paragraph written from the recorded numbers only."""
+    n_seeds = len(state["runs"])
+    if "qmix" not in cfg.algos:
+        return "QMIX was not among the algorithms run, so no QMIX comparison is made."
+    eval_size = state.get("baseline", {}).get("env_config", {}).get("eval_size", cfg.eval_size)
+    res = 100.0 / eval_size
+    epochs = f"{cfg.finetune_epochs} epoch{'s' if cfg.finetune_epochs != 1 else ''}"
+    parts, head_val, head_test = [], [], []
+    for other in ("dsfp-uniform", "random"):
+        if other not in cfg.algos:
+            continue
+        m = _compare(state, "qmix", other, "search", f"acc_at_{cfg.macs_target}") if cfg.reward == "budget" else None
+        f = _compare(state, "qmix", other, "finetune", "test_acc")
+        if m is not None:
+            head_val.append(f"{_verdict(m, 2 * res / 100)} {LABELS[other]} ({m['diff'][0]:+.4f} accuracy ratio, "
+                            f"QMIX higher in {m['wins']} of {m['n']})")
+        if f is not None:
+            head_test.append(f"{_verdict(f)} {LABELS[other]} ({f['diff'][0]:+.2f} points, higher in {f['wins']} of "
+                             f"{f['n']}, at MACs ratios {f['macs_a']:.3f} vs {f['macs_b']:.3f})")
+    if head_val:
+        parts.append(f"Headline: among all plans measured with MACs ratio <= {cfg.macs_target:g}, QMIX "
+                     + " and ".join(head_val) + " on validation accuracy (before fine-tuning)"
+                     + ("; after identical fine-tuning of each best plan, QMIX " + " and ".join(head_test)
+                        + " on test accuracy" if head_test else "") + ".")
+    elif head_test:
+        parts.append("Headline: after identical fine-tuning of each best plan, QMIX " + " and ".join(head_test)
+                     + " on test accuracy.")
+    for other in ("dsfp-uniform", "random"):
+        if other not in cfg.algos:
+            continue
+        c = _compare(state, "qmix", other, "search", "objective")
+        if c is None:
+            continue
+        text = (f"On the validation objective of the search, QMIX {_verdict(c, 2 * res / 100)} {LABELS[other]}: "
+                f"{c['a'][0]:.4f} vs {c['b'][0]:.4f} (difference {c['diff'][0]:+.4f}"
+                + (f" ± {c['diff'][1]:.4f}" if c["n"] > 1 else "")
+                + f"; QMIX higher in {c['wins']} of {c['n']} seed{'s' if c['n'] > 1 else ''}), at MACs ratios "
+                f"{c['macs_a']:.3f} vs {c['macs_b']:.3f}")
+        if abs(c["macs_a"] - c["macs_b"]) > 0.05:
+            text += " (the MACs are NOT well matched: compare with care)"
+        if cfg.reward == "budget":
+            m = _compare(state, "qmix", other, "search", f"acc_at_{cfg.macs_target}")
+            if m is not None:
+                text += (f". At strictly matched MACs (the best of ALL plans measured with MACs ratio <= "
+                         f"{cfg.macs_target:g}) the validation accuracy ratio is {m['a'][0]:.4f} vs {m['b'][0]:.4f} "
+                         f"(QMIX higher in {m['wins']} of {m['n']})")
+        f = _compare(state, "qmix", other, "finetune", "test_acc")
+        if f is not None:
+            text += (f". After identical fine-tuning ({epochs}{', KD' if cfg.finetune_kd else ''}) the test accuracy is "
+                     f"{f['a'][0]:.2f} % vs {f['b'][0]:.2f} % "
+                     f"(difference {f['diff'][0]:+.2f} points"
+                     + (f" ± {f['diff'][1]:.2f}" if f["n"] > 1 else "")
+                     + f"; QMIX higher in {f['wins']} of {f['n']}): QMIX {_verdict(f)} it after fine-tuning")
+        parts.append(text + ".")
+    t = _compare(state, "qmix", TP_NAME, "finetune", "test_acc")
+    if t is not None:
+        parts.append(f"Against Torch-Pruning's global L1-magnitude pruning (MACs ratio {t['macs_b']:.3f} vs QMIX's "
+                     f"{t['macs_a']:.3f}), QMIX's fine-tuned test accuracy is {t['a'][0]:.2f} % vs {t['b'][0]:.2f} % "
+                     f"(difference {t['diff'][0]:+.2f} points; QMIX higher in {t['wins']} of {t['n']}).")
+    if not parts:
+        return "Not enough finished results for a QMIX comparison yet."
+    caveat = (f" One validation image is {res:.2f} % of the reward subset ({eval_size} images), so objective "
+              f"differences below about {2 * res / 100:.3f} are within measurement noise")
+    caveat += (f"; with {n_seeds} seed{'s' if n_seeds > 1 else ''} "
+               + ("there is no estimate of seed-to-seed variation, so none of this is a statistical claim."
+                  if n_seeds == 1 else "the ± figures are standard deviations over seeds, not confidence intervals."))
+    return " ".join(parts) + caveat
+
+
+def write_report(state: dict[str, Any], cfg: Any, out_dir: Path, header: dict[str, str]) -> str:
+    runs = state["runs"]
+    seeds = sorted(runs, key=int)
+    base = state.get("baseline", {})
+    algos = [a for a in cfg.algos if any(a in runs[s]["search"] for s in seeds)]
+    md = ["# MARL search benchmark: QMIX vs other searches at equal budget and matched MACs", "",
+          f"Command: `{header['command']}`  ", f"Commit: {header['commit']}  ", f"Machine: {header['machine']}  ",
+          f"Date: {header['date']}  ",
+          f"Problem: {header['problem']}  ",
+          f"Seeds: {', '.join(seeds)}; budget: {cfg.plans} measured plans per algorithm and seed (greedy "
+          f"evaluations included; greedy every {cfg.eval_every} episodes); reward `{cfg.reward}`"
+          + (f" with MACs target {cfg.macs_target:g}" if cfg.reward == "budget" else "")
+          + (f" (lam {cfg.lam:g})" if cfg.reward == "linear" else "") + f"; episode length {cfg.episode_length}; "
+          f"rates {cfg.rates}  ",
+          f"Total wall time of this invocation: {header['wall']}", ""]
+    if base:
+        md += [f"Unpruned baseline: test accuracy {base['test_acc']:.2f} %, validation accuracy on the reward subset "
+               f"{base['val_acc']:.2f} %, {base['macs'] / 1e6:.2f} M MACs, {base['params'] / 1e6:.3f} M params.", ""]
+    md += ["## Summary", "", summary(state, cfg), "",
+           "## Search (validation, before fine-tuning)", "",
+           "Mean ± std over seeds. Best plan = the final plan of a training or greedy episode with the highest "
+           "validation objective. Search time excludes env set-up (DSFP scores of the unpruned network).", "",
+           "| algorithm | seeds | plans used | episodes | best val objective | val acc ratio | MACs ratio | "
+           f"params ratio | best val acc ratio of all plans at MACs <= {cfg.macs_target:g} | search wall (s) | "
+           "stopped early |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for a in algos:
+        rs = [runs[s]["search"][a] for s in seeds if a in runs[s]["search"]]
+        md.append(f"| {LABELS[a]} | {len(rs)} | {_fmt([r['plans_used'] for r in rs], 0)} | "
+                  f"{_fmt([r['episodes'] for r in rs], 0)} | {_fmt([r['best']['objective'] for r in rs])} | "
+                  f"{_fmt([r['best']['acc_ratio'] for r in rs])} | {_fmt([r['best']['macs_ratio'] for r in rs])} | "
+                  f"{_fmt([r['best']['params_ratio'] for r in rs])} | "
+                  f"{_fmt([_acc_at_target(r, cfg.macs_target) for r in rs])} | {_fmt([r['seconds'] for r in rs], 1)} | "
+                  f"{sum(r['exhausted'] for r in rs)} of {len(rs)} |")
+    ft_names = [a for a in [*algos, TP_NAME] if any(a in runs[s].get("finetune", {}) for s in seeds)]
+    if ft_names:
+        epochs = f"{cfg.finetune_epochs} epoch{'s' if cfg.finetune_epochs != 1 else ''}"
+        md += ["", f"## After identical fine-tuning ({epochs}, "
+               + ("KD from the unpruned network" if cfg.finetune_kd else "cross-entropy")
+               + (f", {cfg.finetune_train_limit} training images per epoch" if cfg.finetune_train_limit
+                  else ", full training split")
+               + ")", "",
+               "TEST accuracy. 'Before' = right after pruning with BatchNorm re-estimated as in the env's reward. "
+               "MACs and params ratios counted on the pruned network (`pruning_env.engine.flops.count`). Val objective = "
+               "the env's objective of the pruned network before fine-tuning (for the searches: the value the "
+               "search saw). Torch-Pruning: `MagnitudePruner` with `MagnitudeImportance(p=1)`, global pruning of "
+               "the same convs (all Linears ignored), per-layer cap = the largest grid rate, iterative steps until "
+               "the MACs ratio is <= "
+               + ("the QMIX best plan's MACs ratio of the same seed." if cfg.tp_target == "qmix" and "qmix" in algos
+                  else f"{cfg.macs_target:g}."), "",
+               "The searches' best plans were re-measured here from scratch: "
+               + ("the validation objective matches the search's in every case."
+                  if all(abs(r["val_objective"] - r["search_val_objective"]) < 1e-9 for s in seeds
+                         for r in runs[s].get("finetune", {}).values() if r.get("search_val_objective") is not None)
+                  else "**the validation objective differs from the search's for some plans** (see marl.json: "
+                       "val_objective vs search_val_objective)."), "",
+               "| method | seeds | MACs ratio | params ratio | val objective | test acc before FT (%) | "
+               "test acc after FT (%) | retention | FT wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
+        for a in ft_names:
+            rs = [runs[s]["finetune"][a] for s in seeds if a in runs[s].get("finetune", {})]
+            md.append(f"| {LABELS[a]} | {len(rs)} | {_fmt([r['macs_ratio'] for r in rs])} | "
+                      f"{_fmt([r['params_ratio'] for r in rs])} | {_fmt([r['val_objective'] for r in rs])} | "
+                      f"{_fmt([r['test_acc_before_finetune'] for r in rs], 2)} | {_fmt([r['test_acc'] for r in rs], 2)}"
+                      f" | {_fmt([r['retention'] for r in rs])} | {_fmt([r['seconds'] for r in rs], 1)} |")
+    md += ["", "## Per seed", "",
+           "| seed | method | plans used | best val objective | MACs ratio | test before FT (%) | test after FT (%) "
+           "| search wall (s) | FT wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in seeds:
+        for a in [*algos, TP_NAME]:
+            sr, fr = runs[s]["search"].get(a), runs[s].get("finetune", {}).get(a)
+            if not sr and not fr:
+                continue
+            cells = [s, LABELS[a], sr["plans_used"] if sr else "-",
+                     f"{sr['best']['objective'] if sr else fr['val_objective']:.4f}",
+                     f"{fr['macs_ratio'] if fr else sr['best']['macs_ratio']:.4f}",
+                     f"{fr['test_acc_before_finetune']:.2f}" if fr else "-", f"{fr['test_acc']:.2f}" if fr else "-",
+                     f"{sr['seconds']:.1f}" if sr else "-", f"{fr['seconds']:.1f}" if fr else "-"]
+            md.append("| " + " | ".join(str(c) for c in cells) + " |")
+    md += ["", "![learning curves](marl_curves.png)", "", "![Pareto fronts](marl_pareto.png)", "",
+           "## How to read this", "",
+           "* Budget = distinct plans the algorithm's own env measured (`env.num_evaluations`, cache misses): "
+           "re-visiting a plan is free, greedy evaluations cost like training episodes. Episodes are never cut, "
+           "so 'plans used' can exceed the budget by up to episode_length - 1.",
+           "* The Pareto plot pools every plan measured, including the intermediate steps of episodes; the best "
+           "plan is chosen among episode-final plans, as `train_marl.py` does.",
+           "* Exploration schedules are scaled to the budget by each algorithm's `budget_overrides` hook "
+           "(QMIX/VDN/IQL: epsilon 1 -> 0.05 over half the budget's env steps; AMC: warm-up of 1/8 of the expected "
+           "episodes); all other hyper-parameters are the algorithms' defaults"
+           + (f" plus `--algo-config {cfg.algo_config}`" if cfg.algo_config else "") + ".",
+           "* DSFP-uniform can only produce one plan per grid rate; it stops once it has tried them all.", ""]
+    text = "\n".join(md)
+    (out_dir / "marl.md").write_text(text)
+    return text
