@@ -1,10 +1,12 @@
 """AMC-style single-agent pruning search (He et al. 2018) with Tianshou 2.0's DDPG.
 
-One agent walks the layers one per step on a Gymnasium SEQUENTIAL view of the parallel
-pruning env: per-layer state vector in, ``Box(low, high, (1,))`` action (a ratio)
-out, one terminal reward. By default the view is
-``pruning_env.envs.views.SequentialPruningEnv(parallel_env)`` (imported lazily); pass
-``make_sequential_env=`` to use another one.
+One agent walks the layers one per step on a Gymnasium SEQUENTIAL env handed in by the
+caller (``env_api = "sequential"``): per-layer state vector in, ``Box(low, high, (1,))``
+action (a ratio) out, one terminal reward. For the pruning env that is
+``pruning_env.SequentialPruningEnv(parallel_env)``::
+
+    seq_env = pruning_env.SequentialPruningEnv(pruning_env.make("pruning_env/Tiny-v0"))
+    algo = make_algorithm("amc", seq_env, seed=0, **AMCAgent.budget_overrides(plans=400, episode_length=4))
 
 As in AMC (``amc_search.py`` / ``lib/agent.py``):
 
@@ -29,16 +31,14 @@ from __future__ import annotations
 
 import copy
 import functools
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
 import torch
-from pettingzoo import ParallelEnv
 
-from agents.base import Algorithm, EpisodeLog, register, seeded_torch
+from agents.base import Algorithm, EpisodeLog, check_budget, register, seeded_torch
 
 if TYPE_CHECKING:
     from tianshou.data import ReplayBuffer
@@ -119,12 +119,6 @@ def _baseline_ddpg_class() -> type:
     return BaselineDDPG
 
 
-def _default_sequential_env(env: ParallelEnv) -> gym.Env:
-    from pruning_env.envs.views import SequentialPruningEnv  # lazy: agents must not need pruning_env
-
-    return SequentialPruningEnv(env)
-
-
 _BUFFER_KEYS = ("obs", "act", "rew", "terminated", "truncated", "done", "obs_next")
 
 
@@ -167,24 +161,27 @@ def _load_buffer_state(buf: ReplayBuffer, d: dict[str, Any]) -> None:
 class AMCAgent(Algorithm):
     """AMC: DDPG over the layers of the network, one layer per step (single agent).
 
-    ``env`` is the parallel pruning env; the agent acts on
-    ``make_sequential_env(env)``, a Gymnasium env with a flat ``Box`` observation and a
-    ``Box`` action of shape (1,). ``EpisodeLog.actions[t]`` is ``{possible_agents[t % L]: a_t}``
-    (the view walks the L layers in ``possible_agents`` order, once per parallel step).
+    ``env`` is a Gymnasium env that decides one layer per step, with a flat ``Box``
+    observation and a ``Box`` action of shape (1,), e.g.
+    ``pruning_env.SequentialPruningEnv(parallel_env)``; a PettingZoo ParallelEnv is
+    refused with a hint to wrap it. ``EpisodeLog.actions[t]`` is
+    ``{possible_agents[t % L]: a_t}`` when the env has a ``possible_agents`` attribute
+    (the L layer names, which a view walks in that order, once per parallel step), else
+    ``{"step_<t>": a_t}``.
     """
 
     config_cls = AMCConfig
+    env_api = "sequential"
 
     def __init__(
         self,
-        env: ParallelEnv,
+        env: gym.Env,
         config: AMCConfig | None = None,
         *,
         seed: int,
         device: str | torch.device = "cpu",
-        make_sequential_env: Callable[[ParallelEnv], gym.Env] | None = None,
     ) -> None:
-        super().__init__(env, config, seed=seed, device=device)
+        super().__init__(env, config, seed=seed, device=device)  # checks that env is a sequential Gymnasium env
         from tianshou.algorithm.modelfree.ddpg import ContinuousDeterministicPolicy
         from tianshou.algorithm.optim import AdamOptimizerFactory
         from tianshou.data import ReplayBuffer
@@ -192,15 +189,14 @@ class AMCAgent(Algorithm):
         from tianshou.utils.net.continuous import ContinuousActorDeterministic, ContinuousCritic
 
         cfg: AMCConfig = self.config
-        self.seq_env = (make_sequential_env or _default_sequential_env)(env)
-        obs_space, act_space = self.seq_env.observation_space, self.seq_env.action_space
+        obs_space, act_space = env.observation_space, env.action_space
         if not (isinstance(act_space, gym.spaces.Box) and act_space.shape == (1,)):
             raise ValueError(f"AMC needs a Box action space of shape (1,), got {act_space}")
         if not isinstance(obs_space, gym.spaces.Box):
             raise ValueError(f"AMC needs a Box observation space, got {obs_space}")
         self.low = act_space.low.astype(np.float64)
         self.high = act_space.high.astype(np.float64)
-        self.step_names = list(getattr(env, "possible_agents", []))
+        self.step_names: list[str] = list(getattr(env, "possible_agents", None) or [])
         obs_shape, act_shape = obs_space.shape, act_space.shape
 
         with seeded_torch(self.seed):
@@ -231,6 +227,17 @@ class AMCAgent(Algorithm):
         )
         self.buffer = ReplayBuffer(cfg.buffer_size, random_seed=int(self.rngs.np.integers(2**31)))
 
+    @classmethod
+    def budget_overrides(cls, plans: int, episode_length: int) -> dict[str, Any]:
+        """Warm up for 1/8 of the expected episodes: ``warmup_episodes = max(1, round(plans / episode_length / 8))``.
+
+        One AMC episode decides every layer once, which is one episode of the parallel
+        env (``episode_length`` steps, at most one new plan each), so the budget holds
+        about ``plans / episode_length`` AMC episodes (the AMC paper warms up for 100 of 800).
+        """
+        check_budget(plans, episode_length)
+        return {"warmup_episodes": max(1, round(plans / episode_length / 8))}
+
     # ------------------------------------------------------------------ acting
     def noise_sigma(self) -> float:
         """Exploration sigma for the next training episode (0 during warm-up: actions are uniform)."""
@@ -250,7 +257,7 @@ class AMCAgent(Algorithm):
     def _run(self, mode: str) -> tuple[EpisodeLog, list[tuple]]:
         """One episode on the sequential env; mode is "warmup", "explore" or "greedy"."""
         rng, sigma = self.rngs.np, self.noise_sigma()
-        obs, info = self.seq_env.reset(seed=self.next_reset_seed())
+        obs, info = self.reset_env()
         steps: list[tuple] = []
         actions: list[dict[str, float]] = []
         ret = 0.0
@@ -262,9 +269,10 @@ class AMCAgent(Algorithm):
             else:
                 act = self._actor_action(obs)
             act = act.astype(np.float32)
-            next_obs, reward, terminated, truncated, info = self.seq_env.step(act)
+            next_obs, reward, terminated, truncated, info = self.env.step(act)
             t = len(steps)
-            actions.append({self.step_names[t % len(self.step_names)] if self.step_names else f"step_{t}": float(act[0])})
+            name = self.step_names[t % len(self.step_names)] if self.step_names else f"step_{t}"
+            actions.append({name: float(act[0])})
             steps.append((obs, act, float(reward), bool(terminated), bool(truncated), next_obs))
             ret += float(reward)
             obs = next_obs
@@ -305,6 +313,7 @@ class AMCAgent(Algorithm):
                 for _ in range(cfg.updates_per_step * log.length):
                     stats = self.ddpg.update(buffer=self.buffer, sample_size=cfg.batch_size)
                     losses.append((stats.actor_loss, stats.critic_loss))
+        # Diagnostics (go to train/); only the losses end in "loss" (go to losses/).
         log.metrics.update(warmup=float(warmup), noise_sigma=sigma)
         if self.ddpg.reward_baseline is not None:
             log.metrics["reward_baseline"] = float(self.ddpg.reward_baseline)

@@ -1,8 +1,21 @@
 """The plug-in interface every pruning agent implements, and the registry that names them.
 
-Algorithms know the environment ONLY through the PettingZoo ``ParallelEnv`` API
-(``reset``/``step``/``state``/spaces); nothing here imports ``pruning_env``. An
-algorithm owns its env for its whole life and runs one episode per call:
+Algorithms know the environment ONLY through the API of the env they are handed;
+nothing here imports ``pruning_env``. Which API that is, each algorithm class says in
+:attr:`Algorithm.env_api`, so that a caller builds the right view without knowing the
+algorithm by name:
+
+==================  ========================================================================
+``"parallel"``      a PettingZoo ``ParallelEnv`` (``reset``/``step``/``state``/spaces): every
+                    layer agent acts at every step (QMIX, VDN, IQL, the baselines)
+``"sequential"``    a Gymnasium env that decides ONE layer per step (``Box`` observation,
+                    ``Box`` action of shape (1,)), e.g.
+                    ``pruning_env.SequentialPruningEnv(parallel_env)`` (AMC)
+==================  ========================================================================
+
+:meth:`Algorithm.budget_overrides` gives the config overrides that fit an algorithm's
+exploration schedule to a search budget, again without a name check. An algorithm owns
+its env for its whole life and runs one episode per call:
 
 =====================  ====================================================================
 ``train_episode()``    one exploring episode on ``env``, then learning; returns an
@@ -26,6 +39,10 @@ team reward of a step is the MEAN over agents of their rewards (BenchMARL conven
 epymarl-style sum would be ``n_agents`` times larger) and ``episode_return`` is its sum
 over the episode.
 
+Metrics: ``EpisodeLog.metrics`` go to TensorBoard, keys ending in ``loss`` under
+``losses/`` and every other key under ``train/``; so name losses ``..._loss`` (``td_loss``,
+``actor_loss``) and nothing else (``epsilon``, ``grad_norm``, ``best_return``).
+
 Adding an algorithm (one new file, then run it by name)::
 
     # my_algos.py
@@ -39,7 +56,7 @@ Adding an algorithm (one new file, then run it by name)::
 
     @register("always")
     class Always(Algorithm):
-        config_cls = GreedyConfig
+        config_cls = GreedyConfig      # env_api = "parallel" is inherited
 
         def train_episode(self) -> EpisodeLog:
             log, _ = self.play_episode(lambda obs, infos: {a: self.config.action for a in obs})
@@ -74,17 +91,22 @@ import inspect
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
+import gymnasium as gym
 import numpy as np
 import torch
 from pettingzoo import ParallelEnv
 
 __all__ = [
+    "ENV_APIS",
     "Algorithm",
+    "EnvAPI",
     "EpisodeLog",
     "EpisodeTrace",
     "RandomStreams",
+    "check_budget",
+    "check_env_api",
     "get_algorithm",
     "list_algorithms",
     "make_algorithm",
@@ -96,6 +118,11 @@ __all__ = [
 MAX_EPISODE_STEPS = 100_000
 """Safety net: an episode that has not ended after this many steps is a bug in the env."""
 
+EnvAPI = Literal["parallel", "sequential"]
+"""The env APIs an algorithm can ask for (see :attr:`Algorithm.env_api`)."""
+ENV_APIS: tuple[str, ...] = get_args(EnvAPI)
+"""``("parallel", "sequential")``."""
+
 
 @dataclass
 class EpisodeLog:
@@ -106,13 +133,18 @@ class EpisodeLog:
     length: int
     """Number of env steps in the episode."""
     actions: list[dict[str, Any]]
-    """Per step, the action of every agent (``{"layer_0": 3, ...}``); ints for discrete
-    action spaces, floats for the continuous AMC view."""
+    """Per step, the action of every agent that acted (``{"layer_0": 3, ...}``); ints for
+    discrete action spaces. A sequential algorithm (AMC) has one entry per step, named by
+    the layer it decided (a float keep ratio)."""
     final_info: dict[str, Any]
     """The infos dict of the first agent at the last step (the pruning env puts the
     accuracy/MACs ratios and the plan there)."""
     metrics: dict[str, float] = field(default_factory=dict)
-    """Scalars computed on the way (e.g. ``td_loss``, ``epsilon``, ``q_mean``), for TensorBoard."""
+    """Scalars computed on the way, for TensorBoard. Naming rule: the caller logs a key that
+    ends in ``loss`` under ``losses/`` and every other key under ``train/``, so training
+    losses end in ``loss`` (``td_loss``, ``actor_loss``, ``critic_loss``) and nothing else
+    does (diagnostics such as ``epsilon``, ``buffer_episodes``, ``gradient_steps``,
+    ``q_mean``, ``noise_sigma``, ``best_return``)."""
 
 
 @dataclass
@@ -195,12 +227,14 @@ class Algorithm(abc.ABC):
     """Base class of every pruning agent (MARL learner, single-agent learner or baseline).
 
     Subclasses set ``config_cls`` (a dataclass with a one-line docstring per field),
-    implement the four abstract methods and register themselves with :func:`register`.
-    ``state_dict``/``load_state_dict`` here handle the shared part (counters, RNG
-    states); subclasses extend them with ``super()``.
+    implement the four abstract methods and register themselves with :func:`register`;
+    one that wants a sequential (one layer per step) Gymnasium env sets
+    ``env_api = "sequential"``, one with an exploration schedule overrides
+    :meth:`budget_overrides`. ``state_dict``/``load_state_dict`` here handle the shared
+    part (counters, RNG states); subclasses extend them with ``super()``.
 
     Attributes available to subclasses:
-        env: the PettingZoo ParallelEnv.
+        env: the env, in the API :attr:`env_api` names (checked by the constructor).
         config: the config dataclass instance.
         seed: the integer seed.
         device: the torch device for networks.
@@ -213,10 +247,18 @@ class Algorithm(abc.ABC):
     """Registry name, set by :func:`register`."""
     config_cls: ClassVar[type]
     """The config dataclass of this algorithm."""
+    env_api: ClassVar[EnvAPI] = "parallel"
+    """The env API the constructor wants, so that callers build the right view without a
+    name check: ``"parallel"``, a PettingZoo ``ParallelEnv`` whose agents (the layers) all
+    act at every step; ``"sequential"``, a Gymnasium env that decides one layer per step
+    (``Box`` observation, ``Box`` action of shape (1,)), e.g.
+    ``pruning_env.SequentialPruningEnv(parallel_env)``. A sequential env may expose
+    ``possible_agents`` (the layer names, in decision order) to name the actions in
+    :attr:`EpisodeLog.actions`."""
 
     def __init__(
         self,
-        env: ParallelEnv,
+        env: Any,
         config: Any | None = None,
         *,
         seed: int,
@@ -228,6 +270,7 @@ class Algorithm(abc.ABC):
             raise TypeError(
                 f"{type(self).__name__} expects a {self.config_cls.__name__}, got {type(config).__name__}"
             )
+        check_env_api(env, self.env_api, self.name or type(self).__name__)
         self.env = env
         self.config = config
         self.seed = int(seed)
@@ -243,6 +286,21 @@ class Algorithm(abc.ABC):
     def default_config(cls, **overrides: Any) -> Any:
         """The default config of this algorithm with ``overrides`` applied."""
         return cls.config_cls(**overrides)
+
+    @classmethod
+    def budget_overrides(cls, plans: int, episode_length: int) -> dict[str, Any]:
+        """Config overrides that fit this algorithm's exploration schedule to a search budget.
+
+        The budget is ``plans`` measured pruning plans; each env step measures at most
+        one new plan, and an episode of the parallel env is ``episode_length`` steps (a
+        run has about ``plans / episode_length`` episodes). The defaults of the config
+        classes assume one fixed run length; these overrides scale the schedule instead
+        (e.g. epsilon annealed over half the budget). The keys are config fields: pass
+        them to :func:`make_algorithm` and let explicit user options win over them.
+        Default: ``{}`` (nothing to fit).
+        """
+        check_budget(plans, episode_length)
+        return {}
 
     @abc.abstractmethod
     def train_episode(self) -> EpisodeLog:
@@ -297,8 +355,12 @@ class Algorithm(abc.ABC):
         self._env_resets += 1
         return reset_seed
 
-    def reset_env(self) -> tuple[dict[str, Any], dict[str, dict]]:
-        """``env.reset`` following the seeding rule of :meth:`next_reset_seed`."""
+    def reset_env(self) -> tuple[Any, Any]:
+        """``env.reset`` following the seeding rule of :meth:`next_reset_seed`.
+
+        Returns what the env's ``reset`` returns: ``(obs dict, infos dict)`` for a
+        ParallelEnv, ``(obs, info)`` for a Gymnasium env.
+        """
         return self.env.reset(seed=self.next_reset_seed())
 
     def play_episode(
@@ -307,7 +369,7 @@ class Algorithm(abc.ABC):
         *,
         record_state: bool = False,
     ) -> tuple[EpisodeLog, EpisodeTrace]:
-        """Run one episode of the parallel env with ``policy(obs, infos) -> actions``.
+        """Run one episode of the parallel env (``env_api = "parallel"``) with ``policy(obs, infos) -> actions``.
 
         ``policy`` gets the observation and info dicts of the live agents and returns an
         action for each of them. With ``record_state`` the global ``env.state()`` is
@@ -347,6 +409,45 @@ class Algorithm(abc.ABC):
         return log, trace
 
 
+def check_budget(plans: int, episode_length: int) -> None:
+    """Raise ``ValueError`` unless both budget numbers are positive integers."""
+    for name, value in (("plans", plans), ("episode_length", episode_length)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_env_api(env: Any, api: str, who: str) -> None:
+    """Raise ``TypeError`` unless ``env`` is of the API ``api`` (see :attr:`Algorithm.env_api`).
+
+    The message says how to get the right one: the usual mistake is handing the parallel
+    pruning env to a sequential algorithm or its sequential view to a parallel one.
+    """
+    if api == "parallel":
+        if isinstance(env, gym.Env):
+            raise TypeError(
+                f"{who} wants a PettingZoo ParallelEnv (env_api='parallel'), got the Gymnasium env "
+                f"{type(env).__name__}; pass the parallel env itself"
+            )
+        if not (hasattr(env, "possible_agents") and callable(getattr(env, "step", None))):
+            raise TypeError(f"{who} wants a PettingZoo ParallelEnv (env_api='parallel'), got {type(env).__name__}")
+    elif api == "sequential":
+        if isinstance(env, ParallelEnv):
+            raise TypeError(
+                f"{who} wants a Gymnasium env that decides one layer per step (env_api='sequential'), got the "
+                f"PettingZoo ParallelEnv {type(env).__name__}; wrap it: pruning_env.SequentialPruningEnv(env)"
+            )
+        spaces_ok = isinstance(getattr(env, "observation_space", None), gym.spaces.Space) and isinstance(
+            getattr(env, "action_space", None), gym.spaces.Space
+        )
+        if not (spaces_ok and callable(getattr(env, "step", None)) and callable(getattr(env, "reset", None))):
+            raise TypeError(
+                f"{who} wants a Gymnasium env (env_api='sequential') with observation_space/action_space, "
+                f"got {type(env).__name__}"
+            )
+    else:
+        raise ValueError(f"unknown env_api {api!r}; known: {', '.join(ENV_APIS)}")
+
+
 def _plain(action: Any) -> Any:
     """numpy scalar/array action -> python int/float (EpisodeLog holds plain values)."""
     arr = np.asarray(action)
@@ -377,6 +478,8 @@ def register(name: str) -> Callable[[A], A]:
             raise ValueError(f"algorithm name {name!r} is already registered by {_REGISTRY[name]!r}")
         if not dataclasses.is_dataclass(getattr(cls, "config_cls", None)):
             raise TypeError(f"{cls.__name__}.config_cls must be a dataclass")
+        if cls.env_api not in ENV_APIS:
+            raise TypeError(f"{cls.__name__}.env_api must be one of {ENV_APIS}, got {cls.env_api!r}")
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -410,7 +513,7 @@ def get_algorithm(name: str) -> type[Algorithm]:
 
 def make_algorithm(
     name: str,
-    env: ParallelEnv,
+    env: Any,
     *,
     seed: int,
     device: str | torch.device = "cpu",
@@ -419,10 +522,14 @@ def make_algorithm(
 ) -> Algorithm:
     """Build the algorithm registered as ``name`` on ``env``.
 
+    ``env`` must be of the API the class names in :attr:`Algorithm.env_api` (a
+    PettingZoo ``ParallelEnv`` for ``"parallel"``, a one-layer-per-step Gymnasium env
+    for ``"sequential"``); ``get_algorithm(name).env_api`` tells a caller which to build.
     ``overrides`` that name fields of the algorithm's config dataclass are applied to
     ``config`` (or to the algorithm's default config); any other keyword must be a
-    keyword-only parameter of the algorithm's constructor (e.g. AMC's
-    ``make_sequential_env``). Unknown keywords raise ``TypeError`` listing the valid ones.
+    keyword-only parameter of the algorithm's constructor (plug-ins may have some; the
+    built-in algorithms have none). Unknown keywords raise ``TypeError`` listing the
+    valid ones.
     """
     cls = get_algorithm(name)
     config_fields = {f.name for f in dataclasses.fields(cls.config_cls)}

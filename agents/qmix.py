@@ -44,7 +44,7 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from torch import nn
 
-from agents.base import Algorithm, EpisodeLog, register, seeded_torch, split_observation
+from agents.base import Algorithm, EpisodeLog, check_budget, register, seeded_torch, split_observation
 
 __all__ = [
     "IQL",
@@ -130,7 +130,9 @@ class AgentNetwork(nn.Module):
         self.kind = kind
         self.hidden_dim = hidden_dim
         self.fc_in = nn.Linear(in_dim, hidden_dim)
-        self.core: nn.Module = nn.GRUCell(hidden_dim, hidden_dim) if kind == "gru" else nn.Linear(hidden_dim, hidden_dim)
+        self.core: nn.Module = (
+            nn.GRUCell(hidden_dim, hidden_dim) if kind == "gru" else nn.Linear(hidden_dim, hidden_dim)
+        )
         self.fc_out = nn.Linear(hidden_dim, n_actions)
 
     def init_hidden(self, n: int, device: torch.device) -> torch.Tensor:
@@ -321,7 +323,7 @@ def lambda_returns(
     episode's last step (a truncated episode bootstraps from V of its final state).
     ``td_lambda = 0`` gives one-step targets.
     """
-    batch, time = reward.shape
+    time = reward.shape[1]
     returns = torch.zeros_like(next_values)
     g_next = torch.zeros_like(next_values[:, 0])
     for t in reversed(range(time)):
@@ -390,6 +392,18 @@ class QMIX(Algorithm):
         self.buffer = EpisodeReplayBuffer(cfg.buffer_size)
         self.gradient_steps = 0
         self._agent_ids = torch.eye(self.n_agents, device=self.device)
+
+    @classmethod
+    def budget_overrides(cls, plans: int, episode_length: int) -> dict[str, Any]:
+        """Anneal epsilon over half the budget: ``eps_anneal_steps = max(1, round(plans / 2))``.
+
+        Epsilon decays per training env step and each step measures at most one new
+        plan, so epsilon is at ``eps_end`` by the time half of the ``plans`` can have
+        been measured, and the second half of the budget exploits (the same rule for
+        QMIX, VDN and IQL).
+        """
+        check_budget(plans, episode_length)
+        return {"eps_anneal_steps": max(1, round(0.5 * plans))}
 
     # ------------------------------------------------------------------ acting
     def epsilon(self) -> float:

@@ -1,31 +1,36 @@
-"""The Algorithm plug-in contract: registry, one-episode API, exact resume, determinism."""
+"""The Algorithm plug-in contract: registry, env APIs, budget hints, metric names, one-episode
+API, exact resume, determinism, and what ``import agents`` exports."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.util
 import io
 import math
+from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from pettingzoo import ParallelEnv
 
+import agents
 import agents.base as base
 from agents import (
     Algorithm,
     EpisodeLog,
-    MatrixGameEnv,
+    Mixer,
     QMIXConfig,
+    get_algorithm,
     list_algorithms,
     make_algorithm,
     register,
     register_mixer,
 )
-from agents.qmix import Mixer
-
+from agents.baselines import RandomSearch
+from tests.matrix_game import MatrixGameEnv
 
 
 class ToySequentialEnv(gym.Env):
@@ -33,10 +38,14 @@ class ToySequentialEnv(gym.Env):
 
     Observation: (step / n_layers, previous action, 1 - step / n_layers). Reward 0 until
     the last layer, then ``-mean((a_t - target_t)^2)`` with fixed per-layer targets.
+    With ``layer_names`` it exposes them as ``possible_agents``, as the pruning env's
+    sequential view does.
     """
 
-    def __init__(self, n_layers: int) -> None:
+    def __init__(self, n_layers: int, layer_names: list[str] | None = None) -> None:
         self.n_layers = n_layers
+        if layer_names is not None:
+            self.possible_agents = list(layer_names)
         self.targets = np.linspace(0.2, 0.8, n_layers)
         self.observation_space = gym.spaces.Box(0.0, 1.0, (3,), np.float32)
         self.action_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
@@ -59,10 +68,6 @@ class ToySequentialEnv(gym.Env):
         return self._obs(float(action[0])), reward, done, False, {"plan": list(self.actions)} if done else {}
 
 
-def toy_sequential(env: ParallelEnv) -> ToySequentialEnv:
-    return ToySequentialEnv(len(env.possible_agents))
-
-
 ALL = ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"]
 SMALL: dict[str, dict[str, Any]] = {
     "qmix": dict(learning_starts=2, batch_size=4, updates_per_episode=2, eps_anneal_steps=20, target_update_interval=3),
@@ -74,17 +79,25 @@ SMALL: dict[str, dict[str, Any]] = {
     "iql": dict(learning_starts=2, batch_size=4, eps_anneal_steps=20),
     "amc": dict(
         warmup_episodes=2, batch_size=8, actor_hidden=(32, 32), critic_hidden=(32, 32),
-        buffer_size=20, make_sequential_env=toy_sequential,
+        buffer_size=20,
     ),
     "random": {},
     "dsfp-uniform": {},
 }
-CASES = ALL + ["qmix-variant"]
+CASES = [*ALL, "qmix-variant"]
+LOSSES = {"qmix": {"td_loss"}, "vdn": {"td_loss"}, "iql": {"td_loss"}, "amc": {"actor_loss", "critic_loss"},
+          "random": set(), "dsfp-uniform": set()}
+"""The metrics each algorithm reports as losses (keys ending in "loss" go to TensorBoard's losses/)."""
 
 
 def build(case: str, seed: int = 0) -> Algorithm:
-    env = MatrixGameEnv(n_agents=3, n_actions=4, n_steps=3)
-    return make_algorithm(case.removesuffix("-variant"), env, seed=seed, **SMALL[case])
+    """The algorithm on a 3-agent, 3-step game, in the API its class asks for (no name check)."""
+    name = case.removesuffix("-variant")
+    if get_algorithm(name).env_api == "sequential":
+        env: Any = ToySequentialEnv(3, layer_names=["agent_0", "agent_1", "agent_2"])
+    else:
+        env = MatrixGameEnv(n_agents=3, n_actions=4, n_steps=3)
+    return make_algorithm(name, env, seed=seed, **SMALL[case])
 
 
 def as_plain(log: EpisodeLog) -> dict[str, Any]:
@@ -93,7 +106,7 @@ def as_plain(log: EpisodeLog) -> dict[str, Any]:
 
 def run(algo: Algorithm, n: int) -> list[dict[str, Any]]:
     logs = [as_plain(algo.train_episode()) for _ in range(n)]
-    return logs + [as_plain(algo.evaluate())]
+    return [*logs, as_plain(algo.evaluate())]
 
 
 def test_registry_lists_all_and_rejects_unknown_names() -> None:
@@ -159,11 +172,13 @@ def test_train_and_evaluate_one_episode_each(case: str) -> None:
         log = algo.train_episode()
         assert isinstance(log, EpisodeLog)
         assert log.length == 3 and len(log.actions) == 3
-        if case == "amc":  # one layer (agent) per step
+        if case == "amc":  # one layer (agent) per step, named by the env's possible_agents
             assert [set(step) for step in log.actions] == [{"agent_0"}, {"agent_1"}, {"agent_2"}]
         else:
             assert all(set(step) == {"agent_0", "agent_1", "agent_2"} for step in log.actions)
         assert all(math.isfinite(v) for v in log.metrics.values())
+        # TensorBoard rule: exactly the losses end in "loss" (the learners learn from episode 2 or 3 on)
+        assert {k for k in log.metrics if k.endswith("loss")} <= LOSSES[case.removesuffix("-variant")]
         assert algo.episodes_done == i + 1
     assert algo.env_steps == 12
     ev = algo.evaluate()
@@ -177,6 +192,8 @@ def test_train_and_evaluate_one_episode_each(case: str) -> None:
         assert all(isinstance(v, int) and 0 <= v < 4 for step in ev.actions for v in step.values())
     if case.startswith(("qmix", "vdn", "iql")):
         assert "td_loss" in log.metrics and "epsilon" in log.metrics
+    # by the 4th episode every learner has learnt: its losses are all there, and nothing else ends in "loss"
+    assert {k for k in log.metrics if k.endswith("loss")} == LOSSES[case.removesuffix("-variant")]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -222,3 +239,141 @@ def test_random_search_replays_best_in_evaluate() -> None:
     ev = algo.evaluate()
     assert ev.episode_return == best.episode_return == algo.best_return
     assert ev.actions == best.actions
+
+
+# ---------------------------------------------------------------------- env APIs
+def test_each_algorithm_declares_the_env_api_it_wants() -> None:
+    assert {name: get_algorithm(name).env_api for name in ALL} == {
+        "qmix": "parallel", "vdn": "parallel", "iql": "parallel", "amc": "sequential",
+        "random": "parallel", "dsfp-uniform": "parallel",
+    }
+    assert all(get_algorithm(name).env_api in agents.ENV_APIS for name in list_algorithms())
+    assert agents.ENV_APIS == ("parallel", "sequential")
+
+
+def test_register_rejects_an_unknown_env_api(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    class Joint(Algorithm):
+        config_cls = QMIXConfig
+        env_api = "joint"  # not an EnvAPI: the point of the test
+
+    with pytest.raises(TypeError, match=r"env_api must be one of \('parallel', 'sequential'\), got 'joint'"):
+        register("joint")(Joint)
+
+
+def test_wrong_env_api_fails_with_a_hint() -> None:
+    with pytest.raises(TypeError, match=r"amc wants a Gymnasium env .*sequential.*got the PettingZoo ParallelEnv "
+                                        r"MatrixGameEnv; wrap it: pruning_env\.SequentialPruningEnv\(env\)"):
+        make_algorithm("amc", MatrixGameEnv(), seed=0)
+    for name in ("qmix", "iql", "random", "dsfp-uniform"):
+        with pytest.raises(TypeError, match=rf"{name} wants a PettingZoo ParallelEnv .*got the Gymnasium env "
+                                            "ToySequentialEnv; pass the parallel env itself"):
+            make_algorithm(name, ToySequentialEnv(3), seed=0)
+    with pytest.raises(TypeError, match=r"amc wants a Gymnasium env .*with observation_space/action_space, got object"):
+        make_algorithm("amc", object(), seed=0)
+
+
+def test_make_sequential_env_option_is_gone() -> None:
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['make_sequential_env'\]"):
+        make_algorithm("amc", ToySequentialEnv(3), seed=0, make_sequential_env=lambda env: env)
+
+
+def test_amc_names_steps_by_index_without_possible_agents() -> None:
+    algo = make_algorithm("amc", ToySequentialEnv(3), seed=0, **SMALL["amc"])
+    log = algo.train_episode()
+    assert [list(step) for step in log.actions] == [["step_0"], ["step_1"], ["step_2"]]
+    assert log.final_info["plan"] == pytest.approx([step[f"step_{t}"] for t, step in enumerate(log.actions)])
+
+
+def test_amc_rejects_non_scalar_actions() -> None:
+    env = ToySequentialEnv(3)
+    env.action_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    with pytest.raises(ValueError, match=r"Box action space of shape \(1,\)"):
+        make_algorithm("amc", env, seed=0)
+
+
+def test_constructor_options_of_plug_ins_still_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    """make_algorithm hands keywords that are not config fields to a plug-in's keyword-only parameters."""
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+    @register("scaled-random")
+    class ScaledRandom(RandomSearch):
+        def __init__(self, env: Any, config: Any = None, *, seed: int, device: str = "cpu", scale: int = 1) -> None:
+            super().__init__(env, config, seed=seed, device=device)
+            self.scale = scale
+
+    assert make_algorithm("scaled-random", MatrixGameEnv(), seed=0, scale=3).scale == 3
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['size'\].*constructor options: \['scale'\]"):
+        make_algorithm("scaled-random", MatrixGameEnv(), seed=0, size=3)
+
+
+# ---------------------------------------------------------------------- budget hints
+@pytest.mark.parametrize("plans, episode_length, eps_steps, warmup", [
+    (480, 4, 240, 15),   # 120 AMC episodes: 15 of warm-up
+    (3, 3, 2, 1),        # the floors: at least one step of annealing, one warm-up episode
+    (1, 12, 1, 1),
+    (2000, 5, 1000, 50),
+])
+def test_budget_overrides(plans: int, episode_length: int, eps_steps: int, warmup: int) -> None:
+    expected = {"qmix": {"eps_anneal_steps": eps_steps}, "vdn": {"eps_anneal_steps": eps_steps},
+                "iql": {"eps_anneal_steps": eps_steps}, "amc": {"warmup_episodes": warmup},
+                "random": {}, "dsfp-uniform": {}}
+    for name in ALL:
+        over = get_algorithm(name).budget_overrides(plans, episode_length)
+        assert over == expected[name], name
+        # the keys are config fields: they go straight to make_algorithm
+        assert dataclasses.asdict(get_algorithm(name).default_config(**over)).items() >= over.items()
+
+
+def test_budget_overrides_feed_make_algorithm() -> None:
+    cls = get_algorithm("qmix")
+    algo = make_algorithm("qmix", MatrixGameEnv(n_steps=2), seed=0, **cls.budget_overrides(40, 2))
+    for _ in range(10):  # 20 env steps = half the budget: epsilon is at its floor
+        algo.train_episode()
+    assert algo.epsilon() == pytest.approx(algo.config.eps_end)
+    amc = make_algorithm("amc", ToySequentialEnv(3), seed=0, **get_algorithm("amc").budget_overrides(48, 3))
+    assert amc.config.warmup_episodes == 2
+
+
+@pytest.mark.parametrize("plans, episode_length", [(0, 4), (10, 0), (-1, 3), (2.5, 3), (True, 3)])
+def test_budget_overrides_reject_bad_budgets(plans: Any, episode_length: Any) -> None:
+    for name in ALL:
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            get_algorithm(name).budget_overrides(plans, episode_length)
+
+
+# ---------------------------------------------------------------------- package surface
+PLUGIN_API = ["Algorithm", "EpisodeLog", "register", "make_algorithm", "get_algorithm", "list_algorithms",
+              "seeded_torch", "RandomStreams", "split_observation", "register_mixer", "list_mixers", "Mixer",
+              "QMIXConfig", "AMCConfig", "RandomSearchConfig", "DSFPUniformConfig"]
+
+
+def test_package_exports_the_plugin_api_and_no_test_envs() -> None:
+    for name in PLUGIN_API:
+        assert name in agents.__all__, name
+        assert getattr(agents, name) is not None
+    assert set(agents.__all__) == {n for n in dir(agents) if not n.startswith("_")} - {
+        "amc", "base", "baselines", "qmix"}  # the submodules themselves
+    assert not hasattr(agents, "MatrixGameEnv")
+    assert importlib.util.find_spec("agents.matrix_game") is None
+    assert agents.Mixer is agents.qmix.Mixer and agents.seeded_torch is base.seeded_torch
+
+
+def test_agents_never_imports_pruning_env() -> None:
+    """Not even lazily: the agents know the env only through the API they are handed."""
+    package = Path(agents.__file__).parent
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                    "import_module", "__import__"):
+                names = [arg.value for arg in node.args if isinstance(arg, ast.Constant) and isinstance(arg.value, str)]
+            else:
+                continue
+            offenders += [f"{path.name}:{node.lineno} {n}" for n in names if n.split(".")[0] == "pruning_env"]
+    assert offenders == []
