@@ -14,11 +14,13 @@ filters it is timed on ``--loop-filters`` evenly spaced filters of every layer a
 total extrapolated per layer (each filter costs the same forward); the differences are
 then over those filters. Smaller models get the full loop.
 
-Usage::
+Usage (from the repository root)::
 
-    PYTHONPATH=. python benchmarks/kl_speed.py --data-dir /work/shared/data
+    python -m benchmarks.kl_speed --data-dir /work/shared/data
 
-Writes a Markdown report to ``--out`` (default ``benchmarks/results/kl_speed.md``).
+Every flag is a field of :class:`KLSpeedConfig` (``--help`` lists them). Writes a Markdown
+report to ``--out`` (default ``benchmarks/results/kl_speed.md``) and prints it, then one
+JSON line with the headline numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,44 +42,49 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from pruning_env import criteria
+from pruning_env.cli.options import add_config_args, config_from_args, print_json
+from pruning_env.core import checkpoint, data, models
+from pruning_env.core.config import option
+from pruning_env.core.fx import preserved_modes
+from pruning_env.criteria.kl_exact import kl_loop
+from pruning_env.engine import flops
+
+__all__ = ["KLSpeedConfig", "main"]
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pruning_env.core import checkpoint  # noqa: E402
-
-from pruning_env import criteria  # noqa: E402
-
-from pruning_env.core import data  # noqa: E402
-
-from pruning_env.engine import flops  # noqa: E402
-
-from pruning_env.core import models  # noqa: E402
-
 CHEAP_MODES = ("fisher", "fisher_delta", "linear")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    p.add_argument("--checkpoint", default=None, help="trained checkpoint of the main model; default: look for "
-                   "<cache>/checkpoints/<net>-cifar10-w<width>-*.pt, else a randomly initialised network "
-                   "(reported as such)")
-    p.add_argument("--net", default="vgg16", choices=models.list_models(), help="architecture of the main model")
-    p.add_argument("--width", type=float, default=0.5, help="width multiplier of the main model")
-    p.add_argument("--batch", type=int, default=128, help="calibration images (first ones of the CIFAR-10 train split)")
-    p.add_argument("--data-dir", default=None, help="folder holding cifar10 (None: $PRUNING_ENV_DATA, else the cache)")
-    p.add_argument("--repeats", type=int, default=1, help="timed runs per mode (the median is reported)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kl_speed.md"), help="Markdown report")
-    p.add_argument("--loop-filters", type=int, default=6, help="filters per layer timed with the loop when sampling")
-    p.add_argument("--full-loop-max", type=int, default=600,
-                   help="run the full loop on models with at most this many filters")
-    p.add_argument("--extra", nargs="*", default=None, help="more checkpoints to report on; default: every trained "
-                   "<net>-cifar10-w*-*.pt in the cache of another width")
-    p.add_argument("--threads", type=int, nargs="+", default=None, help="torch intra-op thread counts to time "
-                   "with, one full measurement each (default: torch's choice, then 1: on a loaded shared machine, "
-                   "1 thread is far less disturbed by other jobs)")
-    return p.parse_args(argv)
+@dataclass
+class KLSpeedConfig:
+    """What the KL benchmark measures, on which models, and where it writes."""
+
+    checkpoint: str | None = option(None, "trained checkpoint of the main model; none: the newest "
+                                    "<cache>/checkpoints/<net>-cifar10-w<width>-*.pt, else a randomly initialised "
+                                    "network (reported as such)")
+    net: str = option("vgg16", "architecture of the main model", choices=models.list_models())
+    width: float = option(0.5, "width multiplier of the main model")
+    batch: int = option(128, "calibration images (the first ones of the CIFAR-10 train split)")
+    data_dir: str | None = option(None, "folder holding cifar10; none: $PRUNING_ENV_DATA, else the cache")
+    repeats: int = option(1, "timed runs per mode (the median is reported)")
+    out: str | None = option(None, "Markdown report; none: benchmarks/results/kl_speed.md in the repository")
+    loop_filters: int = option(6, "filters per layer timed with the loop when sampling")
+    full_loop_max: int = option(600, "run the full loop on models with at most this many filters")
+    extra: tuple[str, ...] | None = option(None, "more checkpoints to report on")
+    find_extra: bool = option(True, "also report on every trained <net>-cifar10-w*-*.pt of another width in the "
+                              "cache (--no-find-extra: only the main model and --extra)")
+    threads: tuple[int, ...] | None = option(None, "torch intra-op thread counts to time with, one full "
+                                             "measurement each; none: torch's choice, then 1 (on a loaded shared "
+                                             "machine, 1 thread is far less disturbed by other jobs)")
+
+    def __post_init__(self) -> None:
+        # argparse gives lists; keep the declared immutable tuples
+        self.extra = None if self.extra is None else tuple(self.extra)
+        self.threads = None if self.threads is None else tuple(int(t) for t in self.threads)
+        for name in ("batch", "repeats", "loop_filters", "full_loop_max"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass
@@ -103,7 +110,8 @@ class Result:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
         if out.returncode != 0:
             return "none (the repository has no commit yet)"
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
@@ -163,7 +171,7 @@ def mac_ratio(model: nn.Module, input_shape: tuple[int, int, int]) -> float:
     return loop / batched
 
 
-def run_target(target: Target, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, threads: int) -> Result:
+def run_target(target: Target, x: torch.Tensor, y: torch.Tensor, cfg: KLSpeedConfig, threads: int) -> Result:
     torch.set_num_threads(threads)
     model = target.model
     convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
@@ -173,42 +181,37 @@ def run_target(target: Target, x: torch.Tensor, y: torch.Tensor, args: argparse.
     log(f"{target.name}, {threads} thread(s): {len(convs)} conv layers, {total} filters, "
         f"analytic MAC ratio loop/exact {res.mac_ratio:.2f}")
 
-    t, exact = timed(lambda: criteria.score(model, x, y, "kl", kl="exact"), args.repeats)
+    t, exact = timed(lambda: criteria.score(model, x, y, "kl", kl="exact"), cfg.repeats)
     res.times["exact"] = t
     log(f"  exact (batched)  {t:8.2f} s")
     cheap = {}
     for mode in CHEAP_MODES:
-        t, cheap[mode] = timed(lambda mode=mode: criteria.score(model, x, y, "kl", kl=mode), args.repeats)
+        t, cheap[mode] = timed(lambda mode=mode: criteria.score(model, x, y, "kl", kl=mode), cfg.repeats)
         res.times[mode] = t
         log(f"  {mode:<16} {t:8.2f} s")
 
     # The loop: everything when affordable, else evenly spaced filters of each layer.
-    full = total <= args.full_loop_max
+    full = total <= cfg.full_loop_max
     if full:
         t, loop = timed(lambda: criteria.score(model, x, y, "kl", kl="exact_loop"), 1)
         res.loop_time, res.loop_note = t, f"measured on all {total} filters"
         sampled = {n: list(range(c.out_channels)) for n, c in convs.items()}
         per_filter = {n: t / total for n in convs}
     else:
-        was = {m: m.training for m in model.modules()}
-        model.eval()
         loop, per_filter, sampled = {}, {}, {}
-        try:
-            with torch.no_grad():
-                clean = model(x)
-                for name, conv in convs.items():
-                    k = min(args.loop_filters, conv.out_channels)
-                    idx = sorted({int(round(v)) for v in np.linspace(0, conv.out_channels - 1, k)})
-                    t0 = time.perf_counter()
-                    loop[name] = criteria._kl_loop(model, x, {name: conv}, channels=idx, clean=clean)[name].float()
-                    per_filter[name] = (time.perf_counter() - t0) / len(idx)
-                    sampled[name] = idx
-        finally:
-            for m, mode in was.items():
-                m.training = mode
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
+            clean = model(x)
+            for name, conv in convs.items():
+                k = min(cfg.loop_filters, conv.out_channels)
+                idx = sorted({round(v) for v in np.linspace(0, conv.out_channels - 1, k)})
+                t0 = time.perf_counter()
+                loop[name] = kl_loop(model, x, {name: conv}, channels=idx, clean=clean)[name].float()
+                per_filter[name] = (time.perf_counter() - t0) / len(idx)
+                sampled[name] = idx
         res.loop_time = sum(per_filter[n] * c.out_channels for n, c in convs.items())
         n_timed = sum(len(v) for v in sampled.values())
-        res.loop_note = f"extrapolated from {n_timed} timed filters ({args.loop_filters} per layer)"
+        res.loop_note = f"extrapolated from {n_timed} timed filters ({cfg.loop_filters} per layer)"
     log(f"  exact_loop       {res.loop_time:8.2f} s ({res.loop_note})")
 
     for name, conv in convs.items():
@@ -229,11 +232,27 @@ def run_target(target: Target, x: torch.Tensor, y: torch.Tensor, args: argparse.
     return res
 
 
+def summary(results: list[Result], out: Path, config: dict) -> dict:
+    """The final JSON line: per model and thread count, the times (s), speed-ups over the loop,
+    median Spearman correlations with ``exact`` and the exact-vs-loop differences."""
+    rows = []
+    for r in results:
+        rhos = {mode: [row[mode] for row in r.layers if row[mode] == row[mode]] for mode in CHEAP_MODES}
+        rows.append({
+            "model": r.target.name, "threads": r.threads, "loop_s": r.loop_time, "times_s": r.times,
+            "speedup": {mode: r.loop_time / t for mode, t in r.times.items() if t > 0},
+            "median_spearman": {m: float(np.median(v)) if v else None for m, v in rhos.items()},
+            "max_abs_diff": r.max_abs, "max_rel_diff": r.max_rel, "compared_filters": r.compared,
+            "mac_ratio": r.mac_ratio,
+        })
+    return {"benchmark": "kl_speed", "out": str(out), "config": config, "results": rows}
+
+
 def fmt(v: float, nd: int = 3) -> str:
     return "n/a" if v != v else f"{v:.{nd}f}"
 
 
-def report(results: list[Result], args: argparse.Namespace, meta: dict) -> str:
+def report(results: list[Result], cfg: KLSpeedConfig, meta: dict) -> str:
     lines = [
         "# KL sensitivity: speed and agreement of the KL modes",
         "",
@@ -243,7 +262,7 @@ def report(results: list[Result], args: argparse.Namespace, meta: dict) -> str:
         f"- git commit: {meta['commit']}",
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']}",
-        f"- calibration batch: the first {args.batch} images of the CIFAR-10 train split (`load_splits('cifar10', "
+        f"- calibration batch: the first {cfg.batch} images of the CIFAR-10 train split (`load_splits('cifar10', "
         f"split_seed=0)`, JPEG copy) from `{meta['data']}`, normalised with the split's mean/std",
         "- KL definition: `KL(softmax(z) || softmax(z_F))`, filter F's conv output channel zeroed before its BN, "
         "model in eval mode, summed over classes, averaged over the batch",
@@ -282,8 +301,8 @@ def report(results: list[Result], args: argparse.Namespace, meta: dict) -> str:
             f"Batched `exact` vs the loop over {res.compared} filters: max |difference| = {res.max_abs:.3g} nats, "
             f"max relative difference = {res.max_rel:.3g} (filters with KL > 1e-9).",
             "",
-            "| layer | filters | median KL (nats) | loop s/filter | Spearman fisher | Spearman fisher_delta | Spearman linear "
-            "| max abs diff exact vs loop |",
+            "| layer | filters | median KL (nats) | loop s/filter | Spearman fisher | Spearman fisher_delta "
+            "| Spearman linear | max abs diff exact vs loop |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in res.layers:
@@ -301,7 +320,8 @@ def report(results: list[Result], args: argparse.Namespace, meta: dict) -> str:
         "grouped conv of the change, (filter, image) pairs with no change skipped, channels-last layout and "
         "eval-mode BatchNorms folded into the convs; one filter per layer re-checked against the loop (included "
         "in the time).",
-        "- `fisher`: one backward; `0.5 mean_n (sum_hw a dl_n/da)^2` at the conv output (empirical Fisher, Theis et al. 2018).",
+        "- `fisher`: one backward; `0.5 mean_n (sum_hw a dl_n/da)^2` at the conv output (empirical Fisher, "
+        "Theis et al. 2018).",
         "- `fisher_delta`: one backward; the same with the exact change of the channel after its channel-wise chain "
         "(BN, ReLU, pooling), gradient taken there.",
         "- `linear`: K backward passes (K = classes); logits linearised in that exact change, KL evaluated exactly.",
@@ -310,59 +330,74 @@ def report(results: list[Result], args: argparse.Namespace, meta: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_config(argv: list[str] | None = None) -> KLSpeedConfig:
+    """The :class:`KLSpeedConfig` of a command line (``None``: ``sys.argv[1:]``)."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kl_speed", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser, KLSpeedConfig)
+    args = parser.parse_args(argv)
+    try:
+        return config_from_args(KLSpeedConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        raise  # parser.error exits; this keeps type checkers informed
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    threads = args.threads or sorted({torch.get_num_threads(), 1}, reverse=True)
+    cfg = parse_config(argv)
+    threads = list(cfg.threads or sorted({torch.get_num_threads(), 1}, reverse=True))
     load_before = os.getloadavg()
     try:
-        splits = data.load_splits("cifar10", args.data_dir, download=False)
+        splits = data.load_splits("cifar10", cfg.data_dir, download=False)
     except data.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    x, y = next(data.batches(splits.train, args.batch, mean=splits.mean, std=splits.std))
+    x, y = next(data.batches(splits.train, cfg.batch, mean=splits.mean, std=splits.std))
 
     ckpt_dir = data.cache_dir() / "checkpoints"
-    tag = f"{args.width:g}"
-    main_path = Path(args.checkpoint) if args.checkpoint else None
+    tag = f"{cfg.width:g}"
+    main_path = Path(cfg.checkpoint) if cfg.checkpoint else None
     if main_path is None:
-        found = sorted(ckpt_dir.glob(f"{args.net}-cifar10-w{tag}-*.pt"))
+        found = sorted(ckpt_dir.glob(f"{cfg.net}-cifar10-w{tag}-*.pt"))
         main_path = found[-1] if found else None
     targets: list[Target] = []
-    label = f"{args.net} width {tag}, CIFAR-10, batch {args.batch}"
+    label = f"{cfg.net} width {tag}, CIFAR-10, batch {cfg.batch}"
     if main_path is not None:
         targets.append(load_target(main_path, label))
     else:
         torch.manual_seed(0)
-        model = models.build(args.net, num_classes=10, width=args.width)
+        model = models.build(cfg.net, num_classes=10, width=cfg.width)
         targets.append(Target(label + " (RANDOMLY INITIALISED)", model,
-                              f"randomly initialised (`torch.manual_seed(0)`): no trained checkpoint of width {tag} was "
-                              f"found in `{ckpt_dir}`. Timings are representative of a trained network of this size; "
-                              "the rank correlations are NOT representative of a trained network"))
-    extra = args.extra
-    if extra is None:
-        extra = [str(p) for p in sorted(ckpt_dir.glob(f"{args.net}-cifar10-w*-*.pt")) if p != main_path]
+                              f"randomly initialised (`torch.manual_seed(0)`): no trained checkpoint of width {tag} "
+                              f"was found in `{ckpt_dir}`. Timings are representative of a trained network of this "
+                              "size; the rank correlations are NOT representative of a trained network"))
+    extra = list(cfg.extra or ())
+    if cfg.find_extra:
+        extra += [str(p) for p in sorted(ckpt_dir.glob(f"{cfg.net}-cifar10-w*-*.pt"))
+                  if p != main_path and str(p) not in extra]
     for path in extra:
-        ck_target = load_target(Path(path), f"{Path(path).stem}, batch {args.batch}")
+        ck_target = load_target(Path(path), f"{Path(path).stem}, batch {cfg.batch}")
         targets.append(ck_target)
 
-    results = [run_target(t, x, y, args, n) for t in targets for n in threads]
+    results = [run_target(t, x, y, cfg, n) for t in targets for n in threads]
     load_after = os.getloadavg()
     meta = {
-        "command": "PYTHONPATH=. python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
+        "command": "python -m benchmarks.kl_speed " + shlex.join(sys.argv[1:] if argv is None else argv),
         "commit": git_commit(),
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"(timed with {' and '.join(map(str, threads))} intra-op threads), Python {platform.python_version()}, "
         "load average (1 min) "
         f"{load_before[0]:.1f} before / {load_after[0]:.1f} after",
-        "data": args.data_dir or os.environ.get("PRUNING_ENV_DATA") or str(data.data_dir()),
+        "data": cfg.data_dir or os.environ.get("PRUNING_ENV_DATA") or str(data.data_dir()),
     }
-    text = report(results, args, meta)
-    out = Path(args.out)
+    text = report(results, cfg, meta)
+    out = Path(cfg.out) if cfg.out else ROOT / "benchmarks" / "results" / "kl_speed.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
     log(f"wrote {out}")
+    print_json(summary(results, out, asdict(cfg)))
     return 0
 
 

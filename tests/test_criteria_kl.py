@@ -14,7 +14,6 @@ from pruning_env.core import models
 from pruning_env.criteria import KL_MODES, score
 
 
-
 def _randomise_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     """Give BatchNorm layers trained-looking statistics, so that removing a filter matters
     and some channels are switched off by the ReLU (exercises the zero-change shortcut)."""

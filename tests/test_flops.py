@@ -3,8 +3,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from pruning_env.engine.flops import count
 from pruning_env.core.models import build, list_models
+from pruning_env.engine.flops import count
 
 
 def _independent_conv_linear_macs(model: nn.Module, shape) -> int:

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruning_env.engine.graph import GraphError, consumer_map, prunable_layers
+from pruning_env.core.fx import probe_forward
 from pruning_env.core.models import build
-
+from pruning_env.engine.graph import GraphError, consumer_map, prunable_layers
 
 
 @pytest.mark.parametrize("arch, expected", [("vgg16", 13), ("vgg11", 8), ("alexnet", 5), ("resnet56", 27),
@@ -17,12 +17,12 @@ def test_number_of_prunable_layers_of_built_in_nets(arch, expected):
     layers = prunable_layers(model)
     assert len(layers) == expected
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    names = [l.name for l in layers]
+    names = [layer.name for layer in layers]
     assert names == [n for n in convs if n in names]  # forward order = definition order here
     if arch.startswith("resnet"):
         assert all(n.endswith(".conv1") and n.startswith("layer") for n in names)  # block-internal only
-        assert all(l.consumers == [(l.name[:-1] + "2", 1)] for l in layers)
-        assert all(l.bn == l.name[:-5] + "bn1" for l in layers)
+        assert all(layer.consumers == [(layer.name[:-1] + "2", 1)] for layer in layers)
+        assert all(layer.bn == layer.name[:-5] + "bn1" for layer in layers)
 
 
 def test_static_facts_of_vgg16_and_alexnet():
@@ -70,7 +70,7 @@ class UserNet(nn.Module):
 
 
 def test_user_defined_model():
-    layers = {l.name: l for l in prunable_layers(UserNet())}
+    layers = {layer.name: layer for layer in prunable_layers(UserNet())}
     assert list(layers) == ["stem", "c", "d"]
     assert layers["stem"].bn is None and sorted(layers["stem"].consumers) == [("a", 1), ("b", 1)]
     assert layers["c"].consumers == [("d", 1)] and layers["c"].out_hw == (16, 16) and layers["c"].stride == (2, 2)
@@ -118,10 +118,32 @@ class Untraceable(nn.Module):
 
 
 def test_untraceable_model_gives_a_clear_error():
-    with pytest.raises(GraphError, match="torch.fx"):
+    with pytest.raises(GraphError, match=r"torch.fx"):
         prunable_layers(Untraceable())
 
 
 def test_wrong_input_shape_gives_a_clear_error():
     with pytest.raises(GraphError, match="does not accept"):
         prunable_layers(build("vgg11", num_classes=10, width=0.25), (1, 32, 32))
+
+
+def test_probe_forward_runs_in_eval_mode_and_restores_every_mode_even_on_error():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout()).double().train()
+    model[1].eval()  # a mixed state survives too
+    modes = [m.training for m in model.modules()]
+    seen = []
+
+    def run(x):
+        seen.append((x.shape, x.dtype, torch.is_grad_enabled(), any(m.training for m in model.modules())))
+        return model(x)
+
+    out = probe_forward(model, (2, 3, 8, 8), run=run)
+    assert seen == [((2, 3, 8, 8), torch.float64, False, False)] and out.shape == (2, 4, 6, 6)
+    assert torch.equal(probe_forward(model, torch.ones(1, 3, 8, 8)), model.eval()(torch.ones(1, 3, 8, 8).double()))
+    model.train()
+    model[1].eval()
+    with pytest.raises(RuntimeError):
+        probe_forward(model, (1, 1, 8, 8))  # wrong channels
+    assert [m.training for m in model.modules()] == modes
+    prunable_layers(nn.Sequential(model[0], model[1], nn.ReLU(), nn.Conv2d(4, 2, 1).double()), (3, 8, 8))
+    assert [m.training for m in model.modules()] == modes

@@ -3,7 +3,8 @@
 Units: one MAC is one multiply-accumulate. FLOPs = 2 x MACs (the convention of
 most pruning papers that quote "FLOPs" is actually MACs; we always say MACs).
 
-The counter runs one forward pass on a meta-free zero tensor of ``input_shape``
+The counter runs one probe forward (:func:`pruning_env.core.fx.probe_forward`: eval
+mode, no gradients, on the model's device and dtype) on a zero tensor of ``input_shape``
 with hooks that read only the *shapes* of each layer's output, so it works for
 any widths (also after pruning) and any input size, and it never copies the
 model. Counted per layer:
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from pruning_env.core.fx import probe_forward
 
 __all__ = ["FlopsReport", "count"]
 
@@ -66,7 +69,7 @@ def count(model: nn.Module, input_shape: tuple[int, ...]) -> FlopsReport:
     """Count MACs and parameters of ``model`` for one input of ``input_shape``.
 
     Args:
-        model: any ``nn.Module`` (not modified; its train/eval mode is restored).
+        model: any ``nn.Module`` (not modified; every module's train/eval mode is restored).
         input_shape: ``(C, H, W)`` of one image, or ``(1, C, H, W)``.
 
     Returns:
@@ -88,24 +91,16 @@ def count(model: nn.Module, input_shape: tuple[int, ...]) -> FlopsReport:
                 per_macs[name] = per_macs.get(name, 0) + _layer_macs(mod, out)
 
             handles.append(module.register_forward_hook(hook))
-    was_training = model.training
     try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
-        model.eval()
-        with torch.no_grad():
-            try:
-                model(torch.zeros(shape, device=device, dtype=dtype))
-            except RuntimeError as exc:
-                raise ValueError(
-                    f"the model does not accept an input of shape {shape}: {exc}. "
-                    "Pass the (C, H, W) the model was built for (e.g. (3, 32, 32) for CIFAR)."
-                ) from None
+        probe_forward(model, shape)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the model does not accept an input of shape {shape}: {exc}. "
+            "Pass the (C, H, W) the model was built for (e.g. (3, 32, 32) for CIFAR)."
+        ) from None
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return FlopsReport(
         macs=sum(per_macs.values()),
         params=sum(p.numel() for p in model.parameters()),

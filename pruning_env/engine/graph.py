@@ -10,11 +10,14 @@ A ``nn.Conv2d`` (``groups == 1``, called exactly once) is **prunable** when its
 output, optionally through a ``nn.BatchNorm2d`` applied directly to it (and to
 nothing else), flows only through *channel-wise* operations into *consumers*:
 
-* channel-wise operations: activations (``ReLU``, ``ReLU6``, ``LeakyReLU``,
-  ``ELU``, ``GELU``, ``SiLU``, ``Sigmoid``, ``Tanh``, hard variants, ...),
-  ``MaxPool2d`` / ``AvgPool2d`` / ``AdaptiveAvgPool2d`` / ``AdaptiveMaxPool2d``,
-  ``Upsample``, ``Dropout`` / ``Dropout2d``, ``Identity``, arithmetic with a
-  Python number (``x * 0.5``), their functional and method forms;
+* channel-wise operations, as listed in the one table of :mod:`pruning_env.core.fx`
+  (shared with the KL interpreter of :mod:`pruning_env.criteria`): activations
+  (``ReLU``, ``ReLU6``, ``LeakyReLU``, ``ELU``, ``GELU``, ``SiLU``, ``Sigmoid``,
+  ``Tanh``, hard variants, ``clamp``, ...), ``Dropout``, ``Identity``, arithmetic
+  with a Python number (``x * 0.5``), and, while the tensor is still
+  ``(N, C, H, W)``, pooling (max, average, adaptive, ``LPPool2d``), ``Upsample`` /
+  ``F.interpolate``, spatial padding (``ZeroPad2d``, ``ConstantPad2d``, ``F.pad``
+  of H and W, ...) and ``Dropout2d``; their functional and method forms;
 * a flatten (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``nn.Flatten()``,
   ``x.view(x.size(0), -1)``, ``x.reshape(x.size(0), -1)``) or a spatial mean
   (``x.mean((2, 3))``), after which only element-wise operations may follow;
@@ -42,14 +45,16 @@ Layers are returned in forward (execution) order.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-__all__ = ["PrunableLayer", "GraphError", "prunable_layers", "consumer_map"]
+from pruning_env.core.fx import ELEMENTWISE, SPATIAL, channelwise_kind, has_node, probe_forward
+
+__all__ = ["GraphError", "PrunableLayer", "consumer_map", "prunable_layers"]
 
 
 class GraphError(ValueError):
@@ -90,46 +95,7 @@ class PrunableLayer:
         }
 
 
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Identity, nn.Dropout, nn.AlphaDropout,
-)
-# Spatial but channel-wise: allowed only while the tensor is still (N, C, H, W).
-_SPATIAL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Upsample, nn.Dropout2d,
-)
-_ELEMENTWISE_FUNCTIONS = {
-    F.relu, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu, F.mish, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.softplus, F.sigmoid, F.tanh, F.dropout,
-    torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
-}
-_SPATIAL_FUNCTIONS = {
-    F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.interpolate, F.dropout2d,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "contiguous", "clamp", "clamp_min"}
-_SCALAR_OPS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
-               operator.isub, operator.itruediv, operator.neg}
-
-
 _STANDARD_TENSORS = frozenset({"weight", "bias", "running_mean", "running_var", "num_batches_tracked"})
-
-
-def _has_node(values: Any) -> bool:
-    """Whether a (nested) argument structure contains an fx Node."""
-    found = False
-
-    def visit(n: fx.Node) -> fx.Node:
-        nonlocal found
-        found = True
-        return n
-
-    fx.node.map_arg(values, visit)
-    return found
-
-
-def _only_first_arg_is(node: fx.Node, src: fx.Node) -> bool:
-    """``src`` is the op's first positional argument and no other argument is a tensor."""
-    return bool(node.args) and node.args[0] is src and not _has_node((node.args[1:], node.kwargs))
 
 
 def _is_batch_size(arg: Any, src: fx.Node) -> bool:
@@ -174,7 +140,7 @@ def _flatten_kind(node: fx.Node, src: fx.Node, mod: nn.Module | None) -> str | N
         dims = args[1] if len(args) > 1 else kwargs.get("dim")
         keep = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
         if isinstance(dims, (tuple, list)) and {d % 4 for d in dims if isinstance(d, int)} == {2, 3} \
-                and len(dims) == 2 and not _has_node(kwargs):
+                and len(dims) == 2 and not has_node(kwargs):
             return "mean_keep" if keep else "mean"
     return None
 
@@ -182,7 +148,7 @@ def _flatten_kind(node: fx.Node, src: fx.Node, mod: nn.Module | None) -> str | N
 def _trace(model: nn.Module) -> fx.GraphModule:
     try:
         return fx.symbolic_trace(model)
-    except Exception as exc:  # noqa: BLE001 - fx raises many types
+    except Exception as exc:  # fx raises many types: every failure means "not traceable"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise GraphError(
             f"cannot trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {first}). "
@@ -227,19 +193,11 @@ def prunable_layers(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)
         raise GraphError(f"input_shape must be (C, H, W), got {input_shape!r}")
     gm = _trace(model)
     modules = dict(model.named_modules())
-    was_training = model.training
     try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        dtype = param.dtype if param is not None else torch.float32
-        model.eval()
-        with torch.no_grad():
-            _ShapeRecorder(gm).run(torch.zeros((1, *shape), device=device, dtype=dtype))
-    except Exception as exc:  # noqa: BLE001 - any failure means the shape does not fit
+        probe_forward(model, (1, *shape), run=_ShapeRecorder(gm).run)
+    except Exception as exc:  # any failure means the shape does not fit
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise GraphError(f"the model does not accept an input of shape {(1, *shape)}: {first}") from None
-    finally:
-        model.train(was_training)
 
     calls: dict[str, int] = {}
     attr_users: set[str] = set()
@@ -292,7 +250,8 @@ def prunable_layers(model: nn.Module, input_shape: tuple[int, ...] = (3, 32, 32)
     return layers
 
 
-def _consumers(start: fx.Node, modules: dict[str, nn.Module], exclusive, channels: int) -> list[tuple[str, int]]:
+def _consumers(start: fx.Node, modules: dict[str, nn.Module], exclusive: Callable[[str], bool],
+               channels: int) -> list[tuple[str, int]]:
     """Walk from ``start`` through channel-wise ops; the consumers, or [] if the channels escape."""
     consumers: list[tuple[str, int]] = []
     # (node producing the flowing tensor, block size if already flattened else None)
@@ -306,26 +265,26 @@ def _consumers(start: fx.Node, modules: dict[str, nn.Module], exclusive, channel
         flat = block is not None
         for user in src.users:
             mod = modules.get(user.target) if user.op == "call_module" else None
+            if isinstance(mod, nn.Conv2d):
+                if flat or mod.groups != 1 or mod.in_channels != channels or not exclusive(user.target) \
+                        or user.args[0] is not src or len(user.args) != 1 or user.kwargs:
+                    return []
+                consumers.append((user.target, 1))
+                continue
+            if isinstance(mod, nn.Linear):
+                if not flat or mod.in_features != channels * block or not exclusive(user.target) \
+                        or user.args[0] is not src:
+                    return []
+                consumers.append((user.target, block))
+                continue
+            # The shared table (pruning_env.core.fx): spatial entries only before a flatten.
+            kind = channelwise_kind(user, src, modules)
+            if kind == ELEMENTWISE or (kind == SPATIAL and not flat):
+                stack.append((user, block))
+                continue
+            if kind is not None:
+                return []
             if user.op == "call_module":
-                if isinstance(mod, nn.Conv2d):
-                    if flat or mod.groups != 1 or mod.in_channels != channels or not exclusive(user.target) \
-                            or user.args[0] is not src or len(user.args) != 1 or user.kwargs:
-                        return []
-                    consumers.append((user.target, 1))
-                    continue
-                if isinstance(mod, nn.Linear):
-                    if not flat or mod.in_features != channels * block or not exclusive(user.target) \
-                            or user.args[0] is not src:
-                        return []
-                    consumers.append((user.target, block))
-                    continue
-                if isinstance(mod, _ELEMENTWISE_MODULES) or (not flat and isinstance(mod, _SPATIAL_MODULES)):
-                    if isinstance(mod, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)) and mod.return_indices:
-                        return []
-                    if user.args[0] is not src or len(user.args) != 1 or user.kwargs:
-                        return []
-                    stack.append((user, block))
-                    continue
                 if not flat and isinstance(mod, nn.Flatten):
                     kind = _flatten_kind(user, src, mod)
                     shape = _shape_of(src)
@@ -338,30 +297,14 @@ def _consumers(start: fx.Node, modules: dict[str, nn.Module], exclusive, channel
                     user.op == "call_function" and user.target is getattr and user.args[1] in ("shape", "ndim")
             ):
                 continue  # reads the shape only (e.g. for x.view(x.size(0), -1)); carries no channels
-            if user.op in ("call_function", "call_method"):
-                if not flat:
-                    kind = _flatten_kind(user, src, None)
-                    if kind is not None:
-                        shape = _shape_of(src)
-                        if shape is None or len(shape) != 4:
-                            return []
-                        stack.append((user, None if kind == "mean_keep" else (1 if kind == "mean" else shape[2] * shape[3])))
-                        continue
-                elementwise = (
-                    (user.op == "call_function" and (user.target in _ELEMENTWISE_FUNCTIONS
-                                                     or user.target in _SCALAR_OPS))
-                    or (user.op == "call_method" and user.target in _ELEMENTWISE_METHODS)
-                )
-                spatial = not flat and user.op == "call_function" and user.target in _SPATIAL_FUNCTIONS
-                if (elementwise or spatial) and _only_first_arg_is(user, src):
-                    if user.target in (F.max_pool2d, F.adaptive_max_pool2d) and user.kwargs.get("return_indices"):
+            if user.op in ("call_function", "call_method") and not flat:
+                kind = _flatten_kind(user, src, None)
+                if kind is not None:
+                    shape = _shape_of(src)
+                    if shape is None or len(shape) != 4:
                         return []
-                    stack.append((user, block))
-                    continue
-                # scalar arithmetic with the tensor on the right: 2 * x
-                if user.op == "call_function" and user.target in _SCALAR_OPS and len(user.args) == 2 \
-                        and user.args[1] is src and not isinstance(user.args[0], fx.Node) and not user.kwargs:
-                    stack.append((user, block))
+                    blocks = {"mean_keep": None, "mean": 1, "flatten": shape[2] * shape[3]}
+                    stack.append((user, blocks[kind]))
                     continue
             return []  # output, a residual add, cat, an unknown op...
     return consumers

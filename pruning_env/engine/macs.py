@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
+from pruning_env.core.fx import probe_forward
 from pruning_env.engine import flops as flops_mod
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.plan import PlanError, PruningPlan
@@ -129,17 +129,11 @@ def _input_shapes(model: nn.Module, input_shape: tuple[int, ...], names: Sequenc
         def hook(_mod: nn.Module, args: tuple, name: str = name) -> None:
             shapes[name] = tuple(int(s) for s in args[0].shape[1:])
         handles.append(modules[name].register_forward_pre_hook(hook))
-    was_training = model.training
-    param = next(model.parameters(), None)
     try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape[-3:]), device=param.device if param is not None else "cpu",
-                              dtype=param.dtype if param is not None else torch.float32))
+        probe_forward(model, (1, *input_shape[-3:]))
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return shapes
 
 
