@@ -7,71 +7,118 @@ For each network it runs random episodes (every plan new, so no cache hits) and 
 * steps per second;
 * ratio 1 = whole step / (bare scoring + bare evaluation of the same pruned network,
   timed side by side in this run) - the overhead of the env (target <= 1.2 with BN
-  recalibration off, which is what "scoring plus evaluating" is; also shown with it on);
+  recalibration off, which is what "scoring plus evaluating" is; also shown with it on,
+  ``--bn-recal-batches`` batches of ``--bn-recal-batch-size``);
 * ratio 2 = naive step / env step, where the naive step is what one would write
   without this package: ``copy.deepcopy`` of the model + Torch-Pruning DepGraph
   pruning of the same filters + the same scoring + evaluation.
 
-    python benchmarks/env_step.py                  # Tiny, VGG-16 w0.25 (trained if cached), VGG-16 w1
-    python benchmarks/env_step.py --nets tiny vgg16-0.25 --steps 9
+The env is read through its public surface only (``layers``, ``plan``,
+``calibration_batch``, ``timings``...). Run from the repository root (every flag is a
+field of :class:`EnvStepConfig`; ``--help``)::
+
+    python -m benchmarks.env_step                  # Tiny, VGG-16 w0.25 (trained if cached), VGG-16 w1
+    python -m benchmarks.env_step --nets tiny vgg16-0.25 --steps 9
+
+Writes the Markdown table to ``--out`` and prints it, then one JSON line with the rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import statistics
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import atomic_write_text, command_line, commit, machine, parse_config, results_path
+from pruning_env.cli.options import print_json
+from pruning_env.core.checkpoint import load
+from pruning_env.core.config import nested, option
+from pruning_env.core.data import load_splits
+from pruning_env.core.evaluation import evaluate
+from pruning_env.core.models import build, list_models
+from pruning_env.criteria import compute_components
+from pruning_env.engine.bn import BNRecalConfig
+from pruning_env.engine.plan import PruningPlan
+from pruning_env.engine.surgery import apply
+from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.registry import make_tiny_env
+from pruning_env.training.train import default_checkpoint_path
 
-from pruning_env.criteria import compute_components  # noqa: E402
-from pruning_env.core.data import load_splits  # noqa: E402
-from pruning_env.envs.env import FilterPruningEnv  # noqa: E402
-from pruning_env.core.evaluation import evaluate  # noqa: E402
-from pruning_env.core.models import build  # noqa: E402
-from pruning_env.engine.surgery import apply  # noqa: E402
-from pruning_env.envs.registry import make_tiny_env  # noqa: E402
-from pruning_env.training.train import default_checkpoint_path  # noqa: E402
-from pruning_env.core.provenance import git_commit, machine_description  # noqa: E402
-
-
-def _commit() -> str:
-    return git_commit(Path(__file__).resolve().parents[1])
-
-
-def _machine() -> str:
-    return machine_description()
+__all__ = ["EnvStepConfig", "bench", "main"]
 
 
+@dataclass
+class EnvStepConfig:
+    """Every flag of ``python -m benchmarks.env_step`` (the command line is generated from these fields)."""
 
-def _make_env(name: str, data_dir: str | None, bn_recal: int) -> tuple[FilterPruningEnv, str]:
+    nets: tuple[str, ...] = option(("tiny", "vgg16-0.25", "vgg16-1"), "tiny and/or <net>-<width> (CIFAR-10; "
+                                   "trained baseline from the cache if present, else random weights)")
+    steps: int = option(9, "env steps timed per network (and per BN setting)")
+    data_dir: str | None = option(None, "CIFAR-10 location (none: $PRUNING_ENV_DATA, else the cache)")
+    naive: bool = option(True, "also time the naive step (deepcopy + Torch-Pruning); --no-naive skips it")
+    # nested() is dataclasses.field(default_factory=...): a fresh sub-config per instance (RUF009 cannot see it)
+    bn: BNRecalConfig = nested(  # noqa: RUF009
+        BNRecalConfig, "BN re-estimation of the second measurement (the 'with BN recal' columns; the first has it "
+        "off)")
+    threads: int = option(2, "torch CPU threads")
+    out: str | None = option(None, "Markdown file for the results table (none: benchmarks/results/env_step.md)")
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {self.steps}")
+        if self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        for name in self.nets:
+            if name != "tiny":
+                _parse_net(name)
+
+
+def _parse_net(name: str) -> tuple[str, float]:
+    """``vgg16-0.25`` -> ("vgg16", 0.25)."""
+    net, _, width = name.rpartition("-")
+    try:
+        width_f = float(width)
+    except ValueError:
+        width_f = float("nan")
+    if net not in list_models() or not width_f > 0:
+        raise ValueError(f"--nets entries are tiny or <net>-<width> (net one of {', '.join(list_models())}), "
+                         f"got {name!r}")
+    return net, width_f
+
+
+def _make_env(name: str, data_dir: str | None, bn: BNRecalConfig) -> tuple[FilterPruningEnv, str]:
+    bn_kwargs = dataclasses.asdict(bn)
     if name == "tiny":
-        return make_tiny_env(bn_recal_batches=bn_recal), "trained (Tiny-v0 cache)"
-    net, width = name.split("-")
-    width_f = float(width)
+        return make_tiny_env(**bn_kwargs), "trained (Tiny-v0 cache)"
+    net, width = _parse_net(name)
     splits = load_splits("cifar10", data_dir)
-    path = default_checkpoint_path(net, "cifar10", width_f, 30)
+    path = default_checkpoint_path(net, "cifar10", width, 30)
     if path.is_file():
-        from pruning_env.core.checkpoint import load
-
         model, note = load(path).model, f"trained ({path.name})"
     else:
         torch.manual_seed(0)
-        model, note = build(net, num_classes=10, width=width_f), "random init (no cached baseline: timing only)"
+        model, note = build(net, num_classes=10, width=width), "random init (no cached baseline: timing only)"
     # The KL of the unpruned network is computed once per env and is not part of a step: use fisher to keep
     # the setup short for width 1 (it does not change the step's cost).
-    kl = "exact" if width_f <= 0.5 else "fisher"
-    return FilterPruningEnv(model, splits, bn_recal_batches=bn_recal, kl=kl), note
+    kl = "exact" if width <= 0.5 else "fisher"
+    return FilterPruningEnv(model, splits, kl=kl, **bn_kwargs), note
 
 
-def _naive_step(env: FilterPruningEnv, plan) -> None:
+def _score_and_evaluate(env: FilterPruningEnv, model: torch.nn.Module, layers: list[str] | None) -> None:
+    """The bare work of a step on a pruned network: DSFP's grad/Taylor pass and the reward's evaluation."""
+    images, labels = env.calibration_batch
+    compute_components(model, images, labels, layers=layers, kl=None)
+    evaluate(model, env.splits.val, mean=env.splits.mean, std=env.splits.std, limit=env.config.eval_size,
+             batch_size=env.config.eval_batch_size)
+
+
+def _naive_step(env: FilterPruningEnv, plan: PruningPlan) -> None:
     """deepcopy + Torch-Pruning + the same scoring and evaluation."""
     import torch_pruning as tp
 
@@ -85,15 +132,16 @@ def _naive_step(env: FilterPruningEnv, plan) -> None:
         if pruned:
             group = dg.get_pruning_group(modules[name], tp.prune_conv_out_channels, idxs=pruned)
             group.prune()
-    compute_components(model, env._calib_x, env._calib_y, layers=None, kl=None)
-    evaluate(model, env.splits.val, mean=env.splits.mean, std=env.splits.std, limit=env.config.eval_size,
-             batch_size=env.config.eval_batch_size)
+    _score_and_evaluate(env, model, None)
 
 
-def bench(name: str, steps: int, data_dir: str | None, naive: bool) -> dict[str, float | str]:
+def bench(name: str, steps: int, data_dir: str | None, naive: bool,
+          bn: BNRecalConfig | None = None) -> dict[str, float | str]:
+    """The row of one network: env steps with BN re-estimation off, then with ``bn`` (default 2 batches)."""
+    bn = bn if bn is not None else BNRecalConfig()
     rows: dict[str, float | str] = {"net": name}
-    for bn_recal in (0, 2):
-        env, note = _make_env(name, data_dir, bn_recal)
+    for off, setting in ((True, dataclasses.replace(bn, bn_recal_batches=0)), (False, bn)):
+        env, note = _make_env(name, data_dir, setting)
         rows["model"] = note
         rng = np.random.default_rng(0)
         env.reset(seed=0)
@@ -109,18 +157,16 @@ def bench(name: str, steps: int, data_dir: str | None, naive: bool) -> dict[str,
             step_times.append(time.perf_counter() - t0)
             done += 1
             # The bare work of that step, side by side: scoring + evaluating the same pruned network.
-            model = apply(env.base_model, env.plan, env.input_shape, layers=env._layers)
+            model = apply(env.base_model, env.plan, env.input_shape, layers=env.layers)
             t0 = time.perf_counter()
-            compute_components(model, env._calib_x, env._calib_y, layers=env.layer_names, kl=None)
-            evaluate(model, env.splits.val, mean=env.splits.mean, std=env.splits.std, limit=env.config.eval_size,
-                     batch_size=env.config.eval_batch_size)
+            _score_and_evaluate(env, model, env.layer_names)
             bare_times.append(time.perf_counter() - t0)
-            if naive and bn_recal == 0:
+            if naive and off:
                 t0 = time.perf_counter()
                 _naive_step(env, env.plan)
                 naive_times.append(time.perf_counter() - t0)
         total = sum(step_times)
-        suffix = "" if bn_recal == 0 else "_recal"
+        suffix = "" if off else "_recal"
         split = {k: v / total for k, v in env.timings.items()}
         split["other"] = max(0.0, 1.0 - sum(split.values()))
         rows[f"step_ms{suffix}"] = 1000 * statistics.median(step_times)
@@ -135,18 +181,9 @@ def bench(name: str, steps: int, data_dir: str | None, naive: bool) -> dict[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nets", nargs="+", default=["tiny", "vgg16-0.25", "vgg16-1"],
-                        help="tiny and/or <net>-<width> (CIFAR-10; trained baseline from the cache if present)")
-    parser.add_argument("--steps", type=int, default=9, help="env steps timed per network")
-    parser.add_argument("--data-dir", default=None, help="CIFAR-10 location (default: $PRUNING_ENV_DATA)")
-    parser.add_argument("--no-naive", action="store_true", help="skip the deepcopy + Torch-Pruning naive step")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "env_step.md"),
-                        help="Markdown file for the results table")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    results = [bench(n, args.steps, args.data_dir, not args.no_naive) for n in args.nets]
+    cfg = parse_config(EnvStepConfig, argv, "env_step", __doc__)
+    torch.set_num_threads(cfg.threads)
+    results = [bench(n, cfg.steps, cfg.data_dir, cfg.naive, cfg.bn) for n in cfg.nets]
     header = ("| net | model | step ms | steps/s | scoring | surgery | evaluation | other | step / (scoring+eval) "
               "| with BN recal: step ms | bn_recal share | step / (scoring+eval) | naive ms | naive / env |")
     lines = [header, "|" + "---|" * 14]
@@ -156,19 +193,22 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['surgery']:.0%} | {r['evaluation']:.0%} | {r['other']:.0%} | **{r['ratio_bare']:.2f}** | "
             f"{r['step_ms_recal']:.1f} | {r['bn_recal_recal']:.0%} | {r['ratio_bare_recal']:.2f} | "
             f"{r.get('naive_ms', float('nan')):.1f} | {r.get('ratio_naive', float('nan')):.2f} |")
-    cmd = "python benchmarks/env_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    default_bn = ", the default" if cfg.bn == BNRecalConfig() else ""
     md = "\n".join([
         "# Env step cost", "",
-        f"Command: `{cmd.strip()}`  ", f"Commit: {_commit()}  ",
-        f"Machine: {_machine()}  ", f"Steps timed per net: {args.steps} (random actions, new plans: no cache hits)",
+        f"Command: `{command_line('env_step', argv)}`  ", f"Commit: {commit()}  ",
+        f"Machine: {machine()}  ", f"Steps timed per net: {cfg.steps} (random actions, new plans: no cache hits)",
         "", *lines, "",
         "Columns: the time split of a step (shares of the step), the ratio of a whole step to the bare cost of "
         "scoring (one forward/backward for DSFP's grad and Taylor) plus evaluating the same pruned network "
-        "(timed side by side), the same with the default BN recalibration (2 batches of 128) on, and a naive "
-        "step: `copy.deepcopy` + Torch-Pruning DepGraph on the same filters + the same scoring and evaluation.",
+        f"(timed side by side), the same with BN recalibration on ({cfg.bn.bn_recal_batches} batches of "
+        f"{cfg.bn.bn_recal_batch_size}{default_bn}), and a naive step: `copy.deepcopy` + Torch-Pruning DepGraph on "
+        "the same filters + the same scoring and evaluation.",
         ""])
-    Path(args.out).write_text(md)
+    out = results_path(cfg.out, "env_step.md")
+    atomic_write_text(out, md)
     print(md)
+    print_json({"report": str(out), "rows": results})
     return 0
 
 

@@ -1,57 +1,51 @@
 """Measured CPU latency of physically pruned networks against their MACs reduction.
 
 For every network (``--nets``, ``NET:WIDTH``) it builds the unpruned model and one pruned model per
-uniform rate (``--rates``; each layer loses the same fraction of its filters, ranked by
-``--criterion``, l1 by default: latency depends only on the remaining widths, not on which filters
-are kept, so a data-free criterion on randomly initialised weights gives the same timings as a
-trained network with DSFP scores). Then, per batch size (``--batch-sizes``), it times single
-forward passes of all of them INTERLEAVED: ``--repeats`` rounds, each round one forward of every
-model in a rotating order, so load changes on a shared machine hit pruned and unpruned models
-alike. Reported: median ms per forward, speed-up = median(unpruned) / median(pruned), against the
-MACs ratio (pruned / unpruned MACs from ``pruning_env.engine.flops``); the ideal speed-up is 1 / MACs ratio.
-Rate 0 is the unpruned width put through the same surgery: its speed-up shows the noise level.
+uniform rate (``--rates``; each layer loses the same fraction of its filters, kept counts by the
+rate rule ``--min-keep`` / ``--round-to``, ranked by ``--criterion``, l1 by default: latency
+depends only on the remaining widths, not on which filters are kept, so a data-free criterion on
+randomly initialised weights gives the same timings as a trained network with DSFP scores). Then,
+per batch size (``--batch-sizes``), it times single forward passes of all of them INTERLEAVED:
+``--repeats`` rounds, each round one forward of every model in a rotating order, so load changes
+on a shared machine hit pruned and unpruned models alike. Reported: median ms per forward,
+speed-up = median(unpruned) / median(pruned), against the MACs ratio (pruned / unpruned MACs from
+``pruning_env.engine.flops``); the ideal speed-up is 1 / MACs ratio. Rate 0 is the unpruned width
+put through the same surgery: its speed-up shows the noise level.
 
-    PYTHONPATH=. python benchmarks/latency.py                     # 5 nets x 5 rates, batch 1 and 64
-    PYTHONPATH=. python benchmarks/latency.py --nets vgg16:0.25 --rates 0 0.5 --repeats 10
+Run from the repository root (every flag is a field of :class:`LatencyConfig`; ``--help``)::
+
+    python -m benchmarks.latency                     # 5 nets x 5 rates, batch 1 and 64
+    python -m benchmarks.latency --nets vgg16:0.25 --rates 0 0.5 --repeats 10
 
 Writes ``--out`` (Markdown), the same path with ``.json`` (raw numbers) and ``.png`` (speed-up vs
-1 / MACs ratio with the ideal line).
+1 / MACs ratio with the ideal line), prints the report, then one JSON line with the rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.common import command_line, commit, log, machine, parse_config, results_path
+from pruning_env import criteria
+from pruning_env.cli.options import print_json
+from pruning_env.core.config import flat_dict, nested, option
+from pruning_env.core.models import build, list_models
+from pruning_env.engine.flops import count
+from pruning_env.engine.graph import prunable_layers
+from pruning_env.engine.plan import RateRule, plan_uniform
+from pruning_env.engine.surgery import apply
 
-from pruning_env import criteria  # noqa: E402
-from pruning_env.engine.flops import count  # noqa: E402
-from pruning_env.engine.graph import prunable_layers  # noqa: E402
-from pruning_env.core.models import build, list_models  # noqa: E402
-from pruning_env.engine.surgery import apply  # noqa: E402
-from pruning_env.engine.plan import plan_uniform  # noqa: E402
-from pruning_env.core.provenance import git_commit, machine_description  # noqa: E402
-
-
-def _commit() -> str:
-    return git_commit(Path(__file__).resolve().parents[1])
-
-
-def _machine() -> str:
-    return machine_description()
-
+__all__ = ["LatencyConfig", "bench_net", "interleaved_latency", "main"]
 
 SHAPE = (3, 32, 32)
 DEFAULT_NETS = ["vgg16:0.25", "vgg16:1", "alexnet:0.25", "alexnet:1", "resnet56:1"]
@@ -71,6 +65,36 @@ def _parse_net(item: str) -> tuple[str, float]:
     except ValueError:
         raise ValueError(f"--nets entries are NET or NET:WIDTH, got {item!r}") from None
     return net, w
+
+
+@dataclass
+class LatencyConfig:
+    """Every flag of ``python -m benchmarks.latency`` (the command line is generated from these fields)."""
+
+    nets: tuple[str, ...] = option(tuple(DEFAULT_NETS), "networks as NET:WIDTH (or NET: width 1)")
+    rates: tuple[float, ...] = option((0.0, 0.3, 0.5, 0.7, 0.9), "uniform per-layer pruning rates in [0, 1)")
+    criterion: str = option("l1", "data-free criterion ranking the filters (the timings do not depend on it)",
+                            choices=DATA_FREE)
+    # nested() is dataclasses.field(default_factory=...): a fresh sub-config per instance (RUF009 cannot see it)
+    rule: RateRule = nested(RateRule, "how a rate becomes a number of kept filters")  # noqa: RUF009
+    batch_sizes: tuple[int, ...] = option((1, 64), "batch sizes timed")
+    repeats: int = option(20, "interleaved timing rounds per batch size")
+    warmup: int = option(3, "untimed forward passes per model first")
+    threads: int = option(2, "torch CPU threads")
+    seed: int = option(0, "seed of the weights and inputs")
+    out: str | None = option(None, "Markdown report (none: benchmarks/results/latency.md); raw numbers go to the "
+                             "same path with .json, the plot with .png")
+    progress: bool = option(True, "print progress")
+
+    def __post_init__(self) -> None:
+        for item in self.nets:
+            _parse_net(item)
+        if any(not 0 <= r < 1 for r in self.rates):
+            raise ValueError(f"--rates must be in [0, 1), got {list(self.rates)}")
+        if self.repeats < 1 or self.warmup < 0 or any(b < 1 for b in self.batch_sizes):
+            raise ValueError("--repeats and --batch-sizes must be >= 1, --warmup >= 0")
+        if self.criterion not in DATA_FREE:
+            raise ValueError(f"--criterion must be a data-free one ({', '.join(DATA_FREE)}), got {self.criterion!r}")
 
 
 @torch.inference_mode()
@@ -97,23 +121,25 @@ def interleaved_latency(models: list[torch.nn.Module], batch_size: int, repeats:
     return times
 
 
-def bench_net(net: str, width: float, args: argparse.Namespace) -> list[dict[str, Any]]:
-    torch.manual_seed(args.seed)
+def bench_net(net: str, width: float, cfg: LatencyConfig) -> list[dict[str, Any]]:
+    """One row per rate of ``cfg.rates``: MACs and params ratios, latencies and speed-ups per batch size."""
+    torch.manual_seed(cfg.seed)
     base = build(net, num_classes=10, width=width).eval()
     layers = prunable_layers(base, SHAPE)
     base_report = count(base, SHAPE)
-    opts = {"seed": args.seed} if args.criterion == "random" else {}
-    scores = criteria.score(base, None, None, args.criterion, layers=[l.name for l in layers], **opts)
+    opts = {"seed": cfg.seed} if cfg.criterion == "random" else {}
+    scores = criteria.score(base, None, None, cfg.criterion, layers=[layer.name for layer in layers], **opts)
     rows, models = [], [base]
-    for rate in args.rates:
-        pruned = apply(base, plan_uniform(scores, rate), SHAPE, layers=layers).eval()
+    for rate in cfg.rates:
+        plan = plan_uniform(scores, rate, min_keep=cfg.rule.min_keep, round_to=cfg.rule.round_to)
+        pruned = apply(base, plan, SHAPE, layers=layers).eval()
         rep = count(pruned, SHAPE)
         models.append(pruned)
         rows.append({"net": net, "width": width, "rate": rate, "macs": rep.macs, "params": rep.params,
                      "macs_ratio": rep.macs / base_report.macs, "params_ratio": rep.params / base_report.params,
                      "base_macs": base_report.macs, "base_params": base_report.params})
-    for b in args.batch_sizes:
-        times = interleaved_latency(models, b, args.repeats, args.warmup, args.seed)
+    for b in cfg.batch_sizes:
+        times = interleaved_latency(models, b, cfg.repeats, cfg.warmup, cfg.seed)
         base_ms = statistics.median(times[0])
         for row, t in zip(rows, times[1:]):
             ms = statistics.median(t)
@@ -125,8 +151,8 @@ def bench_net(net: str, width: float, args: argparse.Namespace) -> list[dict[str
     return rows
 
 
-def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, meta: dict[str, Any], out: Path) -> None:
-    bs = args.batch_sizes
+def write_report(rows: list[dict[str, Any]], cfg: LatencyConfig, meta: dict[str, Any], out: Path) -> None:
+    bs = list(cfg.batch_sizes)
     head = ["net", "width", "rate", "MACs ratio", "params ratio", "ideal speed-up (1/MACs ratio)"]
     for b in bs:
         head += [f"latency b{b} ms", f"speed-up b{b}"]
@@ -135,11 +161,12 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace, meta: dic
         f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}  ", f"Machine: {meta['machine']}  ",
         f"Date: {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min; load average {meta['load_before']} before, "
         f"{meta['load_after']} after  ",
-        f"Method: uniform `{args.criterion}` plans (latency depends only on the widths), randomly initialised "
-        f"weights, float32, eval mode, `torch.inference_mode`, {SHAPE} inputs; per batch size, {args.warmup} warm-up "
-        f"passes per model, then {args.repeats} interleaved rounds (one forward of every model per round, rotating "
-        "order). Latency = median ms per forward; speed-up = median unpruned / median pruned (the JSON also has "
-        "the per-round paired ratio); rate 0 = the unpruned widths through the same surgery (noise level).", "",
+        f"Method: uniform `{cfg.criterion}` plans{_rule_note(cfg.rule)} (latency depends only on the widths), "
+        f"randomly initialised weights, float32, eval mode, `torch.inference_mode`, {SHAPE} inputs; per batch size, "
+        f"{cfg.warmup} warm-up passes per model, then {cfg.repeats} interleaved rounds (one forward of every model "
+        "per round, rotating order). Latency = median ms per forward; speed-up = median unpruned / median pruned "
+        "(the JSON also has the per-round paired ratio); rate 0 = the unpruned widths through the same surgery "
+        "(noise level).", "",
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["net"], f"{r['width']:g}", f"{r['rate']:.0%}", f"{r['macs_ratio']:.3f}", f"{r['params_ratio']:.3f}",
@@ -201,48 +228,32 @@ def _plot(rows: list[dict[str, Any]], bs: list[int], path: Path) -> bool:
     return True
 
 
+def _rule_note(rule: RateRule) -> str:
+    """The rate rule in words when it is not the default (at least 1 filter kept, no rounding)."""
+    if rule == RateRule():
+        return ""
+    return f" (at least {rule.min_keep} filters kept, counts rounded to multiples of {rule.round_to})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", nargs="+", default=DEFAULT_NETS,
-                   help=f"networks as NET:WIDTH (default: {' '.join(DEFAULT_NETS)})")
-    p.add_argument("--rates", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9],
-                   help="uniform per-layer pruning rates in [0, 1) (default 0 0.3 0.5 0.7 0.9)")
-    p.add_argument("--criterion", choices=DATA_FREE, default="l1",
-                   help="data-free criterion ranking the filters (default l1; the timings do not depend on it)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64], help="batch sizes timed (default 1 64)")
-    p.add_argument("--repeats", type=int, default=20, help="interleaved timing rounds per batch size (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed forward passes per model first (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs (default 0)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "latency.md"),
-                   help="Markdown report; raw numbers go to the same path with .json, the plot with .png")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print progress")
-    args = p.parse_args(argv)
-    try:
-        configs = [_parse_net(n) for n in args.nets]
-    except ValueError as exc:
-        p.error(str(exc))
-    if any(not 0 <= r < 1 for r in args.rates):
-        p.error(f"--rates must be in [0, 1), got {args.rates}")
-    if args.repeats < 1 or args.warmup < 0 or any(b < 1 for b in args.batch_sizes):
-        p.error("--repeats and --batch-sizes must be >= 1, --warmup >= 0")
-    torch.set_num_threads(args.threads)
+    cfg = parse_config(LatencyConfig, argv, "latency", __doc__)
+    torch.set_num_threads(cfg.threads)
     t0 = time.time()
     load_before = _load()
     rows: list[dict[str, Any]] = []
-    for net, width in configs:
-        if args.progress:
-            print(f"[{time.strftime('%H:%M:%S')}] {net} w{width:g} ...", file=sys.stderr, flush=True)
-        rows += bench_net(net, width, args)
-    meta = {"command": "PYTHONPATH=. python benchmarks/latency.py " + shlex.join(
-                argv if argv is not None else sys.argv[1:]),
-            "commit": _commit(), "machine": _machine(), "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-            "wall_s": time.time() - t0, "load_before": load_before, "load_after": _load()}
-    out = Path(args.out)
-    write_report(rows, args, meta, out)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "args": {k: v for k, v in vars(args).items()},
-                                                    "rows": rows}, indent=1))
+    for item in cfg.nets:
+        net, width = _parse_net(item)
+        if cfg.progress:
+            log(f"{net} w{width:g} ...")
+        rows += bench_net(net, width, cfg)
+    meta = {"command": command_line("latency", argv), "commit": commit(), "machine": machine(),
+            "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_s": time.time() - t0,
+            "load_before": load_before, "load_after": _load()}
+    out = results_path(cfg.out, "latency.md")
+    write_report(rows, cfg, meta, out)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "args": flat_dict(cfg), "rows": rows}, indent=1))
     print(out.read_text())
+    print_json({"report": str(out), "json": str(out.with_suffix(".json")), "rows": rows})
     return 0
 
 

@@ -1,7 +1,8 @@
 """Surgery speed: pruning_env.engine.apply vs Torch-Pruning (DepGraph), side by side.
 
-For each network, one random plan at ``--rate`` (uniform per layer) is applied
-``--repeats`` times and the median wall-clock time is reported:
+For each network, one random plan at ``--rate`` (uniform per layer, kept counts by the rate
+rule ``--min-keep`` / ``--round-to``) is applied ``--repeats`` times and the median
+wall-clock time is reported:
 
 * ``ours (layers cached)``: ``apply(model, plan, layers=layers)``, the RL env's hot
   path (the prunable layers are found once per network);
@@ -14,39 +15,74 @@ It also times the MACs of the pruned network: ``MacsModel.predict`` (no model
 built) vs ``flops.count`` on the pruned model vs ``tp.utils.count_ops_and_params``,
 and checks that both surgeries give the same outputs (max abs difference).
 
-Run from the repository root:
-    PYTHONPATH=. python benchmarks/surgery_speed.py
+Run from the repository root (every flag is a field of :class:`SurgerySpeedConfig`; ``--help``)::
+
+    python -m benchmarks.surgery_speed
+    python -m benchmarks.surgery_speed --nets vgg16:0.25 --repeats 5 --no-write
+
+Writes the report to ``--out`` (unless ``--no-write``), prints the tables, then one JSON line
+with the rows.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
+from benchmarks.common import atomic_write_text, command_line, commit, log, machine, parse_config, results_path
+from pruning_env.cli.options import print_json
+from pruning_env.core.config import nested, option
+from pruning_env.core.models import build, list_models
 from pruning_env.engine import flops
 from pruning_env.engine.graph import prunable_layers
-from pruning_env.core.models import build
 from pruning_env.engine.macs import MacsModel
+from pruning_env.engine.plan import RateRule, plan_uniform
 from pruning_env.engine.surgery import apply
-from pruning_env.engine.plan import plan_uniform
-from pruning_env.core.provenance import git_commit, machine_description
 
-
-def _commit() -> str:
-    return git_commit(Path(__file__).resolve().parents[1])
-
-
-def _machine() -> str:
-    return machine_description()
-
+__all__ = ["SurgerySpeedConfig", "bench_one", "main"]
 
 SHAPE = (3, 32, 32)
+
+
+@dataclass
+class SurgerySpeedConfig:
+    """Every flag of ``python -m benchmarks.surgery_speed`` (the command line is generated from these fields)."""
+
+    nets: tuple[str, ...] = option(("vgg16:0.25", "vgg16:1", "resnet56:1"), "networks as arch:width")
+    rate: float = option(0.5, "uniform pruning rate of the random plan, in [0, 1)")
+    # nested() is dataclasses.field(default_factory=...): a fresh sub-config per instance (RUF009 cannot see it)
+    rule: RateRule = nested(RateRule, "how the rate becomes a number of kept filters")  # noqa: RUF009
+    repeats: int = option(20, "timed repetitions per measurement (median)")
+    threads: int = option(1, "torch intra-op threads (1 is stable on a shared CPU)")
+    seed: int = option(0, "seed of the models and plans")
+    out: str | None = option(None, "markdown report to write (none: benchmarks/results/surgery_speed.md)")
+    write: bool = option(True, "write --out (--no-write: print only)")
+
+    def __post_init__(self) -> None:
+        for spec in self.nets:
+            _parse_net(spec)
+        if not 0 <= self.rate < 1:
+            raise ValueError(f"--rate must be in [0, 1), got {self.rate}")
+        if self.repeats < 1 or self.threads < 1:
+            raise ValueError("--repeats and --threads must be >= 1")
+
+
+def _parse_net(spec: str) -> tuple[str, float]:
+    """``vgg16:0.25`` -> ("vgg16", 0.25); ``resnet56`` -> ("resnet56", 1.0)."""
+    arch, _, width = spec.partition(":")
+    try:
+        w = float(width or 1.0)
+    except ValueError:
+        w = float("nan")
+    if arch not in list_models() or not w > 0:
+        raise ValueError(f"--nets entries are arch or arch:width (arch one of {', '.join(list_models())}), "
+                         f"got {spec!r}")
+    return arch, w
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -60,12 +96,16 @@ def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def bench_one(arch: str, width: float, rate: float, repeats: int, seed: int, tp) -> dict:
+def bench_one(arch: str, width: float, rate: float, repeats: int, seed: int, tp,
+              rule: RateRule | None = None) -> dict:
+    """Timings of one network (``tp``: the torch_pruning module, or None to time ours only)."""
+    rule = rule if rule is not None else RateRule()
     torch.manual_seed(seed)
     model = build(arch, num_classes=10, width=width).eval()
     layers = prunable_layers(model, SHAPE)
     gen = torch.Generator().manual_seed(seed)
-    plan = plan_uniform({l.name: torch.rand(l.out_channels, generator=gen) for l in layers}, rate)
+    plan = plan_uniform({layer.name: torch.rand(layer.out_channels, generator=gen) for layer in layers}, rate,
+                        min_keep=rule.min_keep, round_to=rule.round_to)
     row: dict = {"net": f"{arch} w{width:g}", "layers": len(layers)}
     row["ours_warm"] = _median_seconds(lambda: apply(model, plan, SHAPE, layers=layers), repeats)
     row["ours_cold"] = _median_seconds(lambda: apply(model, plan, SHAPE), max(3, repeats // 4))
@@ -109,37 +149,28 @@ def bench_one(arch: str, width: float, rate: float, repeats: int, seed: int, tp)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nets", nargs="+", default=["vgg16:0.25", "vgg16:1", "resnet56:1"],
-                        help="networks as arch:width (default: vgg16:0.25 vgg16:1 resnet56:1)")
-    parser.add_argument("--rate", type=float, default=0.5, help="uniform pruning rate of the random plan")
-    parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per measurement (median)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is stable on a shared CPU)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the models and plans")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "surgery_speed.md"),
-                        help="markdown report to write")
-    parser.add_argument("--no-write", action="store_true", help="print only, do not write --out")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    cfg = parse_config(SurgerySpeedConfig, argv, "surgery_speed", __doc__)
+    torch.set_num_threads(cfg.threads)
     try:
         import torch_pruning as tp
     except ImportError:
         tp = None
         print("torch-pruning is not installed: only our timings are shown (pip install torch-pruning)",
               file=sys.stderr)
-    machine_start = _machine()
+    machine_start = machine()
     rows = []
-    for spec in args.nets:
-        arch, _, width = spec.partition(":")
-        rows.append(bench_one(arch, float(width or 1.0), args.rate, args.repeats, args.seed, tp))
-        print(f"done {spec}", file=sys.stderr)
+    for spec in cfg.nets:
+        arch, width = _parse_net(spec)
+        rows.append(bench_one(arch, width, cfg.rate, cfg.repeats, cfg.seed, tp, cfg.rule))
+        log(f"done {spec}")
 
     def ms(x: float | None) -> str:
         return "n/a" if x is None else f"{1000 * x:.2f}"
 
     lines = [
-        "| net | prunable layers | MACs removed | ours, layers cached (ms) | ours, cold (ms) | Torch-Pruning total (ms) "
-        "| TP prune only (ms) | TP total / ours cached | TP total / ours cold | max abs output diff |",
+        "| net | prunable layers | MACs removed | ours, layers cached (ms) | ours, cold (ms) | "
+        "Torch-Pruning total (ms) | TP prune only (ms) | TP total / ours cached | TP total / ours cold | "
+        "max abs output diff |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -160,16 +191,18 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['net']} | {1e6 * r['predict']:.1f} | {ms(r['count'])} | {ms(r.get('tp_count'))} |")
     table = "\n".join(lines)
     print(table)
-    if not args.no_write:
-        command = "PYTHONPATH=. python benchmarks/surgery_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out = results_path(cfg.out, "surgery_speed.md")
+    if cfg.write:
         tp_version = getattr(tp, "__version__", "not installed") if tp is not None else "not installed"
+        rule = "" if cfg.rule == RateRule() else (f" (at least {cfg.rule.min_keep} filters kept, counts rounded to "
+                                                  f"multiples of {cfg.rule.round_to})")
         text = (
             "# Surgery speed: pruning_env.engine.apply vs Torch-Pruning DepGraph\n\n"
-            f"Command: `{command.strip()}`\n\n"
-            f"Commit: {_commit()}\n\n"
+            f"Command: `{command_line('surgery_speed', argv)}`\n\n"
+            f"Commit: {commit()}\n\n"
             f"Machine (at start): {machine_start}\n\n"
-            f"Torch-Pruning: {tp_version}. Random plan at a uniform rate of {args.rate} per prunable layer; "
-            f"medians of {args.repeats} repetitions (cold and Torch-Pruning: {max(3, args.repeats // 4)}). "
+            f"Torch-Pruning: {tp_version}. Random plan at a uniform rate of {cfg.rate} per prunable layer{rule}; "
+            f"medians of {cfg.repeats} repetitions (cold and Torch-Pruning: {max(3, cfg.repeats // 4)}). "
             "Timings are wall-clock on a CPU shared with other jobs: compare the ratios, not absolute values.\n\n"
             f"{table}\n\n"
             "Columns: *ours, layers cached* = `apply(model, plan, layers=layers)` (the env's hot path); "
@@ -178,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             "place, so a copy is needed to keep the original); *prune only* = the group pruning alone, on a "
             "graph already built.\n"
         )
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}", file=sys.stderr)
+        atomic_write_text(out, text)
+        log(f"wrote {out}")
+    print_json({"report": str(out) if cfg.write else None, "rows": rows})
     return 0
 
 
