@@ -67,7 +67,8 @@ from pruning_env import criteria
 from pruning_env.cli.options import print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import get_setting, nested, option, resolve_device
-from pruning_env.core.data import Split, calibration_batch, load_splits
+from pruning_env.core.data import CalibrationConfig, Split, calibration_batch, load_splits
+from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.flops import count
 from pruning_env.engine.graph import prunable_layers
@@ -86,35 +87,47 @@ JSON_FORMAT = "pruning_env.bench.criteria/1"
 
 @dataclass(frozen=True)
 class Variant:
-    """One row label of the tables: a criterion of ``pruning_env.criteria`` plus its options."""
+    """One row label of the tables: a name and the ScoringConfig (criterion and its options) it stands for."""
 
     name: str
-    criterion: str
-    direction: str | None = None
-    kl: str | None = None
+    scoring: ScoringConfig
+
+    @property
+    def criterion(self) -> str:
+        return self.scoring.criterion
+
+    @property
+    def direction(self) -> str | None:
+        """The dsfp direction (None for criteria without one)."""
+        return self.scoring.direction if "direction" in criteria.get_criterion(self.criterion).options else None
+
+    @property
+    def kl(self) -> str | None:
+        """The KL mode (None for criteria without a KL component)."""
+        return self.scoring.kl if self.scoring.uses_kl else None
 
     @property
     def seeded(self) -> bool:
         """Whether the scores themselves depend on the seed."""
-        return self.criterion == "random"
+        return criteria.get_criterion(self.criterion).uses_seed
 
 
 def parse_variant(name: str) -> Variant:
-    """``dsfp-low-exact`` -> Variant("dsfp-low-exact", "dsfp", "low", "exact"); ``kl`` = ``kl-exact``."""
+    """``dsfp-low-exact`` -> the dsfp criterion, direction low, KL exact; ``kl`` = ``kl-exact``."""
     parts = name.split("-")
     if parts[0] == "dsfp":
         if len(parts) != 3 or parts[1] not in criteria.DIRECTIONS or parts[2] not in criteria.KL_MODES:
             raise ValueError(f"{name!r}: write dsfp variants as dsfp-<{'|'.join(criteria.DIRECTIONS)}>-"
                              f"<{'|'.join(criteria.KL_MODES)}>, e.g. dsfp-low-exact")
-        return Variant(name, "dsfp", parts[1], parts[2])
+        return Variant(name, ScoringConfig(criterion="dsfp", direction=parts[1], kl=parts[2]))
     if parts[0] == "kl":
         if len(parts) > 2 or (len(parts) == 2 and parts[1] not in criteria.KL_MODES):
             raise ValueError(f"{name!r}: write kl or kl-<{'|'.join(criteria.KL_MODES)}>")
-        return Variant(name, "kl", None, parts[1] if len(parts) == 2 else "exact")
+        return Variant(name, ScoringConfig(criterion="kl", kl=parts[1] if len(parts) == 2 else "exact"))
     if name not in criteria.list_criteria() or name == "dsfp":
         raise ValueError(f"unknown criterion variant {name!r}; choose from {', '.join(DEFAULT_VARIANTS)} "
                          f"(dsfp-<low|high>-<kl mode>, kl-<kl mode>, kl modes: {', '.join(criteria.KL_MODES)})")
-    return Variant(name, name)
+    return Variant(name, ScoringConfig(criterion=name))
 
 
 class ScoreBank:
@@ -202,7 +215,8 @@ class CriteriaBenchConfig:
 
     nets: tuple[str, ...] = option(("vgg16", "alexnet"), "architectures")
     width: float = option(0.25, "channel width multiplier of the baselines")
-    rates: tuple[float, ...] = option((0.5, 0.6, 0.7), "uniform per-layer pruning rates in [0, 1)")
+    uniform_rates: tuple[float, ...] = option((0.5, 0.6, 0.7), "uniform per-layer pruning rates in [0, 1)",
+                                              aliases=("rates",))
     criteria: tuple[str, ...] = option(tuple(DEFAULT_VARIANTS), "criterion variants: dsfp-<low|high>-<kl mode>, "
                                        "kl[-<kl mode>], grad, taylor, l1, l2, taylor_fo, fpgm, random")
     seeds: tuple[int, ...] = option((0, 1, 2), "seeds of the random criterion (one run each: its scores, BN "
@@ -216,14 +230,13 @@ class CriteriaBenchConfig:
                                               "default_checkpoint_path(net, dataset, width, N)")
     baseline_seed: int = option(0, "seed of the baseline checkpoints")
     train_missing: bool = option(True, "train a missing baseline with pruning_env.train's recipe")
-    calib_size: int = option(128, "calibration images from the TRAIN split (the scoring batch of every criterion)")
+    calibration: CalibrationConfig = nested(CalibrationConfig, "the scoring batch of every criterion")
     calib_seed: int = option(0, "seed drawing the calibration images")
-    # nested() is dataclasses.field(default_factory=...): a fresh sub-config per instance (RUF009 cannot see it)
-    rule: RateRule = nested(RateRule, "how a rate becomes a number of kept filters (plan_uniform)")  # noqa: RUF009
-    bn: BNRecalConfig = nested(  # noqa: RUF009
+    rule: RateRule = nested(RateRule, "how a rate becomes a number of kept filters (plan_uniform)")
+    bn: BNRecalConfig = nested(
         BNRecalConfig, "BatchNorm re-estimation after pruning (10 batches here)",
         default=BNRecalConfig(bn_recal_batches=10))
-    finetune: FinetuneConfig = nested(  # noqa: RUF009
+    finetune: FinetuneConfig = nested(
         FinetuneConfig, "the fixed fine-tuning budget, the same for every row (1 epoch on 20000 images here; "
         "a train limit of 0 means all)", prefix="finetune", default=FinetuneConfig(epochs=1, train_limit=20000))
     eval_limit: int | None = option(None, "measure test accuracy on N test images drawn with a fixed seed (smoke "
@@ -242,10 +255,8 @@ class CriteriaBenchConfig:
         if self.finetune.train_limit == 0:  # the benchmark's "0 = all", kept for recorded command lines
             self.finetune = dataclasses.replace(self.finetune, train_limit=None)
         self.finetune.check()
-        if self.calib_size < 1:
-            raise ValueError(f"--calib-size must be >= 1, got {self.calib_size}")
-        if any(not 0 <= r < 1 for r in self.rates):
-            raise ValueError(f"--rates must be in [0, 1), got {list(self.rates)}")
+        if any(not 0 <= r < 1 for r in self.uniform_rates):
+            raise ValueError(f"--rates must be in [0, 1), got {list(self.uniform_rates)}")
         if not self.seeds:
             raise ValueError("--seeds needs at least one seed")
         for name in self.criteria:
@@ -270,7 +281,8 @@ class CriteriaBenchConfig:
         """
         ft = self.finetune
         setup: dict[str, Any] = {
-            "dataset": self.dataset, "width": self.width, "calib_size": self.calib_size, "calib_seed": self.calib_seed,
+            "dataset": self.dataset, "width": self.width, "calib_size": self.calibration.calib_size,
+            "calib_seed": self.calib_seed,
             "bn_recal_batches": self.bn.bn_recal_batches, "finetune_epochs": ft.epochs,
             "finetune_limit": ft.train_limit or 0, "finetune_lr": ft.lr, "finetune_optimizer": ft.optimizer,
             "eval_limit": self.eval_limit, "baseline_seed": self.baseline_seed}
@@ -355,8 +367,8 @@ def prepare_net(net: str, cfg: CriteriaBenchConfig, device: torch.device, data: 
         stored = {"checkpoint": str(path), "sha1": sha, "epochs": epochs, "train_config": tcfg,
                   "macs": cost.macs, "params": cost.params, "test_acc": acc["test"], "val_acc": acc["val"], **info}
         data["baselines"][net] = stored
-    images, labels = calibration_batch(splits, cfg.calib_size, seed=cfg.calib_seed, device=device)
-    key = f"{net}|{sha}|{cfg.dataset}|calib{cfg.calib_size}s{cfg.calib_seed}"
+    images, labels = calibration_batch(splits, cfg.calibration.calib_size, seed=cfg.calib_seed, device=device)
+    key = f"{net}|{sha}|{cfg.dataset}|calib{cfg.calibration.calib_size}s{cfg.calib_seed}"
     bank = ScoreBank(base, [layer.name for layer in layers], images, labels, disk, key, save_cache)
     return {"net": net, "model": base, "splits": eval_splits, "layers": layers, "bank": bank, "baseline": stored}
 
@@ -468,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     for net in cfg.nets:
         for v in cfg.variants:
             seeds = cfg.seeds if (v.seeded or cfg.all_seeds) else cfg.seeds[:1]
-            for rate in cfg.rates:
+            for rate in cfg.uniform_rates:
                 for seed in seeds:
                     if (net, v.name, float(rate), seed) not in done:
                         jobs.append((net, v, float(rate), seed))

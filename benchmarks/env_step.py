@@ -62,8 +62,7 @@ class EnvStepConfig:
     steps: int = option(9, "env steps timed per network (and per BN setting)")
     data_dir: str | None = option(None, "CIFAR-10 location (none: $PRUNING_ENV_DATA, else the cache)")
     naive: bool = option(True, "also time the naive step (deepcopy + Torch-Pruning); --no-naive skips it")
-    # nested() is dataclasses.field(default_factory=...): a fresh sub-config per instance (RUF009 cannot see it)
-    bn: BNRecalConfig = nested(  # noqa: RUF009
+    bn: BNRecalConfig = nested(
         BNRecalConfig, "BN re-estimation of the second measurement (the 'with BN recal' columns; the first has it "
         "off)")
     threads: int = option(2, "torch CPU threads")

@@ -40,6 +40,7 @@ from pruning_env import criteria
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import flat_dict, nested, option
 from pruning_env.core.models import build, list_models
+from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.flops import count
 from pruning_env.engine.graph import prunable_layers
 from pruning_env.engine.plan import RateRule, plan_uniform
@@ -72,11 +73,11 @@ class LatencyConfig:
     """Every flag of ``python -m benchmarks.latency`` (the command line is generated from these fields)."""
 
     nets: tuple[str, ...] = option(tuple(DEFAULT_NETS), "networks as NET:WIDTH (or NET: width 1)")
-    rates: tuple[float, ...] = option((0.0, 0.3, 0.5, 0.7, 0.9), "uniform per-layer pruning rates in [0, 1)")
-    criterion: str = option("l1", "data-free criterion ranking the filters (the timings do not depend on it)",
-                            choices=DATA_FREE)
-    # nested() is dataclasses.field(default_factory=...): a fresh sub-config per instance (RUF009 cannot see it)
-    rule: RateRule = nested(RateRule, "how a rate becomes a number of kept filters")  # noqa: RUF009
+    uniform_rates: tuple[float, ...] = option((0.0, 0.3, 0.5, 0.7, 0.9), "uniform per-layer pruning rates in [0, 1)",
+                                              aliases=("rates",))
+    scoring: ScoringConfig = nested(ScoringConfig, "the (data-free) criterion ranking the filters; the timings do "
+                                    "not depend on it (l1 here)", default=ScoringConfig(criterion="l1"))
+    rule: RateRule = nested(RateRule, "how a rate becomes a number of kept filters")
     batch_sizes: tuple[int, ...] = option((1, 64), "batch sizes timed")
     repeats: int = option(20, "interleaved timing rounds per batch size")
     warmup: int = option(3, "untimed forward passes per model first")
@@ -89,12 +90,13 @@ class LatencyConfig:
     def __post_init__(self) -> None:
         for item in self.nets:
             _parse_net(item)
-        if any(not 0 <= r < 1 for r in self.rates):
-            raise ValueError(f"--rates must be in [0, 1), got {list(self.rates)}")
+        if any(not 0 <= r < 1 for r in self.uniform_rates):
+            raise ValueError(f"--rates must be in [0, 1), got {list(self.uniform_rates)}")
         if self.repeats < 1 or self.warmup < 0 or any(b < 1 for b in self.batch_sizes):
             raise ValueError("--repeats and --batch-sizes must be >= 1, --warmup >= 0")
-        if self.criterion not in DATA_FREE:
-            raise ValueError(f"--criterion must be a data-free one ({', '.join(DATA_FREE)}), got {self.criterion!r}")
+        if self.scoring.needs_data:
+            raise ValueError(f"--criterion must be a data-free one ({', '.join(DATA_FREE)}), "
+                             f"got {self.scoring.criterion!r}")
 
 
 @torch.inference_mode()
@@ -122,15 +124,15 @@ def interleaved_latency(models: list[torch.nn.Module], batch_size: int, repeats:
 
 
 def bench_net(net: str, width: float, cfg: LatencyConfig) -> list[dict[str, Any]]:
-    """One row per rate of ``cfg.rates``: MACs and params ratios, latencies and speed-ups per batch size."""
+    """One row per rate of ``cfg.uniform_rates``: MACs and params ratios, latencies and speed-ups per batch size."""
     torch.manual_seed(cfg.seed)
     base = build(net, num_classes=10, width=width).eval()
     layers = prunable_layers(base, SHAPE)
     base_report = count(base, SHAPE)
-    opts = {"seed": cfg.seed} if cfg.criterion == "random" else {}
-    scores = criteria.score(base, None, None, cfg.criterion, layers=[layer.name for layer in layers], **opts)
+    scores = criteria.score(base, None, None, cfg.scoring.criterion, layers=[layer.name for layer in layers],
+                            **cfg.scoring.options(seed=cfg.seed))
     rows, models = [], [base]
-    for rate in cfg.rates:
+    for rate in cfg.uniform_rates:
         plan = plan_uniform(scores, rate, min_keep=cfg.rule.min_keep, round_to=cfg.rule.round_to)
         pruned = apply(base, plan, SHAPE, layers=layers).eval()
         rep = count(pruned, SHAPE)
@@ -161,7 +163,7 @@ def write_report(rows: list[dict[str, Any]], cfg: LatencyConfig, meta: dict[str,
         f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}  ", f"Machine: {meta['machine']}  ",
         f"Date: {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min; load average {meta['load_before']} before, "
         f"{meta['load_after']} after  ",
-        f"Method: uniform `{cfg.criterion}` plans{_rule_note(cfg.rule)} (latency depends only on the widths), "
+        f"Method: uniform `{cfg.scoring.criterion}` plans{_rule_note(cfg.rule)} (latency depends only on the widths), "
         f"randomly initialised weights, float32, eval mode, `torch.inference_mode`, {SHAPE} inputs; per batch size, "
         f"{cfg.warmup} warm-up passes per model, then {cfg.repeats} interleaved rounds (one forward of every model "
         "per round, rotating order). Latency = median ms per forward; speed-up = median unpruned / median pruned "

@@ -55,6 +55,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,7 +64,7 @@ import pruning_env
 from benchmarks.marl_report import ALGOS, TP_NAME, plots, summary, write_report
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything, with_overrides
+from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything
 from pruning_env.core.data import load_splits
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.provenance import git_commit, machine_description
@@ -253,7 +254,8 @@ def torch_pruning_model(base: nn.Module, env: FilterPruningEnv, target_ratio: fl
         ignored_layers=ignored)
     base_macs = count(base, env.input_shape).macs
     ratio, done = 1.0, 0
-    for done in range(1, steps + 1):
+    while done < steps:
+        done += 1
         pruner.step()
         ratio = count(model, env.input_shape).macs / base_macs
         if ratio <= target_ratio:

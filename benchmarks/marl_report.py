@@ -191,7 +191,8 @@ def summary(state: dict[str, Any], cfg: Any) -> str:
                          f"(QMIX higher in {m['wins']} of {m['n']})")
         f = _compare(state, "qmix", other, "finetune", "test_acc")
         if f is not None:
-            text += (f". After identical fine-tuning ({epochs}{', KD' if cfg.finetune_kd else ''}) the test accuracy is "
+            kd = ", KD" if cfg.finetune_kd else ""
+            text += (f". After identical fine-tuning ({epochs}{kd}) the test accuracy is "
                      f"{f['a'][0]:.2f} % vs {f['b'][0]:.2f} % "
                      f"(difference {f['diff'][0]:+.2f} points"
                      + (f" ± {f['diff'][1]:.2f}" if f["n"] > 1 else "")
@@ -254,7 +255,8 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path, header: dict[st
                   else ", full training split")
                + ")", "",
                "TEST accuracy. 'Before' = right after pruning with BatchNorm re-estimated as in the env's reward. "
-               "MACs and params ratios counted on the pruned network (`pruning_env.engine.flops.count`). Val objective = "
+               "MACs and params ratios counted on the pruned network (`pruning_env.engine.flops.count`). "
+               "Val objective = "
                "the env's objective of the pruned network before fine-tuning (for the searches: the value the "
                "search saw). Torch-Pruning: `MagnitudePruner` with `MagnitudeImportance(p=1)`, global pruning of "
                "the same convs (all Linears ignored), per-layer cap = the largest grid rate, iterative steps until "

@@ -55,8 +55,7 @@ class SurgerySpeedConfig:
 
     nets: tuple[str, ...] = option(("vgg16:0.25", "vgg16:1", "resnet56:1"), "networks as arch:width")
     rate: float = option(0.5, "uniform pruning rate of the random plan, in [0, 1)")
-    # nested() is dataclasses.field(default_factory=...): a fresh sub-config per instance (RUF009 cannot see it)
-    rule: RateRule = nested(RateRule, "how the rate becomes a number of kept filters")  # noqa: RUF009
+    rule: RateRule = nested(RateRule, "how the rate becomes a number of kept filters")
     repeats: int = option(20, "timed repetitions per measurement (median)")
     threads: int = option(1, "torch intra-op threads (1 is stable on a shared CPU)")
     seed: int = option(0, "seed of the models and plans")

@@ -17,7 +17,7 @@ from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import make_tiny_env
 
-__all__ = ["parallel_env", "env", "raw_env"]
+__all__ = ["env", "parallel_env", "raw_env"]
 
 
 def parallel_env(model: Any = None, splits: Any = None, **kwargs: Any) -> FilterPruningEnv:

@@ -86,3 +86,10 @@ def cifar_vgg16():
                                   cutout=0))
     assert isinstance(small.train, Split)
     return model.eval(), splits
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the real CIFAR-10 carries the ``cifar`` marker (``-m "not cifar"`` skips them all)."""
+    for item in items:
+        if "cifar_vgg16" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cifar)

@@ -354,7 +354,7 @@ def test_package_exports_the_plugin_api_and_no_test_envs() -> None:
         assert name in agents.__all__, name
         assert getattr(agents, name) is not None
     assert set(agents.__all__) == {n for n in dir(agents) if not n.startswith("_")} - {
-        "amc", "base", "baselines", "qmix"}  # the submodules themselves
+        "amc", "base", "baselines", "qmix", "replay"}  # the submodules themselves
     assert not hasattr(agents, "MatrixGameEnv")
     assert importlib.util.find_spec("agents.matrix_game") is None
     assert agents.Mixer is agents.qmix.Mixer and agents.seeded_torch is base.seeded_torch

@@ -108,6 +108,7 @@ def test_vgg16_cifar10_passes_the_pettingzoo_tests(cifar_vgg16):
     max_cycles_test(module)
 
 
+@pytest.mark.cifar
 def test_pettingzoo_make_finds_a_registered_cifar_env_with_your_model(cifar_vgg16):
     import pettingzoo
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from pruning_env.envs.objective import objective
 from pruning_env.engine.flops import count
 from pruning_env.envs.registry import make_benchmark_env
 

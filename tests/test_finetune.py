@@ -10,14 +10,13 @@ import pruning_env.training.finetune as finetune_mod
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.data import load_splits
 from pruning_env.core.evaluation import evaluate
-from pruning_env.training.finetune import FinetuneConfig, alpha_at, finetune, kd_loss
+from pruning_env.core.models import build
 from pruning_env.engine.bn import recalibrate_bn
 from pruning_env.engine.graph import prunable_layers
-from pruning_env.core.models import build
-from pruning_env.engine.surgery import apply
 from pruning_env.engine.plan import plan_uniform
+from pruning_env.engine.surgery import apply
+from pruning_env.training.finetune import FinetuneConfig, alpha_at, finetune, kd_loss
 from pruning_env.training.train import TrainConfig, fit
-
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,7 @@ def trained(splits):
 def _pruned(model, rate=0.7, seed=0):
     layers = prunable_layers(model)
     gen = torch.Generator().manual_seed(seed)
-    plan = plan_uniform({l.name: torch.rand(l.out_channels, generator=gen) for l in layers}, rate)
+    plan = plan_uniform({lay.name: torch.rand(lay.out_channels, generator=gen) for lay in layers}, rate)
     return apply(model, plan, layers=layers), plan
 
 

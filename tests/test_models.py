@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pruning_env.engine.flops import count
 from pruning_env.core.models import build, build_from_spec, channel_spec, list_models
+from pruning_env.engine.flops import count
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from pruning_env.cli.prune import main
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.models import channel_spec
-from pruning_env.cli.prune import main
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.training.train import TrainConfig, train
 

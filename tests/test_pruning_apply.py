@@ -4,19 +4,16 @@ import copy
 
 import pytest
 import torch
+from test_graph import UserNet
 from torch import nn
 
 from pruning_env.core import checkpoint as ckpt
+from pruning_env.core.models import build, channel_spec
 from pruning_env.engine import flops
 from pruning_env.engine.graph import prunable_layers
-from pruning_env.core.models import build, channel_spec
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PlanError, PruningPlan, plan_uniform
 from pruning_env.engine.surgery import apply
-
-from test_graph import UserNet
-
-
 
 SHAPE = (3, 32, 32)
 
@@ -98,7 +95,7 @@ def test_pruned_outputs_equal_masked_original_and_macs_are_predicted(arch, width
 def test_full_width_vgg16_shapes_and_macs_reduction_at_rate_0_7():
     model = build("vgg16", num_classes=10)
     layers = prunable_layers(model, SHAPE)
-    scores = {l.name: torch.rand(l.out_channels) for l in layers}
+    scores = {lay.name: torch.rand(lay.out_channels) for lay in layers}
     plan = plan_uniform(scores, 0.7)
     pruned = apply(model, plan, layers=layers)
     counts = plan.keep_counts()
@@ -156,7 +153,7 @@ def test_user_model_surgery():
     model = UserNet().eval()
     layers = prunable_layers(model)
     # stem (no BN, bias) and c are followed by ReLU, so zeroing them is exactly pruning them
-    masked = [l for l in layers if l.name in ("stem", "c")]
+    masked = [lay for lay in layers if lay.name in ("stem", "c")]
     plan = PruningPlan({"stem": [0, 3, 5], "c": [1, 2, 9]}, {"stem": 8, "c": 10})
     _check_equivalent(model, masked, plan, torch.randn(3, *SHAPE))
     # d feeds a sigmoid (sigmoid(0) != 0): check shapes and MACs only

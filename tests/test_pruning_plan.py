@@ -7,8 +7,8 @@ import pickle
 import pytest
 import torch
 
-from pruning_env.engine.graph import prunable_layers
 from pruning_env.core.models import build
+from pruning_env.engine.graph import prunable_layers
 from pruning_env.engine.plan import (
     PlanError,
     PruningPlan,
@@ -18,7 +18,6 @@ from pruning_env.engine.plan import (
     plan_top_k,
     plan_uniform,
 )
-
 
 
 @pytest.fixture(scope="module")

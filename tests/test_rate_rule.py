@@ -79,7 +79,7 @@ def branches():
     torch.manual_seed(0)
     model = Branches(WIDTHS).eval()
     layers = prunable_layers(model)
-    assert [l.out_channels for l in layers] == WIDTHS  # one agent per width
+    assert [lay.out_channels for lay in layers] == WIDTHS  # one agent per width
     return model, load_splits("synthetic")
 
 
@@ -103,7 +103,7 @@ def test_prune_cli_makes_the_envs_uniform_plan(branches, tmp_path, capsys):
     model, splits = branches
     path = tmp_path / "branches.pt"
     ckpt.save(path, model, input_shape=splits.input_shape, dataset="synthetic", classes=splits.classes)
-    env = FilterPruningEnv(model, splits, rates=GRID, criterion="l1", calib_size=16, eval_size=32,
+    env = FilterPruningEnv(model, splits, rates=GRID, criterion="l1", kl="fisher", calib_size=16, eval_size=32,
                            bn_recal_batches=0, round_to=4, min_keep=3)
     for rate in (0.3, 0.7, 0.9):
         out = tmp_path / f"pruned-{rate}.pt"

@@ -24,7 +24,7 @@ def test_joint_view_equals_the_parallel_env(tiny_env_factory):
     for step in range(3):
         action = np.array([step + 2, 3, 5, 1])
         _, r, term, _, info = joint.step(action)
-        _, rewards, terms, _, infos = par.step({f"layer_{i}": int(a) for i, a in enumerate(action)})
+        _, rewards, _, _, infos = par.step({f"layer_{i}": int(a) for i, a in enumerate(action)})
         assert r == rewards["layer_0"] and info["plan"] == infos["layer_0"]["plan"]
     assert term
 
@@ -34,7 +34,7 @@ def test_sequential_view_walks_the_layers_and_returns_the_team_reward(tiny_env_f
     obs, _ = env.reset(seed=0)
     total, steps, terminated = 0.0, 0, False
     while not terminated:
-        obs, r, terminated, truncated, info = env.step(np.array([0.55], np.float32))
+        obs, r, terminated, _, info = env.step(np.array([0.55], np.float32))
         total += r
         steps += 1
         assert env.observation_space.contains(obs)

@@ -101,7 +101,7 @@ def _check(cfg: PruneConfig) -> None:
             raise ValueError(f"unknown criterion {sc.criterion!r}; choose one of {', '.join(criteria.list_criteria())}")
         if isinstance(cfg.rate, bool) or not 0.0 <= float(cfg.rate) < 1.0:
             raise ValueError(f"--rate must be in [0, 1) (the fraction of filters removed), got {cfg.rate}")
-        if sc.criterion != "dsfp" and sc.direction != "low":
+        if "direction" not in criteria.get_criterion(sc.criterion).options and sc.direction != "low":
             raise ValueError(f"--direction applies to dsfp only; {sc.criterion} always prunes its lowest scores")
         if not sc.uses_kl and sc.kl != ScoringConfig().kl:
             raise ValueError(f"--kl applies to the dsfp and kl criteria only, not {sc.criterion}")
@@ -128,7 +128,8 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     splits = load_splits(dataset, cfg.data_dir,
                          val_fraction=cfg.val_fraction if cfg.val_fraction is not None
                          else float(train_cfg.get("val_fraction", 0.1)),
-                         split_seed=cfg.split_seed if cfg.split_seed is not None else int(train_cfg.get("split_seed", 0)))
+                         split_seed=cfg.split_seed if cfg.split_seed is not None
+                         else int(train_cfg.get("split_seed", 0)))
     if splits.input_shape != input_shape:
         raise ValueError(f"the data set's images are {splits.input_shape} but the checkpoint expects {input_shape}")
     if base_ckpt.classes is not None and len(base_ckpt.classes) != splits.num_classes:
@@ -151,11 +152,10 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     else:
         criterion = sc.criterion
         t0 = time.time()
-        data_free = criterion in ("l1", "l2", "fpgm", "random")
-        images, labels = (None, None) if data_free else calibration_batch(splits, sc.calib_size, seed=cfg.seed,
-                                                                          device=device)
+        images, labels = (calibration_batch(splits, sc.calib_size, seed=cfg.seed, device=device) if sc.needs_data
+                          else (None, None))
         say(f"scoring {len(layers)} layers with {criterion}...")
-        scores = criteria.score(base, images, labels, criterion, layers=[l.name for l in layers],
+        scores = criteria.score(base, images, labels, criterion, layers=[lay.name for lay in layers],
                                 **sc.options(seed=cfg.seed))
         timings["scoring_s"] = round(time.time() - t0, 2)
         plan = plan_uniform(scores, cfg.rate, min_keep=cfg.rule.min_keep, round_to=cfg.rule.round_to)
@@ -183,13 +183,14 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
         "baseline_macs": result["baseline_macs"], "baseline_params": result["baseline_params"],
         "macs": result["macs"], "params": result["params"],
         "macs_reduction": result["macs_reduction"], "params_reduction": result["params_reduction"],
-        "filters_kept": sum(counts.get(l.name, l.out_channels) for l in layers),
-        "filters_total": sum(l.out_channels for l in layers),
+        "filters_kept": sum(counts.get(lay.name, lay.out_channels) for lay in layers),
+        "filters_total": sum(lay.out_channels for lay in layers),
         "baseline_val_acc": result["baseline"]["val"], "baseline_test_acc": result["baseline"]["test"],
         "accuracy": result["accuracy"],
         "val_acc": result["val_acc"], "test_acc": result["test_acc"], "retention": result["retention"],
         "latency_ms": lat,
-        "layers": {l.name: {"width": l.out_channels, "kept": counts.get(l.name, l.out_channels)} for l in layers},
+        "layers": {lay.name: {"width": lay.out_channels, "kept": counts.get(lay.name, lay.out_channels)}
+                   for lay in layers},
         "finetune": finetune_summary,
         "timings": {**timings, "total_s": round(time.time() - t_start, 1)},
     }
@@ -213,7 +214,8 @@ def _summary_lines(r: dict[str, Any]) -> list[str]:
         f"{r['arch']} on {r['dataset']}: {r['criterion']} (direction {r['direction']}"
         f"{', kl ' + r['kl'] if r['kl'] else ''}), rate {r['rate']}",
         f"  filters   {r['filters_kept']}/{r['filters_total']} kept",
-        f"  MACs      {r['baseline_macs'] / 1e6:.2f} M -> {r['macs'] / 1e6:.2f} M  (-{100 * r['macs_reduction']:.1f} %)",
+        f"  MACs      {r['baseline_macs'] / 1e6:.2f} M -> {r['macs'] / 1e6:.2f} M  "
+        f"(-{100 * r['macs_reduction']:.1f} %)",
         f"  params    {r['baseline_params'] / 1e6:.3f} M -> {r['params'] / 1e6:.3f} M  "
         f"(-{100 * r['params_reduction']:.1f} %)",
         f"  baseline        val {r['baseline_val_acc']:.2f}%  test {r['baseline_test_acc']:.2f}%",
@@ -224,7 +226,8 @@ def _summary_lines(r: dict[str, Any]) -> list[str]:
     ]
     lat = r["latency_ms"]
     if lat["baseline"] is not None:
-        lines.append(f"  CPU latency     batch 1: {lat['baseline']['batch_1']:.2f} -> {lat['pruned']['batch_1']:.2f} ms; "
+        lines.append(f"  CPU latency     batch 1: {lat['baseline']['batch_1']:.2f} -> "
+                     f"{lat['pruned']['batch_1']:.2f} ms; "
                      f"batch 64: {lat['baseline']['batch_64']:.1f} -> {lat['pruned']['batch_64']:.1f} ms")
     lines.append(f"  wrote {r['checkpoint']} and {r['report']}")
     return lines

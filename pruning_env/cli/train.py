@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
-from pruning_env.training.train import TrainConfig, train
 from pruning_env.training import train as _train_module
+from pruning_env.training.train import TrainConfig, train
 
 __all__ = ["main"]
 

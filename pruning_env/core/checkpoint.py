@@ -36,7 +36,7 @@ from torch import nn
 
 from pruning_env.core.models import ModelSpec, build_from_spec, channel_spec, list_models
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "save", "load", "CheckpointError", "atomic_save"]
+__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "atomic_save", "load", "save"]
 
 FORMAT_VERSION = 1
 
@@ -123,7 +123,7 @@ def load(
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         blob = torch.load(path, map_location=map_location, weights_only=not trust_pickle)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+    except Exception as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if not trust_pickle and ("weights_only" in str(exc) or "Unsupported global" in str(exc)):
             raise CheckpointError(
@@ -132,7 +132,8 @@ def load(
         raise CheckpointError(f"cannot read checkpoint {path}: {msg}") from None
     if not isinstance(blob, dict) or "format_version" not in blob:
         raise CheckpointError(
-            f"{path} is not a pruning_env checkpoint (no format_version); save models with pruning_env.core.checkpoint.save"
+            f"{path} is not a pruning_env checkpoint (no format_version); save models with "
+            "pruning_env.core.checkpoint.save"
         )
     if blob["format_version"] > FORMAT_VERSION:
         raise CheckpointError(

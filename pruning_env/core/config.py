@@ -21,7 +21,7 @@ __all__ = ["flat_dict", "flat_names", "get_setting", "nested", "option", "resolv
            "with_overrides"]
 
 
-def option(default: Any, help: str, **kwargs: Any) -> Any:  # noqa: A002 - mirrors argparse
+def option(default: Any, help: str, **kwargs: Any) -> Any:
     """A dataclass field with a help text (used for ``--help``)."""
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kwargs})
@@ -48,7 +48,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def nested(cls: type, help: str = "", *, prefix: str = "", default: Any = None) -> Any:  # noqa: A002
+def nested(cls: type, help: str = "", *, prefix: str = "", default: Any = None) -> Any:
     """A dataclass field holding a whole sub-config (composition instead of copied fields).
 
     Its flags are the sub-config's own, named ``--<prefix>-<field>`` (``prefix=""``: the

@@ -39,19 +39,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pruning_env.core.config import option
+
 __all__ = [
+    "CalibrationConfig",
     "DataError",
     "ImageDataset",
     "Split",
     "Splits",
+    "augment",
+    "batches",
+    "cache_dir",
+    "calibration_batch",
+    "data_dir",
     "load_dataset",
     "load_splits",
     "make_synthetic",
-    "batches",
-    "calibration_batch",
-    "augment",
-    "data_dir",
-    "cache_dir",
 ]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -113,7 +116,7 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, n: int) -> "Split":
+    def subset(self, n: int) -> Split:
         """The first ``n`` examples (the splits are already shuffled where it matters)."""
         return Split(self.images[:n], self.labels[:n])
 
@@ -174,7 +177,7 @@ class ImageDataset:
         for c in range(len(self.classes)):
             idx = np.flatnonzero(labels == c)
             idx = idx[gen.permutation(len(idx))]
-            n_val = max(1, int(round(len(idx) * val_fraction))) if len(idx) > 1 else 0
+            n_val = max(1, round(len(idx) * val_fraction)) if len(idx) > 1 else 0
             val_idx.append(idx[:n_val])
             train_idx.append(idx[n_val:])
         val = np.concatenate(val_idx)
@@ -336,7 +339,8 @@ def _read_folder(name: str, path: Path) -> ImageDataset:
     train, classes = _read_folder_split(path / "train", None)
     test, _ = _read_folder_split(path / "test", classes)
     if train.images.shape[1:] != test.images.shape[1:]:
-        raise DataError(f"train images are {tuple(train.images.shape[1:])} but test images {tuple(test.images.shape[1:])}")
+        raise DataError(f"train images are {tuple(train.images.shape[1:])} but test images "
+                        f"{tuple(test.images.shape[1:])}")
     return ImageDataset(name=name, classes=classes, train=train, test=test)
 
 
@@ -353,7 +357,7 @@ def _read_cifar(name: str, path: Path) -> ImageDataset:
         try:
             with open(f, "rb") as fh:
                 return pickle.load(fh, encoding="bytes")
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        except Exception as exc:
             raise DataError(f"{f} is corrupt ({exc}); delete {path} and download again") from None
 
     def read(files: list[str]) -> Split:
@@ -535,6 +539,17 @@ def batches(
                 x, y = x.repeat(copies, 1, 1, 1), y.repeat(copies)
             x = augment(x, generator, padding=padding, cutout=cutout)  # type: ignore[arg-type]
         yield (x.float() - m) / s, y
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How many training images the data-driven criteria are computed on (see :func:`calibration_batch`)."""
+
+    calib_size: int = option(128, "calibration images (from the TRAINING split) for data-driven criteria")
+
+    def __post_init__(self) -> None:
+        if self.calib_size < 1:
+            raise ValueError(f"calib_size must be >= 1, got {self.calib_size}")
 
 
 def calibration_batch(splits: Splits, n: int, *, seed: int = 0,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["build", "build_from_spec", "channel_spec", "list_models", "ModelSpec"]
+__all__ = ["ModelSpec", "build", "build_from_spec", "channel_spec", "list_models"]
 
 VGG_CONFIGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -85,7 +85,7 @@ class ModelSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, d: dict[str, Any]) -> ModelSpec:
         return cls(
             arch=str(d["arch"]),
             num_classes=int(d["num_classes"]),
@@ -96,7 +96,7 @@ class ModelSpec:
 
 
 def _scale(c: int, width: float) -> int:
-    return max(1, int(round(c * width)))
+    return max(1, round(c * width))
 
 
 class PlainCNN(nn.Module):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pruning_env.core.config import option
-from pruning_env.criteria import KL_MODES, list_criteria
+from pruning_env.core.config import nested, option
+from pruning_env.core.data import CalibrationConfig
+from pruning_env.criteria import KL_MODES, get_criterion, list_criteria
 
 __all__ = ["ScoringConfig"]
 
@@ -19,18 +20,26 @@ class ScoringConfig:
     direction: str = option("low", "dsfp: which end of the fused score is pruned (low: the paper's code; "
                             "benchmarks/results/criteria.md found no significant difference)", choices=["low", "high"])
     kl: str = option("exact", "KL mode of the kl and dsfp criteria", choices=KL_MODES)
-    calib_size: int = option(128, "calibration images (from the TRAINING split) for data-driven criteria")
+    calibration: CalibrationConfig = nested(CalibrationConfig, "the calibration batch")
+
+    @property
+    def calib_size(self) -> int:
+        """Calibration images of the data-driven criteria (``calibration.calib_size``)."""
+        return self.calibration.calib_size
 
     @property
     def uses_kl(self) -> bool:
-        """Whether the criterion has a KL component (``kl`` matters only then)."""
-        return self.criterion in ("dsfp", "kl")
+        """Whether the criterion takes a KL mode (``kl`` matters only then)."""
+        return "kl" in get_criterion(self.criterion).options
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the criterion needs a calibration batch."""
+        return get_criterion(self.criterion).needs_data
 
     def options(self, seed: int = 0) -> dict[str, Any]:
-        """Keyword options of :func:`pruning_env.criteria.score` for this config."""
-        opts: dict[str, Any] = {"seed": seed}
-        if self.criterion == "dsfp":
-            opts["direction"] = self.direction
-        if self.uses_kl:
-            opts["kl"] = self.kl
-        return opts
+        """Keyword options of :func:`pruning_env.criteria.score` for this config: the settings the criterion
+        accepts (as its registry entry declares them), and ``seed``, which every criterion takes."""
+        accepted = get_criterion(self.criterion).options
+        own = {"direction": self.direction, "kl": self.kl}
+        return {"seed": seed, **{k: v for k, v in own.items() if k in accepted}}

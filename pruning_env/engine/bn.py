@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
-
-from dataclasses import dataclass
 
 from pruning_env.core.config import option
 from pruning_env.core.data import Splits, batches

@@ -49,18 +49,18 @@ class MacsModel:
 
     @classmethod
     def from_model(cls, model: nn.Module, input_shape: tuple[int, int, int] = (3, 32, 32), *,
-                   layers: Sequence[PrunableLayer] | None = None) -> "MacsModel":
+                   layers: Sequence[PrunableLayer] | None = None) -> MacsModel:
         """Analyse the unpruned ``model`` for inputs of ``input_shape`` ``(C, H, W)``."""
         if layers is None:
             layers = prunable_layers(model, input_shape)
         report = flops_mod.count(model, input_shape)
         modules = dict(model.named_modules())
-        index = {l.name: i for i, l in enumerate(layers)}
+        index = {lay.name: i for i, lay in enumerate(layers)}
         out_of: dict[str, int] = {}
-        for l in layers:
-            out_of[l.name] = index[l.name]
-            if l.bn is not None:
-                out_of[l.bn] = index[l.name]
+        for lay in layers:
+            out_of[lay.name] = index[lay.name]
+            if lay.bn is not None:
+                out_of[lay.bn] = index[lay.name]
         in_of = {c: (index[p], block) for c, (p, block) in consumer_map(list(layers)).items()}
         linked = [n for n in report.per_layer_macs if n in out_of or n in in_of]
         in_shapes = _input_shapes(model, input_shape, linked)
@@ -81,7 +81,7 @@ class MacsModel:
             macs_c, params_c = _probe_coefficients(mod, in_shapes[name])
             in_layer, block = in_of.get(name, (-1, 1))
             rows.append((out_of.get(name, -1), o0, in_layer, block, i0, *macs_c, *params_c))
-        mm = cls([l.name for l in layers], [l.out_channels for l in layers], np.asarray(rows, dtype=np.int64),
+        mm = cls([lay.name for lay in layers], [lay.out_channels for lay in layers], np.asarray(rows, dtype=np.int64),
                  const_macs, const_params)
         if (mm.base_macs, mm.base_params) != (report.macs, report.params):  # pragma: no cover - a safety net
             raise RuntimeError(f"MacsModel does not reproduce flops.count on the unpruned model "

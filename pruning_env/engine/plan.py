@@ -31,8 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -46,12 +46,12 @@ from pruning_env.engine.graph import PrunableLayer, prunable_layers
 __all__ = [
     "PlanError",
     "PruningPlan",
+    "RateRule",
+    "keep_count_for_rate",
+    "plan_global",
+    "plan_per_layer",
     "plan_top_k",
     "plan_uniform",
-    "plan_per_layer",
-    "plan_global",
-    "keep_count_for_rate",
-    "RateRule",
 ]
 
 PLAN_FORMAT = "pruning_env.plan/1"
@@ -78,7 +78,7 @@ class PruningPlan:
     model (``apply`` does so). Equality and hashing compare widths and kept indices.
     """
 
-    __slots__ = ("_keep", "_widths", "_key", "_index_cache")
+    __slots__ = ("_index_cache", "_keep", "_key", "_widths")
 
     def __init__(self, keep: Mapping[str, Sequence[int] | torch.Tensor], widths: Mapping[str, int]) -> None:
         kept: dict[str, tuple[int, ...]] = {}
@@ -154,12 +154,13 @@ class PruningPlan:
 
     # -- constructors
     @classmethod
-    def full(cls, layers: Sequence[PrunableLayer]) -> "PruningPlan":
+    def full(cls, layers: Sequence[PrunableLayer]) -> PruningPlan:
         """The identity plan: every layer keeps all its filters."""
-        return cls({l.name: range(l.out_channels) for l in layers}, {l.name: l.out_channels for l in layers})
+        return cls({lay.name: range(lay.out_channels) for lay in layers},
+                   {lay.name: lay.out_channels for lay in layers})
 
     @classmethod
-    def from_masks(cls, masks: Mapping[str, torch.Tensor | Sequence[bool]]) -> "PruningPlan":
+    def from_masks(cls, masks: Mapping[str, torch.Tensor | Sequence[bool]]) -> PruningPlan:
         """From boolean keep masks ``{layer: (C_out,) bool}`` (True = keep)."""
         keep, widths = {}, {}
         for name, mask in masks.items():
@@ -175,7 +176,7 @@ class PruningPlan:
                 "widths": dict(self._widths)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "PruningPlan":
+    def from_dict(cls, d: Mapping[str, Any]) -> PruningPlan:
         """Inverse of :meth:`to_dict`."""
         if not isinstance(d, Mapping) or "keep" not in d or "widths" not in d:
             raise PlanError("not a pruning plan: expected a dict with 'keep' and 'widths' (see PruningPlan.to_dict)")
@@ -196,7 +197,7 @@ class PruningPlan:
         return json.dumps(self.to_dict(), **kwargs)
 
     @classmethod
-    def from_json(cls, text: str) -> "PruningPlan":
+    def from_json(cls, text: str) -> PruningPlan:
         try:
             return cls.from_dict(json.loads(text))
         except json.JSONDecodeError as exc:
@@ -232,10 +233,10 @@ class PruningPlan:
     def __reduce__(self) -> tuple[Any, ...]:  # picklable despite the read-only mapping views
         return (PruningPlan, (dict(self._keep), dict(self._widths)))
 
-    def __copy__(self) -> "PruningPlan":
+    def __copy__(self) -> PruningPlan:
         return self  # immutable
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> "PruningPlan":
+    def __deepcopy__(self, memo: dict[int, Any]) -> PruningPlan:
         return self
 
     def __repr__(self) -> str:
@@ -257,7 +258,7 @@ class PruningPlan:
         """
         layers = (prunable_layers(model_or_layers, input_shape) if isinstance(model_or_layers, nn.Module)
                   else model_or_layers)
-        by_name = {l.name: l for l in layers}
+        by_name = {lay.name: lay for lay in layers}
         for name, kept in self._keep.items():
             layer = by_name.get(name)
             if layer is None:

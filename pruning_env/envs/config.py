@@ -62,7 +62,7 @@ class EnvConfig:
             raise ValueError(f"direction must be 'low' or 'high', got {sc.direction!r}")
         if sc.kl not in KL_MODES:
             raise ValueError(f"kl must be one of {', '.join(KL_MODES)}, got {sc.kl!r}")
-        for name, value in (("calib_size", sc.calib_size), ("eval_size", self.eval_size),
+        for name, value in (("eval_size", self.eval_size),
                             ("eval_batch_size", self.eval_batch_size), ("cache_size", self.cache_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -6,7 +6,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,7 +24,13 @@ from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.engine.surgery import apply
 from pruning_env.envs.config import EnvConfig
-from pruning_env.envs.features import GLOBAL_FEATURES, OBSERVATION_FEATURES, STATIC_FEATURES, dsfp_features, static_features
+from pruning_env.envs.features import (
+    GLOBAL_FEATURES,
+    OBSERVATION_FEATURES,
+    STATIC_FEATURES,
+    dsfp_features,
+    static_features,
+)
 from pruning_env.envs.objective import objective
 
 __all__ = ["FilterPruningEnv"]
@@ -134,7 +140,8 @@ class FilterPruningEnv(ParallelEnv):
     * v0: initial release.
     """
 
-    metadata = {"name": "filter_pruning_v0", "render_modes": ["ansi", "human"], "is_parallelizable": True}
+    metadata: ClassVar[dict[str, Any]] = {"name": "filter_pruning_v0", "render_modes": ["ansi", "human"],
+                                          "is_parallelizable": True}
 
     def __init__(
         self,
@@ -163,7 +170,7 @@ class FilterPruningEnv(ParallelEnv):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or a checkpoint path, got {type(model).__name__}")
         if not isinstance(splits, Splits):
-            raise TypeError("splits must be a pruning_env.core.data.Splits (e.g. from pruning_env.core.data.load_splits)")
+            raise TypeError("splits must be a pruning_env.Splits (e.g. from pruning_env.load_splits)")
         self.splits = splits
         self.input_shape = splits.input_shape
         self._base = model.to(self.device).eval()  # never modified: every network is a new pruned copy

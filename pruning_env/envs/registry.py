@@ -32,7 +32,7 @@ from pruning_env.core.data import Splits, load_splits, make_synthetic
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 
-__all__ = ["make", "list_envs", "make_benchmark_env", "make_tiny_env", "baseline_model", "register_all"]
+__all__ = ["baseline_model", "list_envs", "make", "make_benchmark_env", "make_tiny_env", "register_all"]
 
 NAMESPACE = "pruning_env"
 NETWORK_NAMES = {"vgg11": "VGG11", "vgg13": "VGG13", "vgg16": "VGG16", "vgg19": "VGG19", "alexnet": "AlexNet",
@@ -126,7 +126,7 @@ def _tiny_baseline() -> nn.Module:
     if path.is_file():
         try:
             return load(path).model
-        except Exception:  # noqa: BLE001 - a broken cache entry is simply rebuilt
+        except Exception:
             path.unlink()
     from pruning_env.core.config import seed_everything
     from pruning_env.core.models import build

@@ -16,7 +16,7 @@ rewards, same evaluation budget accounting via ``env.num_evaluations``).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import gymnasium
 import numpy as np
@@ -24,7 +24,7 @@ from gymnasium import spaces
 
 from pruning_env.envs.env import FilterPruningEnv
 
-__all__ = ["JointPruningEnv", "SequentialPruningEnv", "AMC_FEATURES"]
+__all__ = ["AMC_FEATURES", "JointPruningEnv", "SequentialPruningEnv"]
 
 AMC_FEATURES = (
     "layer_index",  # i / (L - 1)
@@ -44,7 +44,7 @@ AMC_FEATURES = (
 class JointPruningEnv(gymnasium.Env):
     """All layers' rates as one action; observation = ``state()`` of the multi-agent env."""
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"]}
 
     def __init__(self, env: FilterPruningEnv) -> None:
         self.env = env
@@ -87,7 +87,7 @@ class SequentialPruningEnv(gymnasium.Env):
     Observation: ``Box(0, 1, (11,))`` with the features of :data:`AMC_FEATURES`.
     """
 
-    metadata = {"render_modes": ["ansi"]}
+    metadata: ClassVar[dict[str, Any]] = {"render_modes": ["ansi"]}
 
     def __init__(self, env: FilterPruningEnv) -> None:
         self.env = env

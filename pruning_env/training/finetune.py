@@ -49,7 +49,7 @@ from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import list_models
 from pruning_env.training.optim import param_groups
 
-__all__ = ["FinetuneConfig", "finetune", "kd_loss", "alpha_at"]
+__all__ = ["FinetuneConfig", "alpha_at", "finetune", "kd_loss"]
 
 
 @dataclass

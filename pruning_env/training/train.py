@@ -35,7 +35,7 @@ from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import build, list_models
 from pruning_env.training.optim import param_groups
 
-__all__ = ["TrainConfig", "train", "fit", "default_checkpoint_path", "recipe_mismatch", "with_legacy_values"]
+__all__ = ["TrainConfig", "default_checkpoint_path", "fit", "recipe_mismatch", "train", "with_legacy_values"]
 
 
 @dataclass
@@ -78,11 +78,15 @@ class TrainConfig:
 
 
 def default_checkpoint_path(net: str, dataset: str, width: float, epochs: int, seed: int = 0) -> Path:
-    """Where baselines are cached: ``~/.cache/pruning_env/checkpoints/<net>-<dataset>-w<width>-e<epochs>-s<seed>.pt``."""
+    """Where baselines are cached.
+
+    ``~/.cache/pruning_env/checkpoints/<net>-<dataset>-w<width>-e<epochs>-s<seed>.pt``.
+    """
     return cache_dir() / "checkpoints" / f"{net}-{dataset}-w{width:g}-e{epochs}-s{seed}.pt"
 
 
-def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
             opt, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.warmup_frac, div_factor=10.0,
