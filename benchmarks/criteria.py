@@ -154,12 +154,12 @@ class ScoreBank:
             elif prim.startswith("kl:"):
                 parts = {"kl": criteria.score(self.model, self.images, self.labels, "kl", layers=self.layer_names,
                                               kl=prim[3:])}
-            elif prim.startswith("random:"):
-                parts = {"s": criteria.score(self.model, None, None, "random", layers=self.layer_names,
-                                             seed=int(prim.split(":")[1]))}
-            else:
-                images, labels = (None, None) if prim in ("l1", "l2", "fpgm") else (self.images, self.labels)
-                parts = {"s": criteria.score(self.model, images, labels, prim, layers=self.layer_names)}
+            else:  # "<criterion>" or, for criteria whose scores depend on the seed, "<criterion>:<seed>"
+                name, _, seed = prim.partition(":")
+                images, labels = ((self.images, self.labels) if criteria.get_criterion(name).needs_data
+                                  else (None, None))
+                parts = {"s": criteria.score(self.model, images, labels, name, layers=self.layer_names,
+                                             seed=int(seed or 0))}
             entry = {"parts": parts, "seconds": time.perf_counter() - t0}
             self.disk[f"{self.key}|{prim}"] = entry
             self._save()
@@ -179,7 +179,7 @@ class ScoreBank:
             klp, sec_k = self._primitive(f"kl:{variant.kl}")
             fused = criteria.fuse(gp["grad"], gp["taylor"], klp["kl"])
             return (fused if variant.direction == "low" else {n: -v for n, v in fused.items()}), sec_g + sec_k
-        parts, sec = self._primitive(f"random:{seed}" if c == "random" else c)
+        parts, sec = self._primitive(f"{c}:{seed}" if variant.seeded else c)
         return parts["s"], sec
 
 
