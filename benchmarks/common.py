@@ -21,8 +21,21 @@ from typing import Any, TypeVar
 from pruning_env.cli.options import add_config_args, config_from_args
 from pruning_env.core.provenance import git_commit, machine_description
 
-__all__ = ["RESULTS", "ROOT", "atomic_write_text", "command_line", "commit", "config_parser", "fmt", "log",
-           "machine", "mean_std", "parse_config", "results_path"]
+__all__ = [
+    "RESULTS",
+    "ROOT",
+    "atomic_write_text",
+    "command_line",
+    "commit",
+    "config_parser",
+    "fmt",
+    "log",
+    "machine",
+    "mean_std",
+    "parse_config",
+    "parse_net",
+    "results_path",
+]
 
 T = TypeVar("T")
 
@@ -101,3 +114,19 @@ def fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
     if mean is None or math.isnan(mean):
         return "-"
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def parse_net(spec: str, sep: str = ":") -> tuple[str, float]:
+    """A ``--nets`` entry: ``vgg16:0.25`` -> ("vgg16", 0.25), ``resnet56`` -> ("resnet56", 1.0) (``sep`` between
+    the architecture and its width; env_step writes ``vgg16-0.25``). Raises ``ValueError`` naming the format."""
+    from pruning_env.core.models import list_models
+
+    arch, _, width = spec.rpartition(sep) if sep in spec else (spec, "", "")
+    try:
+        w = float(width or 1.0)
+    except ValueError:
+        w = float("nan")
+    if arch not in list_models() or not w > 0:
+        raise ValueError(f"--nets entries are ARCH or ARCH{sep}WIDTH (ARCH one of {', '.join(list_models())}, "
+                         f"WIDTH > 0), got {spec!r}")
+    return arch, w

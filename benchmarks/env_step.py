@@ -35,13 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from benchmarks.common import atomic_write_text, command_line, commit, machine, parse_config, results_path
+from benchmarks.common import atomic_write_text, command_line, commit, machine, parse_config, parse_net, results_path
 from pruning_env.cli.options import print_json
 from pruning_env.core.checkpoint import load
 from pruning_env.core.config import nested, option
 from pruning_env.core.data import load_splits
 from pruning_env.core.evaluation import evaluate
-from pruning_env.core.models import build, list_models
+from pruning_env.core.models import build
 from pruning_env.criteria import compute_components
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.plan import PruningPlan
@@ -75,27 +75,14 @@ class EnvStepConfig:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         for name in self.nets:
             if name != "tiny":
-                _parse_net(name)
-
-
-def _parse_net(name: str) -> tuple[str, float]:
-    """``vgg16-0.25`` -> ("vgg16", 0.25)."""
-    net, _, width = name.rpartition("-")
-    try:
-        width_f = float(width)
-    except ValueError:
-        width_f = float("nan")
-    if net not in list_models() or not width_f > 0:
-        raise ValueError(f"--nets entries are tiny or <net>-<width> (net one of {', '.join(list_models())}), "
-                         f"got {name!r}")
-    return net, width_f
+                parse_net(name, sep="-")
 
 
 def _make_env(name: str, data_dir: str | None, bn: BNRecalConfig) -> tuple[FilterPruningEnv, str]:
     bn_kwargs = dataclasses.asdict(bn)
     if name == "tiny":
         return make_tiny_env(**bn_kwargs), "trained (Tiny-v0 cache)"
-    net, width = _parse_net(name)
+    net, width = parse_net(name, sep="-")
     splits = load_splits("cifar10", data_dir)
     path = default_checkpoint_path(net, "cifar10", width, 30)
     if path.is_file():

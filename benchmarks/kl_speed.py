@@ -25,7 +25,6 @@ JSON line with the headline numbers.
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import os
 import platform
@@ -42,8 +41,9 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
+from benchmarks.common import parse_config
 from pruning_env import criteria
-from pruning_env.cli.options import add_config_args, config_from_args, print_json
+from pruning_env.cli.options import print_json
 from pruning_env.core import checkpoint, data, models
 from pruning_env.core.config import option
 from pruning_env.core.fx import preserved_modes
@@ -330,21 +330,8 @@ def report(results: list[Result], cfg: KLSpeedConfig, meta: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_config(argv: list[str] | None = None) -> KLSpeedConfig:
-    """The :class:`KLSpeedConfig` of a command line (``None``: ``sys.argv[1:]``)."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kl_speed", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, KLSpeedConfig)
-    args = parser.parse_args(argv)
-    try:
-        return config_from_args(KLSpeedConfig, args)
-    except ValueError as exc:
-        parser.error(str(exc))
-        raise  # parser.error exits; this keeps type checkers informed
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
+    cfg = parse_config(KLSpeedConfig, argv, "kl_speed", __doc__)
     threads = list(cfg.threads or sorted({torch.get_num_threads(), 1}, reverse=True))
     load_before = os.getloadavg()
     try:

@@ -35,11 +35,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import command_line, commit, log, machine, parse_config, results_path
+from benchmarks.common import command_line, commit, log, machine, parse_config, parse_net, results_path
 from pruning_env import criteria
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import flat_dict, nested, option
-from pruning_env.core.models import build, list_models
+from pruning_env.core.models import build
 from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.flops import count
 from pruning_env.engine.graph import prunable_layers
@@ -55,17 +55,6 @@ DATA_FREE = ("l1", "l2", "fpgm", "random")
 
 def _load() -> str:
     return " / ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-
-
-def _parse_net(item: str) -> tuple[str, float]:
-    net, _, width = item.partition(":")
-    if net not in list_models():
-        raise ValueError(f"unknown network {net!r} in {item!r}; choose from {', '.join(list_models())}")
-    try:
-        w = float(width) if width else 1.0
-    except ValueError:
-        raise ValueError(f"--nets entries are NET or NET:WIDTH, got {item!r}") from None
-    return net, w
 
 
 @dataclass
@@ -89,7 +78,7 @@ class LatencyConfig:
 
     def __post_init__(self) -> None:
         for item in self.nets:
-            _parse_net(item)
+            parse_net(item)
         if any(not 0 <= r < 1 for r in self.uniform_rates):
             raise ValueError(f"--rates must be in [0, 1), got {list(self.uniform_rates)}")
         if self.repeats < 1 or self.warmup < 0 or any(b < 1 for b in self.batch_sizes):
@@ -244,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = _load()
     rows: list[dict[str, Any]] = []
     for item in cfg.nets:
-        net, width = _parse_net(item)
+        net, width = parse_net(item)
         if cfg.progress:
             log(f"{net} w{width:g} ...")
         rows += bench_net(net, width, cfg)

@@ -34,10 +34,19 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import atomic_write_text, command_line, commit, log, machine, parse_config, results_path
+from benchmarks.common import (
+    atomic_write_text,
+    command_line,
+    commit,
+    log,
+    machine,
+    parse_config,
+    parse_net,
+    results_path,
+)
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import nested, option
-from pruning_env.core.models import build, list_models
+from pruning_env.core.models import build
 from pruning_env.engine import flops
 from pruning_env.engine.graph import prunable_layers
 from pruning_env.engine.macs import MacsModel
@@ -64,24 +73,11 @@ class SurgerySpeedConfig:
 
     def __post_init__(self) -> None:
         for spec in self.nets:
-            _parse_net(spec)
+            parse_net(spec)
         if not 0 <= self.rate < 1:
             raise ValueError(f"--rate must be in [0, 1), got {self.rate}")
         if self.repeats < 1 or self.threads < 1:
             raise ValueError("--repeats and --threads must be >= 1")
-
-
-def _parse_net(spec: str) -> tuple[str, float]:
-    """``vgg16:0.25`` -> ("vgg16", 0.25); ``resnet56`` -> ("resnet56", 1.0)."""
-    arch, _, width = spec.partition(":")
-    try:
-        w = float(width or 1.0)
-    except ValueError:
-        w = float("nan")
-    if arch not in list_models() or not w > 0:
-        raise ValueError(f"--nets entries are arch or arch:width (arch one of {', '.join(list_models())}), "
-                         f"got {spec!r}")
-    return arch, w
 
 
 def _median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -159,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     machine_start = machine()
     rows = []
     for spec in cfg.nets:
-        arch, width = _parse_net(spec)
+        arch, width = parse_net(spec)
         rows.append(bench_one(arch, width, cfg.rate, cfg.repeats, cfg.seed, tp, cfg.rule))
         log(f"done {spec}")
 

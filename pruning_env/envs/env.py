@@ -138,6 +138,13 @@ class FilterPruningEnv(ParallelEnv):
     Version History
     ---------------
     * v0: initial release.
+    * v0, architecture revision: a layer's kept filters at a rate follow the engine's one rule
+      (:func:`~pruning_env.engine.plan.keep_count_for_rate`: ``floor(rate * C)`` filters removed;
+      before, the env rounded the kept count, e.g. 11 instead of 12 of 16 at rate 0.3); the
+      calibration batch is :func:`~pruning_env.core.data.calibration_batch` (seed 0), the same
+      images ``prune --seed 0`` scores; the default reward is ``budget`` (was ``linear``), the
+      default of ``train_marl.py`` and the benchmarks. The ids stay ``-v0``: results measured
+      before this revision say so in ``benchmarks/results/``.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"name": "filter_pruning_v0", "render_modes": ["ansi", "human"],
