@@ -20,13 +20,16 @@ plan               the pruning plan that produced it (dict), if any
 extra              anything else (e.g. ``train_state`` for resuming)
 =================  ============================================================
 
-Writes are atomic (temporary file + rename), so an interrupted save never leaves
-a truncated checkpoint behind.
+Writes are atomic (a uniquely named temporary file + rename), so an interrupted save never
+leaves a truncated checkpoint behind and two processes saving the same path never mix.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,8 @@ from torch import nn
 
 from pruning_env.core.models import ModelSpec, build_from_spec, channel_spec, list_models
 
-__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "atomic_save", "load", "save"]
+__all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "RunLockedError", "atomic_save", "atomic_write_text",
+           "check_writable", "load", "run_lock", "save"]
 
 FORMAT_VERSION = 1
 
@@ -63,13 +67,89 @@ class Checkpoint:
         return getattr(self.model, "arch", type(self.model).__name__)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
+def _atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(tmp_path)`` on a fresh, uniquely named temporary file next to ``path``, then rename it
+    over ``path``. Two processes writing the same ``path`` never share a temporary file: the last rename
+    wins and a reader sees one complete file or the other, never a mix."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give a file path (e.g. {path / 'model.pt'})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a unique temporary file in the same folder, then rename over ``path``."""
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (unique temporary file + rename)."""
+    _atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
+    """Raise ``ValueError`` naming ``flag`` unless a file can be written at ``path`` (checked before any work).
+
+    ``path`` must not be a directory, and its folder must exist (or be creatable) and accept new files.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file path (e.g. {path / 'model.pt'})")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot create its folder {parent} ({exc.strerror}); "
+                         "choose a writable location") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: its folder {parent} is not writable ({exc.strerror}); "
+                         "choose a writable location") from None
+    os.close(fd)
+    os.unlink(tmp)
+    if path.exists() and not os.access(path, os.W_OK):
+        # a rename would still replace it, but the user marked it read-only: respect that
+        raise ValueError(f"{flag} {path} is read-only; choose another path or make it writable")
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the advisory lock of a run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(folder: str | os.PathLike, flag: str = "--logdir") -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``folder`` (a file ``folder/.lock``) while the block runs.
+
+    Two runs writing one resumable run directory would mix their states; the second one fails at
+    once with :class:`RunLockedError` instead. No-op where ``fcntl`` is unavailable (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunLockedError(f"{flag} {folder} is in use by another running process; wait for it to finish "
+                                 "or choose another folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def save(
