@@ -44,7 +44,15 @@ import agents
 import pruning_env
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything, with_overrides
+from pruning_env.core.config import (
+    check_settings,
+    flat_dict,
+    nested,
+    option,
+    resolve_device,
+    seed_everything,
+    with_overrides,
+)
 from pruning_env.core.data import data_dir
 from pruning_env.core.models import build, list_models
 from pruning_env.engine.graph import prunable_layers
@@ -80,7 +88,8 @@ class RunConfig:
     net: str = option("vgg16", "network to prune", choices=list_models())
     dataset: str = option("cifar10", "data set: cifar10, cifar100 or an image-folder name")
     data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)")
-    width: float = option(0.25, "channel width of the baseline (preset: smoke 0.125, cpu 0.25, paper 1)")
+    width: float = option(0.25, "channel width of the baseline (preset: smoke 0.125, cpu 0.25, paper 1)",
+                          min=0, min_exclusive=True)
     env: str | None = option(None, "a registered env id (e.g. pruning_env/Tiny-v0) instead of --net/--dataset")
     algo: str = option("qmix", "algorithm: qmix, vdn, iql, amc, random, dsfp-uniform or module:name")
     problem: EnvConfig = nested(EnvConfig, "the pruning env (every setting of pruning_env.EnvConfig)")
@@ -88,16 +97,21 @@ class RunConfig:
                                   "eval_every 4 / 20 / 50)")
     finetune: FinetuneConfig = nested(FinetuneConfig, "fine-tuning of the best plan (preset: epochs smoke 1, cpu 8, "
                                       "paper 60)", prefix="finetune")
-    seed: int = option(0, "seed of everything (env, agents, fine-tuning)")
+    seed: int = option(0, "seed of everything (env, agents, fine-tuning)", min=0)
     device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N: env, agents and fine-tuning")
     logdir: str = option("runs/marl", "output folder: TensorBoard logs, report, plots, pruned model")
     checkpoint: str | None = option(None, "trained baseline checkpoint (default: cache, else train it)")
-    baseline_epochs: int = option(30, "epochs of the cached/trained baseline (preset: smoke 1, cpu 30, paper 200)")
+    baseline_epochs: int = option(30, "epochs of the cached/trained baseline (preset: smoke 1, cpu 30, paper 200)",
+                                 min=1)
     resume: bool = option(False, "continue the search saved in --logdir")
     preset: str | None = option(None, "smoke, cpu or paper (default: paper with a GPU, cpu without)",
                                 choices=list(PRESETS))
-    latency_repeats: int = option(30, "timed forward passes per latency measurement (0: skip; preset: 3 / 30 / 50)")
+    latency_repeats: int = option(30, "timed forward passes per latency measurement (0: skip; preset: 3 / 30 / 50)",
+                                 min=0)
     progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def _preset_name(preset: str | None) -> str:

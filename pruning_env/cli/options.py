@@ -16,7 +16,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from pruning_env.core.config import flat_names, get_setting, with_overrides
+from pruning_env.core.config import check_settings, flat_names, get_setting, with_overrides
 
 __all__ = ["add_config_args", "config_from_args", "print_json"]
 
@@ -92,7 +92,9 @@ def config_from_args(cls: type[T], args: argparse.Namespace, *, base: T | None =
     for k, v in given.items():
         if isinstance(v, list) and isinstance(get_setting(start, k), tuple):
             given[k] = tuple(v)
-    return with_overrides(start, **{**given, **overrides})
+    cfg = with_overrides(start, **{**given, **overrides})
+    check_settings(cfg)  # also configs without their own __post_init__ check (e.g. the benchmarks')
+    return cfg
 
 
 def print_json(obj: dict[str, Any]) -> None:

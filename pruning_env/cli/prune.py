@@ -48,7 +48,7 @@ from typing import Any
 from pruning_env import criteria
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import nested, option, resolve_device, seed_everything
+from pruning_env.core.config import check_settings, nested, option, resolve_device, seed_everything
 from pruning_env.core.data import calibration_batch, load_splits
 from pruning_env.core.models import list_models
 from pruning_env.criteria.config import ScoringConfig
@@ -67,7 +67,8 @@ class PruneConfig:
 
     checkpoint: str | None = option(None, "baseline checkpoint (.pt) written by pruning_env.train (required)")
     out: str | None = option(None, "pruned checkpoint to write (required); the JSON report goes next to it")
-    rate: float = option(0.5, "fraction of the filters of every prunable layer to remove, in [0, 1)")
+    rate: float = option(0.5, "fraction of the filters of every prunable layer to remove, in [0, 1)",
+                         min=0, max=1, max_exclusive=True)
     plan: str | None = option(None, "apply this saved plan (JSON from PruningPlan.to_json) instead of scoring")
     scoring: ScoringConfig = nested(ScoringConfig, "the criterion that ranks the filters")
     rule: RateRule = nested(RateRule, "rate -> kept filters")
@@ -75,19 +76,27 @@ class PruneConfig:
                              choices=list_models())
     dataset: str | None = option(None, "data set (default: the one recorded in the checkpoint)")
     data_dir: str | None = option(None, "directory holding the data set (default: $PRUNING_ENV_DATA, else the cache)")
-    val_fraction: float | None = option(None, "validation share (default: the baseline's, else 0.1)")
-    split_seed: int | None = option(None, "train/validation split seed (default: the baseline's, else 0)")
+    val_fraction: float | None = option(None, "validation share (default: the baseline's, else 0.1)",
+                                        min=0, max=1, min_exclusive=True, max_exclusive=True)
+    split_seed: int | None = option(None, "train/validation split seed (default: the baseline's, else 0)",
+                                     min=0)
     bn: BNRecalConfig = nested(BNRecalConfig, "BN re-estimation of the final network: 20 batches here (the env's "
                                "per-plan proxy uses 2)", default=BNRecalConfig(bn_recal_batches=20))
     finetune: FinetuneConfig = nested(FinetuneConfig, "fine-tuning (none unless --finetune-epochs)",
                                       prefix="finetune", default=FinetuneConfig(epochs=0))
     resume: bool = option(False, "continue an interrupted fine-tuning recorded at --out")
-    eval_limit: int | None = option(None, "evaluate on the first N validation/test images (quick runs)")
-    latency_repeats: int = option(20, "timed forward passes per latency measurement (0 = skip latency)")
-    seed: int = option(0, "seed for calibration images, random scores, BN re-estimation and fine-tuning")
+    eval_limit: int | None = option(None, "evaluate on the first N validation/test images (quick runs)",
+                                    min=1)
+    latency_repeats: int = option(20, "timed forward passes per latency measurement (0 = skip latency)",
+                                 min=0)
+    seed: int = option(0, "seed for calibration images, random scores, BN re-estimation and fine-tuning",
+                      min=0)
     device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     trust_pickle: bool = option(False, "allow a checkpoint holding a pickled user model (only files you trust)")
     progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def _check(cfg: PruneConfig) -> None:

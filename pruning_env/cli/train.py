@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, TrainConfig)
     args = parser.parse_args(argv)
-    cfg = config_from_args(TrainConfig, args)
     try:
+        cfg = config_from_args(TrainConfig, args)
         summary = train(cfg)
     except (ValueError, RuntimeError) as exc:  # our errors carry actionable messages
         parser.exit(2, f"error: {exc}\n")

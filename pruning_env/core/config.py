@@ -6,23 +6,40 @@ Configs are COMPOSED, never copied: a config that needs another config's setting
 it whole, as a field written ``scoring: ScoringConfig = nested(ScoringConfig)``. Every
 leaf setting has one flat name (the field name, or ``<prefix>_<field>``) that flags,
 keyword overrides (:func:`with_overrides`) and reports (:func:`flat_dict`) use.
+
+Validation: every config calls :func:`check_settings` in its ``__post_init__`` (the CLIs call it
+again on the composed config), so a bad value fails before any work, with a
+:class:`SettingError` naming the flag. One rule covers every numeric setting: a float must be a
+finite real number unless its field says ``finite=False``; ranges are declared on the field,
+``option(0.01, "...", min=0.0, min_exclusive=True)`` (keys ``min``, ``max``, ``min_exclusive``,
+``max_exclusive``); a field with ``choices`` must hold one of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 import random
+import typing
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["flat_dict", "flat_names", "get_setting", "nested", "option", "resolve_device", "seed_everything",
-           "with_overrides"]
+__all__ = ["SettingError", "check_settings", "config_mismatch", "flag_of", "flat_dict", "flat_names", "get_setting",
+           "mismatch_message", "nested", "option", "resolve_device", "seed_everything", "with_overrides"]
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with a help text (used for ``--help``)."""
+    """A dataclass field with a help text (used for ``--help``).
+
+    Keyword arguments go into the field's metadata: ``min``/``max`` (with ``min_exclusive``/
+    ``max_exclusive``) declare the valid range of a number (of every element of a tuple of numbers),
+    ``finite=False`` allows inf/nan, ``choices`` the valid values, ``aliases`` further flag names,
+    ``cli=False`` no flag. :func:`check_settings` applies them.
+    """
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kwargs})
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
@@ -39,6 +56,135 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
     return dev
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of the flat setting ``name`` (``finetune_lr`` -> ``--finetune-lr``)."""
+    return "--" + name.replace("_", "-")
+
+
+class SettingError(ValueError):
+    """A setting has an invalid value; ``name`` is its flat name, the message names its flag and field."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name, self.reason = name, reason
+        super().__init__(f"{flag_of(name)}: {name} {reason}")
+
+    def prefixed(self, prefix: str) -> SettingError:
+        """The same error for the setting as seen from a config nesting this one under ``prefix``."""
+        return SettingError(f"{prefix}_{self.name}" if prefix else self.name, self.reason)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _range_text(meta: dict[str, Any]) -> str:
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        left, right = "(" if meta.get("min_exclusive") else "[", ")" if meta.get("max_exclusive") else "]"
+        return f"in {left}{lo:g}, {hi:g}{right}"
+    if lo is not None:
+        return f"{'>' if meta.get('min_exclusive') else '>='} {lo:g}"
+    if hi is not None:
+        return f"{'<' if meta.get('max_exclusive') else '<='} {hi:g}"
+    return ""
+
+
+def _check_number(name: str, value: Any, elem: Any, meta: dict[str, Any], default: Any) -> None:
+    finite = meta.get("finite", True)
+    kind = "an integer" if elem is int else "a finite number" if finite else "a number"
+    note = f" ({kind}; default: {default})" if default is not None else f" ({kind})"
+    rng = _range_text(meta)
+    fail = SettingError(name, f"must be {rng or kind}, got {value!r}{note}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or (
+            elem is int and not isinstance(value, numbers.Integral)):
+        raise fail
+    if finite and not math.isfinite(float(value)):
+        raise fail
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value <= lo if meta.get("min_exclusive") else value < lo):
+        raise fail
+    if hi is not None and (value >= hi if meta.get("max_exclusive") else value > hi):
+        raise fail
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def check_settings(cfg: Any, prefix: str = "") -> None:
+    """Validate every leaf setting of the (composed) config ``cfg`` by the rules of its fields.
+
+    Numbers (``int``/``float`` fields, also optional ones and tuples of them): the right type,
+    finite unless the field says ``finite=False``, inside the field's declared range. Fields with
+    ``choices``: one of them. ``None`` passes for an optional field. Raises :class:`SettingError`
+    naming the flag (``prefix`` is the flat-name prefix of ``cfg`` inside a bigger config).
+    """
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "nested" in f.metadata:
+            pre = f.metadata["prefix"]
+            check_settings(value, f"{prefix}_{pre}" if prefix and pre else (pre or prefix))
+            continue
+        name = f"{prefix}_{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(tp))
+        if optional:
+            if value is None:
+                continue
+            tp = args[0]
+        origin = typing.get_origin(tp)
+        if origin in (tuple, list):
+            elem = typing.get_args(tp)[0]
+            if elem in (int, float):
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                    raise SettingError(name, f"must be a list of numbers, got {value!r}")
+                for v in value:
+                    _check_number(name, v, elem, f.metadata, None)
+        elif tp in (int, float):
+            _check_number(name, value, tp, f.metadata, _default_of(f))
+        if "choices" in f.metadata:
+            choices = f.metadata["choices"]
+            allowed = list(choices() if callable(choices) else choices)
+            if value not in allowed:
+                raise SettingError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def config_mismatch(saved: dict[str, Any], current: dict[str, Any],
+                    run_only: frozenset[str] | set[str] = frozenset()) -> dict[str, tuple[Any, Any]]:
+    """``{flat name: (saved, current)}`` where two flat settings dicts (:func:`flat_dict`) differ.
+
+    Names in ``run_only`` (where/how a run executes: device, paths, progress) and names one side
+    lacks are ignored; lists and tuples compare equal element by element.
+    """
+    norm = lambda v: list(v) if isinstance(v, tuple) else v
+    return {k: (saved[k], current[k]) for k in current
+            if k not in run_only and k in saved and norm(saved[k]) != norm(current[k])}
+
+
+def _flag_value(name: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{name.replace('_', '-')}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag_of(name)} {' '.join(map(str, value))}"
+    return f"{flag_of(name)} {value}"
+
+
+def mismatch_message(what: str, diff: dict[str, tuple[Any, Any]], restart: str) -> str:
+    """The refusal of a resume whose settings differ: names them, the flags to resume with, and ``restart``."""
+    return (f"{what} was made with other settings than this run asks for ("
+            + "; ".join(f"{flag_of(k)}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())
+            + "); resuming would mix the two. Resume with its settings ("
+            + " ".join(_flag_value(k, a) for k, (a, _) in diff.items())
+            + f"), or {restart}.")
 
 
 def seed_everything(seed: int) -> None:
@@ -122,8 +268,12 @@ def _replace_paths(cfg: Any, values: dict[tuple[str, ...], Any]) -> Any:
     for p, v in values.items():
         if len(p) > 1:
             deeper.setdefault(p[0], {})[p[1:]] = v
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
     for name, sub in deeper.items():
-        direct[name] = _replace_paths(getattr(cfg, name), sub)
+        try:
+            direct[name] = _replace_paths(getattr(cfg, name), sub)
+        except SettingError as exc:  # name the setting as the composed config (and its flags) do
+            raise exc.prefixed(fields[name].metadata.get("prefix", "")) from None
     return dataclasses.replace(cfg, **direct)
 
 

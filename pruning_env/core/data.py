@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pruning_env.core.config import option
+from pruning_env.core.config import check_settings, option
 
 __all__ = [
     "CalibrationConfig",
@@ -545,9 +545,11 @@ def batches(
 class CalibrationConfig:
     """How many training images the data-driven criteria are computed on (see :func:`calibration_batch`)."""
 
-    calib_size: int = option(128, "calibration images (from the TRAINING split) for data-driven criteria")
+    calib_size: int = option(128, "calibration images (from the TRAINING split) for data-driven criteria",
+                             min=1)
 
     def __post_init__(self) -> None:
+        check_settings(self)
         if self.calib_size < 1:
             raise ValueError(f"calib_size must be >= 1, got {self.calib_size}")
 

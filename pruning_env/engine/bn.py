@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pruning_env.core.config import option
+from pruning_env.core.config import check_settings, option
 from pruning_env.core.data import Splits, batches
 
 __all__ = ["BNRecalConfig", "recalibrate_bn"]
@@ -17,10 +17,12 @@ __all__ = ["BNRecalConfig", "recalibrate_bn"]
 class BNRecalConfig:
     """BatchNorm re-estimation after pruning (see :func:`recalibrate_bn`)."""
 
-    bn_recal_batches: int = option(2, "training batches to re-estimate BN statistics on after pruning (0: off)")
-    bn_recal_batch_size: int = option(128, "batch size of the BN re-estimation")
+    bn_recal_batches: int = option(2, "training batches to re-estimate BN statistics on after pruning (0: off)",
+                                   min=0)
+    bn_recal_batch_size: int = option(128, "batch size of the BN re-estimation", min=1)
 
     def __post_init__(self) -> None:
+        check_settings(self)
         if self.bn_recal_batches < 0 or self.bn_recal_batch_size < 1:
             raise ValueError(f"bn_recal_batches must be >= 0 and bn_recal_batch_size >= 1, got "
                              f"{self.bn_recal_batches} and {self.bn_recal_batch_size}")

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pruning_env.core.config import option
+from pruning_env.core.config import check_settings, option
 from pruning_env.engine.graph import PrunableLayer, prunable_layers
 
 __all__ = [
@@ -334,10 +334,11 @@ def keep_count_for_rate(width: int, rate: float, *, min_keep: int = 1, round_to:
 class RateRule:
     """The settings of the rate rule (:func:`keep_count_for_rate`) that a caller may change."""
 
-    min_keep: int = option(1, "filters every layer keeps at least")
-    round_to: int = option(1, "round every layer's kept filter count to a multiple of this")
+    min_keep: int = option(1, "filters every layer keeps at least", min=1)
+    round_to: int = option(1, "round every layer's kept filter count to a multiple of this", min=1)
 
     def __post_init__(self) -> None:
+        check_settings(self)
         _check_ints(self.min_keep, self.round_to)
 
     def keep_count(self, width: int, rate: float) -> int:

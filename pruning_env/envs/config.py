@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pruning_env.core.config import flat_dict, nested, option
+from pruning_env.core.config import check_settings, flat_dict, nested, option
 from pruning_env.criteria import KL_MODES, list_criteria
 from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.bn import BNRecalConfig
@@ -26,29 +26,33 @@ class EnvConfig:
     arguments, ``pruning_env.make`` and the command lines take.
     """
 
-    rates: tuple[float, ...] = option(tuple(round(0.1 * i, 1) for i in range(10)), "grid of pruning rates (actions)")
-    episode_length: int = option(3, "pruning steps per episode (T)")
+    rates: tuple[float, ...] = option(tuple(round(0.1 * i, 1) for i in range(10)), "grid of pruning rates (actions)",
+                                  min=0, max=1, max_exclusive=True)
+    episode_length: int = option(3, "pruning steps per episode (T)", min=1)
     continuous: bool = option(False, "Box action (a pruning rate in [0, max rate]) instead of Discrete(K)")
     reward: str = option("budget", "reward mode: budget (accuracy under a MACs target), linear or amc",
                          choices=list(REWARD_MODES))
-    lam: float = option(0.5, "linear reward: objective = acc_ratio - lam * macs_ratio")
-    macs_target: float = option(0.5, "budget reward: target MACs ratio (pruned / unpruned)")
-    budget_penalty: float = option(2.0, "budget reward: penalty per unit of MACs ratio above the target")
+    lam: float = option(0.5, "linear reward: objective = acc_ratio - lam * macs_ratio", min=0)
+    macs_target: float = option(0.5, "budget reward: target MACs ratio (pruned / unpruned)",
+                                min=0, max=1, min_exclusive=True)
+    budget_penalty: float = option(2.0, "budget reward: penalty per unit of MACs ratio above the target",
+                                   min=0)
     scoring: ScoringConfig = nested(ScoringConfig, "filter ranking of the transition (the unpruned network's KL "
                                     "component is computed once and cached)")
     kl_per_step: str | None = option(None, "recompute KL on the pruned network every step: exact, linear or fisher")
     dynamic: bool = option(True, "recompute grad and Taylor scores on the pruned network every step")
-    eval_size: int = option(1000, "validation images the reward's accuracy is measured on")
-    eval_batch_size: int = option(500, "batch size of the reward evaluation")
+    eval_size: int = option(1000, "validation images the reward's accuracy is measured on", min=1)
+    eval_batch_size: int = option(500, "batch size of the reward evaluation", min=1)
     bn: BNRecalConfig = nested(BNRecalConfig, "BN re-estimation before each reward evaluation")
     rule: RateRule = nested(RateRule, "how a rate becomes a number of kept filters")
-    cache_size: int = option(4096, "evaluated plans remembered (LRU)")
+    cache_size: int = option(4096, "evaluated plans remembered (LRU)", min=1)
 
     def __post_init__(self) -> None:
         rates = tuple(float(r) for r in self.rates)
         if not rates or any(not (0.0 <= r < 1.0) for r in rates) or len(set(rates)) != len(rates):
-            raise ValueError(f"rates must be distinct pruning rates in [0, 1), got {self.rates!r}")
+            raise ValueError(f"--rates: rates must be distinct pruning rates in [0, 1), got {self.rates!r}")
         self.rates = rates
+        check_settings(self)
         if self.episode_length < 1:
             raise ValueError(f"episode_length / max_cycles must be >= 1, got {self.episode_length}")
         if self.reward not in REWARD_MODES:

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from pruning_env.core.config import option
+from pruning_env.core.config import check_settings, option
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.views import SequentialPruningEnv
 
@@ -40,15 +40,18 @@ class SearchConfig:
     """The budget and rhythm of a search (shared by train_marl.py and benchmarks/marl.py)."""
 
     plans: int = option(300, "budget: distinct plans the env measures for the search (greedy evaluations "
-                        "included, the unpruned network not)")
-    episodes: int | None = option(None, "also stop after this many training episodes (none: the plan budget alone)")
-    eval_every: int = option(10, "greedy evaluation every N training episodes (its plans count toward the budget)")
+                        "included, the unpruned network not)", min=1)
+    episodes: int | None = option(None, "also stop after this many training episodes (none: the plan budget alone)",
+                                      min=1)
+    eval_every: int = option(10, "greedy evaluation every N training episodes (its plans count toward the budget)",
+                             min=1)
     stall_episodes: int = option(100, "stop early after this many training episodes in a row without a new plan "
-                                 "(e.g. DSFP-uniform has one plan per grid rate)")
+                                 "(e.g. DSFP-uniform has one plan per grid rate)", min=1)
     algo_config: str | None = option(None, "JSON of algorithm config overrides by algorithm, applied after the "
                                      "budget hints, e.g. '{\"qmix\": {\"lr\": 0.0005}}'")
 
     def __post_init__(self) -> None:
+        check_settings(self)
         if self.plans < 1 or self.eval_every < 1 or self.stall_episodes < 1:
             raise ValueError(f"plans, eval_every and stall_episodes must be >= 1, got {self.plans}, "
                              f"{self.eval_every} and {self.stall_episodes}")

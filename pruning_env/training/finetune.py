@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import option, resolve_device, seed_everything
+from pruning_env.core.config import check_settings, option, resolve_device, seed_everything
 from pruning_env.core.data import Splits, batches
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import list_models
@@ -56,28 +56,35 @@ __all__ = ["FinetuneConfig", "alpha_at", "finetune", "kd_loss"]
 class FinetuneConfig:
     """How to fine-tune a pruned network."""
 
-    epochs: int = option(5, "fine-tuning epochs (0 = none)")
+    epochs: int = option(5, "fine-tuning epochs (0 = none)", min=0)
     optimizer: str = option("sgd", "optimiser: sgd (Nesterov momentum) or adam (the DSFP paper: adam, lr 1e-4)",
                             choices=["sgd", "adam"])
-    lr: float = option(0.01, "peak learning rate (cosine decay to 0 over all steps)")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "L2 weight decay (not applied to BN and biases)")
-    batch_size: int = option(128, "batch size")
+    lr: float = option(0.01, "peak learning rate (cosine decay to 0 over all steps)",
+                       min=0, min_exclusive=True)
+    momentum: float = option(0.9, "SGD momentum", min=0, max=1, max_exclusive=True)
+    weight_decay: float = option(5e-4, "L2 weight decay (not applied to BN and biases)", min=0)
+    batch_size: int = option(128, "batch size", min=1)
     kd: bool = option(True, "distil from the unpruned teacher (a*T^2*KL + (1-a)*CE)", aliases=("kd",))
-    temperature: float = option(4.0, "distillation temperature T", aliases=("temperature",))
-    alpha_start: float = option(0.5, "distillation weight a in the first epoch")
-    alpha_end: float = option(0.1, "distillation weight a in the last epoch (linear decay)")
-    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy term")
+    temperature: float = option(4.0, "distillation temperature T", aliases=("temperature",),
+                                 min=0, min_exclusive=True)
+    alpha_start: float = option(0.5, "distillation weight a in the first epoch", min=0, max=1)
+    alpha_end: float = option(0.1, "distillation weight a in the last epoch (linear decay)", min=0, max=1)
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy term",
+                                   min=0, max=1, max_exclusive=True)
     augment: bool = option(True, "random-crop + flip augmentation of training batches")
     train_limit: int | None = option(None, "training images per epoch: a fixed subset of the training split "
-                                     "(None: all)", aliases=("finetune_limit",))
+                                     "(None: all)", aliases=("finetune_limit",), min=1)
     # Where and how a run executes: a command sets these from its own --seed/--device/--progress.
-    seed: int = option(0, "seed for shuffling, augmentation and dropout", cli=False)
+    seed: int = option(0, "seed for shuffling, augmentation and dropout", cli=False, min=0)
     device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", cli=False)
     progress: bool = option(True, "show progress bars", cli=False)
 
+    def __post_init__(self) -> None:
+        check_settings(self)
+
     def check(self) -> None:
         """Raise ``ValueError`` for out-of-range settings."""
+        check_settings(self)
         if self.epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import option, resolve_device, seed_everything
+from pruning_env.core.config import check_settings, option, resolve_device, seed_everything
 from pruning_env.core.data import Splits, batches, cache_dir, load_splits
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import build, list_models
@@ -45,36 +45,45 @@ class TrainConfig:
     net: str = option("vgg16", "architecture", choices=list_models())
     dataset: str = option("cifar10", "data set: cifar10, cifar100, synthetic or an image-folder name")
     data_dir: str | None = option(None, "directory holding the data set (default: $PRUNING_ENV_DATA, else the cache)")
-    width: float = option(1.0, "channel width multiplier (e.g. 0.25 for CPU experiments)")
-    epochs: int = option(30, "training epochs")
-    batch_size: int = option(128, "batch size")
-    lr: float = option(0.1, "peak learning rate")
-    momentum: float = option(0.9, "SGD (Nesterov) momentum")
-    weight_decay: float = option(5e-4, "L2 weight decay (not applied to BN and biases)")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (0 disables)")
+    width: float = option(1.0, "channel width multiplier (e.g. 0.25 for CPU experiments)",
+                          min=0, min_exclusive=True)
+    epochs: int = option(30, "training epochs", min=1)
+    batch_size: int = option(128, "batch size", min=1)
+    lr: float = option(0.1, "peak learning rate", min=0, min_exclusive=True)
+    momentum: float = option(0.9, "SGD (Nesterov) momentum", min=0, max=1, max_exclusive=True)
+    weight_decay: float = option(5e-4, "L2 weight decay (not applied to BN and biases)", min=0)
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (0 disables)",
+                                   min=0, max=1, max_exclusive=True)
     dropout: float | None = option(0.0, "dropout rate of the classifier's Dropout layers while training "
-                                   "(None keeps the architecture's 0.5)")
+                                   "(None keeps the architecture's 0.5)", min=0, max=1, max_exclusive=True)
     schedule: str = option("onecycle", "learning-rate schedule", choices=["onecycle", "cosine"])
-    warmup_frac: float = option(0.15, "one-cycle: fraction of steps spent warming up")
+    warmup_frac: float = option(0.15, "one-cycle: fraction of steps spent warming up",
+                               min=0, max=1, min_exclusive=True, max_exclusive=True)
     anneal: str = option("linear", "one-cycle: shape of the warm-up and decay", choices=["linear", "cos"])
     cycle_momentum: bool = option(False, "one-cycle: cycle the momentum inversely to the learning rate "
                                   "(0.95 -> 0.85 -> 0.95, torch's OneCycleLR default)")
-    crop_padding: int = option(4, "random-crop augmentation: pixels of zero padding on each side (0: no crop)")
+    crop_padding: int = option(4, "random-crop augmentation: pixels of zero padding on each side (0: no crop)",
+                              min=0)
     aug_copies: int = option(2, "batch augmentation (Hoffer et al., 2020): independently augmented copies of "
-                             "every image in its batch; costs that many times the compute per step (1: off)")
-    cutout: int = option(8, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)")
+                             "every image in its batch; costs that many times the compute per step (1: off)", min=1)
+    cutout: int = option(8, "Cutout augmentation: side in pixels of a zeroed square per image (0: none)", min=0)
     sam_rho: float = option(0.0, "sharpness-aware minimisation (Foret et al., 2021): radius of the weight "
-                            "perturbation, e.g. 0.05; costs a second forward/backward per step (0: off)")
+                            "perturbation, e.g. 0.05; costs a second forward/backward per step (0: off)", min=0)
     ema_decay: float = option(0.999, "exponential moving average of the weights and BN statistics, decay per "
-                              "step (e.g. 0.999); the average is validated and saved (0: off)")
-    val_fraction: float = option(0.1, "share of the training data held out for validation")
-    split_seed: int = option(0, "seed of the train/validation split")
-    seed: int = option(0, "seed for initialisation, shuffling and augmentation")
+                              "step (e.g. 0.999); the average is validated and saved (0: off)",
+                              min=0, max=1, max_exclusive=True)
+    val_fraction: float = option(0.1, "share of the training data held out for validation",
+                                min=0, max=1, min_exclusive=True, max_exclusive=True)
+    split_seed: int = option(0, "seed of the train/validation split", min=0)
+    seed: int = option(0, "seed for initialisation, shuffling and augmentation", min=0)
     device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     out: str | None = option(None, "checkpoint path (default: the cache, see default_checkpoint_path)")
     resume: bool = option(False, "continue from the checkpoint at --out after an interruption")
     channels_last: bool = option(True, "train in channels-last memory format (about 1.3x faster on CPU)")
     progress: bool = option(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        check_settings(self)
 
 
 def default_checkpoint_path(net: str, dataset: str, width: float, epochs: int, seed: int = 0) -> Path:
