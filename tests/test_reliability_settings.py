@@ -51,7 +51,7 @@ NUMERIC = list(_numeric_flags())
 
 def test_every_numeric_setting_declares_a_range():
     for cls in (TrainConfig, prune.PruneConfig, marl.RunConfig):
-        for flat, (f, tp, owner) in _leaf_fields(cls).items():
+        for f, tp, owner in _leaf_fields(cls).values():
             if _numeric(tp) is not None:
                 assert "min" in f.metadata or "max" in f.metadata, f"{owner.__name__}.{f.name} has no range"
 
