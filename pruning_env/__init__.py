@@ -2,7 +2,9 @@
 
 Importing the package registers its environments with PettingZoo's registry
 (``pruning_env/Tiny-v0``, ``pruning_env/VGG16-CIFAR10-v0``, ...) and their
-single-agent views with Gymnasium (``...-Joint-v0``, ``...-Sequential-v0``).
+single-agent views with Gymnasium (``...-Joint-v0``, ``...-Sequential-v0``,
+``...-SequentialDiscrete-v0``; without importing the package first, name it in the id:
+``gymnasium.make("pruning_env:pruning_env/Tiny-Joint-v0")``).
 
 The public API is what ``__all__`` lists; the layers (``core``, ``criteria``,
 ``engine``, ``training``, ``envs``, ``search``, ``cli``) are importable subpackages
@@ -19,7 +21,7 @@ from pruning_env.engine.flops import count as count_macs
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import list_envs, make, register_all
-from pruning_env.envs.views import JointPruningEnv, SequentialPruningEnv
+from pruning_env.envs.views import JointPruningEnv, SequentialDiscretePruningEnv, SequentialPruningEnv
 
 register_all()
 
@@ -30,6 +32,7 @@ __all__ = [
     "FilterPruningEnv",
     "JointPruningEnv",
     "PruningPlan",
+    "SequentialDiscretePruningEnv",
     "SequentialPruningEnv",
     "Splits",
     "__version__",

@@ -4,11 +4,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from pettingzoo.test import api_test, max_cycles_test, parallel_api_test, state_test
 from pettingzoo.utils import parallel_to_aec
 
 import pruning_env
 from pruning_env import filter_pruning_v0
+from pruning_env.envs.env import INFO_KEYS
 from pruning_env.envs.registry import make_benchmark_env
 
 
@@ -73,6 +75,52 @@ def test_render_is_a_table(tiny_env_factory):
     env.step({a: 5 for a in env.agents})
     text = env.render()
     assert "layer_3" in text and "MACs" in text and "reward" in text
+
+
+def test_infos_are_fixed_shape_floats_with_the_same_keys_everywhere(tiny_env_factory):
+    env = tiny_env_factory()
+    _, infos = env.reset(seed=0)
+    seen = [infos]
+    while env.agents:
+        seen.append(env.step({a: 7 for a in env.agents})[4])
+    for infos in seen:
+        assert set(infos) == set(env.possible_agents)
+        for info in infos.values():
+            assert tuple(info) == INFO_KEYS
+            assert all(type(v) is float and np.isfinite(v) for v in info.values())
+            # float32 (TorchRL's info dtype) keeps them to float32 precision: no integer counts above 2**24
+            assert all(abs(float(np.float32(v)) - v) <= 1e-6 * max(1.0, abs(v)) for v in info.values())
+    assert seen[0]["layer_0"]["mmacs"] == pytest.approx(env.base_macs / 1e6)
+    assert seen[0]["layer_0"]["mparams"] == pytest.approx(env.base_params / 1e6)
+    # the plan: the public accessors, or the opt-in info key
+    assert env.measured_plans()[-1]["plan"] == env.plan
+    env = tiny_env_factory(plan_info=True)
+    _, infos = env.reset(seed=0)
+    assert infos["layer_0"]["plan"] == env.plan.to_dict()
+
+
+def test_render_before_reset_shows_the_unpruned_network(tiny_env_factory):
+    text = tiny_env_factory().render()
+    assert "not reset yet" in text and "step 0/3" in text and "layer_3" in text
+
+
+def test_the_callers_model_keeps_its_mode_and_weights(tiny_env_factory):
+    import copy
+
+    from pruning_env.envs.env import FilterPruningEnv
+
+    source = tiny_env_factory()
+    model = copy.deepcopy(source.base_model).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    env = FilterPruningEnv(model, source.splits, source.config)
+    env.reset(seed=0)
+    env.step({a: 5 for a in env.agents})
+    assert model.training and all(m.training for m in model.modules())
+    assert env.base_model is not model and not env.base_model.training
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # an eval-mode model on the env's device needs no copy
+    model.eval()
+    assert FilterPruningEnv(model, source.splits, source.config).base_model is model
 
 
 def test_registry_and_make():

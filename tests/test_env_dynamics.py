@@ -58,7 +58,7 @@ def test_pruning_is_monotone_and_return_is_objective_difference(tiny_env_factory
     assert all(terms.values()) and not any(truncs.values()) and env.agents == []
     assert total == pytest.approx(infos["layer_0"]["objective"] - j0, abs=1e-9)
     # a plan is the kept filters of each layer, a subset of the previous step's
-    plan = infos["layer_0"]["plan"]
+    plan = env.plan.to_dict()
     assert set(plan["keep"]) == set(env.layer_names)
 
 
@@ -69,10 +69,12 @@ def test_reward_modes(tiny_env_factory):
         _, rewards, _, _, infos = env.step({a: 6 for a in env.agents})
         info = infos["layer_0"]
         # The formulas written out here, independently of the env's objective():
-        acc_ratio, macs_ratio = info["acc"] / env.baseline_acc, info["macs"] / env.base_macs
+        macs = env.evaluate_plan(env.plan)["macs"]  # the exact integer count (infos give MMACs)
+        assert info["mmacs"] == pytest.approx(macs / 1e6)
+        acc_ratio, macs_ratio = info["acc"] / env.baseline_acc, macs / env.base_macs
         expected = {"linear": acc_ratio - 0.3 * macs_ratio,
                     "budget": acc_ratio - 2.0 * max(0.0, macs_ratio - 0.4),
-                    "amc": -(1.0 - info["acc"] / 100.0) * math.log(info["macs"])}[mode]
+                    "amc": -(1.0 - info["acc"] / 100.0) * math.log(macs)}[mode]
         assert info["acc_ratio"] == pytest.approx(acc_ratio) and info["macs_ratio"] == pytest.approx(macs_ratio)
         assert info["objective"] == pytest.approx(expected)
         j0 = {"linear": 1.0 - 0.3, "budget": 1.0 - 2.0 * 0.6,  # the unpruned network: both ratios are 1
@@ -114,7 +116,10 @@ def test_reported_macs_equal_the_counter_on_the_pruned_network(tiny_env_factory)
     _, _, _, _, infos = env.step({a: i % 10 for i, a in enumerate(env.agents)})
     pruned = env.pruned_model()
     report = count(pruned, env.input_shape)
-    assert infos["layer_0"]["macs"] == report.macs and infos["layer_0"]["params"] == report.params
+    exact = env.evaluate_plan(env.plan)
+    assert exact["macs"] == report.macs and exact["params"] == report.params
+    assert infos["layer_0"]["mmacs"] == pytest.approx(report.macs / 1e6)
+    assert infos["layer_0"]["mparams"] == pytest.approx(report.params / 1e6)
 
 
 @pytest.mark.cifar
@@ -127,6 +132,7 @@ def test_real_cifar_episode_macs_match_the_counter(cifar_vgg16):
         _, _, _, _, infos = env.step({a: int(rng.integers(10)) for a in env.agents})
     info = infos["layer_0"]
     pruned = env.pruned_model()
-    assert info["macs"] == count(pruned, (3, 32, 32)).macs
+    assert env.evaluate_plan(env.plan)["macs"] == count(pruned, (3, 32, 32)).macs
+    assert np.float32(info["mmacs"]) == pytest.approx(count(pruned, (3, 32, 32)).macs / 1e6, rel=1e-6)
     assert 0.0 < info["macs_ratio"] < 1.0 and 0.0 <= info["acc"] <= 100.0
     assert env.baseline_acc > 25.0  # the briefly trained baseline is far above chance (10 %)

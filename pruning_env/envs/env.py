@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ from pruning_env.envs.features import (
 )
 from pruning_env.envs.objective import objective
 
-__all__ = ["FilterPruningEnv"]
+__all__ = ["INFO_KEYS", "FilterPruningEnv"]
+
+#: The keys of every agent's info (each a float; see ``FilterPruningEnv``'s "Infos").
+INFO_KEYS = ("acc", "acc_ratio", "macs_ratio", "params_ratio", "mmacs", "mparams", "objective", "rate")
 
 
 @dataclass
@@ -122,10 +126,21 @@ class FilterPruningEnv(ParallelEnv):
     Episode End
     -----------
     After ``T`` steps every agent is *terminated* (the plan is final); ``agents``
-    becomes empty. ``infos`` carry ``acc`` (percent on the validation subset),
-    ``acc_ratio``, ``macs_ratio``, ``params_ratio``, ``macs``, ``params``,
-    ``objective``, ``rate`` (this layer's current rate) and ``plan`` (kept filter
-    indices per layer): deterministic values only.
+    becomes empty.
+
+    Infos
+    -----
+    The same keys at ``reset`` and at every step, each a Python ``float`` that survives a
+    float32 cast (learners such as TorchRL and Tianshou stack infos into fixed-shape
+    float32 buffers): :data:`INFO_KEYS` = ``acc`` (percent on the validation subset),
+    ``acc_ratio``, ``macs_ratio``, ``params_ratio`` (current / unpruned), ``mmacs`` and
+    ``mparams`` (MACs per image and parameters in millions), ``objective`` (J of the
+    current network) and ``rate`` (this layer's current pruning rate). Deterministic
+    values only. The plan (kept filter indices per layer) is :attr:`plan`; the exact
+    integer MACs and parameters of every measured plan are in :meth:`measured_plans` /
+    :meth:`evaluate_plan`. ``plan_info=True`` adds ``plan`` (``PruningPlan.to_dict()``,
+    lists that shrink as layers are pruned) to every info: off by default, and unsafe
+    for learners that stack infos.
 
     Arguments
     ---------
@@ -133,7 +148,9 @@ class FilterPruningEnv(ParallelEnv):
     ``splits``: :class:`pruning_env.core.data.Splits` (calibration from ``train``,
     rewards from ``val``; ``test`` is never touched); ``config``: :class:`EnvConfig`
     (or its fields as keyword arguments); ``max_cycles``: alias of
-    ``episode_length`` (what ``pettingzoo.make`` passes); ``device``.
+    ``episode_length`` (what ``pettingzoo.make`` passes); ``device`` (a model that is not
+    in eval mode or not on ``device`` is copied first: the caller's module keeps its mode and
+    device); ``plan_info`` (see Infos).
 
     Version History
     ---------------
@@ -145,6 +162,12 @@ class FilterPruningEnv(ParallelEnv):
       images ``prune --seed 0`` scores; the default reward is ``budget`` (was ``linear``), the
       default of ``train_marl.py`` and the benchmarks. The ids stay ``-v0``: results measured
       before this revision say so in ``benchmarks/results/``.
+    * v0, library revision (issue 13): infos hold only fixed-shape floats, the same keys at
+      ``reset`` and every step (``INFO_KEYS``); ``plan`` left them (opt-in ``plan_info=True``)
+      and the integer ``macs`` / ``params`` became ``mmacs`` / ``mparams`` (millions), so
+      TorchRL's ``PettingZooWrapper`` and Tianshou's replay buffers take the env as shipped.
+      The env no longer switches a caller's model to eval mode or moves it (it copies it);
+      ``render()`` before ``reset()`` renders the unpruned network.
     """
 
     metadata: ClassVar[dict[str, Any]] = {"name": "filter_pruning_v0", "render_modes": ["ansi", "human"],
@@ -159,6 +182,7 @@ class FilterPruningEnv(ParallelEnv):
         max_cycles: int | None = None,
         device: str | torch.device = "cpu",
         render_mode: str | None = None,
+        plan_info: bool = False,
         **overrides: Any,
     ) -> None:
         try:
@@ -180,7 +204,8 @@ class FilterPruningEnv(ParallelEnv):
             raise TypeError("splits must be a pruning_env.Splits (e.g. from pruning_env.load_splits)")
         self.splits = splits
         self.input_shape = splits.input_shape
-        self._base = model.to(self.device).eval()  # never modified: every network is a new pruned copy
+        self.plan_info = bool(plan_info)
+        self._base = _private_eval_copy(model, self.device)  # never modified: every network is a new pruned copy
         self._layers = prunable_layers(self._base, self.input_shape)
         if not self._layers:
             raise ValueError("the model has no prunable conv layer (see pruning_env.engine.graph for the policy)")
@@ -223,6 +248,7 @@ class FilterPruningEnv(ParallelEnv):
         self._plan = full
         self._step = 0
         self._done = True
+        self._last_reward = 0.0
 
     # ------------------------------------------------------------------ PettingZoo API
 
@@ -294,7 +320,8 @@ class FilterPruningEnv(ParallelEnv):
     def render(self) -> str | None:
         """A text table of per-layer rates and kept filters, MACs and the last reward."""
         measured = self._measure(self._plan)
-        lines = [f"step {self._step}/{self.config.episode_length}  acc {measured.acc:.2f}% "
+        lines = [f"{'(not reset yet) ' if not self.agents and self._step == 0 else ''}"
+                 f"step {self._step}/{self.config.episode_length}  acc {measured.acc:.2f}% "
                  f"(base {self.baseline_acc:.2f}%)  MACs {measured.macs / 1e6:.2f}M "
                  f"({100 * measured.macs / self._base_macs:.1f}%)  reward {self._last_reward:+.4f}",
                  f"{'agent':<10} {'layer':<22} {'kept':>11} {'rate':>6}"]
@@ -531,8 +558,22 @@ class FilterPruningEnv(ParallelEnv):
         return {a: mat[self._agent_index[a]] for a in self.possible_agents}
 
     def _infos(self, m: _Measured) -> dict[str, dict[str, Any]]:
-        summary = self._summary(m)
-        plan = self._plan.to_dict()
-        return {a: {**summary, "rate": 1.0 - len(self._plan.keep[self._names[i]]) / float(self._orig[i]),
-                    "plan": plan}
+        s = self._summary(m)
+        shared = {"acc": float(s["acc"]), "acc_ratio": float(s["acc_ratio"]), "macs_ratio": float(s["macs_ratio"]),
+                  "params_ratio": float(s["params_ratio"]), "mmacs": s["macs"] / 1e6, "mparams": s["params"] / 1e6,
+                  "objective": float(s["objective"])}
+        extra = {"plan": self._plan.to_dict()} if self.plan_info else {}
+        return {a: {**shared, "rate": 1.0 - len(self._plan.keep[self._names[i]]) / float(self._orig[i]), **extra}
                 for i, a in enumerate(self.possible_agents)}
+
+
+def _private_eval_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` itself when it is in eval mode with every tensor on ``device``, else an eval-mode copy there:
+    the caller's module is never switched to eval mode nor moved."""
+    def on(t: torch.Tensor) -> bool:
+        return t.device.type == device.type and (device.index is None or t.device.index == device.index)
+
+    tensors = [*model.parameters(), *model.buffers()]
+    if not any(m.training for m in model.modules()) and all(on(t) for t in tensors):
+        return model
+    return copy.deepcopy(model).to(device).eval()

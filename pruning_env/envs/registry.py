@@ -8,7 +8,10 @@ Ids (namespace ``pruning_env``)::
 PettingZoo (``ParallelEnv``): ``pettingzoo.make("parallel", id, **kwargs)`` or
 ``pruning_env.make(id, **kwargs)``. Gymnasium single-agent views of the same
 problem: ``gymnasium.make(id.replace("-v0", "-Joint-v0"))`` (one joint action for
-all layers) and ``...-Sequential-v0`` (AMC-style, one layer per step).
+all layers), ``...-Sequential-v0`` (AMC-style, one layer per step, a keep ratio) and
+``...-SequentialDiscrete-v0`` (the same with a ``Discrete(K)`` rate-grid action, for DQN).
+Gymnasium finds a namespace only once its package is imported; without an import, name the
+module: ``gymnasium.make("pruning_env:pruning_env/Tiny-Joint-v0")``.
 
 A CIFAR env needs a trained baseline: pass ``model=`` (an ``nn.Module``) or
 ``checkpoint=`` (a path); otherwise it is looked up in the cache
@@ -171,6 +174,15 @@ def _sequential(env_id: str, **kwargs: Any) -> gymnasium.Env:
     return SequentialPruningEnv(make(env_id, **kwargs))
 
 
+def _sequential_discrete(env_id: str, **kwargs: Any) -> gymnasium.Env:
+    from pruning_env.envs.views import SequentialDiscretePruningEnv
+
+    return SequentialDiscretePruningEnv(make(env_id, **kwargs))
+
+
+VIEWS = {"Joint": _joint, "Sequential": _sequential, "SequentialDiscrete": _sequential_discrete}
+
+
 def register_all() -> None:
     """Register every env id with PettingZoo and the single-agent views with Gymnasium (idempotent)."""
     global _registered
@@ -183,7 +195,7 @@ def register_all() -> None:
             ids[_env_id(net, dataset)] = (make_benchmark_env, {"net": net, "dataset": dataset})
     for env_id, (entry, kwargs) in ids.items():
         pettingzoo.register("parallel", env_id, entry, kwargs=kwargs)
-        for view, creator in (("Joint", _joint), ("Sequential", _sequential)):
+        for view, creator in VIEWS.items():
             gym_id = env_id.replace("-v0", f"-{view}-v0")
             if gym_id not in gymnasium.registry:
                 gymnasium.register(gym_id, entry_point=creator, kwargs={"env_id": env_id})

@@ -12,6 +12,13 @@ rewards, same evaluation budget accounting via ``env.num_evaluations``).
   last layer's decision the multi-agent env takes its step; that step's team
   reward is returned then (0 on the other steps), so the return is the same as
   the multi-agent episode's.
+* :class:`SequentialDiscretePruningEnv`: the same AMC-style walk with a ``Discrete(K)``
+  action, the index into the env's rate grid (``config.rates``), for DQN-style learners.
+
+Infos: the joint view returns the multi-agent env's infos (of ``layer_0``: fixed-shape
+floats, the same keys at reset and every step). The sequential views return them at reset
+and on the step that ends a pass over the layers, with ``plan`` added there
+(``env.plan.to_dict()``, which AMC's logs read); the other steps return ``{}``.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ from gymnasium import spaces
 
 from pruning_env.envs.env import FilterPruningEnv
 
-__all__ = ["AMC_FEATURES", "JointPruningEnv", "SequentialPruningEnv"]
+__all__ = ["AMC_FEATURES", "JointPruningEnv", "SequentialDiscretePruningEnv", "SequentialPruningEnv"]
 
 AMC_FEATURES = (
     "layer_index",  # i / (L - 1)
@@ -145,10 +152,26 @@ class SequentialPruningEnv(gymnasium.Env):
         if self._layer == self._n:
             _, rewards, terms, _, infos = self.env.step(self._pending)
             a0 = self.env.possible_agents[0]
-            reward, terminated, info = rewards[a0], terms[a0], infos[a0]
+            reward, terminated, info = rewards[a0], terms[a0], {**infos[a0], "plan": self.env.plan.to_dict()}
             self._pending, self._layer, self._prev, self._reduced = {}, 0, 1.0, 0.0
             self._done = terminated
         return self._obs(), float(reward), bool(terminated), False, info
 
     def render(self) -> str | None:
         return self.env.render()
+
+
+class SequentialDiscretePruningEnv(SequentialPruningEnv):
+    """AMC-style view with ``Discrete(K)`` actions: action ``k`` sets the deciding layer's target rate to
+    ``config.rates[k]`` (what the multi-agent env's agents choose), so DQN-style learners run on it.
+    Observation, rewards and infos as :class:`SequentialPruningEnv`."""
+
+    def __init__(self, env: FilterPruningEnv) -> None:
+        super().__init__(env)
+        self.action_space = spaces.Discrete(len(self._rates))
+
+    def step(self, action):
+        arr, k = np.asarray(action), len(self._rates)
+        if arr.size != 1 or not np.issubdtype(arr.dtype, np.integer) or not 0 <= int(arr.reshape(())) < k:
+            raise ValueError(f"action must be an int in [0, {k - 1}] (a rate index), got {action!r}")
+        return super().step(np.array([1.0 - float(self._rates[int(arr.reshape(()))])]))
