@@ -48,7 +48,17 @@ from typing import Any
 from pruning_env import criteria
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import check_settings, nested, option, resolve_device, seed_everything
+from pruning_env.core.config import (
+    check_settings,
+    config_mismatch,
+    flat_dict,
+    flat_from_dict,
+    mismatch_message,
+    nested,
+    option,
+    resolve_device,
+    seed_everything,
+)
 from pruning_env.core.data import calibration_batch, load_splits
 from pruning_env.core.models import list_models
 from pruning_env.criteria.config import ScoringConfig
@@ -84,7 +94,8 @@ class PruneConfig:
                                "per-plan proxy uses 2)", default=BNRecalConfig(bn_recal_batches=20))
     finetune: FinetuneConfig = nested(FinetuneConfig, "fine-tuning (none unless --finetune-epochs)",
                                       prefix="finetune", default=FinetuneConfig(epochs=0))
-    resume: bool = option(False, "continue an interrupted fine-tuning recorded at --out")
+    resume: bool = option(False, "continue an interrupted fine-tuning recorded at --out (same settings only)")
+    overwrite: bool = option(False, "replace an existing --out (without it an existing --out is refused)")
     eval_limit: int | None = option(None, "evaluate on the first N validation/test images (quick runs)",
                                     min=1)
     latency_repeats: int = option(20, "timed forward passes per latency measurement (0 = skip latency)",
@@ -99,11 +110,55 @@ class PruneConfig:
         check_settings(self)
 
 
+# Settings that say where and how a run executes, not what it computes: --resume may change them.
+_RUN_ONLY = frozenset({"checkpoint", "out", "plan", "data_dir", "device", "progress", "resume", "overwrite",
+                       "trust_pickle", "latency_repeats"})
+
+
+def _check_paths(cfg: PruneConfig) -> None:
+    """--out must not replace an input or an earlier result unless asked, and must be writable (before any work)."""
+    assert cfg.checkpoint and cfg.out
+    out, report = Path(cfg.out), Path(cfg.out).with_suffix(".json")
+    if not Path(cfg.checkpoint).is_file():
+        raise ckpt.CheckpointError(f"checkpoint {cfg.checkpoint} does not exist")
+    inputs = {Path(cfg.checkpoint).resolve(): "--checkpoint"}
+    if cfg.plan is not None:
+        inputs[Path(cfg.plan).resolve()] = "--plan"
+    for path, what in ((out, "--out"), (report, "the report (--out with .json)")):
+        if path.resolve() in inputs:
+            raise ValueError(f"{what} {path} is the {inputs[path.resolve()]} input; writing it would replace the "
+                             "input: choose another --out")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues --out and --overwrite replaces it: give one of them")
+    if out.is_file() and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--out {out} exists (an earlier result); pass --overwrite to replace it, --resume to "
+                         "continue its fine-tuning, or choose another --out")
+    ckpt.check_writable(out, "--out")
+    ckpt.check_writable(report, "--out (its .json report)")
+
+
+def _check_resume(cfg: PruneConfig) -> None:
+    """A resumed run is the same run: refuse one whose --out was made with other settings."""
+    if not (cfg.resume and Path(cfg.out).is_file()):  # type: ignore[arg-type]
+        return
+    try:
+        saved = ckpt.load(cfg.out, trust_pickle=cfg.trust_pickle).extra.get("prune_config")  # type: ignore[arg-type]
+    except ckpt.CheckpointError as exc:
+        raise ValueError(f"--resume: {exc}; pass --overwrite to start afresh") from None
+    if saved is None:
+        raise ValueError(f"--resume: {cfg.out} was not written by pruning_env.prune; choose another --out "
+                         "or pass --overwrite to replace it")
+    diff = config_mismatch(flat_from_dict(PruneConfig, saved), flat_dict(cfg), _RUN_ONLY)
+    if diff:
+        raise ValueError(mismatch_message(str(cfg.out), diff, "pass --overwrite (instead of --resume) to start afresh"))
+
+
 def _check(cfg: PruneConfig) -> None:
     if not cfg.checkpoint:
         raise ValueError("--checkpoint is required")
     if not cfg.out:
         raise ValueError("--out is required")
+    _check_paths(cfg)
     sc = cfg.scoring
     if cfg.plan is None:
         if sc.criterion not in criteria.list_criteria():
@@ -119,6 +174,7 @@ def _check(cfg: PruneConfig) -> None:
     if cfg.latency_repeats < 0:
         raise ValueError(f"--latency-repeats must be >= 0, got {cfg.latency_repeats}")
     cfg.finetune.check()
+    _check_resume(cfg)
 
 
 def prune(cfg: PruneConfig) -> dict[str, Any]:
@@ -211,7 +267,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
                                 "epoch": len(finetune_summary["history"]), "history": finetune_summary["history"]}
     ckpt.save(cfg.out, pruned, input_shape=input_shape, dataset=splits.name, classes=splits.classes,
               metrics=metrics, train_config=base_ckpt.train_config, plan=plan.to_dict(), extra=extra)
-    Path(report["report"]).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    ckpt.atomic_write_text(report["report"], json.dumps(report, indent=2, default=str) + "\n")
     return report
 
 

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SettingError", "check_settings", "config_mismatch", "flag_of", "flat_dict", "flat_names", "get_setting",
-           "mismatch_message", "nested", "option", "resolve_device", "seed_everything", "with_overrides"]
+__all__ = ["SettingError", "check_settings", "config_mismatch", "flag_of", "flat_dict", "flat_from_dict", "flat_names",
+           "get_setting", "mismatch_message", "nested", "option", "resolve_device", "seed_everything", "with_overrides"]
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -156,6 +156,20 @@ def check_settings(cfg: Any, prefix: str = "") -> None:
             allowed = list(choices() if callable(choices) else choices)
             if value not in allowed:
                 raise SettingError(name, f"must be one of {', '.join(map(str, allowed))}, got {value!r}")
+
+
+def flat_from_dict(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """``{flat name: value}`` of a config saved as ``dataclasses.asdict`` (names the dict lacks are left out)."""
+    out = {}
+    for name, path in flat_names(cls).items():
+        value: Any = d
+        for part in path:
+            if not isinstance(value, dict) or part not in value:
+                break
+            value = value[part]
+        else:
+            out[name] = value
+    return out
 
 
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any],

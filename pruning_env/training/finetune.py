@@ -43,7 +43,14 @@ from torch import nn
 from tqdm import tqdm
 
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import check_settings, option, resolve_device, seed_everything
+from pruning_env.core.config import (
+    check_settings,
+    config_mismatch,
+    mismatch_message,
+    option,
+    resolve_device,
+    seed_everything,
+)
 from pruning_env.core.data import Splits, batches
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import list_models
@@ -204,6 +211,12 @@ def finetune(
         except RuntimeError:
             raise ckpt.CheckpointError(f"{out} holds a network of other widths than this student "
                                        "(another plan?); delete it or resume with the same plan") from None
+        if "config" in state:  # a resumed run is the same run, or it is refused
+            diff = config_mismatch(state["config"], dataclasses.asdict(cfg), {"device", "progress"})
+            if diff:
+                named = {(k if k == "seed" else f"finetune_{k}"): v for k, v in diff.items()}
+                raise ValueError(mismatch_message(f"the fine-tuning checkpoint {out}", named,
+                                                  "delete it (or pass --overwrite) to start afresh"))
         if state.get("finished"):
             return dict(state["summary"])
         opt.load_state_dict(state["optimizer"])
