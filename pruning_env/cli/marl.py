@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,9 @@ from pruning_env.cli.options import add_config_args, config_from_args, print_jso
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import (
     check_settings,
+    config_mismatch,
     flat_dict,
+    mismatch_message,
     nested,
     option,
     resolve_device,
@@ -103,7 +106,8 @@ class RunConfig:
     checkpoint: str | None = option(None, "trained baseline checkpoint (default: cache, else train it)")
     baseline_epochs: int = option(30, "epochs of the cached/trained baseline (preset: smoke 1, cpu 30, paper 200)",
                                  min=1)
-    resume: bool = option(False, "continue the search saved in --logdir")
+    resume: bool = option(False, "continue the search saved in --logdir (same settings only)")
+    overwrite: bool = option(False, "replace an earlier run in --logdir (without it an earlier run is refused)")
     preset: str | None = option(None, "smoke, cpu or paper (default: paper with a GPU, cpu without)",
                                 choices=list(PRESETS))
     latency_repeats: int = option(30, "timed forward passes per latency measurement (0: skip; preset: 3 / 30 / 50)",
@@ -122,7 +126,11 @@ def resolve(cfg: RunConfig) -> RunConfig:
     """Check every setting before any work starts (raises ``ValueError`` with the flag to fix)."""
     if cfg.algo not in agents.list_algorithms() and ":" not in cfg.algo:
         raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {', '.join(agents.list_algorithms())}")
-    agents.get_algorithm(cfg.algo)  # imports a module:name plug-in, so a typo fails now
+    try:
+        agents.get_algorithm(cfg.algo)  # imports a module:name plug-in, so a typo fails now
+    except ImportError as exc:
+        raise ValueError(f"--algo {cfg.algo}: cannot import its module ({exc}); check the module name and that "
+                         "its folder is on PYTHONPATH (or run from the folder holding it)") from None
     if cfg.env is not None and cfg.env not in pruning_env.list_envs():
         raise ValueError(f"unknown env id {cfg.env!r}; registered: {', '.join(pruning_env.list_envs())}")
     if cfg.env is None and cfg.dataset not in ("cifar10", "cifar100"):
@@ -131,6 +139,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
             raise ValueError(f"unknown data set {cfg.dataset!r}: not cifar10/cifar100 and no image folder "
                              f"{root / cfg.dataset}/train/<class>/ (set --data-dir or PRUNING_ENV_DATA)")
     cfg.finetune.check()
+    if cfg.checkpoint:
+        _check_checkpoint(cfg)
     problem = cfg.problem
     if problem.reward == "budget":
         floor = _min_macs_ratio(cfg)
@@ -139,6 +149,17 @@ def resolve(cfg: RunConfig) -> RunConfig:
                              f"rate {max(problem.rates)} leaves {floor:.3f} of the MACs; raise the target or the rates")
     resolve_device(cfg.device)
     return cfg
+
+
+def _check_checkpoint(cfg: RunConfig) -> None:
+    """--checkpoint must hold the network the run prunes (--net, or the --env's)."""
+    net = _net_of(cfg)
+    try:
+        ckpt.load(cfg.checkpoint, expect_arch=net)  # type: ignore[arg-type]
+    except ckpt.CheckpointError as exc:
+        flag = "--net" if cfg.env is None else "--env"
+        raise ValueError(f"--checkpoint: {exc} (the network {flag} asks for); pass the checkpoint of a {net} "
+                         f"or the {flag} it was trained as") from None
 
 
 def _net_of(cfg: RunConfig) -> str:
@@ -275,12 +296,12 @@ def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path) 
         "plan": plan.to_dict(),
         "config": flat_dict(cfg),
     }
-    (logdir / "plan.json").write_text(plan.to_json())
+    ckpt.atomic_write_text(logdir / "plan.json", plan.to_json())
     ckpt.save(logdir / "pruned_model.pt", pruned, input_shape=shape, dataset=splits.name, classes=splits.classes,
               metrics={"test_acc": result["test_acc"], "val_acc": result["val_acc"]}, plan=plan.to_dict(),
               extra={"algorithm": cfg.algo, "criterion": cfg.problem.scoring.criterion,
                      "direction": cfg.problem.scoring.direction})
-    (logdir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    ckpt.atomic_write_text(logdir / "report.json", json.dumps(report, indent=2, default=str))
     _plots(search, cfg.algo, logdir, env.baseline_acc)
     fmt = lambda v, d: "-" if v is None else f"{v:.{d}f}"  # latency is None with --latency-repeats 0
     rows = [("test accuracy (%)", f"{report['baseline_test_acc']:.2f}", f"{report['test_acc']:.2f}"),
@@ -298,7 +319,7 @@ def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path) 
           f"{search.best['macs_ratio']:.4f}).", "",
           "Kept filters per layer: " + ", ".join(f"{n} {len(k)}/{plan.widths[n]}" for n, k in plan.keep.items()),
           "", "![Pareto](pareto.png) ![learning curve](learning_curve.png)", ""]
-    (logdir / "report.md").write_text("\n".join(md))
+    ckpt.atomic_write_text(logdir / "report.md", "\n".join(md))
     return report
 
 
@@ -309,12 +330,113 @@ def _config(argv: list[str] | None, parser: argparse.ArgumentParser) -> RunConfi
     return resolve(config_from_args(RunConfig, args, base=base))
 
 
+# Settings that say where and how a run executes, not what it computes: --resume may change them.
+_RUN_ONLY = frozenset({"device", "progress", "logdir", "resume", "overwrite", "preset", "data_dir", "checkpoint",
+                       "latency_repeats"})
+# What a run writes into --logdir (an earlier run's outputs: refused without --resume or --overwrite).
+_OUTPUTS = (STATE_FILE, "finetune.pt", "report.json", "report.md", "pareto.png", "learning_curve.png", "plan.json",
+            "pruned_model.pt", "tb")
+
+
+def _earlier_outputs(logdir: Path) -> list[str]:
+    return [name for name in _OUTPUTS if (logdir / name).exists()] if logdir.is_dir() else []
+
+
+def _check_logdir(cfg: RunConfig) -> None:
+    """--logdir must be a folder, and must not hold an earlier run unless --resume or --overwrite says what to do."""
+    logdir = Path(cfg.logdir)
+    if logdir.exists() and not logdir.is_dir():
+        raise ValueError(f"--logdir {logdir} is a file; give a folder (it will hold the logs, report and model)")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --logdir and --overwrite replaces it: give one of them")
+    if cfg.resume and not (logdir / STATE_FILE).is_file():
+        raise ValueError(f"--resume given but {logdir / STATE_FILE} does not exist")
+    earlier = _earlier_outputs(logdir)
+    if earlier and not cfg.resume and not cfg.overwrite:
+        raise ValueError(f"--logdir {logdir} holds an earlier run ({', '.join(earlier)}); pass --resume to continue "
+                         "it, --overwrite to replace it, or choose another --logdir")
+
+
+def _clear_outputs(logdir: Path) -> None:
+    for name in _earlier_outputs(logdir):
+        path = logdir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _load_state(cfg: RunConfig, state_file: Path) -> dict[str, Any]:
+    """The saved search of ``--resume``; refused when unreadable, foreign or made with other settings."""
+    try:
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"--resume: cannot read {state_file} ({reason}): it is truncated or not a train_marl state. "
+                         "Pass --overwrite instead of --resume to start the search afresh") from None
+    if not isinstance(state, dict) or not {"algorithm", "episodes", "points", "best"} <= set(state):
+        raise ValueError(f"--resume: {state_file} is not a train_marl search state; pass --overwrite instead of "
+                         "--resume to start afresh, or choose another --logdir")
+    saved = state.get("run_config")
+    if saved is None:
+        print(f"note: {state_file} predates recorded settings; cannot check that they match", file=sys.stderr)
+    else:
+        diff = config_mismatch(saved, flat_dict(cfg), _RUN_ONLY)
+        if diff:
+            raise ValueError(mismatch_message(str(state_file), diff,
+                                              "pass --overwrite (instead of --resume) to start afresh"))
+    return state
+
+
+def _run(cfg: RunConfig, logdir: Path) -> dict[str, Any] | int:
+    from torch.utils.tensorboard import SummaryWriter
+
+    state_file = logdir / STATE_FILE
+    if cfg.overwrite:
+        _clear_outputs(logdir)
+    state = _load_state(cfg, state_file) if cfg.resume else None
+    seed_everything(cfg.seed)
+    env = make_env(cfg)
+    # Seeded again after the env: training an uncached baseline draws from the global RNG, and a run's
+    # result must not depend on what the cache held.
+    seed_everything(cfg.seed)
+    writer = SummaryWriter(str(logdir / "tb"))
+    search = make_search(cfg, env, writer)
+    if state is not None:
+        try:
+            search.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"--resume: {state_file} does not fit this search ({type(exc).__name__}: {exc}); pass "
+                             "--overwrite instead of --resume to start afresh") from None
+        print(f"resuming the search after episode {search.episodes} ({search.plans_used} plans)", file=sys.stderr)
+    else:
+        writer.add_text("hparams", _markdown_table(flat_dict(cfg)), 0)
+    save = lambda: ckpt.atomic_save({**search.state_dict(), "run_config": flat_dict(cfg)}, state_file)
+    try:
+        # Saved after every finished episode: a Ctrl-C (or a kill) mid-episode resumes from there,
+        # never from a half-updated learner.
+        search.run(after_episode=save)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: search saved to {state_file}; rerun with --resume", file=sys.stderr)
+        return 130
+    save()
+    try:
+        return finish(cfg, env, search, logdir)
+    except KeyboardInterrupt:
+        done = "finished fine-tuning epochs are saved in " + str(logdir / "finetune.pt") \
+            if (logdir / "finetune.pt").is_file() else "no fine-tuning epoch had finished"
+        print(f"\ninterrupted during the final fine-tuning: the search is saved in {state_file}, {done}; "
+              "rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="train_marl.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, RunConfig)
     try:
         cfg = _config(argv, parser)
+        _check_logdir(cfg)
     except (ValueError, TypeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     given = argv if argv is not None else sys.argv[1:]
@@ -322,34 +444,15 @@ def main(argv: list[str] | None = None) -> int:
           + ("CUDA found)" if torch.cuda.is_available() else "no GPU found)")), file=sys.stderr)
     print("settings: " + json.dumps(flat_dict(cfg)), file=sys.stderr)
     logdir = Path(cfg.logdir)
-    logdir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    state_file = logdir / STATE_FILE
-    if cfg.resume and not state_file.is_file():
-        parser.exit(2, f"error: --resume given but {state_file} does not exist\n")
     try:
-        from torch.utils.tensorboard import SummaryWriter
-
-        env = make_env(cfg)
-        writer = SummaryWriter(str(logdir / "tb"))
-        search = make_search(cfg, env, writer)
-        if cfg.resume:
-            search.load_state_dict(torch.load(state_file, weights_only=False))
-            print(f"resuming the search after episode {search.episodes} ({search.plans_used} plans)", file=sys.stderr)
-        else:
-            writer.add_text("hparams", _markdown_table(flat_dict(cfg)), 0)
-        save = lambda: ckpt.atomic_save(search.state_dict(), state_file)
-        try:
-            # Saved after every finished episode: a Ctrl-C (or a kill) mid-episode resumes from there,
-            # never from a half-updated learner.
-            search.run(after_episode=save)
-        except KeyboardInterrupt:
-            print(f"\ninterrupted: search saved to {state_file}; rerun with --resume", file=sys.stderr)
-            return 130
-        save()
-        report = finish(cfg, env, search, logdir)
+        with ckpt.run_lock(logdir):
+            report = _run(cfg, logdir)
+    except OSError as exc:
+        parser.exit(2, f"error: --logdir {logdir}: {exc.strerror or exc}; choose a writable folder\n")
     except (ValueError, RuntimeError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    if isinstance(report, int):
+        return report
     summary = {k: report[k] for k in ("algorithm", "test_acc", "baseline_test_acc", "retention", "macs_reduction",
                                       "params_reduction")}
     summary["logdir"] = str(logdir)

@@ -17,19 +17,22 @@ finite real number unless its field says ``finite=False``; ranges are declared o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import numbers
 import random
 import typing
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
 __all__ = ["SettingError", "check_settings", "config_mismatch", "flag_of", "flat_dict", "flat_from_dict", "flat_names",
-           "get_setting", "mismatch_message", "nested", "option", "resolve_device", "seed_everything", "with_overrides"]
+           "get_setting", "mismatch_message", "nested", "option", "preserved_rng", "resolve_device", "seed_everything",
+           "with_overrides"]
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -199,6 +202,25 @@ def mismatch_message(what: str, diff: dict[str, tuple[Any, Any]], restart: str) 
             + "); resuming would mix the two. Resume with its settings ("
             + " ".join(_flag_value(k, a) for k, (a, _) in diff.items())
             + f"), or {restart}.")
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run the block without changing the global RNG states (Python, NumPy's legacy RNG, torch CPU and CUDA).
+
+    For work that seeds or draws from the global RNGs (e.g. training a baseline) inside a run that
+    seeded them: what follows the block sees the same random numbers whether the block ran or not.
+    """
+    py, np_state, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def seed_everything(seed: int) -> None:

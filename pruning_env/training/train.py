@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import check_settings, option, resolve_device, seed_everything
+from pruning_env.core.config import check_settings, option, preserved_rng, resolve_device, seed_everything
 from pruning_env.core.data import Splits, batches, cache_dir, load_splits
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import build, list_models
@@ -198,12 +198,26 @@ def fit(
         raise ValueError(f"sam_rho must be >= 0, got {cfg.sam_rho}")
     if cfg.aug_copies < 1:
         raise ValueError(f"aug_copies must be >= 1 (1 turns batch augmentation off), got {cfg.aug_copies}")
+    # --dropout applies while training only: the returned model has the architecture's rates again, exactly
+    # what loading the saved checkpoint gives (else a just-trained baseline fine-tunes differently from a cached one)
+    dropouts = [(m, m.p) for m in model.modules() if isinstance(m, nn.Dropout)]
     if cfg.dropout is not None:
         if not 0.0 <= cfg.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = cfg.dropout
+        for m, _ in dropouts:
+            m.p = cfg.dropout
+    try:
+        with preserved_rng():  # the caller's global RNG states are as before (training seeds and draws from them)
+            return _fit_epochs(model, splits, cfg, device, out=out, resume_state=resume_state, meta=meta)
+    finally:
+        for m, p in dropouts:
+            m.p = p
+        if cfg.channels_last:
+            model.to(memory_format=torch.contiguous_format)  # as a loaded checkpoint is
+
+
+def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device, *, out: Path | None,
+                resume_state: dict[str, Any] | None, meta: dict[str, Any] | None) -> dict[str, Any]:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -307,6 +321,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     the image and its mirror: reported separately, never used for rewards), ``epochs``,
     ``seconds`` (this run's wall-clock time) and ``checkpoint`` (path).
     """
+    with preserved_rng():  # it seeds and draws from the global RNGs: the caller's are left as they were
+        return _train(cfg)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     t0 = time.time()
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
