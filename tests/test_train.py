@@ -212,8 +212,8 @@ def test_cli_prints_one_json_line_and_rejects_bad_flags(tmp_path):
     assert summary["epochs"] == 1 and 0.0 <= summary["test_acc"] <= 100.0
     bad = subprocess.run(cmd[:3] + ["--net", "vgg17"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice: 'vgg17'" in bad.stderr
-    bad = subprocess.run(cmd[:-1] + ["--dataset", "nosuchdata", "--data-dir", str(tmp_path)], capture_output=True,
-                         text=True)
+    bad = subprocess.run(cmd[:-1] + ["--dataset", "nosuchdata", "--data-dir", str(tmp_path), "--overwrite"],
+                         capture_output=True, text=True)  # --overwrite: c.pt exists (issue 14 refusal)
     assert bad.returncode == 2 and "not found" in bad.stderr and "Traceback" not in bad.stderr
 
 

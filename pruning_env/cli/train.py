@@ -7,7 +7,7 @@ import sys
 
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.training import train as _train_module
-from pruning_env.training.train import TrainConfig, train
+from pruning_env.training.train import TrainConfig, TrainingInterrupted, train
 
 __all__ = ["main"]
 
@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg)
     except (ValueError, RuntimeError) as exc:  # our errors carry actionable messages
         parser.exit(2, f"error: {exc}\n")
-    except KeyboardInterrupt:
-        parser.exit(130, "interrupted: the last finished epoch is saved; rerun with --resume to continue\n")
+    except KeyboardInterrupt as exc:
+        parser.exit(130, f"{exc if isinstance(exc, TrainingInterrupted) else 'interrupted'}\n")
     print_json(summary)
     return 0
 

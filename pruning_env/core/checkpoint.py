@@ -152,6 +152,13 @@ def run_lock(folder: str | os.PathLike, flag: str = "--logdir") -> Iterator[None
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+def _first_nonfinite(state: dict[str, Any]) -> str | None:
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
 def save(
     path: str | os.PathLike,
     model: nn.Module,
@@ -164,7 +171,13 @@ def save(
     plan: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Write a self-describing checkpoint of ``model`` (see the module docstring)."""
+    """Write a self-describing checkpoint of ``model`` (see the module docstring).
+
+    Refuses (:class:`CheckpointError`) a model with NaN/inf weights or statistics: garbage is not saved.
+    """
+    bad = _first_nonfinite(model.state_dict())
+    if bad is not None:
+        raise CheckpointError(f"not saving {path}: the model's {bad} holds NaN/inf values (a diverged training?)")
     blob: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "input_shape": [int(s) for s in input_shape],
@@ -225,11 +238,19 @@ def load(
         if expect_arch is not None and spec.arch != expect_arch:
             raise CheckpointError(f"{path} holds a {spec.arch}, not a {expect_arch}")
         model = build_from_spec(spec)
-        model.load_state_dict(blob["state_dict"])
+        try:
+            model.load_state_dict(blob["state_dict"])
+        except RuntimeError as exc:
+            raise CheckpointError(f"{path}: its weights do not fit its recorded architecture "
+                                  f"({str(exc).splitlines()[0]})") from None
     else:
         model = blob["module"]
         if expect_arch is not None:
             raise CheckpointError(f"{path} holds a user model ({type(model).__name__}), not a {expect_arch}")
+    bad = _first_nonfinite(model.state_dict())
+    if bad is not None:
+        raise CheckpointError(f"{path} holds NaN/inf values in {bad}: the network is not usable (retrain it; a "
+                              "diverged training?)")
     model.to(map_location)
     return Checkpoint(
         model=model,

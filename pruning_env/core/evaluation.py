@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -9,7 +10,19 @@ from torch import nn
 
 from pruning_env.core.data import Split, batches
 
-__all__ = ["evaluate", "measure_latency"]
+__all__ = ["NonFiniteError", "check_finite_loss", "evaluate", "measure_latency"]
+
+
+class NonFiniteError(RuntimeError):
+    """A model produced NaN/inf (logits or a loss): a result computed from it would be silently wrong."""
+
+
+def check_finite_loss(loss: torch.Tensor, *, where: str, hint: str) -> float:
+    """``float(loss)``, or :class:`NonFiniteError` naming ``where`` it happened and ``hint`` (what to change)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise NonFiniteError(f"the training loss became {value} at {where}; {hint}")
+    return value
 
 
 @torch.no_grad()
@@ -32,7 +45,8 @@ def evaluate(
             its horizontal mirror (two forward passes). Off everywhere the package measures
             accuracy (rewards, fine-tuning, reports' ``test_acc``); reports give it separately.
 
-    The model's train/eval mode is restored afterwards.
+    The model's train/eval mode is restored afterwards. Raises :class:`NonFiniteError` when the
+    model's outputs hold NaN/inf (NaN weights would otherwise count as class 0).
     """
     if limit is not None:
         split = split.subset(limit)
@@ -44,6 +58,9 @@ def evaluate(
     try:
         for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
             scores = model(x).softmax(1) + model(x.flip(3)).softmax(1) if flip_tta else model(x)
+            if not bool(torch.isfinite(scores).all()):
+                raise NonFiniteError("the model produced non-finite outputs (NaN/inf); its weights are probably "
+                                     "NaN/inf (a diverged training?): no accuracy can be measured")
             correct += int((scores.argmax(1) == y).sum())
     finally:
         model.train(was_training)

@@ -52,7 +52,7 @@ from pruning_env.core.config import (
     seed_everything,
 )
 from pruning_env.core.data import Splits, batches
-from pruning_env.core.evaluation import evaluate
+from pruning_env.core.evaluation import check_finite_loss, evaluate
 from pruning_env.core.models import list_models
 from pruning_env.training.optim import param_groups
 
@@ -268,11 +268,14 @@ def finetune(
                                    label_smoothing=cfg.label_smoothing)
                 else:
                     loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                loss_value = check_finite_loss(
+                    loss, where=f"fine-tuning epoch {epoch + 1}",
+                    hint="lower --finetune-lr (or --finetune-temperature) and fine-tune afresh")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += float(loss.detach()) * len(y)
+                loss_sum += loss_value * len(y)
                 seen += len(y)
                 bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
             val_acc = evaluate(student, splits.val, mean=splits.mean, std=splits.std, device=device)

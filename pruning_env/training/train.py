@@ -31,11 +31,12 @@ from tqdm import tqdm
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import check_settings, option, preserved_rng, resolve_device, seed_everything
 from pruning_env.core.data import Splits, batches, cache_dir, load_splits
-from pruning_env.core.evaluation import evaluate
+from pruning_env.core.evaluation import check_finite_loss, evaluate
 from pruning_env.core.models import build, list_models
 from pruning_env.training.optim import param_groups
 
-__all__ = ["TrainConfig", "default_checkpoint_path", "fit", "recipe_mismatch", "train", "with_legacy_values"]
+__all__ = ["TrainConfig", "TrainingInterrupted", "default_checkpoint_path", "fit", "recipe_mismatch", "train",
+           "with_legacy_values"]
 
 
 @dataclass
@@ -79,6 +80,7 @@ class TrainConfig:
     device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
     out: str | None = option(None, "checkpoint path (default: the cache, see default_checkpoint_path)")
     resume: bool = option(False, "continue from the checkpoint at --out after an interruption")
+    overwrite: bool = option(False, "replace an existing --out (without it an existing --out is refused)")
     channels_last: bool = option(True, "train in channels-last memory format (about 1.3x faster on CPU)")
     progress: bool = option(True, "show progress bars")
 
@@ -250,6 +252,10 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            loss_value = check_finite_loss(
+                loss, where=f"epoch {epoch + 1}, step {seen // max(len(y), 1) + 1}",
+                hint=("the last finished epoch is saved at " + str(out) if out is not None and epoch > 0
+                      else "nothing was saved") + "; lower --lr (or raise --warmup-frac) and train afresh")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.sam_rho > 0:
@@ -258,7 +264,7 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
             sched.step()
             if ema is not None:
                 ema.update()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += loss_value * len(y)
             seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
         if ema is not None:
@@ -281,7 +287,8 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
 
 
 # Fields that say where and how a run executes, not what it computes: --resume may change them.
-_RUN_ONLY_FIELDS = frozenset({"data_dir", "device", "out", "resume", "progress", "channels_last"})
+_RUN_ONLY_FIELDS = frozenset({"data_dir", "device", "out", "resume", "overwrite", "progress", "channels_last"})
+_TRAIN_STATE_KEYS = frozenset({"epoch", "history", "optimizer", "scheduler", "generator", "torch_rng"})
 # What checkpoints from before a field existed were trained with (the feature was off).
 _LEGACY_VALUES: dict[str, Any] = {"aug_copies": 1, "crop_padding": 4, "cutout": 0, "ema_decay": 0.0, "sam_rho": 0.0,
                                   "warmup_frac": 0.15, "anneal": "linear", "cycle_momentum": False}
@@ -325,21 +332,56 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         return _train(cfg)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`; the message says what is saved and how to continue."""
+
+
+def _saved_epoch(out: Path, since: float, resume: bool) -> int:
+    """The last epoch this run (or the run it resumed) saved at ``out``; 0 if none."""
+    if not out.is_file() or not (resume or out.stat().st_mtime >= since):
+        return 0
+    try:
+        state = ckpt.load(out).extra.get("train_state") or {}
+    except ckpt.CheckpointError:
+        return 0
+    return int(state.get("epoch", 0))
+
+
+def _check_out(cfg: TrainConfig, out: Path) -> None:
+    """Before any work: --out writable, not replaced unless asked, and resumable when --resume is given."""
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues --out and --overwrite replaces it: give one of them")
+    ckpt.check_writable(out, "--out")
+    if out.is_file() and not (cfg.resume or cfg.overwrite):
+        raise ValueError(f"--out {out} exists (an earlier result); pass --resume to continue it, --overwrite to "
+                         "replace it, or choose another --out")
+
+
+def _resume_state(loaded: ckpt.Checkpoint, out: Path) -> dict[str, Any]:
+    state = loaded.extra.get("train_state")
+    if loaded.plan is not None or "prune_config" in loaded.extra or "algorithm" in loaded.extra:
+        raise ValueError(f"--resume: {out} is a pruned or fine-tuned network, not an interrupted baseline training "
+                         "(pruning_env.train); choose another --out, or --overwrite to train afresh there")
+    if not isinstance(state, dict) or not set(state) >= _TRAIN_STATE_KEYS:
+        raise ValueError(f"--resume: {out} has no training state of pruning_env.train to resume from; "
+                         "pass --overwrite to train afresh there")
+    return state
+
+
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     t0 = time.time()
     if cfg.epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else default_checkpoint_path(cfg.net, cfg.dataset, cfg.width, cfg.epochs, cfg.seed)
+    _check_out(cfg, out)
     splits = load_splits(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
     seed_everything(cfg.seed)
     model = build(cfg.net, num_classes=splits.num_classes, in_channels=splits.input_shape[0], width=cfg.width)
     resume_state = None
     if cfg.resume and out.is_file():
         loaded = ckpt.load(out, expect_arch=cfg.net)
-        resume_state = loaded.extra.get("train_state")
-        if resume_state is None:
-            raise ckpt.CheckpointError(f"{out} has no training state to resume from")
+        resume_state = _resume_state(loaded, out)
         diff = recipe_mismatch(cfg, loaded.train_config) if loaded.train_config is not None else {}
         if diff:
             raise ValueError(
@@ -351,9 +393,13 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         model = loaded.model
         if cfg.progress:
             print(f"resuming {out} after epoch {resume_state['epoch']}/{cfg.epochs}", file=sys.stderr)
-    elif out.is_file() and not cfg.resume:
-        print(f"note: overwriting {out} (pass --resume to continue it instead)", file=sys.stderr)
-    result = fit(model, splits, cfg, out=out, resume_state=resume_state)
+    try:
+        result = fit(model, splits, cfg, out=out, resume_state=resume_state)
+    except KeyboardInterrupt:
+        done = _saved_epoch(out, t0, resume_state is not None)
+        raise TrainingInterrupted(
+            f"interrupted: epoch {done}/{cfg.epochs} is saved at {out}; rerun with --resume to continue" if done
+            else "interrupted before the first epoch finished: nothing was saved; rerun to start again") from None
     test_acc = evaluate(model, splits.test, mean=splits.mean, std=splits.std, device=device)
     test_tta = evaluate(model, splits.test, mean=splits.mean, std=splits.std, device=device, flip_tta=True)
     loaded = ckpt.load(out)
