@@ -18,15 +18,15 @@ Inside that directory a data set ``name`` may be stored as
 and ``test/``). Any other name is treated as an image folder ``<dir>/<name>``.
 
 Images are decoded once into ``uint8`` arrays cached under
-``~/.cache/pruning_env/decoded`` (keyed by the source's path, size and mtimes), so a
-second load takes a fraction of a second. Batches are produced from those tensors;
+``~/.cache/pruning_env/decoded`` (keyed by the source's path and every file's size and mtime,
+validated when read, see :mod:`pruning_env.core.decoded_cache`), so a second load takes a
+fraction of a second. Batches are produced from those tensors;
 augmentation (random crop with zero padding, horizontal flip) runs on whole batches.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import tarfile
@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pruning_env.core import decoded_cache
 from pruning_env.core.config import check_settings, option
 
 __all__ = [
@@ -78,7 +79,6 @@ CIFAR_SOURCES = {
         "meta": ("meta", b"fine_label_names"),
     },
 }
-_CACHE_VERSION = 1
 
 
 class DataError(RuntimeError):
@@ -225,6 +225,7 @@ def load_dataset(
     Raises:
         DataError: with the places looked at and how to fix it.
     """
+    _check_name(name)
     base = data_dir(root)
     candidates = []
     if (base / "train").is_dir() and (base / "test").is_dir():
@@ -255,45 +256,28 @@ def load_dataset(
     )
 
 
-def _source_key(path: Path) -> str:
-    """A fingerprint of a data source: its path and, for every directory in it, the
-    number of entries and the mtime (adding, removing or renaming files changes it;
-    rewriting a file in place does not: delete the cache folder then)."""
-    parts: list = [str(path.resolve()), _CACHE_VERSION]
-    for dirpath, dirs, files in os.walk(path):
-        dirs.sort()
-        parts.append((os.path.relpath(dirpath, path), len(files), os.stat(dirpath).st_mtime))
-        if len(dirs) == 0 and len(files) < 64:  # small archives (CIFAR python batches): add sizes
-            parts += [(f, os.stat(os.path.join(dirpath, f)).st_size) for f in sorted(files)]
-    raw = json.dumps(parts)
-    return hashlib.sha1(raw.encode()).hexdigest()[:16]
-
-
 def _cached(name: str, path: Path, use_cache: bool, read) -> ImageDataset:
     if not use_cache:
         return read()
-    folder = cache_dir() / "decoded" / f"{name}-{_source_key(path)}"
-    meta_file = folder / "meta.json"
-    if meta_file.is_file():
-        try:
-            meta = json.loads(meta_file.read_text())
-            arrays = {k: np.load(folder / f"{k}.npy") for k in ("xtr", "ytr", "xte", "yte")}
-            return ImageDataset(
-                name=name,
-                classes=meta["classes"],
-                train=Split(torch.from_numpy(arrays["xtr"]), torch.from_numpy(arrays["ytr"])),
-                test=Split(torch.from_numpy(arrays["xte"]), torch.from_numpy(arrays["yte"])),
-            )
-        except (OSError, ValueError, KeyError):
-            pass  # a broken cache is rebuilt below
-    ds = read()
-    folder.mkdir(parents=True, exist_ok=True)
-    for k, t in (("xtr", ds.train.images), ("ytr", ds.train.labels), ("xte", ds.test.images), ("yte", ds.test.labels)):
-        tmp = folder / f"{k}.tmp.npy"
-        np.save(tmp, t.numpy())
-        os.replace(tmp, folder / f"{k}.npy")
-    meta_file.write_text(json.dumps({"classes": ds.classes, "source": str(path)}))
+    folder = cache_dir() / "decoded" / decoded_cache.entry_name(name, decoded_cache.source_key(path))
+    hit = decoded_cache.read_entry(folder)
+    if hit is not None:
+        classes, a = hit
+        return ImageDataset(name=name, classes=classes,
+                            train=Split(torch.from_numpy(a["xtr"]), torch.from_numpy(a["ytr"])),
+                            test=Split(torch.from_numpy(a["xte"]), torch.from_numpy(a["yte"])))
+    ds = read()  # missing, stale or broken: rebuilt
+    arrays = {"xtr": ds.train.images.numpy(), "ytr": ds.train.labels.numpy(), "xte": ds.test.images.numpy(),
+              "yte": ds.test.labels.numpy()}
+    decoded_cache.write_entry(folder, ds.classes, arrays, str(path))
     return ds
+
+
+def _check_name(name: str) -> None:
+    """A data set name is a plain name: a path would look outside the data directory (and cache outside the cache)."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or os.path.isabs(name) or name.startswith("~"):
+        raise DataError(f"data set name {name!r} is not a plain name; to read a folder elsewhere, pass its parent "
+                        "folder as --data-dir (root=) and its folder name as --dataset")
 
 
 def _decode(path: str) -> np.ndarray:
@@ -309,16 +293,24 @@ def _decode(path: str) -> np.ndarray:
 
 
 def _read_folder_split(root: Path, classes: list[str] | None) -> tuple[Split, list[str]]:
+    found = sorted(d.name for d in root.iterdir() if d.is_dir())
     if classes is None:
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        classes = found
     if not classes:
         raise DataError(f"{root} has no class folders; expected {root}/<class>/<image files>")
+    extra = sorted(set(found) - set(classes))
+    if extra:
+        raise DataError(f"{root} has class folders that the training split lacks ({', '.join(extra[:5])}); "
+                        "train and test must have the same classes")
     files, labels = [], []
     for i, c in enumerate(classes):
         folder = root / c
         if not folder.is_dir():
             raise DataError(f"class folder {folder} is missing (train and test must have the same classes)")
         names = sorted(f for f in os.listdir(folder) if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+        if not names:
+            raise DataError(f"class folder {folder} has no image files (*.png, *.jpg, ...); add images or remove "
+                            "the folder (every class needs examples in train and test)")
         files += [str(folder / f) for f in names]
         labels += [i] * len(names)
     if not files:
