@@ -80,7 +80,7 @@ class FinetuneConfig:
                                    min=0, max=1, max_exclusive=True)
     augment: bool = option(True, "random-crop + flip augmentation of training batches")
     train_limit: int | None = option(None, "training images per epoch: a fixed subset of the training split "
-                                     "(None: all)", aliases=("finetune_limit",), min=1)
+                                     "(None or 0: all)", aliases=("finetune_limit",), min=0)
     # Where and how a run executes: a command sets these from its own --seed/--device/--progress.
     seed: int = option(0, "seed for shuffling, augmentation and dropout", cli=False, min=0)
     device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", cli=False)
@@ -88,6 +88,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
+        if self.train_limit == 0:  # "0 = all", as recorded benchmark command lines say
+            self.train_limit = None
 
     def check(self) -> None:
         """Raise ``ValueError`` for out-of-range settings."""
