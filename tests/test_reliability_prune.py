@@ -87,3 +87,15 @@ def test_foreign_out_is_not_resumed(base, tmp_path, capsys):
     ckpt.atomic_save({"not": "ours"}, out)
     err = _fails(capsys, "--checkpoint", base, "--out", out, "--resume", *FAST)
     assert "--resume" in err and "--overwrite" in err
+
+
+def test_ctrl_c_before_any_finetuning_epoch_says_nothing_is_saved(base, tmp_path, capsys, monkeypatch):
+    import pruning_env.cli.prune as prune_module
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_module, "finalize", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        main(["--checkpoint", str(base), "--out", str(tmp_path / "p.pt"), *FAST])
+    assert exc.value.code == 130 and "nothing was saved" in capsys.readouterr().err

@@ -303,13 +303,18 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, PruneConfig)
     args = parser.parse_args(argv)
+    started = time.time()
+    cfg = None
     try:
         cfg = config_from_args(PruneConfig, args)
         report = prune(cfg)
     except (ValueError, TypeError, RuntimeError, PlanError) as exc:  # ours carry actionable one-line messages
         parser.exit(2, f"error: {exc}\n")
     except KeyboardInterrupt:
-        parser.exit(130, "interrupted: finished fine-tuning epochs are saved at --out; rerun with --resume\n")
+        out = Path(cfg.out) if cfg is not None and cfg.out else None
+        if out is not None and out.is_file() and (cfg.resume or out.stat().st_mtime >= started):  # type: ignore[union-attr]
+            parser.exit(130, f"interrupted: finished fine-tuning epochs are saved at {out}; rerun with --resume\n")
+        parser.exit(130, "interrupted before any fine-tuning epoch finished: nothing was saved\n")
     for line in _summary_lines(report):
         print(line)
     print_json({k: report[k] for k in ("macs_reduction", "params_reduction", "test_acc", "val_acc",
