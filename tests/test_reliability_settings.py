@@ -94,3 +94,8 @@ def test_train_batch_size_zero_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exc:
         train_cli.main(["--batch-size", "0", "--dataset", "synthetic"])
     assert exc.value.code == 2 and "--batch-size" in capsys.readouterr().err
+
+
+def test_algo_config_numbers_must_be_finite():
+    with pytest.raises(ValueError, match="--algo-config: qmix.lr must be a finite number"):
+        SearchConfig(algo_config='{"qmix": {"lr": NaN}}')

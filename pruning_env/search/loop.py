@@ -18,6 +18,7 @@ epsilon, buffer size, gradient steps, noise...) and ``eval/`` (greedy evaluation
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -70,6 +71,10 @@ class SearchConfig:
         if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             raise ValueError("algo_config must be a JSON object {algorithm: {config field: value}}, "
                              "e.g. '{\"qmix\": {\"lr\": 0.0005}}'")
+        for algo, fields in table.items():
+            for key, value in fields.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"--algo-config: {algo}.{key} must be a finite number, got {value}")
         return dict(table.get(algorithm, {}))
 
 
