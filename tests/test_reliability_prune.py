@@ -99,3 +99,19 @@ def test_ctrl_c_before_any_finetuning_epoch_says_nothing_is_saved(base, tmp_path
     with pytest.raises(SystemExit) as exc:
         main(["--checkpoint", str(base), "--out", str(tmp_path / "p.pt"), *FAST])
     assert exc.value.code == 130 and "nothing was saved" in capsys.readouterr().err
+
+
+def test_resume_with_another_plan_file_is_refused(base, tmp_path, capsys):
+    from pruning_env.engine.plan import PruningPlan
+
+    out = tmp_path / "p.pt"
+    assert main(["--checkpoint", str(base), "--out", str(out), "--finetune-epochs", "1", *FAST]) == 0
+    plan = PruningPlan.from_dict(ckpt.load(out).plan)
+    same, other = tmp_path / "same.json", tmp_path / "other.json"
+    same.write_text(plan.to_json())
+    layer = plan.layers[0]
+    other.write_text(PruningPlan({**plan.keep, layer: plan.keep[layer][:1]}, plan.widths).to_json())
+    capsys.readouterr()
+    err = _fails(capsys, "--checkpoint", base, "--out", out, "--resume", "--plan", other, "--finetune-epochs", "1",
+                 *FAST)
+    assert "another plan" in err

@@ -142,9 +142,18 @@ def _check_resume(cfg: PruneConfig) -> None:
     if not (cfg.resume and Path(cfg.out).is_file()):  # type: ignore[arg-type]
         return
     try:
-        saved = ckpt.load(cfg.out, trust_pickle=cfg.trust_pickle).extra.get("prune_config")  # type: ignore[arg-type]
+        loaded = ckpt.load(cfg.out, trust_pickle=cfg.trust_pickle)  # type: ignore[arg-type]
     except ckpt.CheckpointError as exc:
         raise ValueError(f"--resume: {exc}; pass --overwrite to start afresh") from None
+    saved = loaded.extra.get("prune_config")
+    if cfg.plan is not None and saved is not None and loaded.plan is not None:
+        try:
+            same = PruningPlan.from_json(Path(cfg.plan).read_text()).to_dict() == loaded.plan
+        except (OSError, ValueError, KeyError, TypeError):
+            same = True  # an unreadable --plan is reported where it is read
+        if not same:
+            raise ValueError(f"--resume: {cfg.out} was made with another plan than --plan {cfg.plan}; resume with "
+                             "its plan, or pass --overwrite (instead of --resume) to start afresh")
     if saved is None:
         raise ValueError(f"--resume: {cfg.out} was not written by pruning_env.prune; choose another --out "
                          "or pass --overwrite to replace it")
