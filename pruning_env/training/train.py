@@ -255,7 +255,8 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
             loss_value = check_finite_loss(
                 loss, where=f"epoch {epoch + 1}, step {seen // max(len(y), 1) + 1}",
                 hint=("the last finished epoch is saved at " + str(out) if out is not None and epoch > 0
-                      else "nothing was saved") + "; lower --lr (or raise --warmup-frac) and train afresh")
+                      else "nothing was saved") + "; lower --lr (or raise --warmup-frac) and train afresh "
+                     "(--overwrite)")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.sam_rho > 0:
