@@ -422,8 +422,8 @@ class FilterPruningEnv(ParallelEnv):
         return model
 
     def measured_plans(self) -> list[dict[str, Any]]:
-        """Every plan measured and still cached, oldest first: its summary (as in ``infos``), ``plan``
-        (a :class:`PruningPlan`) and ``key`` (``plan.key()``)."""
+        """Every plan measured and still cached, oldest first: its summary (``acc``, the ratios, the exact integer
+        ``macs`` and ``params``, ``objective``), ``plan`` (a :class:`PruningPlan`) and ``key`` (``plan.key()``)."""
         return [{**self._summary(m), "plan": m.plan, "key": key} for key, m in self._cache.items()]
 
     def evaluate_plan(self, plan: PruningPlan) -> dict[str, float]:
