@@ -15,10 +15,9 @@ rewards, same evaluation budget accounting via ``env.num_evaluations``).
 * :class:`SequentialDiscretePruningEnv`: the same AMC-style walk with a ``Discrete(K)``
   action, the index into the env's rate grid (``config.rates``), for DQN-style learners.
 
-Infos: the joint view returns the multi-agent env's infos (of ``layer_0``: fixed-shape
-floats, the same keys at reset and every step). The sequential views return them at reset
-and on the step that ends a pass over the layers, with ``plan`` added there
-(``env.plan.to_dict()``, which AMC's logs read); the other steps return ``{}``.
+Infos: every view returns the multi-agent env's infos of ``layer_0`` (fixed-shape floats,
+the same keys at reset and every step); the sequential views repeat the last measured ones
+on the steps inside a pass over the layers. The plan is ``view.env.plan``.
 """
 
 from __future__ import annotations
@@ -115,6 +114,7 @@ class SequentialPruningEnv(gymnasium.Env):
         self._layer = 0
         self._prev = 1.0
         self._reduced = 0.0
+        self._info: dict[str, float] = {}
         self._done = True
 
     def _obs(self) -> np.ndarray:
@@ -126,7 +126,8 @@ class SequentialPruningEnv(gymnasium.Env):
         super().reset(seed=seed)
         _, infos = self.env.reset(seed=seed, options=options)
         self._pending, self._layer, self._prev, self._reduced, self._done = {}, 0, 1.0, 0.0, False
-        return self._obs(), infos[self.env.possible_agents[0]]
+        self._info = dict(infos[self.env.possible_agents[0]])
+        return self._obs(), dict(self._info)
 
     def step(self, action):
         if self._done:
@@ -148,14 +149,14 @@ class SequentialPruningEnv(gymnasium.Env):
         self._reduced += self._layer_macs[self._layer] * max(0.0, rate - current_rate)
         self._prev = 1.0 - rate
         self._layer += 1
-        reward, terminated, info = 0.0, False, {}
+        reward, terminated = 0.0, False
         if self._layer == self._n:
             _, rewards, terms, _, infos = self.env.step(self._pending)
             a0 = self.env.possible_agents[0]
-            reward, terminated, info = rewards[a0], terms[a0], {**infos[a0], "plan": self.env.plan.to_dict()}
+            reward, terminated, self._info = rewards[a0], terms[a0], dict(infos[a0])
             self._pending, self._layer, self._prev, self._reduced = {}, 0, 1.0, 0.0
             self._done = terminated
-        return self._obs(), float(reward), bool(terminated), False, info
+        return self._obs(), float(reward), bool(terminated), False, dict(self._info)
 
     def render(self) -> str | None:
         return self.env.render()
