@@ -109,7 +109,7 @@ def test_prune_cli_makes_the_envs_uniform_plan(branches, tmp_path, capsys):
         out = tmp_path / f"pruned-{rate}.pt"
         code = prune_main(["--checkpoint", str(path), "--trust-pickle", "--criterion", "l1", "--rate", str(rate),
                            "--round-to", "4", "--min-keep", "3", "--bn-recal-batches", "0", "--latency-repeats",
-                           "0", "--eval-limit", "16", "--device", "cpu", "--no-progress", "--out", str(out)])
+                           "0", "--eval-limit", "64", "--device", "cpu", "--no-progress", "--out", str(out)])
         assert code == 0
         report = json.loads(out.with_suffix(".json").read_text())
         assert {n: v["kept"] for n, v in report["layers"].items()} == env.uniform_plan(rate).keep_counts(), rate

@@ -76,3 +76,26 @@ def test_a_diverging_finetuning_stops_with_a_clear_error(splits, tmp_path):
         finetune(model, splits, FinetuneConfig(epochs=1, lr=1e30, kd=False, progress=False, device="cpu",
                                                optimizer="sgd", batch_size=64), out=tmp_path / "f.pt")
     assert not (tmp_path / "f.pt").exists()
+
+
+def test_finalize_refuses_a_baseline_with_zero_test_accuracy():
+    """Retention = final / baseline test accuracy: undefined for a 0 % baseline, so refused, never NaN."""
+    import torch
+    from torch import nn
+
+    from pruning_env.core.data import load_splits
+    from pruning_env.training.finalize import finalize
+
+    class Wrong(nn.Module):  # always predicts a class that no test image has
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x).mean((2, 3))
+            return self.fc(h) * 0 + torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
+
+    splits = load_splits("synthetic")  # 4 classes: class 4 never occurs
+    with pytest.raises(ValueError, match="0 % test accuracy"):
+        finalize(Wrong().eval(), splits, model=Wrong().eval())

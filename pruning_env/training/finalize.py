@@ -120,6 +120,9 @@ def finalize(
     assert model is not None
     model.to(device).eval()
     base_acc = baseline_accuracy or accuracy(base, splits, device=device, limit=eval_limit)
+    if base_acc["test"] <= 0:  # retention (final / baseline) would be undefined: refuse before any work
+        raise ValueError("the unpruned network classifies no test image correctly (0 % test accuracy), so "
+                         "retention is undefined; check that the checkpoint was trained on this data set")
     stages: dict[str, dict[str, float] | None] = dict.fromkeys(STAGES)
     stages["after_pruning"] = accuracy(model, splits, device=device, limit=eval_limit)
     if bn.bn_recal_batches > 0:
@@ -142,7 +145,7 @@ def finalize(
         "accuracy": stages,
         "val_acc": final["val"],
         "test_acc": final["test"],
-        "retention": final["test"] / base_acc["test"] if base_acc["test"] > 0 else float("nan"),
+        "retention": final["test"] / base_acc["test"],
         "macs": cost.macs, "params": cost.params,
         "baseline_macs": base_cost.macs, "baseline_params": base_cost.params,
         "macs_ratio": cost.macs / base_cost.macs, "params_ratio": cost.params / base_cost.params,
