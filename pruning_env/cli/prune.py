@@ -60,7 +60,7 @@ from pruning_env.core.config import (
     seed_everything,
 )
 from pruning_env.core.data import calibration_batch, load_splits
-from pruning_env.core.models import list_models
+from pruning_env.core.models import check_float32, list_models
 from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.graph import prunable_layers
@@ -194,6 +194,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress else (lambda msg: None)
     base_ckpt = ckpt.load(cfg.checkpoint, map_location=device, expect_arch=cfg.net, trust_pickle=cfg.trust_pickle)
     base = base_ckpt.model.eval()
+    check_float32(base, f"{cfg.checkpoint}")
     input_shape = tuple(base_ckpt.input_shape)
     train_cfg = base_ckpt.train_config or {}
     dataset = cfg.dataset or base_ckpt.dataset

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelSpec", "build", "build_from_spec", "channel_spec", "list_models"]
+__all__ = ["ModelSpec", "build", "build_from_spec", "channel_spec", "check_float32", "list_models"]
 
 VGG_CONFIGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -320,3 +320,16 @@ def channel_spec(model: nn.Module) -> ModelSpec:
         convs=tuple(c.out_channels for c in convs),
         hidden=tuple(lin.out_features for lin in linears[:-1]),
     )
+
+
+def check_float32(model: nn.Module, what: str = "the model") -> None:
+    """Raise ``TypeError`` unless every floating parameter and buffer of ``model`` is float32.
+
+    The package measures, prunes and fine-tunes float32 networks (inputs are float32 batches);
+    another dtype would otherwise fail deep inside torch with a dtype clash.
+    """
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in [*model.parameters(), *model.buffers()]
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if dtypes:
+        raise TypeError(f"{what} has {', '.join(dtypes)} weights; pruning_env works on float32 models only: "
+                        "pass model.float()")

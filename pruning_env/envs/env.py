@@ -19,6 +19,7 @@ from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import with_overrides
 from pruning_env.core.data import Splits, calibration_batch
 from pruning_env.core.evaluation import evaluate
+from pruning_env.core.models import check_float32
 from pruning_env.criteria import compute_components, fuse, score
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.macs import MacsModel
@@ -200,6 +201,7 @@ class FilterPruningEnv(ParallelEnv):
             model = ckpt.load(model, map_location=self.device).model
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module or a checkpoint path, got {type(model).__name__}")
+        check_float32(model)
         if not isinstance(splits, Splits):
             raise TypeError("splits must be a pruning_env.Splits (e.g. from pruning_env.load_splits)")
         self.splits = splits

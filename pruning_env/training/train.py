@@ -261,13 +261,14 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
             loss.backward()
             if cfg.sam_rho > 0:
                 _sam_second_pass(model, x, y, cfg)
+            step_lr = opt.param_groups[0]["lr"]  # the rate this step used (the scheduler then moves to the next)
             opt.step()
             sched.step()
             if ema is not None:
                 ema.update()
             loss_sum += loss_value * len(y)
             seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{step_lr:.3g}")
         if ema is not None:
             ema.swap()  # validate, save and return the average; the raw weights travel in the train state
         val_acc = evaluate(model, splits.val, mean=splits.mean, std=splits.std, device=device)
