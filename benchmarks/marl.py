@@ -70,7 +70,7 @@ from pruning_env.core.evaluation import evaluate
 from pruning_env.core.provenance import git_commit, machine_description
 from pruning_env.engine.flops import count
 from pruning_env.engine.plan import PruningPlan
-from pruning_env.envs.config import EnvConfig, config_dict
+from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
@@ -186,9 +186,7 @@ class Context:
     def make_env(self) -> FilterPruningEnv:
         """A fresh env of the benchmark's problem (its plan cache empty)."""
         cfg = self.cfg
-        default = flat_dict(EnvConfig())
-        settings = {k: (tuple(v) if isinstance(v, list) else v) for k, v in flat_dict(cfg.problem).items()
-                    if v != default[k]}
+        settings = changed_settings(cfg.problem)
         # big enough that no measured plan is ever evicted (a re-measure would cost time twice)
         settings["cache_size"] = max(cfg.problem.cache_size, 4 * cfg.search.plans)
         if cfg.env == TINY_ID:

@@ -61,7 +61,7 @@ from pruning_env.core.models import build, list_models
 from pruning_env.engine.graph import prunable_layers
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
-from pruning_env.envs.config import EnvConfig
+from pruning_env.envs.config import EnvConfig, changed_settings
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, pareto_front
@@ -181,15 +181,9 @@ def _min_macs_ratio(cfg: RunConfig) -> float:
     return macs.predict(least)[0] / macs.base_macs
 
 
-def env_settings(problem: EnvConfig) -> dict[str, Any]:
-    """The env settings that differ from :class:`EnvConfig`'s defaults (a registered env keeps its own for the rest)."""
-    default = flat_dict(EnvConfig())
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in flat_dict(problem).items() if v != default[k]}
-
-
 def make_env(cfg: RunConfig) -> FilterPruningEnv:
     """The pruning env of this run (registered id or net/dataset with its baseline)."""
-    settings = env_settings(cfg.problem)
+    settings = changed_settings(cfg.problem)
     if cfg.env is not None:
         if cfg.env != "pruning_env/Tiny-v0":
             settings.update(device=cfg.device, width=cfg.width, baseline_epochs=cfg.baseline_epochs,

@@ -12,7 +12,7 @@ from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.plan import RateRule
 from pruning_env.envs.objective import REWARD_MODES
 
-__all__ = ["EnvConfig", "config_dict"]
+__all__ = ["EnvConfig", "changed_settings", "config_dict"]
 
 
 @dataclass
@@ -76,3 +76,13 @@ class EnvConfig:
 def config_dict(cfg: EnvConfig) -> dict[str, Any]:
     """The config as a flat, JSON-friendly dict (one entry per setting, by flat name)."""
     return flat_dict(cfg)
+
+
+def changed_settings(cfg: EnvConfig) -> dict[str, Any]:
+    """``{flat name: value}`` of the settings where ``cfg`` differs from :class:`EnvConfig`'s defaults.
+
+    What a script passes to a registered env id, so that id keeps its own defaults for the rest
+    (e.g. ``Tiny-v0``'s small evaluation subset).
+    """
+    default = flat_dict(EnvConfig())
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in flat_dict(cfg).items() if v != default[k]}
