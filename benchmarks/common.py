@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pruning_env.cli.options import add_config_args, config_from_args
+from pruning_env.core.checkpoint import atomic_write_text
 from pruning_env.core.provenance import git_commit, machine_description
 
 __all__ = [
@@ -88,14 +88,6 @@ def machine(*, load: bool = True) -> str:
 def log(msg: str) -> None:
     """A timestamped progress line on stderr."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def mean_std(values: list[Any]) -> tuple[float, float | None]:

@@ -355,9 +355,7 @@ def _jsonable(x: Any) -> Any:
 
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: an interrupted write never loses what was recorded before."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=1, default=_jsonable))
-    tmp.replace(path)
+    ckpt.atomic_write_text(path, json.dumps(state, indent=1, default=_jsonable))
 
 
 # ----------------------------------------------------------------------------- report
