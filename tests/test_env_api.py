@@ -36,7 +36,7 @@ def test_spaces_are_cached_shared_and_bounded(tiny_env_factory):
 
 
 def test_continuous_actions(tiny_env_factory):
-    env = tiny_env_factory(continuous=True)
+    env = tiny_env_factory(continuous=True, exact_budget=False)  # the raw action, no budget projection
     parallel_api_test(env, num_cycles=10)
     env.reset(seed=0)
     _, _, _, _, infos = env.step({a: np.array([0.5], np.float32) for a in env.agents})

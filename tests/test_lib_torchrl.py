@@ -27,10 +27,10 @@ def test_wrapper_specs_and_a_rollout_match_the_env(tiny_env_factory, kwargs):
     env = PettingZooWrapper(tiny_env_factory(), **kwargs)
     assert env.group_map == {"layer": [f"layer_{i}" for i in range(4)]}
     check_env_specs(env)
-    assert env.observation_spec["layer", "observation"].shape == (4, 36)
+    assert env.observation_spec["layer", "observation"].shape == (4, 38)
     assert set(env.observation_spec["layer", "info"].keys()) == set(INFO_KEYS)
     if kwargs:
-        assert env.observation_spec["state"].shape == (4 * 36 + 4,)
+        assert env.observation_spec["state"].shape == (4 * 38 + 4,)
         assert env.observation_spec["layer", "mask"].shape == (4,)
     # A fixed-action rollout of one episode; rewards and infos are the env's own.
     ref = tiny_env_factory()

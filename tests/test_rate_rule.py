@@ -87,7 +87,8 @@ def test_env_actions_and_uniform_plan_follow_the_rule(branches):
     model, splits = branches
     rule = RateRule()
     env = FilterPruningEnv(model, splits, rates=GRID, criterion="l1", kl="fisher", calib_size=16, eval_size=32,
-                           bn_recal_batches=0, episode_length=1, min_keep=rule.min_keep, round_to=rule.round_to)
+                           bn_recal_batches=0, episode_length=1, min_keep=rule.min_keep, round_to=rule.round_to,
+                           exact_budget=False)  # the raw action: no projection onto a MACs budget
     for k, rate in enumerate(GRID):
         want = {name: _expected(w, rate, rule) for name, w in env.widths.items()}
         assert {name: env.keep_count(name, rate) for name in env.layer_names} == want

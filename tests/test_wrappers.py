@@ -31,7 +31,7 @@ def test_joint_view_equals_the_parallel_env(tiny_env_factory):
 
 
 def test_sequential_view_walks_the_layers_and_returns_the_team_reward(tiny_env_factory):
-    env = SequentialPruningEnv(tiny_env_factory())
+    env = SequentialPruningEnv(tiny_env_factory(exact_budget=False))  # the raw action, no budget projection
     obs, _ = env.reset(seed=0)
     total, steps, terminated = 0.0, 0, False
     while not terminated:
@@ -48,11 +48,11 @@ def test_sequential_view_walks_the_layers_and_returns_the_team_reward(tiny_env_f
 
 
 def test_sequential_discrete_view_takes_rate_indices(tiny_env_factory):
-    env = SequentialDiscretePruningEnv(tiny_env_factory())
+    env = SequentialDiscretePruningEnv(tiny_env_factory(exact_budget=False))  # raw rates, no budget projection
     check_env(env, skip_render_check=True)
     assert env.action_space == gymnasium.spaces.Discrete(10)
     env.reset(seed=0)
-    par = tiny_env_factory()
+    par = tiny_env_factory(exact_budget=False)
     par.reset(seed=0)
     actions = [3, 5, 1, 7]
     for t in range(4):

@@ -11,6 +11,7 @@ from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.plan import RateRule
 from pruning_env.envs.objective import REWARD_MODES
+from pruning_env.training.proxy import ProxyConfig
 
 __all__ = ["EnvConfig", "changed_settings", "config_dict"]
 
@@ -20,8 +21,9 @@ class EnvConfig:
     """Settings of :class:`~pruning_env.envs.env.FilterPruningEnv` (all have working defaults).
 
     Composed of the shared :class:`~pruning_env.criteria.config.ScoringConfig` (ranking),
-    :class:`~pruning_env.engine.plan.RateRule` (rate -> kept filters) and
-    :class:`~pruning_env.engine.bn.BNRecalConfig`; every leaf setting has one flat name
+    :class:`~pruning_env.engine.plan.RateRule` (rate -> kept filters),
+    :class:`~pruning_env.engine.bn.BNRecalConfig` and :class:`~pruning_env.training.proxy.ProxyConfig`
+    (the reward's signal); every leaf setting has one flat name
     (``criterion``, ``min_keep``, ``bn_recal_batches``...), which is what the env's keyword
     arguments, ``pruning_env.make`` and the command lines take.
     """
@@ -35,8 +37,10 @@ class EnvConfig:
     lam: float = option(0.5, "linear reward: objective = acc_ratio - lam * macs_ratio", min=0)
     macs_target: float = option(0.5, "budget reward: target MACs ratio (pruned / unpruned)",
                                 min=0, max=1, min_exclusive=True)
-    budget_penalty: float = option(2.0, "budget reward: penalty per unit of MACs ratio above the target",
-                                   min=0)
+    budget_penalty: float = option(2.0, "budget reward: penalty per unit of MACs ratio above the target "
+                                   "(only reached with --no-exact-budget)", min=0)
+    exact_budget: bool = option(True, "budget reward: every step's joint action is projected onto the MACs "
+                                "target (pruning_env.engine.budget), so every final plan is at or just below it")
     scoring: ScoringConfig = nested(ScoringConfig, "filter ranking of the transition (the unpruned network's KL "
                                     "component is computed once and cached)")
     kl_per_step: str | None = option(None, "recompute KL on the pruned network every step: exact, linear or fisher")
@@ -44,6 +48,8 @@ class EnvConfig:
     eval_size: int = option(1000, "validation images the reward's accuracy is measured on", min=1)
     eval_batch_size: int = option(500, "batch size of the reward evaluation", min=1)
     bn: BNRecalConfig = nested(BNRecalConfig, "BN re-estimation before each reward evaluation")
+    proxy: ProxyConfig = nested(ProxyConfig, "what the reward measures after the BN re-estimation "
+                                "(see benchmarks/results/reward_fidelity.md)")
     rule: RateRule = nested(RateRule, "how a rate becomes a number of kept filters")
     cache_size: int = option(4096, "evaluated plans remembered (LRU)", min=1)
 
@@ -71,6 +77,12 @@ class EnvConfig:
                             ("eval_batch_size", self.eval_batch_size), ("cache_size", self.cache_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+
+    @property
+    def budget_target(self) -> float | None:
+        """The MACs ratio every final plan meets exactly (``None`` unless ``reward="budget"`` with
+        ``exact_budget``)."""
+        return self.macs_target if self.reward == "budget" and self.exact_budget else None
 
 
 def config_dict(cfg: EnvConfig) -> dict[str, Any]:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,40 +15,21 @@ from torch import nn
 
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import with_overrides
-from pruning_env.core.data import Splits, calibration_batch
-from pruning_env.core.evaluation import evaluate
+from pruning_env.core.data import Splits
 from pruning_env.core.models import check_float32
-from pruning_env.criteria import compute_components, fuse, score
+from pruning_env.engine.budget import budget_keep_counts, reachable_macs
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
-from pruning_env.engine.surgery import apply
 from pruning_env.envs.config import EnvConfig
-from pruning_env.envs.features import (
-    GLOBAL_FEATURES,
-    OBSERVATION_FEATURES,
-    STATIC_FEATURES,
-    dsfp_features,
-    static_features,
-)
+from pruning_env.envs.features import GLOBAL_FEATURES, OBSERVATION_FEATURES, STATIC_FEATURES, static_features
+from pruning_env.envs.measure import Measured, PlanMeter
 from pruning_env.envs.objective import objective
 
 __all__ = ["INFO_KEYS", "FilterPruningEnv"]
 
 #: The keys of every agent's info (each a float; see ``FilterPruningEnv``'s "Infos").
-INFO_KEYS = ("acc", "acc_ratio", "macs_ratio", "params_ratio", "mmacs", "mparams", "objective", "rate")
-
-
-@dataclass
-class _Measured:
-    """What the env knows about one plan: accuracy, cost and the scores of its network."""
-
-    acc: float
-    macs: int
-    params: int
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # pruning order: low = prune first
-    features: np.ndarray | None = None  # (L, n_dsfp_features + K)
-    plan: PruningPlan | None = None
+INFO_KEYS = ("acc", "acc_ratio", "quality", "macs_ratio", "params_ratio", "mmacs", "mparams", "objective", "rate")
 
 
 class FilterPruningEnv(ParallelEnv):
@@ -75,7 +54,7 @@ class FilterPruningEnv(ParallelEnv):
 
     Observation Space
     -----------------
-    ``Box(0, 1, (26 + K,), float32)``, the same layout for every agent:
+    ``Box(0, 1, (28 + K,), float32)``, the same layout for every agent:
 
     ====  ====================  ==========================================================
     idx   feature               meaning (all in [0, 1])
@@ -93,15 +72,17 @@ class FilterPruningEnv(ParallelEnv):
     10    macs_ratio            current / unpruned MACs of the whole network
     11    acc_ratio             last measured accuracy / unpruned (clipped to 1)
     12    progress              step / T
-    13-16 fused_{mean,std,min,max}  log(DSFP fused score) / 2.5 of the current filters
-    17-22 {grad,taylor,kl}_{mean,std}  min-max normalised DSFP components
-    23-25 {grad,taylor,kl}_share    the layer's share of the network's raw component mass
-    26+k  removed_mass[k]       share of the layer's sensitivity (mean of the normalised
+    13    macs_target           the exact budget's target MACs ratio (0 without one)
+    14    macs_to_cut           max(0, macs_ratio - macs_target): what the budget still asks (0 without one)
+    15-18 fused_{mean,std,min,max}  log(DSFP fused score) / 2.5 of the current filters
+    19-24 {grad,taylor,kl}_{mean,std}  min-max normalised DSFP components
+    25-27 {grad,taylor,kl}_share    the layer's share of the network's raw component mass
+    28+k  removed_mass[k]       share of the layer's sensitivity (mean of the normalised
                                 components) that pruning to grid rate k would remove now
     ====  ====================  ==========================================================
 
     ``state()``: all observations concatenated (agent order) plus
-    ``[macs_ratio, params_ratio, acc_ratio, progress]``; ``Box(0, 1, (L * (26 + K) + 4,))``.
+    ``[macs_ratio, params_ratio, acc_ratio, progress]``; ``Box(0, 1, (L * (28 + K) + 4,))``.
 
     Action Space
     ------------
@@ -110,12 +91,22 @@ class FilterPruningEnv(ParallelEnv):
     ``continuous=True``: ``Box(0, max(rates), (1,), float32)``. Pruning is monotone
     within an episode: a target below the layer's current rate keeps the current one.
 
+    **Exact budget** (``reward="budget"`` with ``exact_budget=True``, the default): the joint
+    action is a *proposal*. :func:`pruning_env.engine.budget.budget_keep_counts` moves all
+    proposed rates together, in the agents' proportions, so that the final step's network is at
+    or just below ``macs_target`` and no earlier step goes below it. The agents still choose
+    the allocation (which layers prune more); observation features 13-14 show the target and
+    what remains to cut. The ``rate`` info is the rate the layer actually got.
+
     Rewards
     -------
     One team reward, identical for every agent: ``r_t = J(s_{t+1}) - J(s_t)`` where
     ``J`` is :func:`objective` (``linear``: ``acc_ratio - lam * macs_ratio``;
-    ``budget``: accuracy ratio with a graded penalty above a MACs target; ``amc``:
-    ``-error * log(MACs)``). So an episode's return is ``J(final) - J(unpruned)``.
+    ``budget``: quality with a graded penalty above a MACs target, which an exact budget never
+    reaches; ``amc``: ``-error * log(MACs)``). The quality is the reward proxy's signal on an
+    accuracy-ratio scale (``config.proxy``, :mod:`pruning_env.training.proxy`: by default the
+    accuracy ratio after the BN re-estimation; optionally after a few KD steps, or the KL from the
+    unpruned network's outputs). So an episode's return is ``J(final) - J(unpruned)``.
     Learners that sum per-agent rewards (epymarl) see ``L`` times this; learners
     that average them (BenchMARL) see it as is.
 
@@ -134,7 +125,8 @@ class FilterPruningEnv(ParallelEnv):
     The same keys at ``reset`` and at every step, each a Python ``float`` that survives a
     float32 cast (learners such as TorchRL and Tianshou stack infos into fixed-shape
     float32 buffers): :data:`INFO_KEYS` = ``acc`` (percent on the validation subset),
-    ``acc_ratio``, ``macs_ratio``, ``params_ratio`` (current / unpruned), ``mmacs`` and
+    ``acc_ratio``, ``quality`` (the reward proxy's signal, see Rewards), ``macs_ratio``,
+    ``params_ratio`` (current / unpruned), ``mmacs`` and
     ``mparams`` (MACs per image and parameters in millions), ``objective`` (J of the
     current network) and ``rate`` (this layer's current pruning rate). Deterministic
     values only. The plan (kept filter indices per layer) is :attr:`plan`; the exact
@@ -163,6 +155,10 @@ class FilterPruningEnv(ParallelEnv):
       images ``prune --seed 0`` scores; the default reward is ``budget`` (was ``linear``), the
       default of ``train_marl.py`` and the benchmarks. The ids stay ``-v0``: results measured
       before this revision say so in ``benchmarks/results/``.
+    * v0, reward revision (issue 16): exact MACs budgets by default with the budget reward (the
+      joint action is projected onto the target; ``exact_budget=False`` restores the soft
+      penalty); observations gained ``macs_target`` and ``macs_to_cut`` (28 + K features);
+      the reward's signal is configurable (``proxy``, ``proxy_kd_steps``); infos gained ``quality``.
     * v0, library revision (issue 13): infos hold only fixed-shape floats, the same keys at
       ``reset`` and every step (``INFO_KEYS``); ``plan`` left them (opt-in ``plan_info=True``)
       and the integer ``macs`` / ``params`` became ``mmacs`` / ``mparams`` (millions), so
@@ -222,19 +218,23 @@ class FilterPruningEnv(ParallelEnv):
             self._names.index(producer[layer.name][0]) if layer.name in producer else -1 for layer in self._layers
         ]
         self._rates = np.asarray(cfg.rates, dtype=np.float64)
-        self._macs_model = MacsModel.from_model(self._base, self.input_shape)
-
-        # Fixed calibration batch (train split) and reward subset (validation split).
-        self._calib_x, self._calib_y = calibration_batch(splits, cfg.scoring.calib_size, seed=0, device=self.device)
-
-        self._cache: OrderedDict[bytes, _Measured] = OrderedDict()
+        # Fixed calibration batch (train split) and reward images (validation split): see envs.measure.
+        self._meter = PlanMeter(self._base, self._layers, splits, cfg, self.keep_count, self.device)
+        self._macs_model = self._meter.macs_model
+        self._cache: OrderedDict[bytes, Measured] = OrderedDict()
         self.num_evaluations = 0  # plans measured (cache misses): the budget unit of a search
         # Seconds spent per phase of plan measurement (for benchmarks/env_step.py; never in infos).
-        self.timings: dict[str, float] = {}
+        self.timings = self._meter.timings
         full = self._full_plan()
         self._base_macs, self._base_params = self._macs_model.predict(self._keep_counts(full))
+        target = cfg.budget_target
+        if target is not None:
+            floor = reachable_macs(self._macs_model, cfg.rule, float(self._rates.max()))
+            if floor > target * self._base_macs:
+                raise ValueError(f"macs_target {target:g} cannot be met: with every layer at the largest rate "
+                                 f"{self._rates.max():g} the network keeps {floor / self._base_macs:.3f} of its MACs; "
+                                 "raise --macs-target, add larger --rates, or pass --no-exact-budget")
         self._static = static_features(self._base, self._layers, self.input_shape, self._base_macs, self._base_params)
-        self._base_kl: dict[str, torch.Tensor] | None = None
         base = self._measure(full)
         self.baseline_acc = base.acc
         self._obs_dim = len(OBSERVATION_FEATURES) + len(self._rates)
@@ -281,17 +281,8 @@ class FilterPruningEnv(ParallelEnv):
         targets = self._parse_actions(actions)
         before = self._measure(self._plan)
         j_before = self._objective(before)
-        keep = {}
-        for i, name in enumerate(self._names):
-            current = self._plan.indices(name)
-            n_keep = self.keep_count(i, targets[i])
-            if n_keep >= len(current):
-                keep[name] = current  # monotone: never grow back
-            else:
-                order = before.scores[name]  # of the current filters, low = prune first
-                survivors = torch.sort(torch.argsort(order, stable=True)[len(current) - n_keep:]).values
-                keep[name] = current[survivors]
-        self._plan = PruningPlan(keep, self._widths)
+        final = self._step + 1 >= self.config.episode_length
+        self._plan = self._next_plan(self._plan, before, targets, final=final)
         after = self._measure(self._plan)
         self._step += 1
         reward = self._objective(after) - j_before
@@ -379,7 +370,7 @@ class FilterPruningEnv(ParallelEnv):
     def calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The fixed calibration batch of the sensitivity scores: normalised ``(N, C, H, W)`` float images
         and ``(N,)`` int64 labels from the TRAINING split, on the env's device (do not modify)."""
-        return self._calib_x, self._calib_y
+        return self._meter.calib_x, self._meter.calib_y
 
     @property
     def macs_model(self) -> MacsModel:
@@ -404,13 +395,22 @@ class FilterPruningEnv(ParallelEnv):
 
     def uniform_plan(self, rate: float) -> PruningPlan:
         """The plan one step at ``rate`` on every layer gives from the unpruned network (DSFP-uniform at
-        ``rate``): each layer keeps ``keep_count(layer, rate)`` filters, lowest transition scores pruned."""
-        full = self._measure(self._full_plan())
-        keep = {}
-        for i, name in enumerate(self._names):
-            k = self.keep_count(i, rate)
-            keep[name] = torch.sort(torch.argsort(full.scores[name], stable=True)[int(self._orig[i]) - k:]).values
-        return PruningPlan(keep, self._widths)
+        ``rate``): each layer keeps ``keep_count(layer, rate)`` filters, lowest transition scores pruned.
+        Never projected onto a budget (see :meth:`plan_from_rates` for that)."""
+        return self.plan_from_rates([rate] * len(self._names), budget=False)
+
+    def plan_from_rates(self, rates: Any, *, budget: bool = True) -> PruningPlan:
+        """The plan ONE step proposing per-layer ``rates`` (``(L,)``, agent order) gives from the unpruned
+        network: with ``budget`` and an exact budget (:attr:`EnvConfig.budget_target`) the rates are first
+        projected onto it as the final step of an episode is (:mod:`pruning_env.engine.budget`), so the plan
+        meets the MACs target; the lowest transition scores are pruned."""
+        rates = np.asarray(rates, dtype=np.float64).reshape(-1)
+        if rates.shape != (len(self._names),) or not np.isfinite(rates).all() or (rates < 0).any() \
+                or (rates >= 1).any():
+            raise ValueError(f"rates must be {len(self._names)} pruning rates in [0, 1) (one per layer), got "
+                             f"{rates.tolist()}")
+        full = self._full_plan()
+        return self._next_plan(full, self._measure(full), rates.tolist(), final=True, budget=budget)
 
     def objective_of(self, acc: float, macs: float) -> float:
         """The objective J of a network with validation accuracy ``acc`` (percent, on the env's reward subset)
@@ -419,9 +419,7 @@ class FilterPruningEnv(ParallelEnv):
 
     def pruned_model(self) -> nn.Module:
         """A new, physically pruned copy of the current network (BN recalibrated as in the env)."""
-        model = apply(self._base, self._plan, self.input_shape, layers=self._layers)
-        self._recalibrate(model)
-        return model
+        return self._meter.build(self._plan)
 
     def measured_plans(self) -> list[dict[str, Any]]:
         """Every plan measured and still cached, oldest first: its summary (``acc``, the ratios, the exact integer
@@ -440,6 +438,27 @@ class FilterPruningEnv(ParallelEnv):
 
     def _keep_counts(self, plan: PruningPlan) -> dict[str, int]:
         return {n: len(plan.keep[n]) for n in self._names}
+
+    def _next_plan(self, plan: PruningPlan, measured: Measured, targets: list[float], *, final: bool,
+                   budget: bool = True) -> PruningPlan:
+        """The transition: each layer keeps ``keep_count(targets)`` filters (never more than now; projected
+        onto the exact budget, if any), the lowest-scoring current filters pruned."""
+        current = np.array([len(plan.keep[n]) for n in self._names])
+        target = self.config.budget_target if budget else None
+        if target is None:
+            counts = np.minimum(current, [self.keep_count(i, r) for i, r in enumerate(targets)])
+        else:
+            counts = budget_keep_counts(self._macs_model, self.config.rule, current, targets,
+                                        target * self._base_macs, final=final, max_rate=float(self._rates.max()))
+        keep = {}
+        for i, name in enumerate(self._names):
+            kept, n_keep = plan.indices(name), int(counts[i])
+            if n_keep >= len(kept):
+                keep[name] = kept
+            else:
+                order = measured.scores[name]  # of the current filters, low = prune first
+                keep[name] = kept[torch.sort(torch.argsort(order, stable=True)[len(kept) - n_keep:]).values]
+        return PruningPlan(keep, self._widths)
 
     def _parse_actions(self, actions: dict[str, Any]) -> list[float]:
         if not isinstance(actions, dict):
@@ -467,13 +486,14 @@ class FilterPruningEnv(ParallelEnv):
                 rates.append(float(self._rates[int(a)]))
         return rates
 
-    def _objective(self, m: _Measured) -> float:
-        return self.objective_of(m.acc, m.macs)
+    def _objective(self, m: Measured) -> float:
+        return objective(self.config, m.quality, m.macs / self._base_macs, m.acc, m.macs)
 
-    def _summary(self, m: _Measured) -> dict[str, float]:
+    def _summary(self, m: Measured) -> dict[str, float]:
         return {
             "acc": m.acc,
             "acc_ratio": m.acc / max(self.baseline_acc, 1e-9),
+            "quality": m.quality,
             "macs_ratio": m.macs / self._base_macs,
             "params_ratio": m.params / self._base_params,
             "macs": int(m.macs),
@@ -481,87 +501,43 @@ class FilterPruningEnv(ParallelEnv):
             "objective": self._objective(m),
         }
 
-    def _recalibrate(self, model: nn.Module) -> None:
-        self.config.bn.apply(model, self.splits, seed=0, device=self.device)
-
-    def _measure(self, plan: PruningPlan) -> _Measured:
-        """Accuracy, MACs and next-step scores of ``plan``'s network, cached by plan."""
+    def _measure(self, plan: PruningPlan) -> Measured:
+        """Accuracy, quality, MACs and next-step scores of ``plan``'s network, cached by plan."""
         key = plan.key()
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        cfg = self.config
-        clock = time.perf_counter
-        t0 = clock()
-        macs, params = self._macs_model.predict(self._keep_counts(plan))
-        is_base = all(len(plan.keep[n]) == c for n, c in zip(self._names, self._orig))
-        model = self._base if is_base else apply(self._base, plan, self.input_shape, layers=self._layers)
-        t1 = clock()
-        if not is_base:
-            self._recalibrate(model)
-        t2 = clock()
-        acc = evaluate(model, self.splits.val, mean=self.splits.mean, std=self.splits.std,
-                       batch_size=cfg.eval_batch_size, device=self.device, limit=cfg.eval_size)
-        t3 = clock()
-        scores, features = self._score(model, plan, is_base)
-        t4 = clock()
-        for phase, seconds in (("surgery", t1 - t0), ("bn_recal", t2 - t1), ("evaluation", t3 - t2),
-                               ("scoring", t4 - t3)):
-            self.timings[phase] = self.timings.get(phase, 0.0) + seconds
-        measured = _Measured(acc=acc, macs=int(macs), params=int(params), scores=scores, features=features,
-                             plan=plan)
+        measured = self._meter.measure(plan)
         self.num_evaluations += 1
         self._cache[key] = measured
-        if len(self._cache) > cfg.cache_size:
+        if len(self._cache) > self.config.cache_size:
             self._cache.popitem(last=False)
         return measured
 
-    def _score(self, model: nn.Module, plan: PruningPlan, is_base: bool) -> tuple[dict, np.ndarray]:
-        """Per-layer pruning order of the current filters and the DSFP observation features."""
-        cfg = self.config
-        names = self._names
-        if self._base_kl is None:
-            self._base_kl = compute_components(self._base, self._calib_x, self._calib_y, layers=names,
-                                               kl=cfg.scoring.kl).kl
-        if cfg.dynamic or is_base or cfg.kl_per_step:
-            comp = compute_components(model, self._calib_x, self._calib_y, layers=names,
-                                      kl=cfg.kl_per_step if (cfg.kl_per_step and not is_base) else None)
-            grad, taylor = comp.grad, comp.taylor
-            kl = comp.kl if comp.kl is not None else {n: self._base_kl[n][plan.indices(n)] for n in names}
-        else:  # static sensitivity: the unpruned network's scores of the surviving filters
-            grad = {n: self._base_components["grad"][n][plan.indices(n)] for n in names}
-            taylor = {n: self._base_components["taylor"][n][plan.indices(n)] for n in names}
-            kl = {n: self._base_kl[n][plan.indices(n)] for n in names}
-        if is_base:
-            self._base_components = {"grad": grad, "taylor": taylor}
-        fused = fuse(grad, taylor, kl)
-        sc = cfg.scoring
-        if sc.criterion == "dsfp":  # the fused score is at hand already: no second gradient pass
-            order = fused if sc.direction == "low" else {n: -v for n, v in fused.items()}
-        else:
-            order = score(model, self._calib_x, self._calib_y, sc.criterion, layers=names, **sc.options(seed=0))
-        feats = dsfp_features(names, grad, taylor, kl, fused, order, self._rates.tolist(), self.keep_count)
-        return order, feats
-
-    def _observation_matrix(self, m: _Measured) -> np.ndarray:
+    def _observation_matrix(self, m: Measured) -> np.ndarray:
         keep = np.array([len(self._plan.keep[n]) for n in self._names]) / self._orig
+        target = self.config.budget_target
+        target = 0.0 if target is None else float(target)
+        to_cut = max(0.0, m.macs / self._base_macs - target) if target else 0.0
         input_keep = np.array([keep[j] if j >= 0 else 1.0 for j in self._input_layer])
         dyn = np.stack([
             keep, input_keep, np.full(len(keep), m.macs / self._base_macs),
             np.full(len(keep), min(1.0, m.acc / max(self.baseline_acc, 1e-9))),
             np.full(len(keep), self._step / self.config.episode_length),
+            np.full(len(keep), target), np.full(len(keep), to_cut),
         ], axis=1)
         mat = np.concatenate([self._static, dyn.astype(np.float32), m.features], axis=1)
         return np.clip(mat, 0.0, 1.0).astype(np.float32)
 
-    def _observations(self, m: _Measured) -> dict[str, np.ndarray]:
+    def _observations(self, m: Measured) -> dict[str, np.ndarray]:
         mat = self._observation_matrix(m)
         return {a: mat[self._agent_index[a]] for a in self.possible_agents}
 
-    def _infos(self, m: _Measured) -> dict[str, dict[str, Any]]:
+    def _infos(self, m: Measured) -> dict[str, dict[str, Any]]:
         s = self._summary(m)
-        shared = {"acc": float(s["acc"]), "acc_ratio": float(s["acc_ratio"]), "macs_ratio": float(s["macs_ratio"]),
+        shared = {"acc": float(s["acc"]), "acc_ratio": float(s["acc_ratio"]), "quality": float(s["quality"]),
+                  "macs_ratio": float(s["macs_ratio"]),
                   "params_ratio": float(s["params_ratio"]), "mmacs": s["macs"] / 1e6, "mparams": s["params"] / 1e6,
                   "objective": float(s["objective"])}
         extra = {"plan": self._plan.to_dict()} if self.plan_info else {}

@@ -40,6 +40,8 @@ DYNAMIC_FEATURES = (
     "macs_ratio",  # MACs of the current network / unpruned
     "acc_ratio",  # last measured validation accuracy / unpruned, clipped to [0, 1]
     "progress",  # steps taken / episode length
+    "macs_target",  # the exact MACs budget (target MACs ratio; 0 without one)
+    "macs_to_cut",  # MACs ratio still above that budget: max(0, macs_ratio - macs_target) (0 without one)
 )
 DSFP_FEATURES = (
     "fused_mean", "fused_std", "fused_min", "fused_max",  # log(DSFP fused score) / 2.5 over current filters

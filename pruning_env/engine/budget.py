@@ -1,0 +1,150 @@
+"""Exact MACs budgets: the one rule that turns any joint proposal of per-layer rates into keep counts that meet
+a MACs target.
+
+Why
+---
+With a soft budget (a penalty above the target) plans of different methods land at different MACs and
+cannot be compared; simultaneous agents, each choosing its own rate, cannot know what the others remove.
+AMC's "action wall" clips one agent's action so that the budget stays reachable; this is our rule for
+``L`` agents acting at once.
+
+The rule (our design)
+---------------------
+The agents propose per-layer rates ``p`` (each at least the layer's current rate ``c``: pruning is monotone).
+One scalar ``s`` in ``[-1, 1]`` moves every proposal in the agents' own proportions:
+
+* ``s >= 0`` (prune more): ``rate_i(s) = p_i + s * (r_max - p_i)``: each layer gives up the same share of
+  the room it has left up to the largest rate ``r_max``;
+* ``s <= 0`` (prune less): ``rate_i(s) = c_i + (1 + s) * (p_i - c_i)``: each layer's *increment* over its
+  current rate shrinks by the same share.
+
+Keep counts follow from rates by the engine's rate rule (:func:`~pruning_env.engine.plan.keep_count_for_rate`)
+and never exceed the current ones, so MACs fall monotonically with ``s``. At ``s = 0`` the proposal is
+taken as is. Then, with exact MACs from :class:`~pruning_env.engine.macs.MacsModel`:
+
+* the **final** step of an episode takes the smallest ``s`` whose network is at or below the target,
+  then gives back, one filter at a time and layer by layer in turn, the filters of the layers that the
+  last increment of ``s`` moved, while the budget still holds: every final plan meets the budget and
+  sits just below it (the gap is about one filter);
+* an **earlier** step keeps the proposal unless it would go below the target; then it takes the largest
+  ``s <= 0`` still at or above it, so no early step wastes budget that the last step cannot give back.
+
+A layer whose proposal equals its current rate in the ``s <= 0`` branch keeps its filters, and the
+relative allocation the agents chose (which layers prune more than which) survives both branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from pruning_env.engine.macs import MacsModel
+from pruning_env.engine.plan import RateRule
+
+__all__ = ["budget_keep_counts", "reachable_macs"]
+
+_BISECTION_STEPS = 48  # s is resolved to 2 / 2**48: far below one filter of any layer
+
+
+def _keep_at(s: float, widths: np.ndarray, current: np.ndarray, proposed: np.ndarray, current_rate: np.ndarray,
+             r_max: np.ndarray, rule: RateRule) -> np.ndarray:
+    if s >= 0.0:
+        rates = proposed + s * (r_max - proposed)
+    else:
+        rates = current_rate + (1.0 + s) * (proposed - current_rate)
+    rates = np.clip(rates, 0.0, np.nextafter(1.0, 0.0))
+    keep = np.array([rule.keep_count(int(w), float(r)) for w, r in zip(widths, rates)], dtype=np.int64)
+    return np.minimum(keep, current)
+
+
+def _fill(macs, under: np.ndarray, over: np.ndarray, target_macs: float) -> np.ndarray:
+    """Give back, one filter at a time and layer by layer in turn, the filters of the layers that change at the
+    threshold (``over - under``) while the network stays within the budget: the last jump of ``s`` may move
+    several layers at once (equal rates of widths 16, 32, 64... cross an integer together)."""
+    keep, room = under.copy(), over - under
+    grew = True
+    while grew:
+        grew = False
+        for i in np.flatnonzero(room > 0):
+            keep[i] += 1
+            if macs(keep) <= target_macs:
+                room[i] -= 1
+                grew = True
+            else:
+                keep[i] -= 1
+                room[i] = 0
+    return keep
+
+
+def reachable_macs(macs_model: MacsModel, rule: RateRule, max_rate: float) -> int:
+    """The fewest MACs any plan reaches with every layer at ``max_rate`` (what a target must allow)."""
+    keep = [rule.keep_count(int(w), max_rate) for w in macs_model.widths]
+    return macs_model.predict_array(keep)[0]
+
+
+def budget_keep_counts(
+    macs_model: MacsModel,
+    rule: RateRule,
+    current: Sequence[int],
+    proposed_rates: Sequence[float],
+    target_macs: float,
+    *,
+    final: bool,
+    max_rate: float,
+) -> np.ndarray:
+    """Keep counts that carry out ``proposed_rates`` under a MACs budget (the module's rule).
+
+    Args:
+        macs_model: the unpruned network's MACs predictor (its ``widths`` give the layers, in order).
+        rule: the rate rule (rate -> kept filters).
+        current: ``(L,)`` filters each layer keeps now (pruning never grows a layer back).
+        proposed_rates: ``(L,)`` pruning rates the agents chose (shares of the ORIGINAL filters).
+        target_macs: the budget in MACs per image (``macs_target * base MACs``).
+        final: the episode's last step (meet the budget) or an earlier one (do not undershoot it).
+        max_rate: the largest rate an agent may choose (where ``s = 1`` leads every layer).
+
+    Returns:
+        ``(L,)`` int64 keep counts, each in ``[1, current]``. On a final step their MACs are at or below
+        ``target_macs`` whenever ``reachable_macs`` allows it (else every layer at ``max_rate``).
+    """
+    widths = np.asarray(macs_model.widths, dtype=np.int64)
+    cur = np.asarray(current, dtype=np.int64)
+    if cur.shape != widths.shape or np.asarray(proposed_rates).shape != widths.shape:
+        raise ValueError(f"current and proposed_rates must have one entry per layer ({len(widths)}), got "
+                         f"{cur.shape} and {np.asarray(proposed_rates).shape}")
+    current_rate = 1.0 - cur / widths
+    proposed = np.maximum(np.asarray(proposed_rates, dtype=np.float64), current_rate)
+    r_max = np.maximum(float(max_rate), proposed)
+
+    def keep(s: float) -> np.ndarray:
+        return _keep_at(s, widths, cur, proposed, current_rate, r_max, rule)
+
+    def macs(k: np.ndarray) -> int:
+        return macs_model.predict_array(k)[0]
+
+    if final:
+        if macs(keep(-1.0)) <= target_macs:
+            return keep(-1.0)
+        hi = 1.0
+        if macs(keep(hi)) > target_macs:  # unreachable: prune as far as allowed
+            return keep(hi)
+        lo = -1.0  # invariant: macs(lo) > target >= macs(hi)
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            if macs(keep(mid)) <= target_macs:
+                hi = mid
+            else:
+                lo = mid
+        return _fill(macs, keep(hi), keep(lo), target_macs)
+    as_proposed = keep(0.0)
+    if macs(as_proposed) >= target_macs or macs(keep(-1.0)) < target_macs:
+        return as_proposed if macs(as_proposed) >= target_macs else keep(-1.0)
+    lo, hi = -1.0, 0.0  # invariant: macs(lo) >= target > macs(hi)
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (lo + hi)
+        if macs(keep(mid)) >= target_macs:
+            lo = mid
+        else:
+            hi = mid
+    return keep(lo)

@@ -1,0 +1,133 @@
+"""Exact MACs budgets: the projection rule (engine.budget) and the env that applies it to every joint action."""
+
+import numpy as np
+import pytest
+
+from pruning_env.core.models import build
+from pruning_env.engine.budget import budget_keep_counts, reachable_macs
+from pruning_env.engine.macs import MacsModel
+from pruning_env.engine.plan import RateRule
+from pruning_env.envs.features import OBSERVATION_FEATURES
+from pruning_env.envs.views import SequentialPruningEnv
+
+
+@pytest.fixture(scope="module", params=["vgg16", "resnet56"])
+def macs_model(request):
+    return MacsModel.from_model(build(request.param, num_classes=10, width=0.25), (3, 32, 32))
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+def test_final_step_meets_the_target_just_below(macs_model, target):
+    rng = np.random.default_rng(0)
+    rule, widths = RateRule(), macs_model.widths
+    budget = target * macs_model.base_macs
+    gaps = []
+    for trial in range(60):
+        current = widths if trial % 2 == 0 else np.array([rule.keep_count(int(w), r) for w, r in
+                                                           zip(widths, rng.uniform(0, 0.3, len(widths)))])
+        proposed = rng.uniform(0, 0.9, len(widths)) if trial % 3 else np.full(len(widths), rng.uniform(0, 0.9))
+        if macs_model.predict_array(current)[0] <= budget:
+            continue
+        keep = budget_keep_counts(macs_model, rule, current, proposed, budget, final=True, max_rate=0.9)
+        assert (keep >= 1).all() and (keep <= current).all()
+        macs = macs_model.predict_array(keep)[0]
+        assert macs <= budget
+        gaps.append(target - macs / macs_model.base_macs)
+    assert gaps and max(gaps) < 0.01, max(gaps)
+
+
+def test_earlier_steps_never_go_below_the_target(macs_model):
+    rng = np.random.default_rng(1)
+    rule, widths = RateRule(), macs_model.widths
+    budget = 0.5 * macs_model.base_macs
+    for _ in range(40):
+        proposed = rng.uniform(0, 0.9, len(widths))
+        keep = budget_keep_counts(macs_model, rule, widths, proposed, budget, final=False, max_rate=0.9)
+        as_is = np.array([rule.keep_count(int(w), r) for w, r in zip(widths, proposed)])
+        if macs_model.predict_array(as_is)[0] >= budget:
+            np.testing.assert_array_equal(keep, as_is)  # a proposal above the budget is taken as is
+        else:
+            assert macs_model.predict_array(keep)[0] >= budget
+            assert (keep >= as_is).all()  # pruned less, never more than proposed
+
+
+def test_the_agents_allocation_survives_the_projection(macs_model):
+    rule, widths = RateRule(), macs_model.widths
+    n = len(widths)
+    for proposed in (np.linspace(0.0, 0.6, n), np.linspace(0.6, 0.0, n)):  # back-heavy, front-heavy
+        keep = budget_keep_counts(macs_model, rule, widths, proposed, 0.4 * macs_model.base_macs, final=True,
+                                  max_rate=0.9)
+        rates = 1 - keep / widths
+        order = np.argsort(proposed, kind="stable")
+        # rates follow the proposal's order up to one filter of rounding
+        assert (np.diff(rates[order]) >= -1.0 / widths[order][1:] - 1e-9).all()
+    uniform = budget_keep_counts(macs_model, rule, widths, np.full(n, 0.2), 0.4 * macs_model.base_macs,
+                                 final=True, max_rate=0.9)
+    rates = 1 - uniform / widths
+    assert rates.max() - rates.min() <= 1.0 / widths.min() + 1e-9  # a uniform proposal stays uniform
+
+
+def test_unreachable_target_is_refused_before_any_work(tiny_env_factory):
+    env = tiny_env_factory()
+    floor = reachable_macs(env.macs_model, env.config.rule, 0.9) / env.base_macs
+    with pytest.raises(ValueError, match="cannot be met"):
+        tiny_env_factory(macs_target=floor / 2)
+
+
+@pytest.mark.parametrize("target,episode_length", [(0.3, 3), (0.5, 1), (0.6, 2)])
+def test_every_episode_of_the_env_ends_at_the_target(tiny_env_factory, target, episode_length):
+    env = tiny_env_factory(macs_target=target, max_cycles=episode_length)
+    rng = np.random.default_rng(2)
+    finals = []
+    for episode in range(8):
+        env.reset(seed=episode)
+        for _ in range(episode_length):
+            actions = {a: int(rng.integers(10)) for a in env.agents}
+            _, _, terms, _, infos = env.step(actions)
+            macs_ratio = infos["layer_0"]["macs_ratio"]
+            if not all(terms.values()):
+                assert macs_ratio >= target - 1e-12
+        finals.append(macs_ratio)
+        assert macs_ratio <= target + 1e-12
+    # Tiny's layers have 8-16 filters, so one filter is a coarse step; still close to the target
+    assert min(finals) > target - 0.1
+
+
+def test_observation_shows_the_budget_and_what_remains(tiny_env_factory):
+    env = tiny_env_factory(macs_target=0.4, max_cycles=2)
+    i_target, i_cut = OBSERVATION_FEATURES.index("macs_target"), OBSERVATION_FEATURES.index("macs_to_cut")
+    obs, _ = env.reset(seed=0)
+    assert obs["layer_0"][i_target] == pytest.approx(0.4) and obs["layer_0"][i_cut] == pytest.approx(0.6)
+    obs, _, _, _, infos = env.step({a: 1 for a in env.agents})  # 10 %: well above the budget
+    assert obs["layer_2"][i_cut] == pytest.approx(infos["layer_0"]["macs_ratio"] - 0.4, abs=1e-6)
+    obs, _, _, _, _ = env.step({a: 1 for a in env.agents})
+    assert obs["layer_2"][i_cut] == 0.0
+    soft = tiny_env_factory(exact_budget=False)
+    obs, _ = soft.reset(seed=0)
+    assert obs["layer_0"][i_target] == 0.0 and obs["layer_0"][i_cut] == 0.0
+
+
+def test_soft_budget_keeps_the_raw_action(tiny_env_factory):
+    env = tiny_env_factory(exact_budget=False, max_cycles=1)
+    env.reset(seed=0)
+    _, _, _, _, infos = env.step({a: 9 for a in env.agents})
+    assert infos["layer_0"]["macs_ratio"] < 0.2  # 90 % of every layer: far below the 0.5 target
+    assert infos["layer_0"]["objective"] == pytest.approx(infos["layer_0"]["quality"])
+
+
+def test_plan_from_rates_and_the_amc_view_meet_the_budget(tiny_env_factory):
+    env = tiny_env_factory(macs_target=0.45)
+    n = len(env.possible_agents)
+    for rates in (np.full(n, 0.1), np.linspace(0.0, 0.8, n), np.full(n, 0.9)):
+        plan = env.plan_from_rates(rates)
+        ratio = env.evaluate_plan(plan)["macs_ratio"]
+        assert ratio <= 0.45 + 1e-12
+    assert env.plan_from_rates(np.full(n, 0.3), budget=False) == env.uniform_plan(0.3)
+    with pytest.raises(ValueError, match="pruning rates in"):
+        env.plan_from_rates([0.5])
+    view = SequentialPruningEnv(tiny_env_factory(macs_target=0.45, max_cycles=1))
+    view.reset(seed=0)
+    done, info = False, {}
+    while not done:
+        _, _, done, _, info = view.step(np.array([0.95], np.float32))  # keep 95 %: far above the budget
+    assert info["macs_ratio"] <= 0.45 + 1e-12
