@@ -11,9 +11,10 @@ Stages (each reuses the package's pipeline or another benchmark's pieces, never 
    SAME knowledge-distillation fine-tune (``--finetune-*``): the rows of :mod:`benchmarks.criteria`
    (``prepare_net`` / ``run_row``: score on one calibration batch, ``plan_uniform``, ``finalize``);
 3. **search**: QMIX vs DSFP-uniform vs AMC-style DDPG (``--algos``) on the pruning env at the MACs target
-   ``--macs-target`` (0.3; the env's exact budget, ``--exact-budget``, is on by default), the same plan
-   budget ``--plans`` each, then each best plan finalized with the same KD fine-tune: the searches and
-   fine-tunes of :mod:`benchmarks.marl` (``run_search`` / ``run_finetune``).
+   ``--macs-target`` (0.3, the env's budget reward; the exact MACs budget of the reward issue applies once
+   it is merged, as that issue makes it the budget reward's default), the same plan budget ``--plans``
+   each, then each best plan finalized with the same KD fine-tune: the searches and fine-tunes of
+   :mod:`benchmarks.marl` (``run_search`` / ``run_finetune``).
 
 Writes ``--out`` (``benchmarks/results/paper_scale.md``): the baseline against the 93.5-94 % target,
 retention (final / baseline test accuracy) of every row next to the DSFP paper's 98.23 % at 70 %, the
@@ -22,14 +23,19 @@ made with the same ``--out``). Progress is saved after every row, search and fin
 beside ``--out``; ``--resume`` keeps what is there (same settings) and skips it, without it the run
 starts over. Fine-tuning checkpoints go to ``--work-dir``.
 
-Budget (defaults, one H200-class GPU, about 10 minutes in all, every figure measured by ``--dry-run``):
-the baseline is about half of it (30 epochs of 2 x 45,000 images in bf16), the 18 criteria rows and the 3
-final fine-tunes (2 KD epochs each on the whole training split) most of the rest, the three searches (150
-plans each, exact-KL scoring of the unpruned network once per env) the remainder. ``--dry-run`` times a few
-steps of every stage with the real settings and prints the projected total before any long work; on a CPU
-it runs too (a full-width projection there takes minutes: use ``--smoke --dry-run`` for seconds).
+Budget: the defaults are sized for about 10 minutes on one H200-class GPU by ESTIMATE (no GPU was
+available when they were chosen; ``--dry-run`` measures them, run it first): the baseline about half
+(30 epochs of 2 x 45,000 augmented images of a 313 M-MAC network in bf16, roughly 170 TFLOP per epoch),
+the 18 criteria rows and the 3 final fine-tunes most of the rest (2 KD epochs on the whole training
+split each, on networks of 9-25 % of the MACs), the three searches the remainder (150 plans each: BN
+re-estimation, a 5,000-image reward evaluation and DSFP's grad/Taylor pass per plan, plus the exact KL
+of the unpruned network once per env). If the projection is over budget, lower ``--finetune-epochs``
+or ``--plans`` first: the baseline's 30 epochs are what is expected to reach the standard accuracy. ``--dry-run``
+times a few steps of every stage with the real settings and prints the projected total before any
+long work; on a CPU it runs too (at full width that takes many minutes: ``--smoke --dry-run`` takes
+seconds).
 
-    python -m benchmarks.paper_scale --dry-run                 # the projection (GPU: about a minute)
+    python -m benchmarks.paper_scale --dry-run                 # the projection (GPU: about a minute, estimated)
     python -m benchmarks.paper_scale                           # the run (writes benchmarks/results/paper_scale.md)
     python -m benchmarks.paper_scale --resume                  # continue an interrupted run
     python -m benchmarks.paper_scale --smoke --out /tmp/ps.md  # the whole pipeline on CPU in seconds
@@ -98,7 +104,8 @@ class PaperScaleConfig:
     algos: tuple[str, ...] = option(("qmix", "dsfp-uniform", "amc"), "searches at the MACs target")
     problem: EnvConfig = nested(EnvConfig, "the pruning env of the searches; its scoring batch, rate rule and BN "
                                 "re-estimation also serve the rows (MACs target 0.3 and 5,000 validation images "
-                                "per reward here)", default=EnvConfig(macs_target=0.3, eval_size=5000))
+                                "per reward in batches of 2,500 here)",
+                                default=EnvConfig(macs_target=0.3, eval_size=5000, eval_batch_size=2500))
     search: SearchConfig = nested(SearchConfig, "the plan budget of every search (150 plans here)",
                                   default=SearchConfig(plans=150, eval_every=10))
     finetune: FinetuneConfig = nested(FinetuneConfig, "the one KD fine-tune of every row and every best plan "
