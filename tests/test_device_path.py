@@ -74,6 +74,7 @@ def test_cpu_training_and_finetuning_give_the_numbers_of_before_bit_for_bit():
 
 def test_the_fast_path_is_all_off_on_cpu_and_all_on_for_cuda():
     assert device_path(torch.device("cpu"), amp=True, device_data=True) == DevicePath()
+    assert not DevicePath().amp and DevicePath().amp_device == "cuda"
     on = device_path(torch.device("cuda"), amp=True, device_data=True)
     assert on == DevicePath(resident=True, sync_free=True, amp=True, benchmark=True)
     assert device_path(torch.device("cuda"), amp=False, device_data=False) == DevicePath(sync_free=True,
@@ -95,6 +96,23 @@ def test_the_fast_loops_forced_on_cpu_train_the_same_weights(monkeypatch):
     losses, accs = _curve(summary)
     assert (accs, _digest(student)) == GOLDEN_FINETUNE[1:]
     assert losses == pytest.approx(GOLDEN_FINETUNE[0], rel=1e-6)
+
+
+@golden_platform
+def test_the_bf16_loops_run_on_cpu_autocast_and_keep_float32_state(monkeypatch):
+    """The fast loops with autocast on (CPU bf16 here, CUDA bf16 on a GPU) and channels-last fine-tuning."""
+    forced = DevicePath(resident=True, sync_free=True, amp=True, amp_device="cpu")
+    monkeypatch.setattr(train_module, "device_path", lambda *a, **k: forced)
+    monkeypatch.setattr(finetune_module, "device_path", lambda *a, **k: forced)
+    splits = _splits()
+    model, result = _train(splits)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert _digest(model) != GOLDEN_TRAIN[2]  # bf16 forward passes do change the weights (autocast was on)
+    assert all(h["train_loss"] == pytest.approx(g, rel=0.05) for h, g in zip(result["history"], GOLDEN_TRAIN[0]))
+    student, summary = _finetune(model, splits)  # channels-last student and teacher
+    assert summary["val_acc"] >= summary["initial_val_acc"]
+    for net in (model, student):  # the student's and the teacher's memory format are restored
+        assert all(p.is_contiguous() for p in net.parameters())
 
 
 @pytest.mark.parametrize("kwargs", [

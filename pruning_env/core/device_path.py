@@ -38,10 +38,12 @@ class DevicePath:
     sync_free: bool = False
     amp: bool = False
     benchmark: bool = False
+    amp_device: str = "cuda"
+    """The device type autocast applies to (tests run the bf16 loops on the CPU with ``"cpu"``)."""
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast on CUDA when ``amp``, else a no-op context."""
-        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+        """bf16 autocast when ``amp`` (on ``amp_device``), else a no-op context."""
+        return torch.autocast(self.amp_device, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def kernels(self) -> Iterator[None]:
