@@ -34,13 +34,21 @@ __all__ = ["augment", "batches", "resident_copy"]
 _RESIDENT: dict[tuple[int, str], tuple[weakref.ref, torch.Tensor]] = {}
 
 
+def _canonical(device: torch.device) -> torch.device:
+    """``cuda`` -> ``cuda:<current>``, so ``"cuda"`` and ``"cuda:0"`` share one copy (other devices as they are)."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def resident_copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device``, copied once and cached while ``tensor`` lives (itself on its own device).
 
     A contiguous prefix of a cached tensor (``Split.subset``, ``evaluate(limit=...)``) is served as a
     view of the cached copy, so evaluating a subset costs no transfer either.
     """
-    if tensor.device == device:
+    device = _canonical(device)
+    if _canonical(tensor.device) == device:
         return tensor
     key = (id(tensor), str(device))
     hit = _RESIDENT.get(key)
