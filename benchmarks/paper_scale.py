@@ -27,7 +27,7 @@ Budget: the defaults are sized for about 10 minutes on one H200-class GPU by EST
 available when they were chosen; ``--dry-run`` measures them, run it first): the baseline about half
 (30 epochs of 2 x 45,000 augmented images of a 313 M-MAC network in bf16, roughly 170 TFLOP per epoch),
 the 18 criteria rows and the 3 final fine-tunes most of the rest (2 KD epochs on the whole training
-split each, on networks of 9-25 % of the MACs), the three searches the remainder (150 plans each: BN
+split each, on networks of 9-25 % of the MACs), the three searches the remainder (300 plans each: BN
 re-estimation, a 5,000-image reward evaluation and DSFP's grad/Taylor pass per plan, plus the exact KL
 of the unpruned network once per env). If the projection is over budget, lower ``--finetune-epochs``
 or ``--plans`` first: the baseline's 30 epochs are what is expected to reach the standard accuracy. ``--dry-run``
@@ -106,8 +106,7 @@ class PaperScaleConfig:
                                 "re-estimation also serve the rows (MACs target 0.3 and 5,000 validation images "
                                 "per reward in batches of 2,500 here)",
                                 default=EnvConfig(macs_target=0.3, eval_size=5000, eval_batch_size=2500))
-    search: SearchConfig = nested(SearchConfig, "the plan budget of every search (150 plans here)",
-                                  default=SearchConfig(plans=150, eval_every=10))
+    search: SearchConfig = nested(SearchConfig, "the plan budget of every search (300 plans, as benchmarks.marl)")
     finetune: FinetuneConfig = nested(FinetuneConfig, "the one KD fine-tune of every row and every best plan "
                                       "(2 epochs here)", prefix="finetune", default=FinetuneConfig(epochs=2))
     device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
