@@ -139,7 +139,7 @@ def parse_config(argv: list[str] | None = None) -> PaperScaleConfig:
     parser = config_parser(PaperScaleConfig, "paper_scale", __doc__)
     args = parser.parse_args(argv)
     try:
-        base = with_overrides(PaperScaleConfig(), **SMOKE) if args.smoke else None
+        base = with_overrides(PaperScaleConfig(), **SMOKE) if getattr(args, "smoke", False) else None
         cfg = config_from_args(PaperScaleConfig, args, base=base)
         unknown = [a for a in cfg.algos if a not in agents.list_algorithms()]
         if unknown:

@@ -58,3 +58,12 @@ def test_bad_settings_fail_before_any_work(tmp_path, flags, message):
                           *flags], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_the_defaults_are_the_paper_setting_and_smoke_only_fills_what_is_not_typed():
+    cfg = paper_scale.parse_config([])
+    assert (cfg.net, cfg.width, cfg.dataset, cfg.baseline_epochs) == ("vgg16", 1.0, "cifar10", 30)
+    assert cfg.uniform_rates == (0.5, 0.6, 0.7) and cfg.algos == ("qmix", "dsfp-uniform", "amc")
+    assert cfg.problem.macs_target == 0.3 and not cfg.resume and not cfg.dry_run
+    smoke = paper_scale.parse_config(["--smoke", "--plans", "9"])
+    assert smoke.dataset == "synthetic" and smoke.search.plans == 9 and smoke.width == paper_scale.SMOKE["width"]
