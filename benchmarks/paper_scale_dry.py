@@ -115,7 +115,7 @@ def dry_run(cfg: PaperScaleConfig, argv: list[str] | None) -> dict[str, Any]:
 
     # 2. the rows: every criterion's scores once, then per row BN + fine-tune + the finalize evaluations
     log("dry run: scoring ...")
-    calib = cfg.problem.scoring.calib_size
+    calib = min(cfg.problem.scoring.calib_size, n_train)  # calibration_batch caps it at the training split
     images, labels = calibration_batch(splits, min(cfg.dry_calib, calib), seed=0, device=device)
     layers = prunable_layers(base, splits.input_shape)
     names = [layer.name for layer in layers]
