@@ -19,6 +19,11 @@ field of :class:`EnvStepConfig`; ``--help``)::
 
     python -m benchmarks.env_step                  # Tiny, VGG-16 w0.25 (trained if cached), VGG-16 w1
     python -m benchmarks.env_step --nets tiny vgg16-0.25 --steps 9
+    python -m benchmarks.env_step --device cuda    # GPU figures (step time at width 1) -> env_step_cuda.md
+
+On CUDA the env, its base network and the bare work run on the GPU (the split resident there); a
+step's time is exact (it ends by reading the accuracy, a synchronisation), while the phase shares
+(``env.timings``) are host times of asynchronous kernels there: read them as indicative only.
 
 Writes the Markdown table to ``--out`` and prints it, then one JSON line with the rows.
 """
@@ -38,7 +43,7 @@ import torch
 from benchmarks.common import atomic_write_text, command_line, commit, machine, parse_config, parse_net, results_path
 from pruning_env.cli.options import print_json
 from pruning_env.core.checkpoint import load
-from pruning_env.core.config import nested, option
+from pruning_env.core.config import nested, option, resolve_device
 from pruning_env.core.data import load_splits
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import build
@@ -66,7 +71,9 @@ class EnvStepConfig:
         BNRecalConfig, "BN re-estimation of the second measurement (the 'with BN recal' columns; the first has it "
         "off)")
     threads: int = option(2, "torch CPU threads")
-    out: str | None = option(None, "Markdown file for the results table (none: benchmarks/results/env_step.md)")
+    device: str = option("cpu", "where the env runs: cpu, cuda or cuda:N (auto: CUDA if present)")
+    out: str | None = option(None, "Markdown file for the results table (none: benchmarks/results/env_step.md, "
+                             "env_step_cuda.md on CUDA)")
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -76,12 +83,14 @@ class EnvStepConfig:
         for name in self.nets:
             if name != "tiny":
                 parse_net(name, sep="-")
+        resolve_device(self.device)  # a clear error now when CUDA is asked for and absent
 
 
-def _make_env(name: str, data_dir: str | None, bn: BNRecalConfig) -> tuple[FilterPruningEnv, str]:
+def _make_env(name: str, data_dir: str | None, bn: BNRecalConfig,
+              device: torch.device) -> tuple[FilterPruningEnv, str]:
     bn_kwargs = dataclasses.asdict(bn)
     if name == "tiny":
-        return make_tiny_env(**bn_kwargs), "trained (Tiny-v0 cache)"
+        return make_tiny_env(device=str(device), **bn_kwargs), "trained (Tiny-v0 cache)"
     net, width = parse_net(name, sep="-")
     splits = load_splits("cifar10", data_dir)
     path = default_checkpoint_path(net, "cifar10", width, 30)
@@ -93,7 +102,7 @@ def _make_env(name: str, data_dir: str | None, bn: BNRecalConfig) -> tuple[Filte
     # The KL of the unpruned network is computed once per env and is not part of a step: use fisher to keep
     # the setup short for width 1 (it does not change the step's cost).
     kl = "exact" if width <= 0.5 else "fisher"
-    return FilterPruningEnv(model, splits, kl=kl, **bn_kwargs), note
+    return FilterPruningEnv(model, splits, kl=kl, device=device, **bn_kwargs), note
 
 
 def _score_and_evaluate(env: FilterPruningEnv, model: torch.nn.Module, layers: list[str] | None) -> None:
@@ -101,7 +110,7 @@ def _score_and_evaluate(env: FilterPruningEnv, model: torch.nn.Module, layers: l
     images, labels = env.calibration_batch
     compute_components(model, images, labels, layers=layers, kl=None)
     evaluate(model, env.splits.val, mean=env.splits.mean, std=env.splits.std, limit=env.config.eval_size,
-             batch_size=env.config.eval_batch_size)
+             batch_size=env.config.eval_batch_size, device=env.device)
 
 
 def _naive_step(env: FilterPruningEnv, plan: PruningPlan) -> None:
@@ -109,7 +118,7 @@ def _naive_step(env: FilterPruningEnv, plan: PruningPlan) -> None:
     import torch_pruning as tp
 
     model = copy.deepcopy(env.base_model)
-    example = torch.zeros(1, *env.input_shape)
+    example = torch.zeros(1, *env.input_shape, device=env.device)
     dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     modules = dict(model.named_modules())
     for name in env.layer_names:
@@ -122,12 +131,13 @@ def _naive_step(env: FilterPruningEnv, plan: PruningPlan) -> None:
 
 
 def bench(name: str, steps: int, data_dir: str | None, naive: bool,
-          bn: BNRecalConfig | None = None) -> dict[str, float | str]:
+          bn: BNRecalConfig | None = None, device: str = "cpu") -> dict[str, float | str]:
     """The row of one network: env steps with BN re-estimation off, then with ``bn`` (default 2 batches)."""
     bn = bn if bn is not None else BNRecalConfig()
+    dev = resolve_device(device)
     rows: dict[str, float | str] = {"net": name}
     for off, setting in ((True, dataclasses.replace(bn, bn_recal_batches=0)), (False, bn)):
-        env, note = _make_env(name, data_dir, setting)
+        env, note = _make_env(name, data_dir, setting, dev)
         rows["model"] = note
         rng = np.random.default_rng(0)
         env.reset(seed=0)
@@ -144,6 +154,8 @@ def bench(name: str, steps: int, data_dir: str | None, naive: bool,
             done += 1
             # The bare work of that step, side by side: scoring + evaluating the same pruned network.
             model = apply(env.base_model, env.plan, env.input_shape, layers=env.layers)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)  # the surgery's copies are not part of the bare work
             t0 = time.perf_counter()
             _score_and_evaluate(env, model, env.layer_names)
             bare_times.append(time.perf_counter() - t0)
@@ -169,7 +181,8 @@ def bench(name: str, steps: int, data_dir: str | None, naive: bool,
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EnvStepConfig, argv, "env_step", __doc__)
     torch.set_num_threads(cfg.threads)
-    results = [bench(n, cfg.steps, cfg.data_dir, cfg.naive, cfg.bn) for n in cfg.nets]
+    results = [bench(n, cfg.steps, cfg.data_dir, cfg.naive, cfg.bn, cfg.device) for n in cfg.nets]
+    device = resolve_device(cfg.device)
     header = ("| net | model | step ms | steps/s | scoring | surgery | evaluation | other | step / (scoring+eval) "
               "| with BN recal: step ms | bn_recal share | step / (scoring+eval) | naive ms | naive / env |")
     lines = [header, "|" + "---|" * 14]
@@ -183,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     md = "\n".join([
         "# Env step cost", "",
         f"Command: `{command_line('env_step', argv)}`  ", f"Commit: {commit()}  ",
-        f"Machine: {machine()}  ", f"Steps timed per net: {cfg.steps} (random actions, new plans: no cache hits)",
+        f"Machine: {machine()}, device {device}  ",
+        f"Steps timed per net: {cfg.steps} (random actions, new plans: no cache hits)",
         "", *lines, "",
         "Columns: the time split of a step (shares of the step), the ratio of a whole step to the bare cost of "
         "scoring (one forward/backward for DSFP's grad and Taylor) plus evaluating the same pruned network "
@@ -191,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.bn.bn_recal_batch_size}{default_bn}), and a naive step: `copy.deepcopy` + Torch-Pruning DepGraph on "
         "the same filters + the same scoring and evaluation.",
         ""])
-    out = results_path(cfg.out, "env_step.md")
+    out = results_path(cfg.out, "env_step_cuda.md" if device.type == "cuda" else "env_step.md")
     atomic_write_text(out, md)
     print(md)
     print_json({"report": str(out), "rows": results})

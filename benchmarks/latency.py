@@ -1,4 +1,4 @@
-"""Measured CPU latency of physically pruned networks against their MACs reduction.
+"""Measured CPU (or GPU) latency of physically pruned networks against their MACs reduction.
 
 For every network (``--nets``, ``NET:WIDTH``) it builds the unpruned model and one pruned model per
 uniform rate (``--rates``; each layer loses the same fraction of its filters, kept counts by the
@@ -16,6 +16,10 @@ Run from the repository root (every flag is a field of :class:`LatencyConfig`; `
 
     python -m benchmarks.latency                     # 5 nets x 5 rates, batch 1 and 64
     python -m benchmarks.latency --nets vgg16:0.25 --rates 0 0.5 --repeats 10
+    python -m benchmarks.latency --device cuda       # GPU figures (batch 1 and 64) -> latency_cuda.md
+
+On CUDA every timed forward is bracketed by ``torch.cuda.synchronize`` (the time is the kernels', not
+the launch's); the models and inputs live on the GPU, float32 (cuDNN may use TF32, torch's default).
 
 Writes ``--out`` (Markdown), the same path with ``.json`` (raw numbers) and ``.png`` (speed-up vs
 1 / MACs ratio with the ideal line), prints the report, then one JSON line with the rows.
@@ -38,7 +42,7 @@ import torch
 from benchmarks.common import command_line, commit, log, machine, parse_config, parse_net, results_path
 from pruning_env import criteria
 from pruning_env.cli.options import print_json
-from pruning_env.core.config import flat_dict, nested, option
+from pruning_env.core.config import flat_dict, nested, option, resolve_device
 from pruning_env.core.models import build
 from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.flops import count
@@ -72,8 +76,9 @@ class LatencyConfig:
     warmup: int = option(3, "untimed forward passes per model first")
     threads: int = option(2, "torch CPU threads")
     seed: int = option(0, "seed of the weights and inputs")
-    out: str | None = option(None, "Markdown report (none: benchmarks/results/latency.md); raw numbers go to the "
-                             "same path with .json, the plot with .png")
+    device: str = option("cpu", "where the forwards run: cpu, cuda or cuda:N (auto: CUDA if present)")
+    out: str | None = option(None, "Markdown report (none: benchmarks/results/latency.md, latency_cuda.md on "
+                             "CUDA); raw numbers go to the same path with .json, the plot with .png")
     progress: bool = option(True, "print progress")
 
     def __post_init__(self) -> None:
@@ -83,6 +88,7 @@ class LatencyConfig:
             raise ValueError(f"--rates must be in [0, 1), got {list(self.uniform_rates)}")
         if self.repeats < 1 or self.warmup < 0 or any(b < 1 for b in self.batch_sizes):
             raise ValueError("--repeats and --batch-sizes must be >= 1, --warmup >= 0")
+        resolve_device(self.device)  # a clear error now when CUDA is asked for and absent
         if self.scoring.needs_data:
             raise ValueError(f"--criterion must be a data-free one ({', '.join(DATA_FREE)}), "
                              f"got {self.scoring.criterion!r}")
@@ -90,13 +96,16 @@ class LatencyConfig:
 
 @torch.inference_mode()
 def interleaved_latency(models: list[torch.nn.Module], batch_size: int, repeats: int, warmup: int,
-                        seed: int = 0) -> list[list[float]]:
+                        seed: int = 0, device: torch.device | None = None) -> list[list[float]]:
     """Per model, ``repeats`` wall-clock times (ms) of one forward of a ``(batch_size, *SHAPE)`` input.
 
     Each round times every model once, in an order rotated by one per round, so drifts of the
-    machine's load are shared by all models instead of biasing whichever is timed last.
+    machine's load are shared by all models instead of biasing whichever is timed last. The models
+    must live on ``device`` (default CPU); on CUDA each forward is timed between two synchronisations.
     """
-    x = torch.randn(batch_size, *SHAPE, generator=torch.Generator().manual_seed(seed))
+    device = device if device is not None else torch.device("cpu")
+    cuda = device.type == "cuda"
+    x = torch.randn(batch_size, *SHAPE, generator=torch.Generator().manual_seed(seed)).to(device)
     for m in models:
         m.eval()
         for _ in range(warmup):
@@ -106,8 +115,12 @@ def interleaved_latency(models: list[torch.nn.Module], batch_size: int, repeats:
     for r in range(repeats):
         for j in range(n):
             i = (j + r) % n
+            if cuda:
+                torch.cuda.synchronize(device)
             t0 = time.perf_counter()
             models[i](x)
+            if cuda:
+                torch.cuda.synchronize(device)
             times[i].append(1000.0 * (time.perf_counter() - t0))
     return times
 
@@ -115,6 +128,7 @@ def interleaved_latency(models: list[torch.nn.Module], batch_size: int, repeats:
 def bench_net(net: str, width: float, cfg: LatencyConfig) -> list[dict[str, Any]]:
     """One row per rate of ``cfg.uniform_rates``: MACs and params ratios, latencies and speed-ups per batch size."""
     torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
     base = build(net, num_classes=10, width=width).eval()
     layers = prunable_layers(base, SHAPE)
     base_report = count(base, SHAPE)
@@ -123,14 +137,15 @@ def bench_net(net: str, width: float, cfg: LatencyConfig) -> list[dict[str, Any]
     rows, models = [], [base]
     for rate in cfg.uniform_rates:
         plan = plan_uniform(scores, rate, min_keep=cfg.rule.min_keep, round_to=cfg.rule.round_to)
-        pruned = apply(base, plan, SHAPE, layers=layers).eval()
+        pruned = apply(base, plan, SHAPE, layers=layers).eval().to(device)
         rep = count(pruned, SHAPE)
         models.append(pruned)
         rows.append({"net": net, "width": width, "rate": rate, "macs": rep.macs, "params": rep.params,
                      "macs_ratio": rep.macs / base_report.macs, "params_ratio": rep.params / base_report.params,
                      "base_macs": base_report.macs, "base_params": base_report.params})
+    base.to(device)
     for b in cfg.batch_sizes:
-        times = interleaved_latency(models, b, cfg.repeats, cfg.warmup, cfg.seed)
+        times = interleaved_latency(models, b, cfg.repeats, cfg.warmup, cfg.seed, device)
         base_ms = statistics.median(times[0])
         for row, t in zip(rows, times[1:]):
             ms = statistics.median(t)
@@ -148,8 +163,9 @@ def write_report(rows: list[dict[str, Any]], cfg: LatencyConfig, meta: dict[str,
     for b in bs:
         head += [f"latency b{b} ms", f"speed-up b{b}"]
     lines = [
-        "# CPU latency of pruned networks vs MACs", "",
-        f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}  ", f"Machine: {meta['machine']}  ",
+        f"# {'GPU' if meta['device'].startswith('cuda') else 'CPU'} latency of pruned networks vs MACs", "",
+        f"Command: `{meta['command']}`  ", f"Commit: {meta['commit']}  ",
+        f"Machine: {meta['machine']}, device {meta['device']}  ",
         f"Date: {meta['date']}; wall time {meta['wall_s'] / 60:.1f} min; load average {meta['load_before']} before, "
         f"{meta['load_after']} after  ",
         f"Method: uniform `{cfg.scoring.criterion}` plans{_rule_note(cfg.rule)} (latency depends only on the widths), "
@@ -211,7 +227,7 @@ def _plot(rows: list[dict[str, Any]], bs: list[int], path: Path) -> bool:
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("1 / MACs ratio (MACs reduction factor)")
-    ax.set_ylabel("measured CPU speed-up")
+    ax.set_ylabel("measured speed-up")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -237,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.progress:
             log(f"{net} w{width:g} ...")
         rows += bench_net(net, width, cfg)
-    meta = {"command": command_line("latency", argv), "commit": commit(), "machine": machine(),
+    device = resolve_device(cfg.device)
+    meta = {"command": command_line("latency", argv), "commit": commit(), "machine": machine(), "device": str(device),
             "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_s": time.time() - t0,
             "load_before": load_before, "load_after": _load()}
-    out = results_path(cfg.out, "latency.md")
+    out = results_path(cfg.out, "latency_cuda.md" if device.type == "cuda" else "latency.md")
     write_report(rows, cfg, meta, out)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "args": flat_dict(cfg), "rows": rows}, indent=1))
     print(out.read_text())

@@ -90,7 +90,8 @@ def test_benchmarks_import_the_package_not_scripts():
 SHARED = {"EnvConfig": set(flat_names(EnvConfig)), "SearchConfig": set(flat_names(SearchConfig)),
           "FinetuneConfig": {f.name for f in dataclasses.fields(FinetuneConfig) if f.metadata.get("cli") is not False}}
 CONFIG_MODULES = ["pruning_env.cli.prune", "pruning_env.cli.marl", "benchmarks.marl", "benchmarks.criteria",
-                  "benchmarks.env_step", "benchmarks.latency", "benchmarks.surgery_speed", "benchmarks.kl_speed"]
+                  "benchmarks.env_step", "benchmarks.latency", "benchmarks.surgery_speed", "benchmarks.kl_speed",
+                  "benchmarks.paper_scale"]
 
 
 @pytest.mark.parametrize("module", CONFIG_MODULES)

@@ -79,7 +79,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 calib_size=128, baseline_epochs=30),
     # GPU scale: full width
     "paper": dict(plans=3000, eval_every=50, finetune_epochs=60, latency_repeats=50, width=1.0, eval_size=5000,
-                  calib_size=128, baseline_epochs=200),
+                  eval_batch_size=2500, calib_size=128, baseline_epochs=200),
 }
 STATE_FILE = "train_state.pt"
 

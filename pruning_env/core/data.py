@@ -20,8 +20,10 @@ and ``test/``). Any other name is treated as an image folder ``<dir>/<name>``.
 Images are decoded once into ``uint8`` arrays cached under
 ``~/.cache/pruning_env/decoded`` (keyed by the source's path and every file's size and mtime,
 validated when read, see :mod:`pruning_env.core.decoded_cache`), so a second load takes a
-fraction of a second. Batches are produced from those tensors;
-augmentation (random crop with zero padding, horizontal flip) runs on whole batches.
+fraction of a second. Batches are produced from those tensors
+(:mod:`pruning_env.core.batching`, re-exported here: ``batches``, ``augment``); augmentation
+(random crop with zero padding, horizontal flip, Cutout) runs on whole batches, on the device
+the batches go to, and on CUDA the split itself stays resident on the GPU.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import os
 import pickle
 import tarfile
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from pruning_env.core import decoded_cache
+from pruning_env.core.batching import augment, batches
 from pruning_env.core.config import check_settings, option
 
 __all__ = [
@@ -434,103 +436,6 @@ def make_synthetic(
 
 
 # ----------------------------------------------------------------------------- batches
-
-
-def augment(images: torch.Tensor, generator: torch.Generator, padding: int = 4, cutout: int = 0) -> torch.Tensor:
-    """Random crop with zero padding, random horizontal flip and optional Cutout, on a whole batch.
-
-    Args:
-        images: ``(B, C, H, W)`` tensor (any dtype).
-        generator: CPU generator that draws the crop offsets, flips and cutout centres.
-        padding: pixels of zero padding on each side before cropping back to ``H x W``.
-        cutout: side in pixels of a square set to zero at a random centre of every image
-            (DeVries & Taylor, 2017; the square may be clipped at the border); 0 disables.
-
-    Returns:
-        ``(B, C, H, W)`` tensor of the same dtype and device.
-    """
-    b, c, h, w = images.shape
-    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(images.device)
-    flips = (torch.rand(b, generator=generator) < 0.5).to(images.device)
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    rows = offsets[0][:, None] + torch.arange(h, device=images.device)  # (B, H)
-    cols = offsets[1][:, None] + torch.arange(w, device=images.device)  # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
-    bi = torch.arange(b, device=images.device)[:, None, None, None]
-    ci = torch.arange(c, device=images.device)[None, :, None, None]
-    out = padded[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]
-    if cutout > 0:
-        top = torch.randint(0, h, (b,), generator=generator).to(images.device)[:, None] - cutout // 2  # (B, 1)
-        left = torch.randint(0, w, (b,), generator=generator).to(images.device)[:, None] - cutout // 2
-        ys, xs = torch.arange(h, device=images.device), torch.arange(w, device=images.device)
-        in_y = (ys >= top) & (ys < top + cutout)  # (B, H)
-        in_x = (xs >= left) & (xs < left + cutout)  # (B, W)
-        hole = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # (B, 1, H, W)
-        out = out.masked_fill(hole, 0)
-    return out
-
-
-def batches(
-    split: Split,
-    batch_size: int,
-    *,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    shuffle: bool = False,
-    augment_data: bool = False,
-    generator: torch.Generator | None = None,
-    device: str | torch.device = "cpu",
-    drop_last: bool = False,
-    cutout: int = 0,
-    padding: int = 4,
-    copies: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield normalised ``(images, labels)`` batches.
-
-    Args:
-        split: uint8 images and labels.
-        batch_size: examples per batch.
-        mean, std: per-channel normalisation, in [0, 1] pixel units.
-        shuffle: draw a new permutation from ``generator`` (required then).
-        augment_data: apply :func:`augment` (random crop + flip) per batch.
-        generator: CPU ``torch.Generator``; makes shuffling and augmentation deterministic.
-        device: where the batches go.
-        drop_last: drop a last incomplete batch.
-        cutout: with ``augment_data``, side of the Cutout square in pixels (0: none).
-        padding: with ``augment_data``, zero padding in pixels of the random crop (0: no crop).
-        copies: with ``augment_data``, independently augmented copies of every image in its
-            batch (batch augmentation, Hoffer et al., 2020): a batch of ``b`` images yields
-            ``copies * b`` examples, the copies stacked one block after another.
-
-    Yields:
-        ``(B, C, H, W)`` float32 images and ``(B,)`` int64 labels on ``device`` (``B`` is
-        ``copies`` times the number of images drawn).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if cutout < 0:
-        raise ValueError(f"cutout must be >= 0 pixels, got {cutout}")
-    if padding < 0:
-        raise ValueError(f"padding must be >= 0 pixels, got {padding}")
-    if copies < 1 or (copies > 1 and not augment_data):
-        raise ValueError(f"copies must be >= 1, and > 1 only with augment_data, got {copies}")
-    if (shuffle or augment_data) and generator is None:
-        raise ValueError("shuffle/augment_data need a torch.Generator for determinism")
-    n = len(split)
-    order = torch.randperm(n, generator=generator) if shuffle else None
-    dev = torch.device(device)
-    m = torch.tensor(mean, device=dev).view(1, -1, 1, 1) * 255.0
-    s = torch.tensor(std, device=dev).view(1, -1, 1, 1) * 255.0
-    stop = n - n % batch_size if drop_last else n
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size] if order is not None else slice(start, start + batch_size)
-        x = split.images[idx].to(dev, non_blocking=True)
-        y = split.labels[idx].to(dev, non_blocking=True)
-        if augment_data:
-            if copies > 1:
-                x, y = x.repeat(copies, 1, 1, 1), y.repeat(copies)
-            x = augment(x, generator, padding=padding, cutout=cutout)  # type: ignore[arg-type]
-        yield (x.float() - m) / s, y
 
 
 @dataclass(frozen=True)

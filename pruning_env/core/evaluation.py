@@ -1,4 +1,11 @@
-"""Accuracy and latency measurement."""
+"""Accuracy and latency measurement.
+
+On CUDA, :func:`evaluate` reads the split from its device-resident copy
+(:func:`pruning_env.core.batching.resident_copy`), uses large batches and synchronises with
+the host once per call; it always runs in float32 (no autocast: the env's rewards and every
+reported accuracy are fp32 measurements; note that cuDNN may use TF32 for fp32 convolutions
+on Ampere and newer GPUs, torch's default ``torch.backends.cudnn.allow_tf32 = True``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +17,10 @@ from torch import nn
 
 from pruning_env.core.data import Split, batches
 
-__all__ = ["NonFiniteError", "check_finite_loss", "evaluate", "measure_latency"]
+__all__ = ["DEFAULT_EVAL_BATCH", "NonFiniteError", "check_finite_loss", "evaluate", "measure_latency"]
+
+DEFAULT_EVAL_BATCH = {"cpu": 500, "cuda": 2000}
+"""Images per evaluation forward pass by device type when a caller gives none (others: the CPU value)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -32,7 +42,7 @@ def evaluate(
     *,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    batch_size: int = 500,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     limit: int | None = None,
     flip_tta: bool = False,
@@ -40,6 +50,8 @@ def evaluate(
     """Top-1 accuracy in percent of ``model`` (in eval mode) on ``split``.
 
     Args:
+        batch_size: images per forward pass (``None``: :data:`DEFAULT_EVAL_BATCH` of the device type;
+            the accuracy does not depend on it).
         limit: evaluate only the first ``limit`` examples (a fixed, deterministic subset).
         flip_tta: test-time augmentation: classify by the mean softmax of each image and
             its horizontal mirror (two forward passes). Off everywhere the package measures
@@ -52,19 +64,25 @@ def evaluate(
         split = split.subset(limit)
     if len(split) == 0:
         raise ValueError("cannot evaluate on an empty split")
+    dev = torch.device(device)
+    if batch_size is None:
+        batch_size = DEFAULT_EVAL_BATCH.get(dev.type, DEFAULT_EVAL_BATCH["cpu"])
     was_training = model.training
     model.eval()
-    correct = 0
+    # counted on the device and read once: no host synchronisation per batch (exact integers either way)
+    correct = torch.zeros((), dtype=torch.int64, device=dev)
+    finite = torch.ones((), dtype=torch.bool, device=dev)
     try:
-        for x, y in batches(split, batch_size, mean=mean, std=std, device=device):
+        for x, y in batches(split, batch_size, mean=mean, std=std, device=dev):
             scores = model(x).softmax(1) + model(x.flip(3)).softmax(1) if flip_tta else model(x)
-            if not bool(torch.isfinite(scores).all()):
-                raise NonFiniteError("the model produced non-finite outputs (NaN/inf); its weights are probably "
-                                     "NaN/inf (a diverged training?): no accuracy can be measured")
-            correct += int((scores.argmax(1) == y).sum())
+            finite &= torch.isfinite(scores).all()
+            correct += (scores.argmax(1) == y).sum()
     finally:
         model.train(was_training)
-    return 100.0 * correct / len(split)
+    if not bool(finite):
+        raise NonFiniteError("the model produced non-finite outputs (NaN/inf); its weights are probably "
+                             "NaN/inf (a diverged training?): no accuracy can be measured")
+    return 100.0 * int(correct) / len(split)
 
 
 @torch.no_grad()

@@ -26,6 +26,11 @@ weights, optimiser, scheduler and RNG states under ``extra["train_state"]``);
 ``resume=True`` continues an interrupted run to the same result as an
 uninterrupted one (on CPU). When the run ends, the checkpoint holds the best
 weights.
+
+On CUDA the loop takes the fast path (:mod:`pruning_env.core.device_path`: the data set
+resident on the GPU and augmented there, channels-last student and teacher, bf16 autocast
+of the student's and the teacher's forward passes, the loss read once per epoch); the
+validation that selects the weights runs in float32. On CPU those options are ignored.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ from pruning_env.core.config import (
     seed_everything,
 )
 from pruning_env.core.data import Splits, batches
-from pruning_env.core.evaluation import check_finite_loss, evaluate
+from pruning_env.core.device_path import LossMeter, device_path
+from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import list_models
 from pruning_env.training.optim import param_groups
 
@@ -79,6 +85,11 @@ class FinetuneConfig:
     label_smoothing: float = option(0.0, "label smoothing of the cross-entropy term",
                                    min=0, max=1, max_exclusive=True)
     augment: bool = option(True, "random-crop + flip augmentation of training batches")
+    amp: bool = option(True, "CUDA: bf16 autocast of the student's and teacher's forward passes (weights, "
+                       "optimiser and the validation stay float32); ignored on CPU")
+    channels_last: bool = option(True, "CUDA: fine-tune in channels-last memory format; ignored on CPU")
+    device_data: bool = option(True, "CUDA: keep the data set on the GPU and augment it there; ignored on CPU",
+                               cli=False)
     train_limit: int | None = option(None, "training images per epoch: a fixed subset of the training split "
                                      "(None or 0: all)", aliases=("finetune_limit",), min=0)
     # Where and how a run executes: a command sets these from its own --seed/--device/--progress.
@@ -214,7 +225,8 @@ def finetune(
             raise ckpt.CheckpointError(f"{out} holds a network of other widths than this student "
                                        "(another plan?); delete it or resume with the same plan") from None
         if "config" in state:  # a resumed run is the same run, or it is refused
-            diff = config_mismatch(state["config"], dataclasses.asdict(cfg), {"device", "progress"})
+            diff = config_mismatch(state["config"], dataclasses.asdict(cfg),
+                                   {"device", "progress", "device_data", "channels_last"})
             if diff:
                 named = {(k if k == "seed" else f"finetune_{k}"): v for k, v in diff.items()}
                 raise ValueError(mismatch_message(f"the fine-tuning checkpoint {out}", named,
@@ -251,46 +263,58 @@ def finetune(
                   metrics={"val_acc": best_val if finished else history[-1]["val_acc"]}, plan=plan,
                   extra={**(meta or {}), "train_state": train_state})
 
+    path = device_path(device, amp=cfg.amp, device_data=cfg.device_data)
+    # channels-last on the fast path only (the CPU loop is the one it always was); undone in the finally
+    formatted = [m for m in (student, teacher if cfg.kd else None) if m is not None] \
+        if path.sync_free and cfg.channels_last else []
+    for m in formatted:
+        m.to(memory_format=torch.channels_last)
+    hint = "lower --finetune-lr (or --finetune-temperature) and fine-tune afresh"
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.time()
             alpha = alpha_at(epoch, cfg)
             student.train()
-            loss_sum, seen = 0.0, 0
+            meter = LossMeter(sync_each_step=not path.sync_free)
             it = batches(splits.train, cfg.batch_size, mean=splits.mean, std=splits.std, shuffle=True,
-                         augment_data=cfg.augment, generator=gen, device=device)
+                         augment_data=cfg.augment, generator=gen, device=device, resident=path.resident)
             bar = tqdm(it, total=steps_per_epoch, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not cfg.progress, file=sys.stderr)
-            for x, y in bar:
-                logits = student(x)
-                if cfg.kd:
-                    with torch.no_grad():
-                        teacher_logits = teacher(x)  # type: ignore[misc]
-                    loss = kd_loss(logits, teacher_logits, y, alpha=alpha, temperature=cfg.temperature,
-                                   label_smoothing=cfg.label_smoothing)
-                else:
-                    loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-                loss_value = check_finite_loss(
-                    loss, where=f"fine-tuning epoch {epoch + 1}",
-                    hint="lower --finetune-lr (or --finetune-temperature) and fine-tune afresh")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                loss_sum += loss_value * len(y)
-                seen += len(y)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}")
+            with path.kernels():
+                for x, y in bar:
+                    if formatted:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with path.autocast():
+                        logits = student(x)
+                        if cfg.kd:
+                            with torch.no_grad():
+                                teacher_logits = teacher(x)  # type: ignore[misc]
+                            loss = kd_loss(logits, teacher_logits, y, alpha=alpha, temperature=cfg.temperature,
+                                           label_smoothing=cfg.label_smoothing)
+                        else:
+                            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+                    meter.add(loss, len(y), where=f"fine-tuning epoch {epoch + 1}", hint=hint)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    running = meter.mean()  # None on the fast path: reading the loss would wait for the GPU
+                    if running is not None:
+                        bar.set_postfix(loss=f"{running:.3f}")
+            train_loss = meter.finish(where=f"fine-tuning epoch {epoch + 1}", hint=hint)
             val_acc = evaluate(student, splits.val, mean=splits.mean, std=splits.std, device=device)
-            history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_acc": val_acc,
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val_acc,
                             "alpha": alpha if cfg.kd else 0.0, "lr": sched.get_last_lr()[0],
                             "seconds": time.time() - t0})
             if val_acc > best_val:
                 best_val, best_epoch, best_state = val_acc, epoch + 1, _state_copy(student)
             if cfg.progress:
-                tqdm.write(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / max(seen, 1):.4f}  "
+                tqdm.write(f"finetune epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}  "
                            f"val_acc {val_acc:.2f}% (best {best_val:.2f}%)", file=sys.stderr)
             save(finished=False)
     finally:
+        for m in formatted:
+            m.to(memory_format=torch.contiguous_format)
         if teacher is not None and cfg.kd:
             teacher.train(teacher_training)
     student.load_state_dict(best_state)

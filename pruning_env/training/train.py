@@ -12,6 +12,11 @@ the test split once at the end.
 A checkpoint is written atomically after every epoch (model + optimiser +
 scheduler + RNG states), so ``--resume`` after an interruption continues from the
 last finished epoch and gives the same result as an uninterrupted run (on CPU).
+
+On CUDA the loop takes the fast path (:mod:`pruning_env.core.device_path`): the data set
+resident on the GPU and augmented there (``device_data``), channels-last, bf16 autocast
+(``amp``), the loss summed on the device and read once per epoch, cuDNN autotuning, large
+evaluation batches. On CPU those options are ignored and the loop is the one it always was.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from tqdm import tqdm
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import check_settings, option, preserved_rng, resolve_device, seed_everything
 from pruning_env.core.data import Splits, batches, cache_dir, load_splits
-from pruning_env.core.evaluation import check_finite_loss, evaluate
+from pruning_env.core.device_path import DevicePath, LossMeter, device_path
+from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import build, list_models
 from pruning_env.training.optim import param_groups
 
@@ -82,6 +88,10 @@ class TrainConfig:
     resume: bool = option(False, "continue from the checkpoint at --out after an interruption")
     overwrite: bool = option(False, "replace an existing --out (without it an existing --out is refused)")
     channels_last: bool = option(True, "train in channels-last memory format (about 1.3x faster on CPU)")
+    amp: bool = option(True, "CUDA: bf16 autocast of forward and backward (weights, optimiser, BN statistics and "
+                       "every evaluation stay float32); ignored on CPU")
+    device_data: bool = option(True, "CUDA: keep the data set on the GPU and augment it there (no per-batch host "
+                               "copies); ignored on CPU")
     progress: bool = option(True, "show progress bars")
 
     def __post_init__(self) -> None:
@@ -208,9 +218,11 @@ def fit(
             raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
         for m, _ in dropouts:
             m.p = cfg.dropout
+    path = device_path(device, amp=cfg.amp, device_data=cfg.device_data)
     try:
-        with preserved_rng():  # the caller's global RNG states are as before (training seeds and draws from them)
-            return _fit_epochs(model, splits, cfg, device, out=out, resume_state=resume_state, meta=meta)
+        # the caller's global RNG states are as before (training seeds and draws from them)
+        with preserved_rng(), path.kernels():
+            return _fit_epochs(model, splits, cfg, device, path, out=out, resume_state=resume_state, meta=meta)
     finally:
         for m, p in dropouts:
             m.p = p
@@ -218,8 +230,8 @@ def fit(
             model.to(memory_format=torch.contiguous_format)  # as a loaded checkpoint is
 
 
-def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device, *, out: Path | None,
-                resume_state: dict[str, Any] | None, meta: dict[str, Any] | None) -> dict[str, Any]:
+def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torch.device, path: DevicePath, *,
+                out: Path | None, resume_state: dict[str, Any] | None, meta: dict[str, Any] | None) -> dict[str, Any]:
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -242,21 +254,20 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
             ema.swap()  # train the raw weights (at the first epoch both copies are equal)
         model.train()
         t0 = time.time()
-        loss_sum, seen = 0.0, 0
+        meter = LossMeter(sync_each_step=not path.sync_free)
+        hint = (("the last finished epoch is saved at " + str(out) if out is not None and epoch > 0
+                 else "nothing was saved") + "; lower --lr (or raise --warmup-frac) and train afresh (--overwrite)")
         it = batches(splits.train, cfg.batch_size, mean=splits.mean, std=splits.std, shuffle=True,
                      augment_data=True, generator=gen, device=device, cutout=cfg.cutout,
-                     padding=cfg.crop_padding, copies=cfg.aug_copies)
+                     padding=cfg.crop_padding, copies=cfg.aug_copies, resident=path.resident)
         bar = tqdm(it, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
                    leave=False, file=sys.stderr)
         for x, y in bar:
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
-            loss_value = check_finite_loss(
-                loss, where=f"epoch {epoch + 1}, step {seen // max(len(y), 1) + 1}",
-                hint=("the last finished epoch is saved at " + str(out) if out is not None and epoch > 0
-                      else "nothing was saved") + "; lower --lr (or raise --warmup-frac) and train afresh "
-                     "(--overwrite)")
+            with path.autocast():
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
+            meter.add(loss, len(y), where=f"epoch {epoch + 1}, step {meter.seen // max(len(y), 1) + 1}", hint=hint)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.sam_rho > 0:
@@ -266,16 +277,16 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
             sched.step()
             if ema is not None:
                 ema.update()
-            loss_sum += loss_value * len(y)
-            seen += len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{step_lr:.3g}")
+            running = meter.mean()  # None on the fast path: reading the loss would wait for the GPU
+            bar.set_postfix(**({} if running is None else {"loss": f"{running:.3f}"}), lr=f"{step_lr:.3g}")
+        train_loss = meter.finish(where=f"epoch {epoch + 1}", hint=hint)
         if ema is not None:
             ema.swap()  # validate, save and return the average; the raw weights travel in the train state
         val_acc = evaluate(model, splits.val, mean=splits.mean, std=splits.std, device=device)
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "val_acc": val_acc,
+        history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val_acc,
                         "seconds": time.time() - t0})
         if cfg.progress:
-            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {loss_sum / max(seen, 1):.4f}  val_acc {val_acc:.2f}%  "
+            tqdm.write(f"epoch {epoch + 1}/{cfg.epochs}: loss {train_loss:.4f}  val_acc {val_acc:.2f}%  "
                        f"({time.time() - t0:.0f}s)", file=sys.stderr)
         if out is not None:
             state = {"epoch": epoch + 1, "history": history, "optimizer": opt.state_dict(),
@@ -289,7 +300,8 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
 
 
 # Fields that say where and how a run executes, not what it computes: --resume may change them.
-_RUN_ONLY_FIELDS = frozenset({"data_dir", "device", "out", "resume", "overwrite", "progress", "channels_last"})
+_RUN_ONLY_FIELDS = frozenset({"data_dir", "device", "out", "resume", "overwrite", "progress", "channels_last",
+                              "device_data"})
 _TRAIN_STATE_KEYS = frozenset({"epoch", "history", "optimizer", "scheduler", "generator", "torch_rng"})
 # What checkpoints from before a field existed were trained with (the feature was off).
 _LEGACY_VALUES: dict[str, Any] = {"aug_copies": 1, "crop_padding": 4, "cutout": 0, "ema_decay": 0.0, "sam_rho": 0.0,
