@@ -58,6 +58,7 @@ __all__ = [
     "QMIXConfig",
     "QMixer",
     "VDNMixer",
+    "explore_action",
     "lambda_returns",
     "list_mixers",
     "register_mixer",
@@ -114,6 +115,23 @@ class QMIXConfig:
     """Final epsilon."""
     eps_anneal_steps: int = 500
     """Env steps over which epsilon decays linearly (short runs; pymarl: 50k)."""
+    explore_radius: int = 0
+    """Exploring agents pick uniformly among available actions (0, pymarl) or among those within this many
+    indices of their greedy action (> 0: local exploration around the current allocation, for ordered action
+    spaces such as a grid of pruning rates)."""
+
+
+def explore_action(rng: np.random.Generator, greedy: int, avail: np.ndarray, radius: int) -> int:
+    """An exploring agent's action: uniform over the available ones (``radius`` 0) or over the available ones
+    within ``radius`` indices of ``greedy`` (the greedy one included only when it is the only one)."""
+    allowed = np.flatnonzero(avail)
+    if radius > 0:
+        near = allowed[(np.abs(allowed - greedy) <= radius) & (allowed != greedy)]
+        if near.size:
+            allowed = near
+        elif avail[greedy]:
+            return greedy
+    return int(rng.choice(allowed))
 
 
 # ---------------------------------------------------------------------- networks
@@ -304,6 +322,8 @@ class QMIX(Algorithm):
             self.optimizer = torch.optim.RMSprop(self.params, lr=cfg.lr, alpha=0.99, eps=cfg.optim_eps)
         else:
             raise ValueError(f"optimizer must be 'adam' or 'rmsprop', got {cfg.optimizer!r}")
+        if cfg.explore_radius < 0:
+            raise ValueError(f"explore_radius must be >= 0 (0: uniform exploration), got {cfg.explore_radius}")
         self.buffer = EpisodeReplayBuffer(cfg.buffer_size)
         self.gradient_steps = 0
         self._agent_ids = torch.eye(self.n_agents, device=self.device)
@@ -366,7 +386,7 @@ class QMIX(Algorithm):
                 eps = self.epsilon()
                 for i in range(self.n_agents):
                     if rng.random() < eps:
-                        actions[i] = rng.choice(np.flatnonzero(avail[i]))
+                        actions[i] = explore_action(rng, int(actions[i]), avail[i], self.config.explore_radius)
                 self.env_steps += 1
             self._step_q.append(float(q[np.arange(self.n_agents), actions].mean()))
             return {agent: int(actions[i]) for i, agent in enumerate(self.agents)}
