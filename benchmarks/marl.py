@@ -106,7 +106,7 @@ class BenchConfig:
     finetune: FinetuneConfig = nested(FinetuneConfig, "identical fine-tuning of every best plan and of "
                                       "Torch-Pruning's network (2 epochs here)", prefix="finetune",
                                       default=FinetuneConfig(epochs=2))
-    tp_target: str = option("qmix", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "
+    tp_target: str = option("target", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "
                             "the same seed (qmix; falls back to --macs-target without QMIX) or --macs-target "
                             "(target)", choices=["qmix", "target"])
     tp_steps: int = option(200, "Torch-Pruning iterative steps from 0 to the largest rate (finer = closer MACs)")
@@ -361,7 +361,16 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-# ----------------------------------------------------------------------------- main
+def result_rows(state: dict[str, Any], target: float) -> list[dict[str, Any]]:
+    """One flat row per (target, method, seed) of the finished fine-tunes (method names as in ``--algos``, plus
+    ``torch-pruning``): MACs ratio, validation objective and TEST accuracy before / after the fine-tune."""
+    rows = []
+    for seed, run in sorted(state["runs"].items(), key=lambda kv: int(kv[0])):
+        for method, ft in run["finetune"].items():
+            rows.append({"target": target, "method": method, "seed": int(seed), "macs_ratio": ft["macs_ratio"],
+                         "val_objective": ft["val_objective"], "test_acc_before_ft": ft["test_acc_before_finetune"],
+                         "test_acc_after_ft": ft["test_acc"]})
+    return rows
 
 
 # ----------------------------------------------------------------------------- main
@@ -443,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"images, BN re-estimated on {env_cfg['bn_recal_batches']} batches")
     flat = SimpleNamespace(**flat_dict(cfg))
     state["header"] = header
+    state["rows"] = result_rows(state, cfg.problem.macs_target)
     state["summary"] = summary(state, flat)
     _save_state(json_path, state)
     plots(state, flat, out_dir)

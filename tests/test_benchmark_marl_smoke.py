@@ -44,8 +44,14 @@ def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory,
         if name != "torch-pruning":  # re-measuring the best plan gives what the search saw
             assert ft["val_objective"] == pytest.approx(ft["search_val_objective"]), name
     tp = run["finetune"]["torch-pruning"]
-    assert tp["macs_ratio"] <= run["finetune"]["qmix"]["macs_ratio"] + 1e-9  # matched to QMIX's MACs
+    assert tp["macs_ratio"] <= 0.5 + 1e-9  # pruned down to the MACs target (--tp-target target)
     assert tp["other_layers_pruned"] == []
+    # the flat rows: one per (target, method, seed), every final network at the exact budget
+    assert sorted(r["method"] for r in state["rows"]) == sorted([*ALGOS, "torch-pruning"])
+    for row in state["rows"]:
+        assert set(row) == {"target", "method", "seed", "macs_ratio", "val_objective", "test_acc_before_ft",
+                            "test_acc_after_ft"}
+        assert row["target"] == 0.5 and row["seed"] == 0 and row["macs_ratio"] <= 0.5 + 0.005, row
 
     md = (out / "marl.md").read_text()
     for label in ("QMIX", "random search", "DSFP-uniform", "Torch-Pruning global L1"):
