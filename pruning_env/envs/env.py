@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -228,6 +229,9 @@ class FilterPruningEnv(ParallelEnv):
         self._calib_x, self._calib_y = calibration_batch(splits, cfg.scoring.calib_size, seed=0, device=self.device)
 
         self._cache: OrderedDict[bytes, _Measured] = OrderedDict()
+        #: On a cache miss, ``measurement_source(plan)`` may return another same-model/data/config env's
+        #: :meth:`measurement` of it (a parallel worker's: :mod:`pruning_env.search.parallel`); None: measure here.
+        self.measurement_source: Callable[[PruningPlan], dict[str, Any] | None] | None = None
         self.num_evaluations = 0  # plans measured (cache misses): the budget unit of a search
         # Seconds spent per phase of plan measurement (for benchmarks/env_step.py; never in infos).
         self.timings: dict[str, float] = {}
@@ -433,6 +437,14 @@ class FilterPruningEnv(ParallelEnv):
         m = self._measure(plan)
         return self._summary(m)
 
+    def measurement(self, plan: PruningPlan) -> dict[str, Any]:
+        """Everything this env measured for ``plan`` (measured now if not cached), as plain picklable values:
+        ``acc`` (percent), exact ``macs`` and ``params``, ``scores`` (``{layer: (kept,) tensor}``, the next step's
+        pruning order) and ``features`` (``(L, F)`` array). Another env of the same model, data and config
+        accepts it from its :attr:`measurement_source` as its own measurement."""
+        m = self._measure(plan)
+        return {"acc": m.acc, "macs": m.macs, "params": m.params, "scores": dict(m.scores), "features": m.features}
+
     # ------------------------------------------------------------------ internals
 
     def _full_plan(self) -> PruningPlan:
@@ -491,6 +503,9 @@ class FilterPruningEnv(ParallelEnv):
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
+        provided = self.measurement_source(plan) if self.measurement_source is not None else None
+        if provided is not None:
+            return self._remember(key, _Measured(**provided, plan=plan))
         cfg = self.config
         clock = time.perf_counter
         t0 = clock()
@@ -511,9 +526,12 @@ class FilterPruningEnv(ParallelEnv):
             self.timings[phase] = self.timings.get(phase, 0.0) + seconds
         measured = _Measured(acc=acc, macs=int(macs), params=int(params), scores=scores, features=features,
                              plan=plan)
+        return self._remember(key, measured)
+
+    def _remember(self, key: bytes, measured: _Measured) -> _Measured:
         self.num_evaluations += 1
         self._cache[key] = measured
-        if len(self._cache) > cfg.cache_size:
+        if len(self._cache) > self.config.cache_size:
             self._cache.popitem(last=False)
         return measured
 
