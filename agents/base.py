@@ -334,6 +334,15 @@ class Algorithm(abc.ABC):
         self._env_resets = int(d["env_resets"])
         self.rngs.load_state_dict(d["rngs"])
 
+    def upcoming_actions(self, episodes: int, steps: int) -> list[list[dict[str, Any]]]:
+        """The joint actions (``steps`` per episode) of the next ``episodes`` training episodes, when they are known
+        before those episodes are played, i.e. do not depend on observations; ``[]`` (the default) when not.
+
+        A hint for callers that measure an episode's pruning plans ahead on parallel workers: it must not change
+        the algorithm's state (draw from copies of :attr:`rngs`), and a wrong hint costs time, never results.
+        """
+        return []
+
     # ------------------------------------------------------------------ helpers
     def next_reset_seed(self) -> int | None:
         """The ``seed`` argument for the next ``env.reset``.
