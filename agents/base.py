@@ -343,6 +343,15 @@ class Algorithm(abc.ABC):
         """
         return []
 
+    def upcoming_policies(self, episodes: int) -> list[Callable[[], Callable[[dict[str, Any], dict[str, dict]],
+                                                                             dict[str, Any]]]]:
+        """For the next training episodes (up to ``episodes``) whose policy is fixed now (one policy snapshot,
+        exploration from per-episode random streams), a factory of each one's exact ``policy(obs, infos) ->
+        actions``; ``[]`` (the default) when there is none. Like :meth:`upcoming_actions` a hint for measuring plans
+        ahead: calling a factory or its policy must not change the algorithm, and a wrong hint costs time only.
+        """
+        return []
+
     # ------------------------------------------------------------------ helpers
     def next_reset_seed(self) -> int | None:
         """The ``seed`` argument for the next ``env.reset``.

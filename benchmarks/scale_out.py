@@ -221,10 +221,10 @@ def _markdown(cfg: ScaleOutConfig, state: dict[str, Any]) -> str:
               "| machines K | workers busy | modelled search time (s) | speed-up |", "|---|---|---|---|",
               *[f"| {m['machines']} | {m['workers']} | {m['seconds']:.1f} | {m['speedup']:.2f}x |" for m in model], "",
               "What stays serial: the learner's acting and updates (one policy) and the driver's own bookkeeping; "
-              "what scales: plan measurement (BN re-estimation, evaluation, scoring). Today only searches whose "
-              "actions are known ahead (random search, the DSFP-uniform sweep) measure on workers; QMIX/VDN/IQL "
-              "measure in the driver until lockstep episodes per policy snapshot exist, so for them this model is "
-              "what that step would give, not what the code does now.", "", "![scale out](scale_out.png)", ""]
+              "what scales: plan measurement (BN re-estimation, evaluation, scoring). Plans go to workers for "
+              "episodes known ahead: random search, the DSFP-uniform sweep and QMIX/VDN/IQL with "
+              "episodes_per_snapshot = B > 1 (then at most B plans per round, so W <= B); with B = 1 and for AMC "
+              "they are measured in the driver (speed-up 1).", "", "![scale out](scale_out.png)", ""]
     return "\n".join(lines)
 
 

@@ -24,6 +24,8 @@ from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_sessio
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_RAY = importlib.util.find_spec("ray") is not None
+# QMIX with 4 episodes per policy snapshot (pymarl's parallel runner); learning starts after the first snapshot
+SNAPSHOT = {"episodes_per_snapshot": 4, "learning_starts": 4, "batch_size": 4, "eps_anneal_steps": 12}
 needs_ray = pytest.mark.skipif(not HAS_RAY, reason='Ray not installed (pip install -e ".[ray]")')
 
 
@@ -64,6 +66,18 @@ def test_one_worker_never_imports_ray():
             "assert 'ray' not in sys.modules, 'ray imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+
+
+def test_a_policy_snapshot_is_fixed_for_its_episodes(tiny_env_factory):
+    import agents
+
+    algo = agents.make_algorithm("qmix", tiny_env_factory(), seed=0, **SNAPSHOT)
+    assert agents.make_algorithm("qmix", tiny_env_factory(), seed=0).upcoming_policies(4) == []  # default: none
+    assert len(algo.upcoming_policies(8)) == 4  # the rest of the snapshot only
+    for episode in range(1, 9):
+        algo.train_episode()
+        assert algo.gradient_steps == (0 if episode < 4 else 4 * 4 if episode < 8 else 8 * 4)
+        assert len(algo.upcoming_policies(8)) == 4 - episode % 4
 
 
 # ----------------------------------------------------------------------------- train_marl.py on Ray
@@ -131,11 +145,11 @@ def evaluator(local_ray, tiny_env_factory):
 WORKERS = WorkersConfig(workers=2)
 
 
-def _search(env, name: str, plans: int, seed: int = 0, **cfg) -> Search:
+def _search(env, name: str, plans: int, seed: int = 0, algo_config: dict | None = None, **cfg) -> Search:
     import agents
 
     cls = agents.get_algorithm(name)
-    algo = agents.make_algorithm(name, algorithm_env(cls, env), seed=seed)
+    algo = agents.make_algorithm(name, algorithm_env(cls, env), seed=seed, **(algo_config or {}))
     return Search(algo, env, SearchConfig(plans=plans, eval_every=4, **cfg), progress=False)
 
 
@@ -166,16 +180,18 @@ def test_evaluator_measures_each_plan_once_in_submission_order(evaluator, tiny_e
     assert evaluator.measure(plans[:3]) == records[:3] and evaluator.measured - before == 4  # the shared cache
 
 
-@pytest.mark.parametrize("algo", ["random", "dsfp-uniform"])
-def test_search_result_does_not_depend_on_the_workers(evaluator, tiny_env_factory, algo):
+@pytest.mark.parametrize("algo,algo_config", [("random", None), ("dsfp-uniform", None), ("qmix", SNAPSHOT)])
+def test_search_result_does_not_depend_on_the_workers(evaluator, tiny_env_factory, algo, algo_config):
     serial_env = tiny_env_factory()
-    serial = _search(serial_env, algo, 18)
+    serial = _search(serial_env, algo, 18, algo_config=algo_config)
     serial.run()
     env = tiny_env_factory()
-    search = _search(env, algo, 18)
+    search = _search(env, algo, 18, algo_config=algo_config)
     scale_out(search, WORKERS, evaluator)
     search.run()
     assert _from_workers(env, evaluator) and len(env.measured_plans()) > 5  # the workers measured the plans
+    if algo == "qmix":
+        assert search.algorithm.gradient_steps > 0  # it learned between snapshots
     assert _result(search) == _result(serial)
     assert env.num_evaluations == serial_env.num_evaluations
 

@@ -18,16 +18,18 @@ Design
   env's cache, its order and its ``num_evaluations`` are therefore exactly those of a serial run, and so are
   the search's budget, points, best plan and report, for any N.
 * **Which plans to measure ahead** (:class:`Prefetcher`): before a training episode the search asks the
-  algorithm for the joint actions of its next ``lookahead`` training episodes (``upcoming_actions``, an
-  optional hook of ``agents.Algorithm``: random search and the DSFP-uniform sweep know them in advance,
-  since their actions do not depend on observations). A plan of step t depends on the measured scores of
-  step t - 1, so those episodes are replayed in lockstep on a private *probe* env whose misses are collected
-  instead of measured: round t measures every episode's step-t plan in one parallel batch. The lookahead is a
+  algorithm what its next ``lookahead`` training episodes will do, through two optional hooks of
+  ``agents.Algorithm`` that use the PettingZoo API only: ``upcoming_actions`` (joint actions; random search and
+  the DSFP-uniform sweep, whose actions do not depend on observations) or ``upcoming_policies`` (factories of
+  the exact policies; QMIX/VDN/IQL with ``episodes_per_snapshot = B > 1``: pymarl's parallel runner, B episodes
+  of one policy snapshot, each exploring with its own random stream, learned from after the last one). A plan
+  of step t depends on the measured scores of step t - 1, so those episodes are replayed in lockstep on a
+  private *probe* env whose misses are collected instead of measured: round t measures every episode's step-t
+  plan in one parallel batch. B is an algorithm setting (results depend on it, never on N); the lookahead is a
   speed setting only: a plan measured ahead but never visited costs worker time, never a budget unit.
-* **Learners** (QMIX, VDN, IQL) choose actions from observations, so their plans are not known ahead; with
-  ``--workers N`` they run exactly as serially (their plans measured in the driver). Lockstep episodes of one
-  policy snapshot (pymarl's parallel runner) would need a per-snapshot episode count in the learners and is
-  not implemented here. AMC (sequential view, Tianshou-free DDPG) stays serial as well.
+* **Serial**: QMIX/VDN/IQL with ``episodes_per_snapshot = 1`` (the default: a policy changes after every
+  episode) and AMC (the sequential view; its DDPG acts on observations and learns every step) measure in the
+  driver, as without workers.
 * **Faults**: actors restart on death (``max_restarts=-1``); a plan whose worker died is re-queued (to any
   worker) up to ``max_retries`` times, so a killed worker costs time only.
 """
@@ -290,17 +292,21 @@ class Prefetcher:
 
     def __call__(self, algorithm: Any) -> None:
         done = int(getattr(algorithm, "episodes_done", 0))
-        upcoming = getattr(algorithm, "upcoming_actions", None)
-        if upcoming is None or done < self._covered:
+        if done < self._covered:
             return
-        episodes = upcoming(self.lookahead, self.env.config.episode_length)
+        episodes: list[Any] = []
+        if callable(getattr(algorithm, "upcoming_actions", None)):
+            episodes = algorithm.upcoming_actions(self.lookahead, self.env.config.episode_length)
+        if not episodes and callable(getattr(algorithm, "upcoming_policies", None)):
+            episodes = algorithm.upcoming_policies(self.lookahead)
         self._covered = done + max(1, len(episodes))
         if episodes:
             self.prefetch(episodes)
 
-    def prefetch(self, episodes: list[list[dict[str, Any]]]) -> int:
-        """Measure every plan the joint-action sequences ``episodes`` visit from ``reset``; returns the rounds
-        (round t measures all episodes' first unmeasured plans in one batch)."""
+    def prefetch(self, episodes: list[Any]) -> int:
+        """Measure every plan the ``episodes`` visit from ``reset``, each a joint-action sequence or a factory of a
+        ``policy(obs, infos) -> actions``; returns the rounds (round t measures all episodes' first unmeasured
+        plans in one batch)."""
         pending, rounds = list(episodes), 0
         while pending:
             missing: dict[bytes, PruningPlan] = {}
@@ -316,14 +322,19 @@ class Prefetcher:
             pending = waiting
         return rounds
 
-    def _first_missing(self, actions: list[dict[str, Any]]) -> PruningPlan | None:
+    def _first_missing(self, episode: Any) -> PruningPlan | None:
         probe = self.probe
-        probe.reset()
+        obs, infos = probe.reset()
         try:
-            for joint in actions:
-                if not probe.agents:
-                    break
-                probe.step(joint)
+            if callable(episode):  # a policy factory: a fresh policy replays the episode from its first step
+                policy = episode()
+                while probe.agents:
+                    obs, _, _, _, infos = probe.step(policy(obs, infos))
+            else:
+                for joint in episode:
+                    if not probe.agents:
+                        break
+                    probe.step(joint)
         except _Unmeasured as miss:
             return miss.plan
         except (ValueError, TypeError):  # a hint the env rejects is no hint: those plans are measured when played
