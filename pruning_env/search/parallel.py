@@ -112,8 +112,8 @@ def require_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ImportError(f"--workers > 1 runs on Ray, which is not installed: {RAY_EXTRA} (Ray 2.60.0; it pins "
-                          "gymnasium 1.2.2, so use its own virtual environment)") from None
+        raise ImportError(f"--workers > 1 runs on Ray, which is not installed: {RAY_EXTRA} (Ray 2.60.0), or run "
+                          "with --workers 1") from None
     return ray
 
 
