@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             log(f"ray x{n}: {row['plans_per_s']:.2f} plans/s, overhead {100 * row['overhead_share']:.1f} %")
             rows.append(row)
     t_learn = old.get("learner_s_per_episode") if done else _learner_seconds(env, cfg.learner_episodes, cfg.seed)
-    one = next((r for r in rows if r["workers"] == 1), rows[1])
+    single = next((r for r in rows if r["workers"] == 1), None)
+    one = single or rows[1]  # the model's per-plan numbers: 1 worker's, else the first Ray row's
     model = [cost_model(one["measure_s_per_plan"], one["overhead_s_per_plan"], t_learn or 0.0,
                         plans=cfg.search_plans, episode_length=env.config.episode_length, machines=k, cores=cfg.cores,
                         threads=one["threads"], lookahead=cfg.lookahead) for k in cfg.machines]
@@ -276,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     _plot(rows, model, out_dir / "scale_out.png")
     atomic_write_text(out_dir / "scale_out.md", _markdown(cfg, state))
     print_json({"out_dir": str(out_dir), "rows": [{k: r[k] for k in ("setting", "plans_per_s")} for r in rows],
-                "speedup_2_vs_1": next((r["plans_per_s"] / one["plans_per_s"] for r in rows if r["workers"] == 2),
-                                       None), "config": dataclasses.asdict(cfg)})
+                "speedup_2_vs_1": next((r["plans_per_s"] / single["plans_per_s"] for r in rows
+                                        if r["workers"] == 2 and single), None), "config": dataclasses.asdict(cfg)})
     return 0
 
 

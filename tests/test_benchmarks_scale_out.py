@@ -43,10 +43,12 @@ def test_without_ray_it_names_the_extra(tmp_path, capsys):
 def test_smoke_run_writes_the_table_plot_and_model(tmp_path, capsys, tiny_env_factory):
     import ray
 
-    assert scale_out.main(["--smoke", "--out-dir", str(tmp_path), "--machines", "1", "4"]) == 0
+    # 2 workers only (the model then uses their numbers) and no learner episode: the test's time
+    assert scale_out.main(["--smoke", "--out-dir", str(tmp_path), "--workers", "2", "--learner-episodes", "0",
+                           "--machines", "1", "4"]) == 0
     assert not ray.is_initialized()  # the local Ray it started is stopped
     state = json.loads((tmp_path / "scale_out.json").read_text())
-    assert [r["setting"] for r in state["rows"]] == ["bare", "ray x1", "ray x2"]
+    assert [r["setting"] for r in state["rows"]] == ["bare", "ray x2"] and state["learner_s_per_episode"] is None
     assert all(r["plans"] == 4 and r["plans_per_s"] > 0 for r in state["rows"])
     assert all(math.isfinite(r["overhead_share"]) for r in state["rows"][1:])
     assert [m["machines"] for m in state["model"]] == [1, 4]

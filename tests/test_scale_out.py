@@ -198,7 +198,7 @@ def test_search_result_does_not_depend_on_the_workers(evaluator, tiny_env_factor
 
 def test_workers_beyond_the_free_cpus_are_refused(evaluator, tiny_env_factory):
     with pytest.raises(RuntimeError, match="need 1 free CPUs"):  # both CPUs are the evaluator's
-        PlanEvaluator(tiny_env_factory(), 1)
+        PlanEvaluator(tiny_env_factory(), 1, cpu_wait=0.0)
 
 
 def test_a_killed_worker_costs_time_not_results(evaluator, local_ray, tiny_env_factory, monkeypatch):

@@ -172,13 +172,14 @@ class PlanEvaluator:
         threads: torch threads per actor.
         max_retries: times a plan is re-queued after its worker died, before giving up.
         ready_timeout: seconds the workers may take to start (each builds its env replica).
+        cpu_wait: seconds to wait for free CPUs (those of actors just closed come back after a moment).
 
     Attributes: ``measured`` (plans the workers measured), ``worker_seconds`` (their measuring time, summed),
     ``requeued`` (plans re-queued after a worker died).
     """
 
     def __init__(self, env: FilterPruningEnv, workers: int, *, threads: int = 1, max_retries: int = 3,
-                 ready_timeout: float = 600.0) -> None:
+                 ready_timeout: float = 600.0, cpu_wait: float = 15.0) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         ray = require_ray()
@@ -191,7 +192,7 @@ class PlanEvaluator:
         self.worker_seconds = 0.0
         self.requeued = 0
         self._store: dict[bytes, dict[str, Any]] = {}
-        deadline = time.monotonic() + 15.0  # CPUs of actors just killed come back after a moment
+        deadline = time.monotonic() + cpu_wait
         while (free := ray.available_resources().get("CPU", 0.0)) < workers and time.monotonic() < deadline:
             time.sleep(0.2)
         if free < workers:  # actors that cannot be placed would wait forever
