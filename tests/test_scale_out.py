@@ -123,6 +123,15 @@ def test_train_marl_with_two_workers_equals_one_also_after_ctrl_c_and_resume(tmp
     assert len({json.dumps(p, sort_keys=True) for p in parallel["points"]}) == len(parallel["points"])
 
 
+@needs_ray
+def test_a_cluster_that_cannot_be_joined_fails_before_any_work(tmp_path):
+    out = subprocess.run([sys.executable, "train_marl.py", "--env", "pruning_env/Tiny-v0", "--preset", "smoke",
+                          "--logdir", str(tmp_path / "x"), "--workers", "2", "--ray-address", "auto"],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 2 and "cannot join the Ray cluster at --ray-address auto" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "x" / "train_state.pt").exists()
+
+
 # ----------------------------------------------------------------------------- the evaluator
 
 @pytest.fixture(scope="module")
