@@ -16,7 +16,9 @@ Design
   the evaluator's store before measuring it itself, so an ``env.step`` whose plan a worker measured is a
   cache hit with the very values the driver would have computed (measurement is deterministic). The driver
   env's cache, its order and its ``num_evaluations`` are therefore exactly those of a serial run, and so are
-  the search's budget, points, best plan and report, for any N.
+  the search's budget, points, best plan and report, for any N, provided every measurement runs with the same
+  torch thread count (float reductions on 1 and 2 threads differ in the last bits, which can flip near-tied
+  filter rankings: compare a serial run with ``OMP_NUM_THREADS=1`` to ``--worker-threads 1``).
 * **Which plans to measure ahead** (:class:`Prefetcher`): before a training episode the search asks the
   algorithm what its next ``lookahead`` training episodes will do, through two optional hooks of
   ``agents.Algorithm`` that use the PettingZoo API only: ``upcoming_actions`` (joint actions; random search and
