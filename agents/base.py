@@ -334,6 +334,24 @@ class Algorithm(abc.ABC):
         self._env_resets = int(d["env_resets"])
         self.rngs.load_state_dict(d["rngs"])
 
+    def upcoming_actions(self, episodes: int, steps: int) -> list[list[dict[str, Any]]]:
+        """The joint actions (``steps`` per episode) of the next ``episodes`` training episodes, when they are known
+        before those episodes are played, i.e. do not depend on observations; ``[]`` (the default) when not.
+
+        A hint for callers that measure an episode's pruning plans ahead on parallel workers: it must not change
+        the algorithm's state (draw from copies of :attr:`rngs`), and a wrong hint costs time, never results.
+        """
+        return []
+
+    def upcoming_policies(self, episodes: int) -> list[Callable[[], Callable[[dict[str, Any], dict[str, dict]],
+                                                                             dict[str, Any]]]]:
+        """For the next training episodes (up to ``episodes``) whose policy is fixed now (one policy snapshot,
+        exploration from per-episode random streams), a factory of each one's exact ``policy(obs, infos) ->
+        actions``; ``[]`` (the default) when there is none. Like :meth:`upcoming_actions` a hint for measuring plans
+        ahead: calling a factory or its policy must not change the algorithm, and a wrong hint costs time only.
+        """
+        return []
+
     # ------------------------------------------------------------------ helpers
     def next_reset_seed(self) -> int | None:
         """The ``seed`` argument for the next ``env.reset``.

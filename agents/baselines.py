@@ -81,6 +81,14 @@ class RandomSearch(Algorithm):
         log.metrics["best_return"] = float(self.best_return)
         return log
 
+    def upcoming_actions(self, episodes: int, steps: int) -> list[list[dict[str, int]]]:
+        """The next training episodes' random actions, drawn from a copy of the generator (no action masks:
+        with masks the actions depend on observations, and nothing is promised)."""
+        rng = copy.deepcopy(self.rngs.np)
+        agents = list(self.env.possible_agents)
+        return [[{a: int(rng.choice(np.arange(self.n_actions[a]))) for a in agents} for _ in range(steps)]
+                for _ in range(episodes)]
+
     def evaluate(self) -> EpisodeLog:
         if not (self.config.replay_best_in_evaluate and self.best_actions):
             return self.play_episode(self._random_policy)[0]
@@ -153,6 +161,11 @@ class DSFPUniform(Algorithm):
         self.best_return_by_index[k] = max(log.episode_return, self.best_return_by_index.get(k, -np.inf))
         log.metrics["best_return"] = float(max(self.best_return_by_index.values()))
         return log
+
+    def upcoming_actions(self, episodes: int, steps: int) -> list[list[dict[str, int]]]:
+        """The sweep's next episodes: index ``(episodes_done + i) % K`` for every agent at every step."""
+        agents = list(self.env.possible_agents)
+        return [[{a: (self.episodes_done + i) % self.n_actions for a in agents}] * steps for i in range(episodes)]
 
     def evaluate(self) -> EpisodeLog:
         return self._play_index(self.best_index)

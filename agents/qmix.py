@@ -65,6 +65,9 @@ __all__ = [
 ]
 
 
+_Policy = Callable[[dict[str, Any], dict[str, dict]], dict[str, int]]  # (obs, infos) -> actions
+
+
 @dataclass
 class QMIXConfig:
     """Hyper-parameters of the QMIX/VDN/IQL learner."""
@@ -119,6 +122,11 @@ class QMIXConfig:
     """Exploring agents pick uniformly among available actions (0, pymarl) or among those within this many
     indices of their greedy action (> 0: local exploration around the current allocation, for ordered action
     spaces such as a grid of pruning rates)."""
+    episodes_per_snapshot: int = 1
+    """Training episodes played with one policy snapshot before learning from them (pymarl's parallel runner). With
+    > 1 each episode explores with its own random stream (seed, episode) at the snapshot's epsilon, so its policy is
+    fixed in advance and parallel workers can measure the snapshot's episodes together (``upcoming_policies``); the
+    updates of the snapshot (``updates_per_episode`` each) run after its last episode. 1: learn after every episode."""
 
 
 def explore_action(rng: np.random.Generator, greedy: int, avail: np.ndarray, radius: int) -> int:
@@ -327,6 +335,9 @@ class QMIX(Algorithm):
         self.buffer = EpisodeReplayBuffer(cfg.buffer_size)
         self.gradient_steps = 0
         self._agent_ids = torch.eye(self.n_agents, device=self.device)
+        self._snapshot_eps = cfg.eps_start  # epsilon of the current policy snapshot (episodes_per_snapshot > 1)
+        if cfg.episodes_per_snapshot < 1:
+            raise ValueError(f"episodes_per_snapshot must be >= 1, got {cfg.episodes_per_snapshot}")
 
     @classmethod
     def budget_overrides(cls, plans: int, episode_length: int) -> dict[str, Any]:
@@ -367,11 +378,14 @@ class QMIX(Algorithm):
                 avail[i] = mask
         return np.stack(vecs), avail
 
-    def _act(self, explore: bool) -> Callable[[dict[str, Any], dict[str, dict]], dict[str, int]]:
-        """A policy closure for :meth:`play_episode`; keeps the GRU state and step stats."""
+    def _act(self, explore: bool, *, rng: np.random.Generator | None = None, eps: float | None = None,
+             record: bool = True) -> _Policy:
+        """A policy closure for :meth:`play_episode`; keeps the GRU state and (``record``) counts steps and Q stats.
+        ``rng`` / ``eps``: an exploration stream and a fixed epsilon instead of ``rngs.np`` and :meth:`epsilon`."""
         hidden = self.agent_net.init_hidden(self.n_agents, self.device)
-        rng = self.rngs.np
-        self._step_q: list[float] = []
+        rng = self.rngs.np if rng is None else rng
+        if record:
+            self._step_q: list[float] = []
 
         def policy(obs: dict[str, Any], infos: dict[str, dict]) -> dict[str, int]:
             nonlocal hidden
@@ -383,18 +397,44 @@ class QMIX(Algorithm):
             q_masked = np.where(avail, q, -np.inf)
             actions = q_masked.argmax(axis=1)
             if explore:
-                eps = self.epsilon()
+                epsilon = self.epsilon() if eps is None else eps
                 for i in range(self.n_agents):
-                    if rng.random() < eps:
+                    if rng.random() < epsilon:
                         actions[i] = explore_action(rng, int(actions[i]), avail[i], self.config.explore_radius)
-                self.env_steps += 1
-            self._step_q.append(float(q[np.arange(self.n_agents), actions].mean()))
+                if record:
+                    self.env_steps += 1
+            if record:
+                self._step_q.append(float(q[np.arange(self.n_agents), actions].mean()))
             return {agent: int(actions[i]) for i, agent in enumerate(self.agents)}
 
         return policy
 
+    def _snapshot_policy(self, episode: int, record: bool) -> _Policy:
+        """The exploring policy of training episode ``episode`` of the current snapshot (episodes_per_snapshot > 1)."""
+        rng = np.random.default_rng([self.seed, episode])
+        return self._act(True, rng=rng, eps=self._snapshot_eps, record=record)
+
+    def upcoming_policies(self, episodes: int) -> list[Callable[[], _Policy]]:
+        """Factories of the exact exploring policies of the next training episodes of the current snapshot (up to
+        ``episodes``; none unless ``episodes_per_snapshot > 1``). They leave the learner untouched."""
+        per = self.config.episodes_per_snapshot
+        if per <= 1:
+            return []
+        start = self.episodes_done
+        if start % per == 0:
+            self._snapshot_eps = self.epsilon()  # the snapshot starts with the next episode
+        end = min(start + episodes, (start // per + 1) * per)
+        return [lambda i=i: self._snapshot_policy(i, record=False) for i in range(start, end)]
+
     def _run(self, explore: bool) -> tuple[EpisodeLog, dict[str, torch.Tensor]]:
-        log, trace = self.play_episode(self._act(explore), record_state=not self._concat_obs_state)
+        per = self.config.episodes_per_snapshot
+        if explore and per > 1:
+            if self.episodes_done % per == 0:
+                self._snapshot_eps = self.epsilon()
+            policy = self._snapshot_policy(self.episodes_done, record=True)
+        else:
+            policy = self._act(explore)
+        log, trace = self.play_episode(policy, record_state=not self._concat_obs_state)
         parsed = [self._parse_step(o, i) if o else None for o, i in zip(trace.obs, trace.infos)]
         # The final obs dict may be empty in envs that drop finished agents: repeat the last one.
         for t in range(1, len(parsed)):
@@ -483,8 +523,9 @@ class QMIX(Algorithm):
         self.buffer.add(episode)
         self.episodes_done += 1
         stats: list[dict[str, float]] = []
-        if len(self.buffer) >= cfg.learning_starts:
-            stats = [self._learn() for _ in range(cfg.updates_per_episode)]
+        per = cfg.episodes_per_snapshot  # learning waits for the snapshot's last episode
+        if len(self.buffer) >= cfg.learning_starts and self.episodes_done % per == 0:
+            stats = [self._learn() for _ in range(cfg.updates_per_episode * per)]
         if cfg.target_tau <= 0 and self.episodes_done % cfg.target_update_interval == 0:
             self._hard_update()
         log.metrics["epsilon"] = self.epsilon()
@@ -507,6 +548,7 @@ class QMIX(Algorithm):
             optimizer=self.optimizer.state_dict(),
             buffer=self.buffer.state_dict(),
             gradient_steps=self.gradient_steps,
+            snapshot_epsilon=self._snapshot_eps,
         )
         return copy.deepcopy(d)
 
@@ -520,6 +562,7 @@ class QMIX(Algorithm):
         self.optimizer.load_state_dict(d["optimizer"])
         self.buffer.load_state_dict(d["buffer"])
         self.gradient_steps = int(d["gradient_steps"])
+        self._snapshot_eps = float(d.get("snapshot_epsilon", self.config.eps_start))
 
 
 @register("vdn")

@@ -74,6 +74,7 @@ from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
+from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig
 from pruning_env.training.train import default_checkpoint_path
@@ -82,7 +83,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_ID = "pruning_env/Tiny-v0"
 # Settings that do not change results (where and how the run executes) are left out of the resume keys.
 _RUN_ONLY = ("algos", "seeds", "device", "threads", "out_dir", "work_dir", "resume", "progress", "data_dir",
-             "finetune_seed", "finetune_device", "finetune_progress")
+             "finetune_seed", "finetune_device", "finetune_progress", "workers", "ray_address", "worker_threads",
+             "lookahead")
 _FINETUNE_KEYS = ("tp_target", "tp_steps")
 
 
@@ -106,6 +108,7 @@ class BenchConfig:
     finetune: FinetuneConfig = nested(FinetuneConfig, "identical fine-tuning of every best plan and of "
                                       "Torch-Pruning's network (2 epochs here)", prefix="finetune",
                                       default=FinetuneConfig(epochs=2))
+    parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers, --ray-address)")
     tp_target: str = option("target", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "
                             "the same seed (qmix; falls back to --macs-target without QMIX) or --macs-target "
                             "(target)", choices=["qmix", "target"])
@@ -131,6 +134,7 @@ def _check(cfg: BenchConfig) -> BenchConfig:
     if cfg.tp_steps < 1:
         raise ValueError("--tp-steps must be >= 1")
     cfg.finetune.check()
+    cfg.parallel.check()
     if cfg.env is not None:
         pruning_env.register_all()
         if cfg.env not in pruning_env.list_envs():
@@ -220,7 +224,12 @@ def run_search(cfg: BenchConfig, ctx: Context, name: str, seed: int) -> dict[str
     overrides = algorithm_overrides(cls, name, cfg.search, env.config.episode_length)
     algo = agents.make_algorithm(name, algorithm_env(cls, env), seed=seed, device=ctx.device, **overrides)
     search = Search(algo, env, cfg.search, progress=cfg.progress, desc=f"seed {seed} {name}")
-    search.run()
+    evaluator = scale_out(search, cfg.parallel)  # None with --workers 1
+    try:
+        search.run()
+    finally:
+        if evaluator is not None:
+            evaluator.close()
     # points: every plan measured, in the order they were found; curve: one entry per episode
     return {"algorithm": name, "seed": seed, **search.result(), "env_setup_seconds": round(env_seconds, 2),
             "config_overrides": overrides, "baseline_val_acc": env.baseline_acc}
@@ -401,16 +410,18 @@ def main(argv: list[str] | None = None) -> int:
     cfg_ft = dataclasses.replace(cfg, resume=ft_resume)
     reused = 0
     try:
-        # 1. The searches: every algorithm, every seed, a fresh env each.
-        for seed in cfg.seeds:
-            run = state["runs"].setdefault(str(seed), {"search": {}, "finetune": {}})
-            for name in cfg.algos:
-                if name in run["search"]:
-                    reused += 1
-                    print(f"marl: seed {seed} {name}: search recorded in {json_path.name}, skipped", file=sys.stderr)
-                    continue
-                run["search"][name] = run_search(cfg, ctx, name, seed)
-                _save_state(json_path, state)
+        # 1. The searches: every algorithm, every seed, a fresh env each (Ray only while they run, --workers > 1).
+        with ray_session(cfg.parallel):
+            for seed in cfg.seeds:
+                run = state["runs"].setdefault(str(seed), {"search": {}, "finetune": {}})
+                for name in cfg.algos:
+                    if name in run["search"]:
+                        reused += 1
+                        print(f"marl: seed {seed} {name}: search recorded in {json_path.name}, skipped",
+                              file=sys.stderr)
+                        continue
+                    run["search"][name] = run_search(cfg, ctx, name, seed)
+                    _save_state(json_path, state)
         # 2. The unpruned baseline, then identical finalization of every best plan and of Torch-Pruning's network.
         if "baseline" not in state:
             env = ctx.env

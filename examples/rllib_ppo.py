@@ -4,7 +4,9 @@ Needs the optional extra, in its own virtual environment (Ray pins gymnasium 1.2
 ``pip install torch==2.13.0 -e ".[rllib]"``. Exits with a message when Ray is not installed.
 
     python examples/rllib_ppo.py                # 5 training iterations
-    python examples/rllib_ppo.py --smoke        # 1 iteration with tiny batches: what the test suite runs
+    python examples/rllib_ppo.py --smoke        # 1 iteration with tiny batches
+    python examples/rllib_ppo.py --env-runners 4 # sampling in 4 Ray env-runner processes (a local Ray of 5 CPUs)
+    python examples/rllib_ppo.py --smoke --env-runners 1   # what the test suite runs
 
 RLlib's ``episode_return_mean`` sums the rewards of all agents, so it is ``L`` times the env's team return;
 the per-agent returns (``agent_episode_returns_mean``) are the team return itself.
@@ -17,7 +19,9 @@ import json
 import sys
 
 
-def train(iterations: int = 5, batch: int = 48, seed: int = 0) -> dict:
+def train(iterations: int = 5, batch: int = 48, seed: int = 0, env_runners: int = 0) -> dict:
+    """PPO for ``iterations`` iterations of ``batch`` env steps; ``env_runners`` > 0 samples in that many Ray
+    env-runner actors (each with its own env), 0 in the driver."""
     import ray
     from ray.rllib.algorithms.ppo import PPOConfig
     from ray.rllib.env.wrappers.pettingzoo_env import ParallelPettingZooEnv
@@ -29,19 +33,20 @@ def train(iterations: int = 5, batch: int = 48, seed: int = 0) -> dict:
         return ParallelPettingZooEnv(pruning_env.make("pruning_env/Tiny-v0"))
 
     register_env("pruning_env_tiny", env_creator)
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    ray.init(num_cpus=1 + env_runners, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
     try:
         config = (
             PPOConfig()
             .environment("pruning_env_tiny")
             .framework("torch")
-            .env_runners(num_env_runners=0, rollout_fragment_length=batch)
+            .env_runners(num_env_runners=env_runners, rollout_fragment_length=max(1, batch // max(1, env_runners)))
             .multi_agent(policies={"shared"}, policy_mapping_fn=lambda agent_id, *args, **kwargs: "shared")
             .training(train_batch_size_per_learner=batch, minibatch_size=batch // 2, num_epochs=1, lr=3e-4)
             .debugging(seed=seed)
         )
         algo = config.build_algo()
         results = [algo.train() for _ in range(iterations)]
+        remote_runners = algo.env_runner_group.num_healthy_remote_env_runners()
         algo.stop()
     finally:
         ray.shutdown()
@@ -50,6 +55,7 @@ def train(iterations: int = 5, batch: int = 48, seed: int = 0) -> dict:
     learner = last.get("learners", {}).get("shared", {})
     return {
         "iterations": len(results),
+        "env_runners": remote_runners,
         "env_steps": int(runners.get("num_env_steps_sampled_lifetime", 0)),
         "episodes": int(runners.get("num_episodes_lifetime", 0)),
         "episode_return_mean": runners.get("episode_return_mean"),
@@ -62,7 +68,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: 1 iteration of 24 env steps")
+    parser.add_argument("--env-runners", type=int, default=0,
+                        help="RLlib num_env_runners: sampling actors (0: sample in the driver)")
     args = parser.parse_args(argv)
+    if args.env_runners < 0:
+        parser.error(f"--env-runners must be >= 0, got {args.env_runners}")
     try:
         import ray.rllib  # noqa: F401
     except ImportError:
@@ -70,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict | None:
               file=sys.stderr)
         print(json.dumps({"skipped": "ray[rllib] not installed"}))
         return None
-    result = train(1, batch=24) if args.smoke else train(args.iterations)
+    result = train(1, batch=24, env_runners=args.env_runners) if args.smoke else \
+        train(args.iterations, env_runners=args.env_runners)
     print(json.dumps(result, default=float))
     return result
 

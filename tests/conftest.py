@@ -38,6 +38,27 @@ def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 6, size
     return root
 
 
+def interrupt_training(monkeypatch, module, episode: int) -> None:
+    """Make ``module.agents.make_algorithm`` build algorithms whose ``episode``-th ``train_episode`` raises
+    ``KeyboardInterrupt`` (a Ctrl-C mid-search); pass a ``pytest.MonkeyPatch.context()`` to restore it after."""
+    real_make = module.agents.make_algorithm
+
+    def make_interrupted(*args, **kwargs):
+        algo = real_make(*args, **kwargs)
+        real_episode, calls = algo.train_episode, {"n": 0}
+
+        def train_episode():
+            calls["n"] += 1
+            if calls["n"] == episode:
+                raise KeyboardInterrupt
+            return real_episode()
+
+        algo.train_episode = train_episode
+        return algo
+
+    monkeypatch.setattr(module.agents, "make_algorithm", make_interrupted)
+
+
 def cifar_root() -> Path | None:
     """``$PRUNING_ENV_DATA`` if it holds the real CIFAR-10 image folder, else None."""
     env = os.environ.get("PRUNING_ENV_DATA")

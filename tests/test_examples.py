@@ -21,9 +21,9 @@ def test_every_example_is_listed():
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(NEEDS)
 
 
-def _run(name: str) -> dict:
+def _run(name: str, *extra: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(EXAMPLES.parent), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, str(EXAMPLES / name), "--smoke"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, str(EXAMPLES / name), "--smoke", *extra], capture_output=True, text=True,
                          timeout=600, env=env, cwd=EXAMPLES.parent)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -36,7 +36,7 @@ def test_example_runs_with_a_tiny_budget(name):
             assert _run(name) == {"skipped": "ray[rllib] not installed"}
             return
         pytest.skip(f"{NEEDS[name]} not installed")
-    result = _run(name)
+    result = _run(name, "--env-runners", "1") if name == "rllib_ppo.py" else _run(name)
     if name == "torchrl_qmix.py":
         assert result["episodes"] == 8 and result["updates"] == 8
         assert math.isfinite(result["first_loss"]) and math.isfinite(result["last_loss"])
@@ -48,4 +48,5 @@ def test_example_runs_with_a_tiny_budget(name):
         assert math.isfinite(result["mean_return"]) and math.isfinite(result["last_loss"])
     else:
         assert result["iterations"] == 1 and result["env_steps"] >= 24 and result["episodes"] >= 1
+        assert result["env_runners"] == 1  # sampled by one Ray env-runner actor (num_env_runners=1)
         assert math.isfinite(result["total_loss"])

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import interrupt_training
 
 from pruning_env.cli import marl as train_marl
 from pruning_env.core import checkpoint as ckpt
@@ -39,24 +40,9 @@ def test_interrupted_search_resumes_to_the_same_plan(tmp_path, monkeypatch, tiny
     assert _run(tmp_path / "full", "--algo", "qmix") == 0
     reference = json.loads((tmp_path / "full" / "report.json").read_text())
 
-    real_make = train_marl.agents.make_algorithm
-
-    def make_interrupted(*args, **kwargs):
-        algo = real_make(*args, **kwargs)
-        real_episode, calls = algo.train_episode, {"n": 0}
-
-        def train_episode():
-            calls["n"] += 1
-            if calls["n"] == 6:  # Ctrl-C during the 6th episode (a checkpoint was saved after the 4th)
-                raise KeyboardInterrupt
-            return real_episode()
-
-        algo.train_episode = train_episode
-        return algo
-
-    monkeypatch.setattr(train_marl.agents, "make_algorithm", make_interrupted)
-    assert _run(tmp_path / "cut", "--algo", "qmix") == 130
-    monkeypatch.setattr(train_marl.agents, "make_algorithm", real_make)
+    with pytest.MonkeyPatch.context() as patch:  # Ctrl-C during the 6th episode (a checkpoint was saved after the 4th)
+        interrupt_training(patch, train_marl, 6)
+        assert _run(tmp_path / "cut", "--algo", "qmix") == 130
     assert (tmp_path / "cut" / "train_state.pt").is_file()
     assert not (tmp_path / "cut" / "report.json").exists()
     assert _run(tmp_path / "cut", "--algo", "qmix", "--resume") == 0

@@ -65,6 +65,7 @@ from pruning_env.envs.config import EnvConfig, changed_settings
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, pareto_front
+from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize, latency
 from pruning_env.training.finetune import FinetuneConfig
 
@@ -100,6 +101,7 @@ class RunConfig:
                                   "eval_every 4 / 20 / 50)")
     finetune: FinetuneConfig = nested(FinetuneConfig, "fine-tuning of the best plan (preset: epochs smoke 1, cpu 8, "
                                       "paper 60)", prefix="finetune")
+    parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers, --ray-address)")
     seed: int = option(0, "seed of everything (env, agents, fine-tuning)", min=0)
     device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N: env, agents and fine-tuning")
     logdir: str = option("runs/marl", "output folder: TensorBoard logs, report, plots, pruned model")
@@ -139,6 +141,7 @@ def resolve(cfg: RunConfig) -> RunConfig:
             raise ValueError(f"unknown data set {cfg.dataset!r}: not cifar10/cifar100 and no image folder "
                              f"{root / cfg.dataset}/train/<class>/ (set --data-dir or PRUNING_ENV_DATA)")
     cfg.finetune.check()
+    cfg.parallel.check()
     if cfg.checkpoint:
         _check_checkpoint(cfg)
     problem = cfg.problem
@@ -326,7 +329,7 @@ def _config(argv: list[str] | None, parser: argparse.ArgumentParser) -> RunConfi
 
 # Settings that say where and how a run executes, not what it computes: --resume may change them.
 _RUN_ONLY = frozenset({"device", "progress", "logdir", "resume", "overwrite", "preset", "data_dir", "checkpoint",
-                       "latency_repeats"})
+                       "latency_repeats", "workers", "ray_address", "worker_threads", "lookahead"})
 # What a run writes into --logdir (an earlier run's outputs: refused without --resume or --overwrite).
 _OUTPUTS = (STATE_FILE, "finetune.pt", "report.json", "report.md", "pareto.png", "learning_curve.png", "plan.json",
             "pruned_model.pt", "tb")
@@ -396,6 +399,7 @@ def _run(cfg: RunConfig, logdir: Path) -> dict[str, Any] | int:
     seed_everything(cfg.seed)
     writer = SummaryWriter(str(logdir / "tb"))
     search = make_search(cfg, env, writer)
+    evaluator = scale_out(search, cfg.parallel)  # None with --workers 1: the search runs as it always did
     if state is not None:
         try:
             search.load_state_dict(state)
@@ -413,6 +417,8 @@ def _run(cfg: RunConfig, logdir: Path) -> dict[str, Any] | int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: search saved to {state_file}; rerun with --resume", file=sys.stderr)
         return 130
+    if evaluator is not None:
+        evaluator.close()  # frees the workers' CPUs for the fine-tuning
     save()
     try:
         return finish(cfg, env, search, logdir)
@@ -439,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     print("settings: " + json.dumps(flat_dict(cfg)), file=sys.stderr)
     logdir = Path(cfg.logdir)
     try:
-        with ckpt.run_lock(logdir):
+        # Ray (--workers > 1) before any work, so a cluster that cannot be joined fails first; stopped at the end.
+        with ckpt.run_lock(logdir), ray_session(cfg.parallel):
             report = _run(cfg, logdir)
     except OSError as exc:
         parser.exit(2, f"error: --logdir {logdir}: {exc.strerror or exc}; choose a writable folder\n")

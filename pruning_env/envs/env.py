@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -222,6 +223,9 @@ class FilterPruningEnv(ParallelEnv):
         self._meter = PlanMeter(self._base, self._layers, splits, cfg, self.keep_count, self.device)
         self._macs_model = self._meter.macs_model
         self._cache: OrderedDict[bytes, Measured] = OrderedDict()
+        #: On a cache miss, ``measurement_source(plan)`` may return another same-model/data/config env's
+        #: :meth:`measurement` of it (a parallel worker's: :mod:`pruning_env.search.parallel`); None: measure here.
+        self.measurement_source: Callable[[PruningPlan], dict[str, Any] | None] | None = None
         self.num_evaluations = 0  # plans measured (cache misses): the budget unit of a search
         # Seconds spent per phase of plan measurement (for benchmarks/env_step.py; never in infos).
         self.timings = self._meter.timings
@@ -431,6 +435,16 @@ class FilterPruningEnv(ParallelEnv):
         m = self._measure(plan)
         return self._summary(m)
 
+    def measurement(self, plan: PruningPlan) -> dict[str, Any]:
+        """Everything this env measured for ``plan`` (measured now if not cached), as plain picklable values:
+        ``acc`` (percent), ``quality`` (the reward proxy's), exact ``macs`` and ``params``, ``signals``,
+        ``scores`` (``{layer: (kept,) tensor}``, the next step's pruning order) and ``features`` (``(L, F)``
+        array). Another env of the same model, data and config accepts it from its :attr:`measurement_source`
+        as its own measurement."""
+        m = self._measure(plan)
+        return {"acc": m.acc, "quality": m.quality, "macs": m.macs, "params": m.params, "signals": m.signals,
+                "scores": dict(m.scores), "features": m.features}
+
     # ------------------------------------------------------------------ internals
 
     def _full_plan(self) -> PruningPlan:
@@ -508,7 +522,12 @@ class FilterPruningEnv(ParallelEnv):
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
-        measured = self._meter.measure(plan)
+        provided = self.measurement_source(plan) if self.measurement_source is not None else None
+        if provided is not None:
+            return self._remember(key, Measured(**provided, plan=plan))
+        return self._remember(key, self._meter.measure(plan))
+
+    def _remember(self, key: bytes, measured: Measured) -> Measured:
         self.num_evaluations += 1
         self._cache[key] = measured
         if len(self._cache) > self.config.cache_size:

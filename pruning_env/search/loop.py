@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -122,11 +123,15 @@ class Search:
         writer: a TensorBoard ``SummaryWriter`` (optional).
         progress: show a progress bar (unit: plans).
         desc: the progress bar's label.
+        prefetch: called with the algorithm before every training episode, e.g. a
+            :class:`pruning_env.search.parallel.Prefetcher` measuring its next episodes' plans on parallel
+            workers (a speed-up only: the search's results are the same without it).
     """
 
     def __init__(self, algorithm: _Algorithm, env: FilterPruningEnv, cfg: SearchConfig, *, writer: Any = None,
-                 progress: bool = True, desc: str = "search") -> None:
+                 progress: bool = True, desc: str = "search", prefetch: Callable[[Any], None] | None = None) -> None:
         self.algorithm, self.env, self.cfg = algorithm, env, cfg
+        self.prefetch = prefetch
         self.writer, self.progress, self.desc = writer, progress, desc
         self.episodes = 0
         self.greedy_evaluations = 0
@@ -179,6 +184,8 @@ class Search:
             while not self.done:
                 before = self.plans_used
                 t0 = time.perf_counter()
+                if self.prefetch is not None:
+                    self.prefetch(self.algorithm)
                 log = self.algorithm.train_episode()
                 seconds = time.perf_counter() - t0
                 self.episodes += 1
