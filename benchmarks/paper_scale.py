@@ -81,8 +81,10 @@ DEFAULT_CRITERIA = ("dsfp-low-exact", "dsfp-high-exact", "l1", "taylor_fo", "fpg
 SMOKE: dict[str, Any] = dict(dataset="synthetic", width=0.125, baseline_epochs=1, uniform_rates=(0.5, 0.7),
                              eval_size=64, calib_size=16,
                              bn_recal_batches=1, plans=6, eval_every=2, finetune_epochs=1, finetune_train_limit=128,
-                             dry_steps=1, dry_calib=4)
-"""What ``--smoke`` sets (a flag you type wins): the whole pipeline on the seeded synthetic data in seconds."""
+                             dry_steps=1, dry_calib=4, out="runs/paper_scale_smoke/paper_scale.md",
+                             work_dir="runs/paper_scale_smoke")
+"""What ``--smoke`` sets (a flag you type wins): the whole pipeline on the seeded synthetic data in seconds, its
+outputs under ``runs/`` (never over the real results in ``benchmarks/results``)."""
 _RUN_ONLY = ("device", "out", "work_dir", "resume", "dry_run", "dry_steps", "dry_calib", "progress", "smoke",
              "data_dir", "finetune_seed", "finetune_device", "finetune_progress")
 
