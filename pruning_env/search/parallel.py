@@ -172,7 +172,8 @@ class PlanEvaluator:
         env: the driver env; its ``base_model``, ``splits`` and ``config`` are shipped once via the object store.
         workers: number of actors (each asks Ray for one CPU).
         threads: torch threads per actor.
-        max_retries: times a plan is re-queued after its worker died, before giving up.
+        max_retries: times a plan is re-queued after its worker died, before giving up (a worker that is only
+            restarting, ``ActorUnavailableError``, costs a pause and no try, for up to ``restart_timeout_s``).
         ready_timeout: seconds the workers may take to start (each builds its env replica).
         cpu_wait: seconds to wait for free CPUs (those of actors just closed come back after a moment).
 
@@ -190,6 +191,9 @@ class PlanEvaluator:
                                "ray_session(...) or call ray.init() first")
         self._ray = ray
         self.max_retries = max_retries
+        self.restart_timeout_s = 600.0  # how long restarting workers may stay unavailable before the search fails
+        self._unavailable_since: float | None = None
+        self._pause = 0.25
         self.measured = 0
         self.worker_seconds = 0.0
         self.requeued = 0
@@ -241,21 +245,55 @@ class PlanEvaluator:
                 idle.append(worker)
                 try:
                     record, seconds = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                except ray.exceptions.ActorUnavailableError as exc:
+                    # the actor is restarting (rebuilding its env, slow on a busy machine): not the plan's fault;
+                    # wait with a growing pause and re-queue, giving up only after restart_timeout_s in all
+                    waited = self._unavailable_wait(exc)
+                    self.requeued += 1
+                    queue.appendleft((key, plan, tries))
+                    time.sleep(waited)
+                    continue
+                except ray.exceptions.RayActorError as exc:
                     if tries >= self.max_retries:
                         raise RuntimeError(f"a plan failed on {tries + 1} workers in a row (the last: {exc}); "
                                            "check the workers' logs (ray logs) for the cause") from None
                     self.requeued += 1
                     queue.appendleft((key, plan, tries + 1))  # the actor restarts; any worker may take it
                     continue
+                self._unavailable_since = None
                 self._store[key] = record
                 self.measured += 1
                 self.worker_seconds += seconds
         return [self._store[key] for key in keys]
 
+    def _unavailable_wait(self, exc: Exception) -> float:
+        """Seconds to pause before re-queuing a plan whose worker is restarting (0.25 s doubling to 8 s);
+        ``RuntimeError`` once workers have been unavailable for ``restart_timeout_s`` in a row."""
+        now = time.monotonic()
+        if self._unavailable_since is None:
+            self._unavailable_since, self._pause = now, 0.25
+        elif now - self._unavailable_since > self.restart_timeout_s:
+            raise RuntimeError(f"Ray workers stayed unavailable for {self.restart_timeout_s:.0f} s (the last error: "
+                               f"{exc}); check the workers' logs (ray logs) for the cause") from None
+        else:
+            self._pause = min(8.0, 2 * self._pause)
+        return self._pause
+
     def worker_pids(self) -> list[int]:
-        """Process ids of the actors (for fault tests)."""
-        return self._ray.get([a.pid.remote() for a in self.actors])
+        """Process ids of the actors (for fault tests); waits for restarting ones (up to ``restart_timeout_s``)."""
+        ray, deadline, pids = self._ray, time.monotonic() + self.restart_timeout_s, []
+        for actor in self.actors:
+            pause = 0.25
+            while True:
+                try:
+                    pids.append(ray.get(actor.pid.remote()))
+                    break
+                except ray.exceptions.ActorUnavailableError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(pause)
+                    pause = min(8.0, 2 * pause)
+        return pids
 
     def close(self) -> None:
         """Stop the actors (the store stays readable)."""
