@@ -294,10 +294,8 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
         plan = PruningPlan.from_dict(search["best"]["plan"])
         extra["keep"] = plan.keep_counts()
 
-    def val_like_env(m: nn.Module) -> float:  # validation accuracy exactly as the env measures a plan
-        c = env.config
-        return evaluate(m, splits.val, mean=splits.mean, std=splits.std, batch_size=c.eval_batch_size,
-                        device=device, limit=c.eval_size)
+    def val_like_env(m: nn.Module) -> dict[str, float]:  # the reward's measurement, exactly as the env's of a plan
+        return env.measure_network(m)
 
     out = Path(cfg.work_dir) / f"seed{seed}" / f"{name}-finetune.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -305,13 +303,13 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
     _, result = finalize(base, splits, plan=plan, model=model, bn=env.config.bn, finetune_cfg=ft_cfg,
                          layers=env.layers, out=out, resume=cfg.resume, probe=val_like_env,
                          meta={"algorithm": name, "benchmark": "marl"})
-    val_acc_before = result["probe"]
+    val_acc_before, quality = result["probe"]["acc"], result["probe"]["quality"]
     acc_ratio = val_acc_before / max(env.baseline_acc, 1e-9)
     before = result["accuracy"]["after_bn_recal"] or result["accuracy"]["after_pruning"]
     ft = result["finetune"] or {}
     return {
         "algorithm": name, "seed": seed,
-        "val_objective": env.objective_of(val_acc_before, result["macs"]),
+        "val_objective": env.objective_of(val_acc_before, result["macs"], quality=quality),
         "search_val_objective": search["best"]["objective"] if search else None,
         "val_acc_ratio": acc_ratio,
         "macs_ratio": result["macs"] / baseline["macs"], "params_ratio": result["params"] / baseline["params"],

@@ -64,7 +64,7 @@ def test_pruning_is_monotone_and_return_is_objective_difference(tiny_env_factory
 
 def test_reward_modes(tiny_env_factory):
     for mode, kwargs in (("linear", {"lam": 0.3}), ("budget", {"macs_target": 0.4}), ("amc", {})):
-        env = tiny_env_factory(reward=mode, **kwargs)
+        env = tiny_env_factory(reward=mode, proxy="acc", **kwargs)  # the formulas in accuracy ratios
         env.reset(seed=0)
         _, rewards, _, _, infos = env.step({a: 6 for a in env.agents})
         info = infos["layer_0"]
@@ -80,7 +80,7 @@ def test_reward_modes(tiny_env_factory):
         j0 = {"linear": 1.0 - 0.3, "budget": 1.0 - 2.0 * 0.6,  # the unpruned network: both ratios are 1
               "amc": -(1.0 - env.baseline_acc / 100.0) * math.log(env.base_macs)}[mode]
         assert rewards["layer_0"] == pytest.approx(expected - j0)
-    budget = tiny_env_factory(reward="budget", macs_target=0.05, budget_penalty=2.0)
+    budget = tiny_env_factory(reward="budget", macs_target=0.05, budget_penalty=2.0, proxy="acc")
     budget.reset(seed=0)
     _, _, _, _, infos = budget.step({a: 1 for a in budget.agents})
     info = infos["layer_0"]

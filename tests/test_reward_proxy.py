@@ -32,8 +32,9 @@ def _kl_and_ce(env, model):
     return kl / n, ce / n
 
 
-def test_default_proxy_is_the_accuracy_ratio(tiny_env_factory):
-    env = tiny_env_factory(max_cycles=1)
+def test_accuracy_proxy_is_the_accuracy_ratio(tiny_env_factory):
+    assert tiny_env_factory().config.proxy.proxy == "kl"  # the default (benchmarks/results/reward_fidelity.md)
+    env = tiny_env_factory(max_cycles=1, proxy="acc")
     _, rewards, _, _, infos = _one_step(env)
     info = infos["layer_0"]
     assert info["quality"] == pytest.approx(info["acc"] / env.baseline_acc)
@@ -44,7 +45,7 @@ def test_default_proxy_is_the_accuracy_ratio(tiny_env_factory):
 
 
 def test_kl_and_ce_proxies_reward_the_documented_quality(tiny_env_factory):
-    acc_env = tiny_env_factory(max_cycles=1)
+    acc_env = tiny_env_factory(max_cycles=1, proxy="acc")
     _, _, _, _, acc_infos = _one_step(acc_env)
     kl_env = tiny_env_factory(max_cycles=1, proxy="kl")
     _, rewards, _, _, infos = _one_step(kl_env)
@@ -60,7 +61,7 @@ def test_kl_and_ce_proxies_reward_the_documented_quality(tiny_env_factory):
 
 
 def test_kd_steps_change_the_reward_deterministically(tiny_env_factory):
-    plain = tiny_env_factory(max_cycles=1, proxy="kl")
+    plain = tiny_env_factory(max_cycles=1)  # proxy="kl", the default
     _, _, _, _, before = _one_step(plain, action=6)
     first = tiny_env_factory(max_cycles=1, proxy="kl", proxy_kd_steps=8)
     _, r1, _, _, after = _one_step(first, action=6)
@@ -107,3 +108,16 @@ def test_proxy_settings_are_checked_before_any_work(tiny_env_factory):
     images_base = Signals(acc=80.0, kl=0.0, ce=0.5)
     assert Signals(acc=40.0, kl=0.2, ce=0.7).quality("acc", images_base) == pytest.approx(0.5)
     assert Signals(acc=40.0, kl=0.2, ce=0.7).quality("ce", images_base) == pytest.approx(np.exp(-0.2))
+
+
+def test_a_network_built_elsewhere_is_measured_like_a_plan(tiny_env_factory):
+    for proxy, steps in (("kl", 0), ("acc", 3)):
+        env = tiny_env_factory(max_cycles=1, proxy=proxy, proxy_kd_steps=steps)
+        _, _, _, _, infos = _one_step(env, action=5)
+        model = env.pruned_model()  # BN re-estimated as the env does
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        measured = env.measure_network(model)
+        assert measured["acc"] == infos["layer_0"]["acc"] and measured["quality"] == infos["layer_0"]["quality"]
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # KD ran on a copy
+        macs = env.evaluate_plan(env.plan)["macs"]
+        assert env.objective_of(measured["acc"], macs, quality=measured["quality"]) == infos["layer_0"]["objective"]

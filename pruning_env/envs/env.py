@@ -105,9 +105,11 @@ class FilterPruningEnv(ParallelEnv):
     ``J`` is :func:`objective` (``linear``: ``acc_ratio - lam * macs_ratio``;
     ``budget``: quality with a graded penalty above a MACs target, which an exact budget never
     reaches; ``amc``: ``-error * log(MACs)``). The quality is the reward proxy's signal on an
-    accuracy-ratio scale (``config.proxy``, :mod:`pruning_env.training.proxy`: by default the
-    accuracy ratio after the BN re-estimation; optionally after a few KD steps, or the KL from the
-    unpruned network's outputs). So an episode's return is ``J(final) - J(unpruned)``.
+    accuracy-ratio scale (``config.proxy``, :mod:`pruning_env.training.proxy`): by default
+    ``exp(-KL)`` of the pruned network's outputs (after the BN re-estimation, on the reward images)
+    from the unpruned network's, which ranks plans like a fine-tune far better than the accuracy
+    ratio (``proxy="acc"``, the default before the reward revision) at the same cost; optionally
+    after a few KD steps (``proxy_kd_steps``). So an episode's return is ``J(final) - J(unpruned)``.
     Learners that sum per-agent rewards (epymarl) see ``L`` times this; learners
     that average them (BenchMARL) see it as is.
 
@@ -159,7 +161,8 @@ class FilterPruningEnv(ParallelEnv):
     * v0, reward revision (issue 16): exact MACs budgets by default with the budget reward (the
       joint action is projected onto the target; ``exact_budget=False`` restores the soft
       penalty); observations gained ``macs_target`` and ``macs_to_cut`` (28 + K features);
-      the reward's signal is configurable (``proxy``, ``proxy_kd_steps``); infos gained ``quality``.
+      the reward's signal is configurable (``proxy``, ``proxy_kd_steps``) and defaults to the KL from the
+      unpruned network's outputs (was the accuracy ratio: ``proxy="acc"``); infos gained ``quality``.
     * v0, library revision (issue 13): infos hold only fixed-shape floats, the same keys at
       ``reset`` and every step (``INFO_KEYS``); ``plan`` left them (opt-in ``plan_info=True``)
       and the integer ``macs`` / ``params`` became ``mmacs`` / ``mparams`` (millions), so
@@ -416,10 +419,19 @@ class FilterPruningEnv(ParallelEnv):
         full = self._full_plan()
         return self._next_plan(full, self._measure(full), rates.tolist(), final=True, budget=budget)
 
-    def objective_of(self, acc: float, macs: float) -> float:
-        """The objective J of a network with validation accuracy ``acc`` (percent, on the env's reward subset)
-        and ``macs`` MACs per image, under this env's reward settings."""
-        return objective(self.config, acc / max(self.baseline_acc, 1e-9), macs / self._base_macs, acc, macs)
+    def objective_of(self, acc: float, macs: float, quality: float | None = None) -> float:
+        """The objective J of a network with validation accuracy ``acc`` (percent, on the env's reward images),
+        ``macs`` MACs per image and the reward proxy's ``quality`` (None: the accuracy ratio, i.e. J under
+        ``proxy="acc"``), under this env's reward settings."""
+        q = acc / max(self.baseline_acc, 1e-9) if quality is None else quality
+        return objective(self.config, q, macs / self._base_macs, acc, macs)
+
+    def measure_network(self, model: nn.Module) -> dict[str, float]:
+        """The env's reward measurement of a network built elsewhere (e.g. by another pruning library), taken as
+        it is (re-estimate its BN first, as the env does): ``acc`` (percent) and ``quality`` on the reward
+        images, after the proxy's KD steps if any (on a copy: ``model`` is not changed)."""
+        signals = self._meter.network_signals(model)
+        return {"acc": signals.acc, "quality": signals.quality(self.config.proxy.proxy, self._meter.base_signals)}
 
     def pruned_model(self) -> nn.Module:
         """A new, physically pruned copy of the current network (BN recalibrated as in the env)."""

@@ -7,6 +7,7 @@ env caches its results by plan (:class:`Measured`); nothing here caches plans.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -114,6 +115,15 @@ class PlanMeter:
         quality = signals.quality(cfg.proxy.proxy, self.base_signals)
         return Measured(acc=signals.acc, quality=quality, macs=int(macs), params=int(params), signals=signals,
                         scores=scores, features=features, plan=plan)
+
+    def network_signals(self, model: nn.Module) -> Signals:
+        """The reward images' signals of any network (the proxy's KD steps, if any, run on a copy)."""
+        steps = self.cfg.proxy.proxy_kd_steps
+        if steps:
+            model = copy.deepcopy(model)
+            kd_steps(model, self.base, self.splits, steps, lr=self.cfg.proxy.proxy_kd_lr,
+                     batch_size=self.cfg.proxy.proxy_kd_batch_size, seed=0, device=self.device)
+        return self.reward_images.measure(model)
 
     def _score(self, model: nn.Module, plan: PruningPlan, is_base: bool) -> tuple[dict, np.ndarray]:
         """Per-layer pruning order of the current filters and the DSFP observation features."""
