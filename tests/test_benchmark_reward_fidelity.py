@@ -34,7 +34,7 @@ def test_every_plan_meets_its_target_and_the_profiles_differ(run):
 
 def test_report_schema_and_correlations(run):
     root, _, result = run
-    assert result["default"] == "bn1_acc@256"  # Tiny-v0's env: 1 BN batch, 256 reward images, accuracy
+    assert result["default"] == "bn1_kl@256"  # Tiny-v0's env: 1 BN batch, 256 reward images, the KL proxy
     names = {p["name"] for p in result["proxies"]}
     assert {"bn1_acc@64", "bn2_kl@128", "bn2_ce@64", "kd1_acc@64", "kd2_kl@64"} <= names
     for p in result["proxies"]:
