@@ -315,6 +315,13 @@ def write_report(result: dict[str, Any], out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def _noise_subset(names: list[str], k: int) -> set[str]:
+    """The plans whose truth gets a second fine-tune seed: ``k`` of them, evenly spaced in plan order."""
+    if k == 0:
+        return set()
+    return set(names[:: max(1, len(names) // k)][:k])
+
+
 class _TargetCache:
     """The measured plans of one target in ``<work-dir>/target-<t>.json`` (one file per target, so runs of
     different targets may go on side by side and a later run of several targets reads them all)."""
@@ -374,9 +381,7 @@ def run(cfg: FidelityConfig, argv: list[str] | None = None) -> dict[str, Any]:
     todo: list[tuple[float, str, PruningPlan]] = []
     for i in range(cfg.plans_per_target):  # interleaved: a partial run covers every target alike
         todo += [(t, *per_target[t][i]) for t in cfg.targets if i < len(per_target[t])]
-    # the truth's second seed: every k-th plan of a target, noise_plans of them
-    noise_names = {t: {n for n, _ in per_target[t][:: max(1, len(per_target[t]) // max(cfg.noise_plans, 1))]
-                       [: cfg.noise_plans]} for t in cfg.targets}
+    noise_names = {t: _noise_subset([n for n, _ in per_target[t]], cfg.noise_plans) for t in cfg.targets}
 
     t_start = time.time()
     for i, (target, name, plan) in enumerate([] if cfg.report_only else todo):
