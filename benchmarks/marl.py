@@ -77,6 +77,7 @@ from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_ov
 from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig
+from pruning_env.training.teacher import TeacherCache
 from pruning_env.training.train import default_checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +187,14 @@ class Context:
         self.device = resolve_device(cfg.device)
         self._splits = None
         self._env: FilterPruningEnv | None = None
+        self._teacher: TeacherCache | None = None
+
+    @property
+    def teacher_cache(self) -> TeacherCache:
+        """The KD teacher's outputs, shared by the fine-tunes of one seed (they replay the same batches)."""
+        if self._teacher is None:
+            self._teacher = TeacherCache(self.env.base_model)
+        return self._teacher
 
     def make_env(self) -> FilterPruningEnv:
         """A fresh env of the benchmark's problem (its plan cache empty)."""
@@ -302,6 +311,7 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
     ft_cfg = dataclasses.replace(cfg.finetune, seed=seed, device=str(device), progress=cfg.progress)
     _, result = finalize(base, splits, plan=plan, model=model, bn=env.config.bn, finetune_cfg=ft_cfg,
                          layers=env.layers, out=out, resume=cfg.resume, probe=val_like_env,
+                         teacher_cache=ctx.teacher_cache,
                          meta={"algorithm": name, "benchmark": "marl"})
     val_acc_before, quality = result["probe"]["acc"], result["probe"]["quality"]
     acc_ratio = val_acc_before / max(env.baseline_acc, 1e-9)

@@ -65,6 +65,7 @@ from pruning_env.envs.registry import make_benchmark_env, make_tiny_env
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
 from pruning_env.training.finetune import FinetuneConfig, finetune
 from pruning_env.training.proxy import RewardImages, kd_steps
+from pruning_env.training.teacher import TeacherCache
 
 TINY_ID = "pruning_env/Tiny-v0"
 SIGNALS = ("acc", "kl", "ce")
@@ -170,8 +171,11 @@ def make_plans(env_factory, cfg: FidelityConfig, target: float) -> list[tuple[st
 
 
 def _measure_proxies(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConfig,
-                     images: dict[int, RewardImages]) -> dict[str, dict[str, float]]:
-    """``{proxy name: {"value", "seconds"}}`` for one plan."""
+                     images: dict[int, RewardImages], teacher: TeacherCache) -> dict[str, dict[str, float]]:
+    """``{proxy name: {"value", "seconds"}}`` for one plan.
+
+    The KD proxies' teacher outputs come from ``teacher`` (every plan replays the same batches), so their
+    seconds are those of a search whose env shares one cache across plans."""
     base, splits, dev = env.base_model, env.splits, env.device
     out: dict[str, dict[str, float]] = {}
     small = min(images)
@@ -200,16 +204,17 @@ def _measure_proxies(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConf
             out[f"kd{n}_{s}@{small}"] = {"value": getattr(sig, s), "seconds": dt}
 
     kd_steps(kd_start, base, splits, max(cfg.kd_steps), lr=cfg.kd_lr, batch_size=128, seed=0, device=dev,
-             checkpoints=tuple(cfg.kd_steps), on_checkpoint=at)
+             checkpoints=tuple(cfg.kd_steps), on_checkpoint=at, teacher_cache=teacher)
     return out
 
 
-def _truth(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConfig, seed: int) -> dict[str, float]:
+def _truth(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConfig, seed: int,
+           teacher: TeacherCache) -> dict[str, float]:
     t0 = time.perf_counter()
     model = apply(env.base_model, plan, env.input_shape, layers=env.layers)
     BNRecalConfig(bn_recal_batches=cfg.truth_bn_batches).apply(model, env.splits, seed=0, device=env.device)
     ft = dataclasses.replace(cfg.truth, seed=seed, device=str(env.device), progress=cfg.progress)
-    summary = finetune(model, env.splits, ft, teacher=env.base_model)
+    summary = finetune(model, env.splits, ft, teacher=env.base_model, teacher_cache=teacher)
     return {"val_acc": summary["history"][-1]["val_acc"] if summary["history"] else summary["val_acc"],
             "best_val_acc": summary["val_acc"], "seconds": time.perf_counter() - t0}
 
@@ -370,6 +375,8 @@ def run(cfg: FidelityConfig, argv: list[str] | None = None) -> dict[str, Any]:
     first = envs[cfg.targets[0]]
     images = {n: RewardImages(first.base_model, first.splits.val, mean=first.splits.mean, std=first.splits.std,
                               limit=n, device=device) for n in cfg.eval_sizes}
+    # every truth / KD proxy of a seed replays the same batches: each env's teacher runs once per batch
+    teachers = {t: TeacherCache(e.base_model) for t, e in envs.items()}
     per_target: dict[float, list[tuple[str, PruningPlan]]] = {}
     for t, cache in caches.items():
         if cache.plans is None and not cfg.report_only:
@@ -396,10 +403,10 @@ def run(cfg: FidelityConfig, argv: list[str] | None = None) -> dict[str, Any]:
             env_seconds = _env_seconds(env, plan)  # first: a cached plan would cost nothing
             rec = {"target": target, "name": name, "plan": plan.to_dict(),
                    "macs_ratio": env.evaluate_plan(plan)["macs_ratio"], "env_seconds": env_seconds,
-                   "proxies": _measure_proxies(env, plan, cfg, images), "truth": {}}
+                   "proxies": _measure_proxies(env, plan, cfg, images, teachers[target]), "truth": {}}
         for s in seeds:
             if s not in rec["truth"]:
-                rec["truth"][s] = _truth(env, plan, cfg, seed=int(s))
+                rec["truth"][s] = _truth(env, plan, cfg, seed=int(s), teacher=teachers[target])
         cache.records[rid] = rec
         cache.save()
         if cfg.progress:

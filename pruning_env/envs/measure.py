@@ -24,6 +24,7 @@ from pruning_env.engine.surgery import apply
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.features import dsfp_features
 from pruning_env.training.proxy import RewardImages, Signals, kd_steps
+from pruning_env.training.teacher import TeacherCache
 
 __all__ = ["Measured", "PlanMeter"]
 
@@ -76,6 +77,8 @@ class PlanMeter:
         self.reward_images = RewardImages(base, splits.val, mean=splits.mean, std=splits.std, limit=cfg.eval_size,
                                           batch_size=cfg.eval_batch_size, device=device)
         self.timings: dict[str, float] = {}  # seconds per phase, summed over measurements
+        # the proxy's KD steps of every plan replay the same batches (seed 0): the teacher runs once per batch
+        self.teacher = TeacherCache(base)
         self._base_kl: dict[str, torch.Tensor] | None = None
         self._base_components: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -105,7 +108,8 @@ class PlanMeter:
         t3 = clock()
         if not is_base:
             kd_steps(model, self.base, self.splits, cfg.proxy.proxy_kd_steps, lr=cfg.proxy.proxy_kd_lr,
-                     batch_size=cfg.proxy.proxy_kd_batch_size, seed=0, device=self.device)
+                     batch_size=cfg.proxy.proxy_kd_batch_size, seed=0, device=self.device,
+                     teacher_cache=self.teacher)
         t4 = clock()
         signals = self.base_signals if is_base else self.reward_images.measure(model)
         t5 = clock()
@@ -122,7 +126,8 @@ class PlanMeter:
         if steps:
             model = copy.deepcopy(model)
             kd_steps(model, self.base, self.splits, steps, lr=self.cfg.proxy.proxy_kd_lr,
-                     batch_size=self.cfg.proxy.proxy_kd_batch_size, seed=0, device=self.device)
+                     batch_size=self.cfg.proxy.proxy_kd_batch_size, seed=0, device=self.device,
+                     teacher_cache=self.teacher)
         return self.reward_images.measure(model)
 
     def _score(self, model: nn.Module, plan: PruningPlan, is_base: bool) -> tuple[dict, np.ndarray]:

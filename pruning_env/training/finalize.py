@@ -36,6 +36,7 @@ from pruning_env.engine.graph import PrunableLayer
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.engine.surgery import apply
 from pruning_env.training.finetune import FinetuneConfig, finetune
+from pruning_env.training.teacher import TeacherCache
 
 __all__ = ["STAGES", "accuracy", "finalize", "latency"]
 
@@ -79,6 +80,7 @@ def finalize(
     bn_seed: int = 0,
     baseline_accuracy: dict[str, float] | None = None,
     probe: Callable[[nn.Module], Any] | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Turn ``plan`` (or an already pruned ``model``) into a final network and report on it.
 
@@ -100,6 +102,8 @@ def finalize(
         baseline_accuracy: ``base``'s ``{"val", "test"}`` accuracy if already measured.
         probe: called on the network after BN re-estimation, before fine-tuning (e.g. to measure it
             exactly as the env's reward did); its return value is the report's ``probe``.
+        teacher_cache: the KD teacher's outputs shared by many finalizations with one recipe and seed
+            (:class:`~pruning_env.training.teacher.TeacherCache` of ``base``; CPU; same result).
 
     Returns:
         ``(network, report)``. The report holds ``baseline`` (``{"val", "test"}`` percent),
@@ -137,7 +141,8 @@ def finalize(
     if ft.epochs > 0:
         ft = dataclasses.replace(ft, device=str(device)) if ft.device == "auto" else ft
         summary = finetune(model, splits, ft, teacher=base if ft.kd else None, out=out, resume=resume,
-                           plan=plan.to_dict() if plan is not None else None, meta=meta)
+                           plan=plan.to_dict() if plan is not None else None, meta=meta,
+                           teacher_cache=teacher_cache if ft.kd else None)
         stages["after_finetune"] = accuracy(model, splits, device=device, limit=eval_limit)
     final = next(stages[s] for s in reversed(STAGES) if stages[s] is not None)
     assert final is not None

@@ -61,6 +61,7 @@ from pruning_env.core.device_path import LossMeter, device_path
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import list_models
 from pruning_env.training.optim import param_groups
+from pruning_env.training.teacher import TeacherCache, teacher_fn
 
 __all__ = ["FinetuneConfig", "alpha_at", "finetune", "kd_loss"]
 
@@ -170,6 +171,7 @@ def finetune(
     resume: bool = False,
     plan: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    teacher_cache: TeacherCache | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``student`` in place; it ends with its best-validation weights.
 
@@ -182,6 +184,9 @@ def finetune(
         resume: continue the run recorded at ``out`` (if the file exists).
         plan: the pruning plan (dict) to record in the checkpoint.
         meta: extra entries for the checkpoint's ``extra`` (e.g. criterion).
+        teacher_cache: a :class:`~pruning_env.training.teacher.TeacherCache` of ``teacher`` shared by runs
+            that replay the same batches (same seed and recipe): the teacher's outputs are computed once
+            (CPU only; the result is unchanged).
 
     Returns:
         ``{"val_acc" (best, percent), "initial_val_acc", "best_epoch" (0 = the
@@ -191,6 +196,7 @@ def finetune(
     cfg.check()
     if cfg.kd and teacher is None:
         raise ValueError("kd=True needs the unpruned teacher network (teacher=...)")
+    teach = teacher_fn(teacher, teacher_cache) if teacher is not None and cfg.kd else None
     t_start = time.time()
     if cfg.train_limit is not None:  # a fixed subset (the first N of the shuffled training split)
         splits = dataclasses.replace(splits, train=splits.train.subset(cfg.train_limit))
@@ -286,9 +292,8 @@ def finetune(
                         x = x.contiguous(memory_format=torch.channels_last)
                     with path.autocast():
                         logits = student(x)
-                        if cfg.kd:
-                            with torch.no_grad():
-                                teacher_logits = teacher(x)  # type: ignore[misc]
+                        if teach is not None:
+                            teacher_logits = teach(x)
                             loss = kd_loss(logits, teacher_logits, y, alpha=alpha, temperature=cfg.temperature,
                                            label_smoothing=cfg.label_smoothing)
                         else:

@@ -17,6 +17,7 @@ better, see :meth:`Signals.quality`), which the env's objective uses in place of
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from pruning_env.core.data import Split, Splits, batches
 from pruning_env.core.evaluation import NonFiniteError, check_finite_loss
 from pruning_env.training.finetune import FinetuneConfig, kd_loss
 from pruning_env.training.optim import param_groups
+from pruning_env.training.teacher import TeacherCache, teacher_fn
 
 __all__ = ["PROXY_SIGNALS", "ProxyConfig", "RewardImages", "Signals", "kd_steps"]
 
@@ -143,14 +145,16 @@ def _forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def kd_steps(student: nn.Module, teacher: nn.Module, splits: Splits, steps: int, *, lr: float, batch_size: int,
              seed: int = 0, device: str | torch.device = "cpu",
-             checkpoints: tuple[int, ...] = (), on_checkpoint=None) -> None:
+             checkpoints: tuple[int, ...] = (), on_checkpoint=None,
+             teacher_cache: TeacherCache | None = None) -> None:
     """``steps`` SGD steps of knowledge distillation on augmented training batches, in place.
 
     The fine-tuning recipe's loss (:func:`~pruning_env.training.finetune.kd_loss` with its temperature and
     first-epoch weight), Nesterov momentum and weight decay, at a CONSTANT learning rate ``lr``, so the
     first ``n`` of ``N`` steps are exactly an ``n``-step run: ``on_checkpoint(n)`` is called after step
     ``n`` for every ``n`` in ``checkpoints`` (one run measures several step counts). Deterministic in
-    ``seed``; the student ends in eval mode.
+    ``seed``; the student ends in eval mode. ``teacher_cache``: the teacher's outputs shared by the runs of many
+    plans (they replay the same batches; :class:`~pruning_env.training.teacher.TeacherCache`).
     """
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
@@ -160,6 +164,7 @@ def kd_steps(student: nn.Module, teacher: nn.Module, splits: Splits, steps: int,
         raise ValueError("KD steps need training images (splits.train is empty)")
     student.to(device)
     teacher.eval()
+    teach = teacher_fn(teacher, teacher_cache)
     opt = torch.optim.SGD(param_groups(student, _RECIPE.weight_decay), lr=lr, momentum=_RECIPE.momentum,
                           nesterov=True)
     gen = torch.Generator().manual_seed(seed)
@@ -168,10 +173,11 @@ def kd_steps(student: nn.Module, teacher: nn.Module, splits: Splits, steps: int,
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        _kd_loop(student, teacher, splits, steps, opt, gen, batch_size, device, checkpoints, on_checkpoint)
+        _kd_loop(student, teach, splits, steps, opt, gen, batch_size, device, checkpoints, on_checkpoint)
 
 
-def _kd_loop(student: nn.Module, teacher: nn.Module, splits: Splits, steps: int, opt: torch.optim.Optimizer,
+def _kd_loop(student: nn.Module, teacher: Callable[[torch.Tensor], torch.Tensor], splits: Splits, steps: int,
+             opt: torch.optim.Optimizer,
              gen: torch.Generator, batch_size: int, device: str | torch.device, checkpoints: tuple[int, ...],
              on_checkpoint) -> None:
     done = 0
@@ -180,8 +186,7 @@ def _kd_loop(student: nn.Module, teacher: nn.Module, splits: Splits, steps: int,
             for x, y in batches(splits.train, batch_size, mean=splits.mean, std=splits.std, shuffle=True,
                                 augment_data=True, generator=gen, device=device,
                                 drop_last=len(splits.train) >= batch_size):
-                with torch.no_grad():
-                    target = teacher(x)
+                target = teacher(x)
                 loss = kd_loss(student(x), target, y, alpha=_RECIPE.alpha_start, temperature=_RECIPE.temperature)
                 check_finite_loss(loss, where=f"proxy KD step {done + 1}", hint="lower --proxy-kd-lr")
                 opt.zero_grad(set_to_none=True)
