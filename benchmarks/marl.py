@@ -9,12 +9,18 @@ the unpruned network does not). An episode is never cut, so an algorithm may end
 measures no new plan for ``--stall-episodes`` episodes in a row stops early (DSFP-uniform has
 only one plan per grid rate) and is marked "exhausted".
 
-The reward is the env's (default ``budget`` with ``--macs-target 0.5``; the results on record
-used ``--macs-target 0.3``): objective = accuracy ratio minus ``--budget-penalty`` (2) per unit
-of MACs ratio above the target, so every algorithm's best plan sits near the same MACs. The
-penalty is soft, so a best plan may sit somewhat above the target: the report flags MACs that
-differ by more than 0.05 and also compares, at strictly matched MACs, the best validation
-accuracy of all plans measured at or under the target.
+The reward is the env's (default ``budget`` with ``--macs-target 0.5`` and ``--exact-budget``):
+every step's joint action is projected onto the MACs target (:mod:`pruning_env.engine.budget`),
+so every plan any algorithm measures sits at or just below the target and the methods compare
+at matched MACs; the objective is the env's proxy (default: KL to the unpruned network's outputs
+after BN re-estimation; see ``benchmarks/results/reward_fidelity.md``). With
+``--no-exact-budget`` the budget is a soft penalty (``--budget-penalty`` per unit of MACs ratio
+above the target): best plans may then sit above the target, which the report flags; it also
+compares, at strictly matched MACs, the best validation accuracy of all plans at or under it.
+
+One run is one MACs target. Several targets: one run per target, each into its own
+``--out-dir``, then ``python -m benchmarks.marl_report --runs DIR DIR`` writes the combined
+``marl.md`` / ``marl.json`` (with the flat ``rows`` of every target) into benchmarks/results.
 
 Outputs in ``--out-dir``:
 
@@ -61,7 +67,7 @@ from torch import nn
 
 import agents
 import pruning_env
-from benchmarks.marl_report import ALGOS, TP_NAME, plots, summary, write_report
+from benchmarks.marl_report import ALGOS, TP_NAME, plots, result_rows, summary, write_report
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything
@@ -306,7 +312,8 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
     def val_like_env(m: nn.Module) -> dict[str, float]:  # the reward's measurement, exactly as the env's of a plan
         return env.measure_network(m)
 
-    out = Path(cfg.work_dir) / f"seed{seed}" / f"{name}-finetune.pt"
+    # one folder per target and seed: runs of several targets may share --work-dir
+    out = Path(cfg.work_dir) / f"target-{cfg.problem.macs_target:g}" / f"seed{seed}" / f"{name}-finetune.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     ft_cfg = dataclasses.replace(cfg.finetune, seed=seed, device=str(device), progress=cfg.progress)
     _, result = finalize(base, splits, plan=plan, model=model, bn=env.config.bn, finetune_cfg=ft_cfg,
@@ -376,18 +383,6 @@ def _save_state(path: Path, state: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- report
-
-
-def result_rows(state: dict[str, Any], target: float) -> list[dict[str, Any]]:
-    """One flat row per (target, method, seed) of the finished fine-tunes (method names as in ``--algos``, plus
-    ``torch-pruning``): MACs ratio, validation objective and TEST accuracy before / after the fine-tune."""
-    rows = []
-    for seed, run in sorted(state["runs"].items(), key=lambda kv: int(kv[0])):
-        for method, ft in run["finetune"].items():
-            rows.append({"target": target, "method": method, "seed": int(seed), "macs_ratio": ft["macs_ratio"],
-                         "val_objective": ft["val_objective"], "test_acc_before_ft": ft["test_acc_before_finetune"],
-                         "test_acc_after_ft": ft["test_acc"]})
-    return rows
 
 
 # ----------------------------------------------------------------------------- main

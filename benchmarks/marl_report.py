@@ -1,20 +1,34 @@
 """The report of ``benchmarks/marl.py``: plots, tables and the summary paragraph, written from ``marl.json``.
 
+One run of ``benchmarks.marl`` searches at one MACs target. For several targets, run one per target
+(each into its own ``--out-dir``; two may run side by side with ``--threads 1``), then combine them::
+
+    python -m benchmarks.marl --macs-target 0.5 --threads 1 --out-dir runs/marl/target-0.5 &
+    python -m benchmarks.marl --macs-target 0.3 --threads 1 --out-dir runs/marl/target-0.3
+    python -m benchmarks.marl_report --runs runs/marl/target-0.5 runs/marl/target-0.3  # -> benchmarks/results
+
 Every function takes the recorded state and the benchmark's settings as a flat namespace
 (``SimpleNamespace(**flat_dict(cfg))``: one attribute per setting, by flat name).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
+from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, parse_config
+from pruning_env.core.config import option
 from pruning_env.search import pareto_front
 
-__all__ = ["ALGOS", "LABELS", "TP_NAME", "plots", "summary", "write_report"]
+__all__ = ["ALGOS", "LABELS", "TP_NAME", "headline", "plots", "result_rows", "summary", "write_report",
+           "write_targets_report"]
 
 ALGOS = ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"]
 TP_NAME = "torch-pruning"
@@ -37,7 +51,8 @@ def _fmt(xs: list[float | None], digits: int = 4) -> str:
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if len([x for x in xs if x is not None]) > 1 else "")
 
 
-def plots(state: dict[str, Any], cfg: Any, out_dir: Path) -> None:
+def plots(state: dict[str, Any], cfg: Any, out_dir: Path, suffix: str = "") -> None:
+    """``marl_curves<suffix>.png`` (best-so-far objective against plans measured) and ``marl_pareto<suffix>.png``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +89,7 @@ def plots(state: dict[str, Any], cfg: Any, out_dir: Path) -> None:
     ax.set_title("Search progress at equal budget (mean over seeds, band = min..max)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "marl_curves.png", dpi=120)
+    fig.savefig(out_dir / f"marl_curves{suffix}.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -98,7 +113,7 @@ def plots(state: dict[str, Any], cfg: Any, out_dir: Path) -> None:
     ax.set_title("Every plan measured, all seeds pooled; Pareto fronts; stars = best plans")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "marl_pareto.png", dpi=120)
+    fig.savefig(out_dir / f"marl_pareto{suffix}.png", dpi=120)
     plt.close(fig)
 
 
@@ -213,7 +228,9 @@ def summary(state: dict[str, Any], cfg: Any) -> str:
     return " ".join(parts) + caveat
 
 
-def write_report(state: dict[str, Any], cfg: Any, out_dir: Path, header: dict[str, str]) -> str:
+def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: dict[str, str],
+                 suffix: str = "") -> str:
+    """The markdown report of one target (written to ``out_dir/marl.md`` unless ``out_dir`` is None)."""
     runs = state["runs"]
     seeds = sorted(runs, key=int)
     base = state.get("baseline", {})
@@ -291,7 +308,7 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path, header: dict[st
                      f"{fr['test_acc_before_finetune']:.2f}" if fr else "-", f"{fr['test_acc']:.2f}" if fr else "-",
                      f"{sr['seconds']:.1f}" if sr else "-", f"{fr['seconds']:.1f}" if fr else "-"]
             md.append("| " + " | ".join(str(c) for c in cells) + " |")
-    md += ["", "![learning curves](marl_curves.png)", "", "![Pareto fronts](marl_pareto.png)", "",
+    md += ["", f"![learning curves](marl_curves{suffix}.png)", "", f"![Pareto fronts](marl_pareto{suffix}.png)", "",
            "## How to read this", "",
            "* Budget = distinct plans the algorithm's own env measured (`env.num_evaluations`, cache misses): "
            "re-visiting a plan is free, greedy evaluations cost like training episodes. Episodes are never cut, "
@@ -304,5 +321,139 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path, header: dict[st
            + (f" plus `--algo-config {cfg.algo_config}`" if cfg.algo_config else "") + ".",
            "* DSFP-uniform can only produce one plan per grid rate; it stops once it has tried them all.", ""]
     text = "\n".join(md)
-    (out_dir / "marl.md").write_text(text)
+    if out_dir is not None:
+        (out_dir / "marl.md").write_text(text)
     return text
+
+
+# ----------------------------------------------------------------------------- several MACs targets
+
+
+def result_rows(state: dict[str, Any], target: float) -> list[dict[str, Any]]:
+    """One flat row per (target, method, seed) of the finished fine-tunes (method names as in ``--algos``, plus
+    ``torch-pruning``): MACs ratio, validation objective and TEST accuracy before / after the fine-tune."""
+    rows = []
+    for seed, run in sorted(state["runs"].items(), key=lambda kv: int(kv[0])):
+        for method, ft in run["finetune"].items():
+            rows.append({"target": target, "method": method, "seed": int(seed), "macs_ratio": ft["macs_ratio"],
+                         "val_objective": ft["val_objective"], "test_acc_before_ft": ft["test_acc_before_finetune"],
+                         "test_acc_after_ft": ft["test_acc"]})
+    return rows
+
+
+def state_settings(state: dict[str, Any]) -> SimpleNamespace:
+    """The flat settings of a recorded run (as :func:`summary` and :func:`write_report` take them)."""
+    algos = [a for a in ALGOS if any(a in r["search"] for r in state["runs"].values())]
+    return SimpleNamespace(**state["search_config"], **state["finetune_config"], algos=algos)
+
+
+MACS_SLACK = 0.005
+"""A final network may sit at most this far above its MACs target (the issue's acceptance)."""
+
+
+def headline(states: list[dict[str, Any]], goal: float = 1.0) -> list[dict[str, Any]]:
+    """Per target: QMIX against DSFP-uniform after identical fine-tuning (test accuracy, paired by seed)."""
+    out = []
+    for state in states:
+        target = state["search_config"]["macs_target"]
+        c = _compare(state, "qmix", "dsfp-uniform", "finetune", "test_acc")
+        if c is None:
+            continue
+        out.append({"target": target, "seeds": c["n"], "qmix": c["a"][0], "qmix_std": c["a"][1],
+                    "dsfp_uniform": c["b"][0], "dsfp_uniform_std": c["b"][1], "difference": c["diff"][0],
+                    "difference_std": c["diff"][1], "qmix_higher": c["wins"], "goal_points": goal,
+                    "goal_met": c["diff"][0] >= goal})
+    return out
+
+
+def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: str, commit: str) -> dict[str, Any]:
+    """``marl.md`` / ``marl.json`` / plots of several per-target runs of ``benchmarks/marl.py``.
+
+    ``marl.json``: ``{"rows": [one per (target, method, seed)], "headline": [...], "targets": {target: the
+    run's state}}``; ``marl.md``: the headline and an overview of every method at every target, then each
+    target's full report (plots ``marl_curves-<t>.png`` / ``marl_pareto-<t>.png``)."""
+    states = sorted(states, key=lambda st: -st["search_config"]["macs_target"])
+    targets = [st["search_config"]["macs_target"] for st in states]
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"two runs have the same MACs target ({targets}): pass one run per target")
+    rows = [r for st, t in zip(states, targets) for r in result_rows(st, t)]
+    head = headline(states)
+    over = [r for r in rows if r["macs_ratio"] > r["target"] + MACS_SLACK]
+    md = [f"# MARL search benchmark: QMIX vs the other searches at exact MACs budgets (targets "
+          f"{', '.join(f'{t:g}' for t in targets)})", "",
+          f"Report: `{command}` at commit {commit}. Each target's own command, commit, machine and wall time are "
+          "in its section.", "", "## Headline: QMIX vs DSFP-uniform after identical fine-tuning", "",
+          "| MACs target | seeds | QMIX test acc (%) | DSFP-uniform test acc (%) | difference (points) | QMIX higher "
+          "in | goal (>= +1.0) |", "|---|---|---|---|---|---|---|"]
+    for h in head:
+        md.append(f"| {h['target']:g} | {h['seeds']} | {h['qmix']:.2f} ± {h['qmix_std']:.2f} | "
+                  f"{h['dsfp_uniform']:.2f} ± {h['dsfp_uniform_std']:.2f} | {h['difference']:+.2f} ± "
+                  f"{h['difference_std']:.2f} | {h['qmix_higher']} of {h['seeds']} | "
+                  f"{'met' if h['goal_met'] else 'not met'} |")
+    methods = [m for m in [*ALGOS, TP_NAME] if any(r["method"] == m for r in rows)]
+    md += ["", "## Every method at every target (TEST accuracy after the fine-tune, mean ± std over seeds)", "",
+           "| method | " + " | ".join(f"MACs ratio @{t:g} (max) | test acc @{t:g} (%)" for t in targets) + " |",
+           "|---|" + "---|---|" * len(targets)]
+    for m in methods:
+        cells = []
+        for t in targets:
+            rs = [r for r in rows if r["method"] == m and r["target"] == t]
+            cells += [f"{max(r['macs_ratio'] for r in rs):.4f}" if rs else "-",
+                      _fmt([r["test_acc_after_ft"] for r in rs], 2)]
+        md.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    md += ["", (f"Every final network is at or below its target + {MACS_SLACK} MACs ratio." if not over else
+                f"**{len(over)} final networks exceed their target + {MACS_SLACK}**: "
+                + ", ".join(f"{r['method']} seed {r['seed']} @{r['target']:g} ({r['macs_ratio']:.4f})"
+                            for r in over) + "."), ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for st, t in zip(states, targets):
+        suffix = f"-{t:g}"
+        cfg = state_settings(st)
+        plots(st, cfg, out_dir, suffix)
+        text = write_report(st, cfg, None, st["header"], suffix)
+        md += [f"## MACs target {t:g}", ""] + ["#" + line if line.startswith("#") else line
+                                               for line in text.splitlines()[1:]]
+    result = {"benchmark": "marl", "command": command, "commit": commit, "rows": rows, "headline": head,
+              "macs_slack": MACS_SLACK, "rows_over_target": over, "targets": {f"{t:g}": st for st, t in
+                                                                               zip(states, targets)}}
+    atomic_write_text(out_dir / "marl.md", "\n".join(md) + "\n")
+    atomic_write_text(out_dir / "marl.json", json.dumps(result, indent=1))
+    return result
+
+
+@dataclass
+class TargetsConfig:
+    """Every flag of ``python -m benchmarks.marl_report``."""
+
+    runs: list[str] = option(["runs/marl/target-0.5", "runs/marl/target-0.3"], "the --out-dir folders of "
+                             "finished benchmarks.marl runs, one per MACs target (each holds a marl.json)")
+    out_dir: str = option(str(RESULTS), "folder of the combined marl.md, marl.json and plots")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The report of several targets' runs: ``python -m benchmarks.marl_report --runs DIR [DIR ...]``."""
+    cfg = parse_config(TargetsConfig, argv, "marl_report", __doc__)
+    states = []
+    for run in cfg.runs:
+        path = Path(run) / "marl.json"
+        if not path.is_file():
+            print(f"error: {path} does not exist: pass the --out-dir of a finished `python -m benchmarks.marl` "
+                  "run", file=sys.stderr)
+            return 2
+        state = json.loads(path.read_text())
+        if "header" not in state or state.get("benchmark") != "marl":
+            print(f"error: {path} is not a finished benchmarks.marl run (no report header): finish it with "
+                  "--resume first", file=sys.stderr)
+            return 2
+        states.append(state)
+    try:
+        result = write_targets_report(states, Path(cfg.out_dir), command_line("marl_report", argv), commit())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result["headline"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -76,3 +76,35 @@ def test_other_settings_refuse_to_mix_with_recorded_results(marl, tmp_path):
     with pytest.raises(SystemExit) as exc:
         marl.main([*_argv(out), "--resume"])
     assert exc.value.code == 2
+
+
+def test_two_targets_share_a_work_dir_and_combine_into_one_report(marl, tmp_path, tiny_env_factory):
+    from benchmarks import marl_report
+
+    work, outs = tmp_path / "work", {}
+    for t in ("0.5", "0.3"):
+        outs[t] = tmp_path / f"target-{t}"
+        argv = ["--env", "pruning_env/Tiny-v0", "--plans", "6", "--finetune-epochs", "1", "--seeds", "0",
+                "--algos", "qmix", "dsfp-uniform", "--macs-target", t, "--out-dir", str(outs[t]),
+                "--work-dir", str(work), "--no-progress"]
+        assert marl.main(argv) == 0
+    assert {p.parent.parent.name for p in work.rglob("*-finetune.pt")} == {"target-0.5", "target-0.3"}
+    combined = tmp_path / "combined"
+    assert marl_report.main(["--runs", str(outs["0.3"]), str(outs["0.5"]), "--out-dir", str(combined)]) == 0
+    result = json.loads((combined / "marl.json").read_text())
+    keys = {(r["target"], r["method"], r["seed"]) for r in result["rows"]}
+    assert keys == {(t, m, s) for t in (0.5, 0.3) for m in ("qmix", "dsfp-uniform", "torch-pruning") for s in (0,)}
+    assert all(r["macs_ratio"] <= r["target"] + 0.005 for r in result["rows"])
+    assert [h["target"] for h in result["headline"]] == [0.5, 0.3] and all(h["seeds"] == 1 for h in result["headline"])
+    for h in result["headline"]:  # the paired difference is QMIX's mean minus DSFP-uniform's
+        assert h["difference"] == pytest.approx(h["qmix"] - h["dsfp_uniform"])
+        qmix = [r["test_acc_after_ft"] for r in result["rows"] if r["target"] == h["target"] and r["method"] == "qmix"]
+        assert h["qmix"] == pytest.approx(sum(qmix) / len(qmix))
+    md = (combined / "marl.md").read_text()
+    assert "## MACs target 0.5" in md and "## MACs target 0.3" in md and "| 0.3 | 1 |" in md
+    for t in ("0.5", "0.3"):
+        assert (combined / f"marl_curves-{t}.png").stat().st_size > 0
+        assert f"marl_curves-{t}.png" in md
+    # bad input: a folder without a finished run, or two runs of one target
+    assert marl_report.main(["--runs", str(tmp_path / "nothing"), "--out-dir", str(combined)]) == 2
+    assert marl_report.main(["--runs", str(outs["0.5"]), str(outs["0.5"]), "--out-dir", str(combined)]) == 2
