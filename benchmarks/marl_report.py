@@ -27,8 +27,8 @@ from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, 
 from pruning_env.core.config import option
 from pruning_env.search import pareto_front
 
-__all__ = ["ALGOS", "LABELS", "TP_NAME", "headline", "plots", "result_rows", "summary", "write_report",
-           "write_targets_report"]
+__all__ = ["ALGOS", "LABELS", "TP_NAME", "headline", "plan_placement", "plots", "result_rows", "summary",
+           "write_report", "write_targets_report"]
 
 ALGOS = ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"]
 TP_NAME = "torch-pruning"
@@ -121,6 +121,18 @@ def _acc_at_target(search: dict[str, Any], target: float) -> float | None:
     """Best validation accuracy ratio among ALL plans the search measured with MACs ratio <= target."""
     accs = [p["acc_ratio"] for p in search["points"] if p["macs_ratio"] <= target]
     return max(accs) if accs else None
+
+
+def plan_placement(searches: list[dict[str, Any]], target: float, near: float = 0.01) -> dict[str, Any]:
+    """Where searches measured their plans: how many, the share within ``near`` of ``target`` MACs, the share at or
+    below it, and the 5th / 50th / 95th percentiles of the MACs ratio (every plan of every search pooled)."""
+    macs = np.asarray([p["macs_ratio"] for s in searches for p in s["points"]], dtype=np.float64)
+    if macs.size == 0:
+        return {"plans": 0, "near_target": float("nan"), "at_or_below": float("nan"),
+                "macs_percentiles": [float("nan")] * 3}
+    return {"plans": int(macs.size), "near_target": float(np.mean(np.abs(macs - target) <= near)),
+            "at_or_below": float(np.mean(macs <= target + 1e-9)),
+            "macs_percentiles": [float(q) for q in np.percentile(macs, [5, 50, 95])]}
 
 
 def _compare(state: dict[str, Any], a: str, b: str, section: str, key: str) -> dict[str, Any] | None:
@@ -263,6 +275,16 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
                   f"{_fmt([r['best']['params_ratio'] for r in rs])} | "
                   f"{_fmt([_acc_at_target(r, cfg.macs_target) for r in rs])} | {_fmt([r['seconds'] for r in rs], 1)} | "
                   f"{sum(r['exhausted'] for r in rs)} of {len(rs)} |")
+    if cfg.reward == "budget":
+        md += ["", "Where the searches measured their plans (every plan, intermediate steps of episodes included; "
+               f"all seeds pooled): the share within 0.01 of the MACs target {cfg.macs_target:g}, the share at or "
+               "below it, and percentiles of the MACs ratio.", "",
+               "| algorithm | plans | within 0.01 of target | at or below target | MACs ratio 5 / 50 / 95 % |",
+               "|---|---|---|---|---|"]
+        for a in algos:
+            p = plan_placement([runs[s]["search"][a] for s in seeds if a in runs[s]["search"]], cfg.macs_target)
+            md.append(f"| {LABELS[a]} | {p['plans']} | {p['near_target']:.0%} | {p['at_or_below']:.0%} | "
+                      + " / ".join(f"{q:.3f}" for q in p["macs_percentiles"]) + " |")
     ft_names = [a for a in [*algos, TP_NAME] if any(a in runs[s].get("finetune", {}) for s in seeds)]
     if ft_names:
         epochs = f"{cfg.finetune_epochs} epoch{'s' if cfg.finetune_epochs != 1 else ''}"

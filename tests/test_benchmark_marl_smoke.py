@@ -102,6 +102,7 @@ def test_two_targets_share_a_work_dir_and_combine_into_one_report(marl, tmp_path
         assert h["qmix"] == pytest.approx(sum(qmix) / len(qmix))
     md = (combined / "marl.md").read_text()
     assert "## MACs target 0.5" in md and "## MACs target 0.3" in md and "| 0.3 | 1 |" in md
+    assert "within 0.01 of target" in md  # where the searches measured their plans
     for t in ("0.5", "0.3"):
         assert (combined / f"marl_curves-{t}.png").stat().st_size > 0
         assert f"marl_curves-{t}.png" in md
