@@ -59,7 +59,6 @@ from pruning_env.core.config import flat_dict, nested, option, resolve_device
 from pruning_env.core.data import load_splits
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.plan import PruningPlan
-from pruning_env.engine.surgery import apply
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import make_benchmark_env, make_tiny_env
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
@@ -182,8 +181,7 @@ def _measure_proxies(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConf
     kd_start = None
     for nb in cfg.bn_batches:
         t0 = time.perf_counter()
-        model = apply(base, plan, env.input_shape, layers=env.layers)
-        BNRecalConfig(bn_recal_batches=nb).apply(model, splits, seed=0, device=dev)
+        model = env.build_network(plan, bn=BNRecalConfig(bn_recal_batches=nb))
         t_ready = time.perf_counter() - t0
         for size, imgs in sorted(images.items()):
             t1 = time.perf_counter()
@@ -211,8 +209,7 @@ def _measure_proxies(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConf
 def _truth(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConfig, seed: int,
            teacher: TeacherCache) -> dict[str, float]:
     t0 = time.perf_counter()
-    model = apply(env.base_model, plan, env.input_shape, layers=env.layers)
-    BNRecalConfig(bn_recal_batches=cfg.truth_bn_batches).apply(model, env.splits, seed=0, device=env.device)
+    model = env.build_network(plan, bn=BNRecalConfig(bn_recal_batches=cfg.truth_bn_batches))
     ft = dataclasses.replace(cfg.truth, seed=seed, device=str(env.device), progress=cfg.progress)
     summary = finetune(model, env.splits, ft, teacher=env.base_model, teacher_cache=teacher)
     return {"val_acc": summary["history"][-1]["val_acc"] if summary["history"] else summary["val_acc"],

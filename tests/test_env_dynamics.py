@@ -122,6 +122,23 @@ def test_reported_macs_equal_the_counter_on_the_pruned_network(tiny_env_factory)
     assert infos["layer_0"]["mparams"] == pytest.approx(report.params / 1e6)
 
 
+def test_build_network_of_any_plan_is_the_envs_network_and_leaves_the_env_alone(tiny_env_factory):
+    from pruning_env.engine.bn import BNRecalConfig
+
+    env = tiny_env_factory()
+    env.reset(seed=0)
+    env.step({a: (3 * i) % 10 for i, a in enumerate(env.agents)})
+    plan, x = env.plan, torch.randn(4, *env.input_shape)
+    current = env.pruned_model().eval()
+    env.reset(seed=0)  # another plan is current now: the built network still follows the plan given
+    built = env.build_network(plan).eval()
+    assert env.plan.key() != plan.key()
+    with torch.no_grad():
+        assert torch.equal(current(x), built(x))
+        raw = env.build_network(plan, bn=BNRecalConfig(bn_recal_batches=0)).eval()  # no BN re-estimation
+        assert not torch.equal(raw(x), built(x))
+
+
 @pytest.mark.cifar
 def test_real_cifar_episode_macs_match_the_counter(cifar_vgg16):
     model, splits = cifar_vgg16

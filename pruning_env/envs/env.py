@@ -18,6 +18,7 @@ from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import with_overrides
 from pruning_env.core.data import Splits
 from pruning_env.core.models import check_float32
+from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.budget import budget_keep_counts, reachable_macs
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.macs import MacsModel
@@ -436,6 +437,11 @@ class FilterPruningEnv(ParallelEnv):
     def pruned_model(self) -> nn.Module:
         """A new, physically pruned copy of the current network (BN recalibrated as in the env)."""
         return self._meter.build(self._plan)
+
+    def build_network(self, plan: PruningPlan, *, bn: BNRecalConfig | None = None) -> nn.Module:
+        """A new, physically pruned network of any ``plan`` of this env's network, with BN re-estimated as the env
+        does (or as ``bn`` says, e.g. on more batches); the env's state is not touched."""
+        return self._meter.build(plan, bn)
 
     def measured_plans(self) -> list[dict[str, Any]]:
         """Every plan measured and still cached, oldest first: its summary (``acc``, the ratios, the exact integer

@@ -17,6 +17,7 @@ from torch import nn
 
 from pruning_env.core.data import Splits, calibration_batch
 from pruning_env.criteria import compute_components, fuse, score
+from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.graph import PrunableLayer
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
@@ -87,10 +88,10 @@ class PlanMeter:
         """The unpruned network's signals on the reward images."""
         return self.reward_images.base
 
-    def build(self, plan: PruningPlan) -> nn.Module:
-        """A new, physically pruned network of ``plan`` with BN re-estimated as the env does."""
+    def build(self, plan: PruningPlan, bn: BNRecalConfig | None = None) -> nn.Module:
+        """A new, physically pruned network of ``plan`` with BN re-estimated as the env does (or by ``bn``)."""
         model = apply(self.base, plan, self.splits.input_shape, layers=self.layers)
-        self.cfg.bn.apply(model, self.splits, seed=0, device=self.device)
+        (self.cfg.bn if bn is None else bn).apply(model, self.splits, seed=0, device=self.device)
         return model
 
     def measure(self, plan: PruningPlan) -> Measured:
