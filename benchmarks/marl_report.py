@@ -374,18 +374,47 @@ MACS_SLACK = 0.005
 
 
 def headline(states: list[dict[str, Any]], goal: float = 1.0) -> list[dict[str, Any]]:
-    """Per target: QMIX against DSFP-uniform after identical fine-tuning (test accuracy, paired by seed)."""
+    """Per target: QMIX against DSFP-uniform after identical fine-tuning (test accuracy, paired by seed).
+
+    A target without both fine-tunes for any seed gets ``seeds: 0`` and None values; the standard deviations are
+    None with a single seed (no estimate of seed-to-seed variation)."""
     out = []
     for state in states:
         target = state["search_config"]["macs_target"]
         c = _compare(state, "qmix", "dsfp-uniform", "finetune", "test_acc")
         if c is None:
+            out.append({"target": target, "seeds": 0, "qmix": None, "qmix_std": None, "dsfp_uniform": None,
+                        "dsfp_uniform_std": None, "difference": None, "difference_std": None, "qmix_higher": 0,
+                        "goal_points": goal, "goal_met": None})
             continue
-        out.append({"target": target, "seeds": c["n"], "qmix": c["a"][0], "qmix_std": c["a"][1],
-                    "dsfp_uniform": c["b"][0], "dsfp_uniform_std": c["b"][1], "difference": c["diff"][0],
-                    "difference_std": c["diff"][1], "qmix_higher": c["wins"], "goal_points": goal,
+        sd = (lambda v: v) if c["n"] > 1 else (lambda v: None)
+        out.append({"target": target, "seeds": c["n"], "qmix": c["a"][0], "qmix_std": sd(c["a"][1]),
+                    "dsfp_uniform": c["b"][0], "dsfp_uniform_std": sd(c["b"][1]), "difference": c["diff"][0],
+                    "difference_std": sd(c["diff"][1]), "qmix_higher": c["wins"], "goal_points": goal,
                     "goal_met": c["diff"][0] >= goal})
     return out
+
+
+def _pm(mean: float | None, std: float | None, sign: str = "") -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:{sign}.2f}" + (f" ± {std:.2f}" if std is not None else "")
+
+
+def _check_comparable(states: list[dict[str, Any]]) -> None:
+    """Refuse runs that differ in anything but the MACs target (they would be reported as one benchmark)."""
+    def key(st: dict[str, Any]) -> dict[str, Any]:
+        return {**{k: v for k, v in st["search_config"].items() if k != "macs_target"}, **st["finetune_config"]}
+    first = key(states[0])
+    for st in states[1:]:
+        other = key(st)
+        diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if diff:
+            raise ValueError("the runs differ in more than the MACs target (" + ", ".join(diff) + "): combine only "
+                             "runs of one benchmark setting")
+    names = [f"{st['search_config']['macs_target']:g}" for st in states]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two runs have the same MACs target ({', '.join(names)}): pass one run per target")
 
 
 def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: str, commit: str) -> dict[str, Any]:
@@ -394,10 +423,11 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
     ``marl.json``: ``{"rows": [one per (target, method, seed)], "headline": [...], "targets": {target: the
     run's state}}``; ``marl.md``: the headline and an overview of every method at every target, then each
     target's full report (plots ``marl_curves-<t>.png`` / ``marl_pareto-<t>.png``)."""
+    if not states:
+        raise ValueError("no runs to combine")
+    _check_comparable(states)
     states = sorted(states, key=lambda st: -st["search_config"]["macs_target"])
     targets = [st["search_config"]["macs_target"] for st in states]
-    if len(set(targets)) != len(targets):
-        raise ValueError(f"two runs have the same MACs target ({targets}): pass one run per target")
     rows = [r for st, t in zip(states, targets) for r in result_rows(st, t)]
     head = headline(states)
     over = [r for r in rows if r["macs_ratio"] > r["target"] + MACS_SLACK]
@@ -408,10 +438,13 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
           "| MACs target | seeds | QMIX test acc (%) | DSFP-uniform test acc (%) | difference (points) | QMIX higher "
           "in | goal (>= +1.0) |", "|---|---|---|---|---|---|---|"]
     for h in head:
-        md.append(f"| {h['target']:g} | {h['seeds']} | {h['qmix']:.2f} ± {h['qmix_std']:.2f} | "
-                  f"{h['dsfp_uniform']:.2f} ± {h['dsfp_uniform_std']:.2f} | {h['difference']:+.2f} ± "
-                  f"{h['difference_std']:.2f} | {h['qmix_higher']} of {h['seeds']} | "
-                  f"{'met' if h['goal_met'] else 'not met'} |")
+        goal = "-" if h["goal_met"] is None else ("met" if h["goal_met"] else "not met")
+        md.append(f"| {h['target']:g} | {h['seeds']} | {_pm(h['qmix'], h['qmix_std'])} | "
+                  f"{_pm(h['dsfp_uniform'], h['dsfp_uniform_std'])} | "
+                  f"{_pm(h['difference'], h['difference_std'], '+')} | {h['qmix_higher']} of {h['seeds']} | {goal} |")
+    if any(h["seeds"] < 3 for h in head):
+        md += ["", "Fewer than 3 seeds at some target (0: QMIX or DSFP-uniform not fine-tuned yet): no statistical "
+               "claim; a ± is a standard deviation over seeds, shown from 2 seeds on."]
     methods = [m for m in [*ALGOS, TP_NAME] if any(r["method"] == m for r in rows)]
     md += ["", "## Every method at every target (TEST accuracy after the fine-tune, mean ± std over seeds)", "",
            "| method | " + " | ".join(f"MACs ratio @{t:g} (max) | test acc @{t:g} (%)" for t in targets) + " |",

@@ -250,13 +250,13 @@ def analyse(records: list[dict[str, Any]], cfg: FidelityConfig) -> dict[str, Any
         if len(recs) < 3:
             continue
         truth = np.array([r["truth"]["0"]["val_acc"] for r in recs])
-        env_s = float(np.mean([r["env_seconds"] for r in recs]))
+        # plans measured since the KD teacher's outputs are shared (TeacherCache, CPU) time the KD proxies and the
+        # env step as an env with the cache runs them; older records computed the teacher for every plan
+        timed = [r for r in recs if r.get("teacher_cache")] or recs
+        env_s = float(np.mean([r["env_seconds"] for r in timed]))
         for name in recs[0]["proxies"]:
             vals = np.array([r["proxies"][name]["value"] for r in recs])
             sign = -1.0 if name.split("_")[1].startswith(("kl", "ce")) else 1.0  # lower KL / CE = better
-            # plans measured since the KD teacher's outputs are shared (TeacherCache) time the KD proxies as an env
-            # with the cache runs them; older records computed the teacher for every plan
-            timed = [r for r in recs if r.get("teacher_cache")] or recs
             secs = float(np.mean([r["proxies"][name]["seconds"] for r in timed]))
             st = _rank_stats(sign * vals, truth, cfg.bootstrap, cfg.seed)
             proxies.append({"name": name, "target": target, **st, "seconds_per_plan": secs,
@@ -401,7 +401,8 @@ def run(cfg: FidelityConfig, argv: list[str] | None = None) -> dict[str, Any]:
         env = envs[target]
         if rec is None:
             env_seconds = _env_seconds(env, plan)  # first: a cached plan would cost nothing
-            rec = {"target": target, "name": name, "plan": plan.to_dict(), "teacher_cache": True,
+            rec = {"target": target, "name": name, "plan": plan.to_dict(),
+                   "teacher_cache": env.device.type == "cpu",
                    "macs_ratio": env.evaluate_plan(plan)["macs_ratio"], "env_seconds": env_seconds,
                    "proxies": _measure_proxies(env, plan, cfg, images, teachers[target]), "truth": {}}
         for s in seeds:

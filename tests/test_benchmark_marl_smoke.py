@@ -98,6 +98,7 @@ def test_two_targets_share_a_work_dir_and_combine_into_one_report(marl, tmp_path
     assert [h["target"] for h in result["headline"]] == [0.5, 0.3] and all(h["seeds"] == 1 for h in result["headline"])
     for h in result["headline"]:  # the paired difference is QMIX's mean minus DSFP-uniform's
         assert h["difference"] == pytest.approx(h["qmix"] - h["dsfp_uniform"])
+        assert h["difference_std"] is None  # one seed: no spread to report
         qmix = [r["test_acc_after_ft"] for r in result["rows"] if r["target"] == h["target"] and r["method"] == "qmix"]
         assert h["qmix"] == pytest.approx(sum(qmix) / len(qmix))
     md = (combined / "marl.md").read_text()
@@ -109,3 +110,17 @@ def test_two_targets_share_a_work_dir_and_combine_into_one_report(marl, tmp_path
     # bad input: a folder without a finished run, or two runs of one target
     assert marl_report.main(["--runs", str(tmp_path / "nothing"), "--out-dir", str(combined)]) == 2
     assert marl_report.main(["--runs", str(outs["0.5"]), str(outs["0.5"]), "--out-dir", str(combined)]) == 2
+
+
+def test_combining_refuses_runs_of_other_settings(tmp_path):
+    from benchmarks.marl_report import write_targets_report
+
+    a = {"search_config": {"macs_target": 0.5, "plans": 6}, "finetune_config": {"finetune_epochs": 1}, "runs": {}}
+    b = {**a, "search_config": {"macs_target": 0.3, "plans": 12}}
+    with pytest.raises(ValueError, match=r"more than the MACs target \(plans\)"):
+        write_targets_report([a, b], tmp_path, "cmd", "commit")
+    c = {**a, "search_config": {"macs_target": 0.5000001, "plans": 6}}  # prints as the same target
+    with pytest.raises(ValueError, match="same MACs target"):
+        write_targets_report([a, c], tmp_path, "cmd", "commit")
+    with pytest.raises(ValueError, match="no runs"):
+        write_targets_report([], tmp_path, "cmd", "commit")

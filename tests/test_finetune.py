@@ -140,3 +140,8 @@ def test_interrupted_finetuning_resumes_to_the_same_result(splits, trained, tmp_
     assert final.extra["train_state"]["finished"] and final.plan == plan.to_dict()
     for k, v in ref.state_dict().items():
         assert torch.equal(v, final.model.state_dict()[k]), k
+    # another plan with the same widths (other filters) never picks up this run's checkpoint
+    other, other_plan = _pruned(trained, rate=0.6, seed=1)
+    assert other_plan.keep_counts() == plan.keep_counts() and other_plan.key() != plan.key()
+    with pytest.raises(ckpt.CheckpointError, match="another pruning plan"):
+        finetune(other, splits, cfg, teacher=trained, out=tmp_path / "b.pt", resume=True, plan=other_plan.to_dict())

@@ -60,6 +60,7 @@ from pruning_env.core.data import Splits, batches
 from pruning_env.core.device_path import LossMeter, device_path
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.models import list_models
+from pruning_env.engine.plan import PruningPlan
 from pruning_env.training.optim import param_groups
 from pruning_env.training.teacher import TeacherCache, teacher_fn
 
@@ -225,6 +226,10 @@ def finetune(
         state = loaded.extra.get("train_state")
         if state is None:
             raise ckpt.CheckpointError(f"{out} has no fine-tuning state to resume from")
+        if plan is not None and loaded.plan is not None and PruningPlan.from_dict(loaded.plan).key() != \
+                PruningPlan.from_dict(plan).key():  # same widths, other filters: another plan's run
+            raise ckpt.CheckpointError(f"{out} is the fine-tuning of another pruning plan; delete it or resume "
+                                       "with the plan it was made for")
         try:
             student.load_state_dict(loaded.model.state_dict())
         except RuntimeError:
