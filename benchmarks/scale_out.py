@@ -6,7 +6,9 @@ What it measures, on one problem (default VGG-16 width 0.25 on the real CIFAR-10
   BN re-estimation, evaluation, next-step scores) with all ``--cores`` torch threads;
 * **Ray, N workers** for each N of ``--workers``: the same plans through
   :class:`pruning_env.search.parallel.PlanEvaluator` (N actors, ``cores // N`` threads each so the cores are not
-  oversubscribed; their start-up, an env replica each, is timed apart). Plans/s, speed-up over 1 worker;
+  oversubscribed; their start-up, an env replica each, is timed apart), plus 1 worker at the fewest threads any N
+  gets. Plans/s and two speed-ups: over the best single worker (all the cores' threads) and over 1 worker with the
+  same threads each (the scaling that carries over to more cores and machines);
 * **overhead** of the Ray path per plan: (wall time per plan x N - measuring time inside the workers per plan)
   / measuring time per plan, i.e. serialisation, transfer and scheduling as a share of a plan's time;
 * **learner**: the serial part of a search, the seconds per training episode a QMIX learner spends outside plan
@@ -142,6 +144,39 @@ def _ray(env: FilterPruningEnv, plans: list[PruningPlan], workers: int, threads:
             "overhead_s_per_plan": overhead, "overhead_share": overhead / inside, "startup_s": startup}
 
 
+def _settings(cfg: ScaleOutConfig) -> list[tuple[int, int]]:
+    """(workers, torch threads each) to time: each N of ``--workers`` with ``cores // N`` threads (the cores filled,
+    not oversubscribed), and, when 1 worker is timed, 1 worker also at the fewest threads any N gets: the reference
+    of equal threads per worker (what the extra worker processes add, the scaling that carries over to more cores
+    and machines)."""
+    settings = [(n, max(1, cfg.cores // n)) for n in cfg.workers]
+    reference = (1, min(t for _, t in settings))
+    if 1 in cfg.workers and reference not in settings:
+        settings.insert(cfg.workers.index(1) + 1, reference)
+    return settings
+
+
+def _setting_name(workers: int, threads: int, cores: int) -> str:
+    """``ray xN``, with the threads named where a worker gets fewer than the cores' share (``ray x1, 1 thread``)."""
+    if threads == max(1, cores // workers):
+        return f"ray x{workers}"
+    return f"ray x{workers}, {threads} thread{'s' if threads > 1 else ''}"
+
+
+def _single(rows: list[dict[str, Any]], cores: int) -> dict[str, Any] | None:
+    """The 1-worker row with all the cores' threads (else any 1-worker row): the best single process."""
+    ones = [r for r in rows if r["workers"] == 1]
+    return next((r for r in ones if r["threads"] == cores), ones[0] if ones else None)
+
+
+def _speedups(row: dict[str, Any], rows: list[dict[str, Any]], cores: int) -> tuple[float | None, float | None]:
+    """A Ray row's plans/s over (the best single worker, a single worker with the same threads each)."""
+    single = _single(rows, cores)
+    same = next((r for r in rows if r["workers"] == 1 and r["threads"] == row["threads"]), None)
+    return (row["plans_per_s"] / single["plans_per_s"] if single else None,
+            row["plans_per_s"] / same["plans_per_s"] if same else None)
+
+
 def _learner_seconds(env: FilterPruningEnv, episodes: int, seed: int) -> float | None:
     """Seconds per QMIX training episode outside plan measurement (the serial part of a search)."""
     if episodes == 0:
@@ -180,7 +215,12 @@ def _plot(rows: list[dict[str, Any]], model: list[dict[str, float]], path: Path)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     ray_rows = [r for r in rows if r["workers"] > 0]
-    left.plot([r["workers"] for r in ray_rows], [r["plans_per_s"] for r in ray_rows], "o-", label="Ray workers")
+    filled = [r for r in ray_rows if "thread" not in r["setting"]]  # cores // N threads each
+    left.plot([r["workers"] for r in filled], [r["plans_per_s"] for r in filled], "o-",
+              label="Ray workers (cores / N threads each)")
+    for r in ray_rows:
+        if r not in filled:
+            left.plot([r["workers"]], [r["plans_per_s"]], "s", label=r["setting"])
     bare = next((r for r in rows if r["workers"] == 0), None)
     if bare:
         left.axhline(bare["plans_per_s"], color="gray", ls="--", label=f"bare, {bare['threads']} threads")
@@ -199,14 +239,18 @@ def _plot(rows: list[dict[str, Any]], model: list[dict[str, float]], path: Path)
 
 def _markdown(cfg: ScaleOutConfig, state: dict[str, Any]) -> str:
     rows, model, h = state["rows"], state["model"], state["header"]
-    one = next((r for r in rows if r["workers"] == 1), None)
     lines = [f"# Scale out: plans per second on Ray workers ({h['problem']})", "",
              f"Command: `{h['command']}`; commit {h['commit']}; {h['date']}.", "", f"Machine: {h['machine']}.", "",
              f"Conditions: {h['conditions']}", "",
-             "| setting | threads each | plans | wall (s) | plans/s | speed-up vs 1 worker | measuring s/plan "
-             "| Ray overhead s/plan | overhead share | start-up (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Speed-ups: over the best single worker (1 worker with all the cores' threads), and over 1 worker with "
+             "the same threads each (what the extra worker processes add: the scaling that carries over to more "
+             "cores and machines).", "",
+             "| setting | threads each | plans | wall (s) | plans/s | speed-up vs best 1 worker "
+             "| speed-up vs 1 worker, same threads | measuring s/plan | Ray overhead s/plan | overhead share "
+             "| start-up (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        speed = f"{r['plans_per_s'] / one['plans_per_s']:.2f}x" if one and r["workers"] else "-"
+        ratios = _speedups(r, rows, cfg.cores) if r["workers"] else (None, None)
+        speed = " | ".join(f"{x:.2f}x" if x is not None else "-" for x in ratios)
         over = (f"{r['overhead_s_per_plan']:.4f}", f"{100 * r['overhead_share']:.1f} %", f"{r['startup_s']:.1f}") \
             if r["workers"] else ("-", "-", "-")
         lines.append(f"| {r['setting']} | {r['threads']} | {r['plans']} | {r['wall_s']:.2f} | {r['plans_per_s']:.2f} "
@@ -253,12 +297,14 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = [done.get("bare") or _bare(env, plans, cfg.cores)]
     log(f"bare: {rows[0]['plans_per_s']:.2f} plans/s")
     with ray_session(WorkersConfig(workers=max(2, *cfg.workers), ray_address=cfg.ray_address)):
-        for n in cfg.workers:
-            row = done.get(f"ray x{n}") or _ray(env, plans, n, max(1, cfg.cores // n))
-            log(f"ray x{n}: {row['plans_per_s']:.2f} plans/s, overhead {100 * row['overhead_share']:.1f} %")
+        for n, threads in _settings(cfg):
+            name = _setting_name(n, threads, cfg.cores)
+            row = done.get(name) or _ray(env, plans, n, threads)
+            row["setting"] = name
+            log(f"{name}: {row['plans_per_s']:.2f} plans/s, overhead {100 * row['overhead_share']:.1f} %")
             rows.append(row)
     t_learn = old.get("learner_s_per_episode") if done else _learner_seconds(env, cfg.learner_episodes, cfg.seed)
-    single = next((r for r in rows if r["workers"] == 1), None)
+    single = _single(rows, cfg.cores)
     one = single or rows[1]  # the model's per-plan numbers: 1 worker's, else the first Ray row's
     model = [cost_model(one["measure_s_per_plan"], one["overhead_s_per_plan"], t_learn or 0.0,
                         plans=cfg.search_plans, episode_length=env.config.episode_length, machines=k, cores=cfg.cores,
@@ -278,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(out_dir / "scale_out.md", _markdown(cfg, state))
     print_json({"out_dir": str(out_dir), "rows": [{k: r[k] for k in ("setting", "plans_per_s")} for r in rows],
                 "speedup_2_vs_1": next((r["plans_per_s"] / single["plans_per_s"] for r in rows
-                                        if r["workers"] == 2 and single), None), "config": dataclasses.asdict(cfg)})
+                                        if r["workers"] == 2 and single), None),
+                "speedup_2_vs_1_same_threads": next((_speedups(r, rows, cfg.cores)[1] for r in rows
+                                                     if r["workers"] == 2), None), "config": dataclasses.asdict(cfg)})
     return 0
 
 

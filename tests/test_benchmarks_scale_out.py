@@ -55,3 +55,20 @@ def test_smoke_run_writes_the_table_plot_and_model(tmp_path, capsys, tiny_env_fa
     assert "| ray x2 | 1 | 4 |" in (tmp_path / "scale_out.md").read_text()
     assert (tmp_path / "scale_out.png").stat().st_size > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["out_dir"] == str(tmp_path)
+
+
+def test_one_worker_is_also_timed_at_the_threads_of_the_most_workers():
+    def settings(workers, cores=2):
+        return scale_out._settings(scale_out.ScaleOutConfig(workers=workers, cores=cores, net="tiny"))
+
+    assert settings((1, 2)) == [(1, 2), (1, 1), (2, 1)]
+    assert settings((1, 2, 4), cores=8) == [(1, 8), (1, 2), (2, 4), (4, 2)]
+    assert settings((2,)) == [(2, 1)] and settings((1,)) == [(1, 2)]  # no single worker asked for, or no other N
+    assert [scale_out._setting_name(n, t, 2) for n, t in settings((1, 2))] == ["ray x1", "ray x1, 1 thread",
+                                                                               "ray x2"]
+    rows = [{"setting": "bare", "workers": 0, "threads": 2, "plans_per_s": 2.4},
+            {"setting": "ray x1", "workers": 1, "threads": 2, "plans_per_s": 2.0},
+            {"setting": "ray x1, 1 thread", "workers": 1, "threads": 1, "plans_per_s": 1.25},
+            {"setting": "ray x2", "workers": 2, "threads": 1, "plans_per_s": 2.5}]
+    assert scale_out._speedups(rows[3], rows, cores=2) == pytest.approx((1.25, 2.0))
+    assert scale_out._speedups(rows[2], rows, cores=2) == pytest.approx((0.625, 1.0))

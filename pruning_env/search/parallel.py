@@ -176,15 +176,20 @@ class PlanEvaluator:
             restarting, ``ActorUnavailableError``, costs a pause and no try, for up to ``restart_timeout_s``).
         ready_timeout: seconds the workers may take to start (each builds its env replica).
         cpu_wait: seconds to wait for free CPUs (those of actors just closed come back after a moment).
+        inflight_per_worker: plans queued on each actor at once; with 2 (the default) the next plan is already
+            waiting when a worker returns a result, so no worker idles through the driver's round trip.
 
     Attributes: ``measured`` (plans the workers measured), ``worker_seconds`` (their measuring time, summed),
     ``requeued`` (plans re-queued after a worker died).
     """
 
     def __init__(self, env: FilterPruningEnv, workers: int, *, threads: int = 1, max_retries: int = 3,
-                 ready_timeout: float = 600.0, cpu_wait: float = 15.0) -> None:
+                 ready_timeout: float = 600.0, cpu_wait: float = 15.0, inflight_per_worker: int = 2) -> None:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
+        if inflight_per_worker < 1:
+            raise ValueError(f"inflight_per_worker must be >= 1, got {inflight_per_worker}")
+        self.inflight_per_worker = inflight_per_worker
         ray = require_ray()
         if not ray.is_initialized():
             raise RuntimeError("PlanEvaluator needs a running Ray: use it inside pruning_env.search.parallel."
@@ -232,7 +237,8 @@ class PlanEvaluator:
             if key not in self._store:
                 todo.setdefault(key, plan)
         queue = deque((key, plan, 0) for key, plan in todo.items())
-        idle = deque(range(len(self.actors)))
+        # one slot per plan an actor may hold; interleaved, so a small batch spreads over all workers
+        idle = deque(w for _ in range(self.inflight_per_worker) for w in range(len(self.actors)))
         inflight: dict[Any, tuple[bytes, PruningPlan, int, int]] = {}
         while queue or inflight:
             while queue and idle:
