@@ -109,8 +109,29 @@ _RUN_ONLY = {"device", "threads", "out_dir", "work_dir", "resume", "report_only"
              "truth_device", "truth_progress"}
 
 
+# which proxies are measured: a resumed run with other values measures only the proxies its plans lack
+_PROXY_SET = ("bn_batches", "eval_sizes", "kd_steps")
+
+
 def _settings_key(cfg: FidelityConfig) -> dict[str, Any]:
-    return {k: v for k, v in flat_dict(cfg).items() if k not in _RUN_ONLY}
+    return _comparable({k: v for k, v in flat_dict(cfg).items() if k not in _RUN_ONLY})
+
+
+def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a cached plan's numbers depend on: all but the proxy set, whose names say what they measure
+    (``bn2_kl@1000``, ``kd50_acc@1000``); the KD proxies start from the network of the fewest BN batches, so
+    that number stays in. Also reads the keys of caches written before proxies could be added on resume."""
+    out = {k: v for k, v in settings.items() if k not in _PROXY_SET}
+    if "bn_batches" in settings:
+        out["kd_start_bn_batches"] = min(settings["bn_batches"])
+    return out
+
+
+def proxy_names(cfg: FidelityConfig) -> list[str]:
+    """The names of the proxies ``cfg`` measures for every plan."""
+    small = min(cfg.eval_sizes)
+    return ([f"bn{nb}_{s}@{size}" for nb in cfg.bn_batches for size in sorted(cfg.eval_sizes) for s in SIGNALS]
+            + [f"kd{n}_{s}@{small}" for n in cfg.kd_steps for s in ("acc", "kl")])
 
 
 # ----------------------------------------------------------------------------- plans
@@ -170,16 +191,23 @@ def make_plans(env_factory, cfg: FidelityConfig, target: float) -> list[tuple[st
 
 
 def _measure_proxies(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConfig,
-                     images: dict[int, RewardImages], teacher: TeacherCache) -> dict[str, dict[str, float]]:
-    """``{proxy name: {"value", "seconds"}}`` for one plan.
+                     images: dict[int, RewardImages], teacher: TeacherCache,
+                     want: set[str] | None = None) -> dict[str, dict[str, float]]:
+    """``{proxy name: {"value", "seconds"}}`` for one plan: every proxy of ``cfg``, or those named in ``want``
+    (proxies added to a cached plan on resume; each is timed as it would be alone).
 
     The KD proxies' teacher outputs come from ``teacher`` (every plan replays the same batches), so their
-    seconds are those of a search whose env shares one cache across plans."""
+    seconds are those of a search whose env shares one cache across plans. The KD steps are seeded and run at a
+    constant learning rate, so the network after ``n`` steps is the same in a run of any length."""
+    want = set(proxy_names(cfg)) if want is None else want
     base, splits, dev = env.base_model, env.splits, env.device
     out: dict[str, dict[str, float]] = {}
     small = min(images)
+    steps = [n for n in cfg.kd_steps if any(w.startswith(f"kd{n}_") for w in want)]
     kd_start = None
     for nb in cfg.bn_batches:
+        if not (any(w.startswith(f"bn{nb}_") for w in want) or (steps and nb == min(cfg.bn_batches))):
+            continue
         t0 = time.perf_counter()
         model = env.build_network(plan, bn=BNRecalConfig(bn_recal_batches=nb))
         t_ready = time.perf_counter() - t0
@@ -191,6 +219,8 @@ def _measure_proxies(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConf
                 out[f"bn{nb}_{s}@{size}"] = {"value": getattr(sig, s), "seconds": dt}
         if nb == min(cfg.bn_batches):
             kd_start, kd_ready = model, t_ready
+    if not steps:
+        return {k: v for k, v in out.items() if k in want}
     assert kd_start is not None
     t_kd = time.perf_counter()
 
@@ -201,9 +231,9 @@ def _measure_proxies(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConf
         for s in ("acc", "kl"):
             out[f"kd{n}_{s}@{small}"] = {"value": getattr(sig, s), "seconds": dt}
 
-    kd_steps(kd_start, base, splits, max(cfg.kd_steps), lr=cfg.kd_lr, batch_size=128, seed=0, device=dev,
-             checkpoints=tuple(cfg.kd_steps), on_checkpoint=at, teacher_cache=teacher)
-    return out
+    kd_steps(kd_start, base, splits, max(steps), lr=cfg.kd_lr, batch_size=128, seed=0, device=dev,
+             checkpoints=tuple(steps), on_checkpoint=at, teacher_cache=teacher)
+    return {k: v for k, v in out.items() if k in want}
 
 
 def _truth(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConfig, seed: int,
@@ -254,13 +284,18 @@ def analyse(records: list[dict[str, Any]], cfg: FidelityConfig) -> dict[str, Any
         # env step as an env with the cache runs them; older records computed the teacher for every plan
         timed = [r for r in recs if r.get("teacher_cache")] or recs
         env_s = float(np.mean([r["env_seconds"] for r in timed]))
-        for name in recs[0]["proxies"]:
-            vals = np.array([r["proxies"][name]["value"] for r in recs])
+        names = dict.fromkeys(n for r in recs for n in r["proxies"])  # in measuring order
+        for name in names:
+            has = [i for i, r in enumerate(recs) if name in r["proxies"]]
+            if len(has) < 3:  # a proxy added on a resume that has reached too few plans yet
+                continue
+            vals = np.array([recs[i]["proxies"][name]["value"] for i in has])
             sign = -1.0 if name.split("_")[1].startswith(("kl", "ce")) else 1.0  # lower KL / CE = better
-            secs = float(np.mean([r["proxies"][name]["seconds"] for r in timed]))
-            st = _rank_stats(sign * vals, truth, cfg.bootstrap, cfg.seed)
+            clock = [r for r in timed if name in r["proxies"]] or [recs[i] for i in has]
+            secs = float(np.mean([r["proxies"][name]["seconds"] for r in clock]))
+            st = _rank_stats(sign * vals, truth[has], cfg.bootstrap, cfg.seed)
             proxies.append({"name": name, "target": target, **st, "seconds_per_plan": secs,
-                            "cost_vs_env": secs / env_s if env_s > 0 else None, "plans": len(recs)})
+                            "cost_vs_env": secs / env_s if env_s > 0 else None, "plans": len(has)})
         pairs = [(r["truth"]["0"]["val_acc"], r["truth"]["1"]["val_acc"]) for r in recs if "1" in r["truth"]]
         if pairs:
             a, b = np.array(pairs).T
@@ -341,8 +376,9 @@ class _TargetCache:
             if not resume:
                 raise ValueError(f"{self.path} exists from an earlier run: pass --resume to continue it (or "
                                  "--report-only), or delete it")
-            if stored.get("settings") != key:
-                diff = sorted(k for k in key if stored.get("settings", {}).get(k) != key[k])
+            if _comparable(stored.get("settings", {})) != key:
+                had = _comparable(stored.get("settings", {}))
+                diff = sorted(k for k in key.keys() | had.keys() if had.get(k) != key.get(k))
                 raise ValueError(f"--resume: {self.path} was made with other settings ({', '.join(diff)}); delete "
                                  "it or rerun with the same flags")
             self.records, self.plans = stored["records"], stored.get("plans")
@@ -391,14 +427,18 @@ def run(cfg: FidelityConfig, argv: list[str] | None = None) -> dict[str, Any]:
     noise_names = {t: _noise_subset([n for n, _ in per_target[t]], cfg.noise_plans) for t in cfg.targets}
 
     t_start = time.time()
+    wanted = proxy_names(cfg)
     for i, (target, name, plan) in enumerate([] if cfg.report_only else todo):
         cache = caches[target]
         rid = plan.key()
         rec = cache.records.get(rid)
         seeds = ["0", "1"] if name in noise_names[target] else ["0"]
-        if rec is not None and all(s in rec.get("truth", {}) for s in seeds):
+        missing = set(wanted) - set(rec["proxies"]) if rec is not None else set()
+        if rec is not None and not missing and all(s in rec.get("truth", {}) for s in seeds):
             continue
         env = envs[target]
+        if missing:  # proxies added since the plan was measured
+            rec["proxies"].update(_measure_proxies(env, plan, cfg, images, teachers[target], want=missing))
         if rec is None:
             env_seconds = _env_seconds(env, plan)  # first: a cached plan would cost nothing
             rec = {"target": target, "name": name, "plan": plan.to_dict(),

@@ -1,6 +1,7 @@
 """benchmarks/reward_fidelity.py on Tiny-v0: plans at the budget, the report's schema, resume without re-measuring."""
 
 import json
+import shutil
 
 import pytest
 
@@ -65,3 +66,32 @@ def test_rerun_needs_resume_and_resume_measures_nothing_again(run, capsys):
     assert only["records"] == [r for r in result["records"] if r["target"] == 0.35]
     assert reward_fidelity.main([*argv, "--resume", "--truth-epochs", "2"]) == 2
     assert "truth_epochs" in capsys.readouterr().err
+
+
+def test_resume_with_more_proxies_measures_only_those(run, tmp_path):
+    root, _, result = run
+    work = tmp_path / "work"
+    shutil.copytree(root / "work", work)
+    more = [*ARGS, "--kd-steps", "1", "2", "3", "--out-dir", str(tmp_path), "--work-dir", str(work), "--resume"]
+    assert reward_fidelity.main(more) == 0
+    grown = json.loads((tmp_path / "reward_fidelity.json").read_text())["records"]
+    assert len(grown) == len(result["records"])
+    for old, new in zip(result["records"], grown, strict=True):
+        assert new["truth"] == old["truth"]  # no truth re-run
+        assert {k: new["proxies"][k] for k in old["proxies"]} == old["proxies"]  # the measured proxies kept
+        assert set(new["proxies"]) - set(old["proxies"]) == {"kd3_acc@64", "kd3_kl@64"}
+    assert {"kd3_acc@64"} <= {p["name"] for p in json.loads((tmp_path / "reward_fidelity.json").read_text())
+                              ["proxies"]}
+    # an added KD proxy equals the one a run measuring it from the start gets (seeded steps, constant lr)
+    fresh = tmp_path / "fresh"
+    few = [*ARGS, "--targets", "0.5", "--noise-plans", "0", "--kd-steps", "3",
+           "--out-dir", str(fresh), "--work-dir", str(fresh / "work")]
+    assert reward_fidelity.main(few) == 0
+    recs = json.loads((fresh / "reward_fidelity.json").read_text())["records"]
+    pairs = [(rec, same) for rec in recs for same in grown if same["plan"] == rec["plan"]]
+    assert len(pairs) == 4  # the same plans
+    for rec, same in pairs:
+        for name in ("kd3_acc@64", "kd3_kl@64"):
+            assert same["proxies"][name]["value"] == pytest.approx(rec["proxies"][name]["value"], abs=1e-6)
+    # the proxy set is not a setting that refuses a resume; the truth's are
+    assert reward_fidelity.main([*more, "--bn-batches", "1"]) == 0
