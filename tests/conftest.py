@@ -14,11 +14,14 @@ import torch
 torch.set_num_threads(1)
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Keep the package's cache (decoded data, baselines) out of the user's home."""
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep the package's cache (decoded data, baselines) out of the user's home: session-wide, so the
+    module-scoped fixtures (set up before any function-scoped one) use the same cache as the tests."""
     cache = tmp_path_factory.getbasetemp() / "xdg-cache"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(cache))
+        yield
 
 
 def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 6, size: int = 32, mode: str = "RGB",

@@ -141,13 +141,14 @@ def test_vgg16_cifar10_passes_the_pettingzoo_tests(cifar_vgg16):
     model, splits = cifar_vgg16
 
     def make():
-        return make_benchmark_env("vgg16", "cifar10", model=model, splits=splits, device="cpu", eval_size=200)
+        return make_benchmark_env("vgg16", "cifar10", model=model, splits=splits, device="cpu", eval_size=100)
 
     env = make()
     assert len(env.possible_agents) == 13
-    parallel_api_test(env, num_cycles=6)
-    api_test(parallel_to_aec(make()), num_cycles=6)
-    state_test(parallel_to_aec(make()), make(), num_cycles=3)
+    # a few cycles cover the API's checks (episodes end after 3 steps); Tiny-v0 runs the long ones
+    parallel_api_test(env, num_cycles=3)
+    api_test(parallel_to_aec(make()), num_cycles=3)
+    state_test(parallel_to_aec(make()), make(), num_cycles=2)
     module = SimpleNamespace(
         parallel_env=lambda max_cycles: make_benchmark_env("vgg16", "cifar10", model=model, splits=splits,
                                                            device="cpu", eval_size=100, max_cycles=max_cycles),
