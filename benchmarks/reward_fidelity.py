@@ -27,7 +27,8 @@ Report: Kendall tau and Spearman rho of each proxy with the truth per target, wi
 ``reward_fidelity.md`` and ``reward_fidelity.json``. Every measured plan is cached in
 ``--work-dir`` (one file per target) after it finishes: ``--resume`` continues an interrupted run
 (hours of CPU), targets may run side by side in two processes, and ``--report-only`` writes the
-report of what is cached so far.
+report of what is cached so far. A resume with more proxies (other ``--kd-steps``, ``--bn-batches`` or
+``--eval-sizes``) measures only the proxies the cached plans lack; other settings refuse to resume.
 
     python -m benchmarks.reward_fidelity                          # VGG-16 w0.25, CIFAR-10 (cached baseline)
     python -m benchmarks.reward_fidelity --resume                 # continue an interrupted run
