@@ -108,9 +108,11 @@ class FilterPruningEnv(ParallelEnv):
     reaches; ``amc``: ``-error * log(MACs)``). The quality is the reward proxy's signal on an
     accuracy-ratio scale (``config.proxy``, :mod:`pruning_env.training.proxy`): by default
     ``exp(-KL)`` of the pruned network's outputs (after the BN re-estimation, on the reward images)
-    from the unpruned network's, which ranks plans like a fine-tune far better than the accuracy
-    ratio (``proxy="acc"``, the default before the reward revision) at the same cost; optionally
-    after a few KD steps (``proxy_kd_steps``). So an episode's return is ``J(final) - J(unpruned)``.
+    from the unpruned network's, which ranks plans like a fine-tune about as well as the accuracy
+    ratio (``proxy="acc"``, the default before the reward revision) at the same cost (better at MACs
+    0.5, worse at 0.3: ``benchmarks/results/reward_fidelity.md``); optionally after a few KD steps
+    (``proxy_kd_steps``; ``acc`` after 5 steps ranks better at both targets for 1.6-1.8x the cost).
+    So an episode's return is ``J(final) - J(unpruned)``.
     Learners that sum per-agent rewards (epymarl) see ``L`` times this; learners
     that average them (BenchMARL) see it as is.
 
