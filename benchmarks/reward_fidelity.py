@@ -377,8 +377,8 @@ class _TargetCache:
             if not resume:
                 raise ValueError(f"{self.path} exists from an earlier run: pass --resume to continue it (or "
                                  "--report-only), or delete it")
-            if _comparable(stored.get("settings", {})) != key:
-                had = _comparable(stored.get("settings", {}))
+            had = _comparable(stored.get("settings", {}))
+            if had != key:
                 diff = sorted(k for k in key.keys() | had.keys() if had.get(k) != key.get(k))
                 raise ValueError(f"--resume: {self.path} was made with other settings ({', '.join(diff)}); delete "
                                  "it or rerun with the same flags")

@@ -207,7 +207,7 @@ def cost_model(t_plan: float, t_overhead: float, t_learn: float, *, plans: int, 
     return {"machines": machines, "workers": workers, "seconds": parallel, "speedup": serial / parallel}
 
 
-def _plot(rows: list[dict[str, Any]], model: list[dict[str, float]], path: Path) -> None:
+def _plot(rows: list[dict[str, Any]], model: list[dict[str, float]], path: Path, cores: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,7 +215,7 @@ def _plot(rows: list[dict[str, Any]], model: list[dict[str, float]], path: Path)
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     ray_rows = [r for r in rows if r["workers"] > 0]
-    filled = [r for r in ray_rows if "thread" not in r["setting"]]  # cores // N threads each
+    filled = [r for r in ray_rows if r["threads"] == max(1, cores // r["workers"])]  # the cores filled
     left.plot([r["workers"] for r in filled], [r["plans_per_s"] for r in filled], "o-",
               label="Ray workers (cores / N threads each)")
     for r in ray_rows:
@@ -320,13 +320,11 @@ def main(argv: list[str] | None = None) -> int:
                                       "more before it means other jobs shared the cores and the timings are "
                                       "contended)"}}
     atomic_write_text(json_path, json.dumps(state, indent=2))
-    _plot(rows, model, out_dir / "scale_out.png")
+    _plot(rows, model, out_dir / "scale_out.png", cfg.cores)
     atomic_write_text(out_dir / "scale_out.md", _markdown(cfg, state))
+    two = next((_speedups(r, rows, cfg.cores) for r in rows if r["workers"] == 2), (None, None))
     print_json({"out_dir": str(out_dir), "rows": [{k: r[k] for k in ("setting", "plans_per_s")} for r in rows],
-                "speedup_2_vs_1": next((r["plans_per_s"] / single["plans_per_s"] for r in rows
-                                        if r["workers"] == 2 and single), None),
-                "speedup_2_vs_1_same_threads": next((_speedups(r, rows, cfg.cores)[1] for r in rows
-                                                     if r["workers"] == 2), None), "config": dataclasses.asdict(cfg)})
+                "speedup_2_vs_1": two[0], "speedup_2_vs_1_same_threads": two[1], "config": dataclasses.asdict(cfg)})
     return 0
 
 
