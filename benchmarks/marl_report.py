@@ -27,8 +27,8 @@ from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, 
 from pruning_env.core.config import option
 from pruning_env.search import pareto_front
 
-__all__ = ["ALGOS", "LABELS", "TP_NAME", "headline", "plan_placement", "plots", "result_rows", "summary",
-           "write_report", "write_targets_report"]
+__all__ = ["ALGOS", "LABELS", "TP_NAME", "best_so_far", "curve_band", "headline", "load_run", "plan_placement",
+           "plots", "result_rows", "summary", "write_report", "write_targets_report"]
 
 ALGOS = ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"]
 TP_NAME = "torch-pruning"
@@ -51,6 +51,33 @@ def _fmt(xs: list[float | None], digits: int = 4) -> str:
     return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if len([x for x in xs if x is not None]) > 1 else "")
 
 
+def best_so_far(curve: list[dict[str, Any]], grid: np.ndarray) -> np.ndarray:
+    """A search's best-so-far objective after each plan count of ``grid`` (shape ``(len(grid),)``).
+
+    ``curve`` is a recorded search's ``curve`` (one entry per episode: ``plans`` measured so far and the ``best``
+    objective so far). Before the first episode ended the value is NaN; after the last it stays at the last best.
+    """
+    plans, best = np.asarray([p["plans"] for p in curve]), np.asarray([p["best"] for p in curve], dtype=np.float64)
+    idx = np.searchsorted(plans, grid, side="right") - 1
+    y = np.where(idx >= 0, best[np.clip(idx, 0, None)], np.nan)
+    y[grid > plans[-1]] = best[-1]
+    return y
+
+
+def curve_band(curves: list[list[dict[str, Any]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(grid, mean, min, max)`` of several seeds' best-so-far curves on plan counts ``1 .. the largest``.
+
+    Seeds start at different plan counts (after their first episode); the band starts where every seed has a value,
+    so the mean of best-so-far values never decreases (NaN before that).
+    """
+    grid = np.arange(1, max(c[-1]["plans"] for c in curves) + 1)
+    ys = np.asarray([best_so_far(c, grid) for c in curves])
+    complete = ~np.isnan(ys).any(axis=0)
+    filled = np.where(complete, ys, 0.0)
+    return (grid, np.where(complete, filled.mean(axis=0), np.nan), np.where(complete, filled.min(axis=0), np.nan),
+            np.where(complete, filled.max(axis=0), np.nan))
+
+
 def plots(state: dict[str, Any], cfg: Any, out_dir: Path, suffix: str = "") -> None:
     """``marl_curves<suffix>.png`` (best-so-far objective against plans measured) and ``marl_pareto<suffix>.png``."""
     import matplotlib
@@ -64,22 +91,7 @@ def plots(state: dict[str, Any], cfg: Any, out_dir: Path, suffix: str = "") -> N
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for a in algos:
         curves = [r["search"][a]["curve"] for r in state["runs"].values() if a in r["search"]]
-        top = max(c[-1]["plans"] for c in curves)
-        grid = np.arange(1, top + 1)
-        ys = []
-        for c in curves:
-            plans, best = np.asarray([p["plans"] for p in c]), np.asarray([p["best"] for p in c])
-            idx = np.searchsorted(plans, grid, side="right") - 1
-            y = np.where(idx >= 0, best[np.clip(idx, 0, None)], np.nan)
-            y[grid > plans[-1]] = best[-1]
-            ys.append(y)
-        ys = np.asarray(ys)
-        # Seeds start at different x (after their first episode): plot from where every seed has a value, so the
-        # mean of best-so-far values never decreases.
-        complete = ~np.isnan(ys).any(axis=0)
-        mean = np.where(complete, np.where(complete, ys, 0.0).mean(axis=0), np.nan)
-        lo = np.where(complete, np.where(complete, ys, 0.0).min(axis=0), np.nan)
-        hi = np.where(complete, np.where(complete, ys, 0.0).max(axis=0), np.nan)
+        grid, mean, lo, hi = curve_band(curves)
         ax.plot(grid, mean, color=colors[a], label=f"{LABELS[a]} (n={len(curves)})")
         if len(curves) > 1:
             ax.fill_between(grid, lo, hi, color=colors[a], alpha=0.15)
@@ -476,6 +488,21 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
     return result
 
 
+def load_run(run: str | Path) -> dict[str, Any]:
+    """The recorded state (``marl.json``) of a finished ``benchmarks.marl`` run in the folder ``run``.
+
+    Raises ValueError (saying what to do) when the folder holds no ``marl.json`` or an unfinished run.
+    """
+    path = Path(run) / "marl.json"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: pass the --out-dir of a finished `python -m benchmarks.marl` run")
+    state = json.loads(path.read_text())
+    if "header" not in state or state.get("benchmark") != "marl":
+        raise ValueError(f"{path} is not a finished benchmarks.marl run (no report header): finish it with "
+                         "--resume first")
+    return state
+
+
 @dataclass
 class TargetsConfig:
     """Every flag of ``python -m benchmarks.marl_report``."""
@@ -488,20 +515,8 @@ class TargetsConfig:
 def main(argv: list[str] | None = None) -> int:
     """The report of several targets' runs: ``python -m benchmarks.marl_report --runs DIR [DIR ...]``."""
     cfg = parse_config(TargetsConfig, argv, "marl_report", __doc__)
-    states = []
-    for run in cfg.runs:
-        path = Path(run) / "marl.json"
-        if not path.is_file():
-            print(f"error: {path} does not exist: pass the --out-dir of a finished `python -m benchmarks.marl` "
-                  "run", file=sys.stderr)
-            return 2
-        state = json.loads(path.read_text())
-        if "header" not in state or state.get("benchmark") != "marl":
-            print(f"error: {path} is not a finished benchmarks.marl run (no report header): finish it with "
-                  "--resume first", file=sys.stderr)
-            return 2
-        states.append(state)
     try:
+        states = [load_run(run) for run in cfg.runs]
         result = write_targets_report(states, Path(cfg.out_dir), command_line("marl_report", argv), commit())
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
