@@ -22,6 +22,7 @@ from pruning_env.core.checkpoint import atomic_write_text
 from pruning_env.core.provenance import git_commit, machine_description
 
 __all__ = [
+    "NOTES_MARKER",
     "RESULTS",
     "ROOT",
     "atomic_write_text",
@@ -35,6 +36,7 @@ __all__ = [
     "parse_config",
     "parse_net",
     "results_path",
+    "write_markdown",
 ]
 
 T = TypeVar("T")
@@ -78,6 +80,31 @@ def results_path(out: str | None, default_name: str) -> Path:
 def commit() -> str:
     """The repository's commit (marked when the working tree has uncommitted changes)."""
     return git_commit(ROOT)
+
+
+NOTES_MARKER = "<!-- hand-written notes: everything below this line is kept when the report is regenerated -->"
+"""The line of a generated report above which a benchmark rewrites and below which people write."""
+
+
+def write_markdown(path: Path, text: str) -> None:
+    """Write the generated Markdown report ``text`` at ``path`` atomically, keeping the file's hand-written notes.
+
+    Everything from :data:`NOTES_MARKER` to the end of the file being replaced (the notes people add under a
+    report: readings, caveats, later updates) is appended unchanged to the new ``text``, so regenerating a report
+    never loses them. A file without the marker is replaced entirely. Parent folders are created.
+    """
+    path = Path(path)
+    notes = ""
+    if path.is_file():
+        old = path.read_text()
+        at = old.find(NOTES_MARKER)
+        if at >= 0:
+            notes = old[at:]
+    text = text.rstrip("\n") + "\n"
+    if notes:
+        text += "\n" + notes
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, text)
 
 
 def machine(*, load: bool = True) -> str:

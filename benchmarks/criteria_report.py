@@ -12,7 +12,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import atomic_write_text, fmt, mean_std
+from benchmarks.common import fmt, mean_std, write_markdown
 from pruning_env.training.train import with_legacy_values
 
 __all__ = ["DEFAULT_VARIANTS", "PAPER_RATE", "PAPER_RETENTION", "RECIPE_DEFAULTS", "STAGES", "STAGE_NAMES",
@@ -332,7 +332,7 @@ def write_report(data: dict[str, Any], md_path: Path, png: bool = True) -> None:
             lines += [f"![retention vs rate]({png_path.name})", ""]
         except ImportError:
             pass
-    atomic_write_text(md_path, "\n".join(lines))
+    write_markdown(md_path, "\n".join(lines))
 
 
 def _plot(rows: list[dict[str, Any]], nets: list[str], order: list[str], stage: str, path: Path) -> None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from benchmarks.common import atomic_write_text, command_line, commit, machine, parse_config, parse_net, results_path
+from benchmarks.common import command_line, commit, machine, parse_config, parse_net, results_path, write_markdown
 from pruning_env.cli.options import print_json
 from pruning_env.core.checkpoint import load
 from pruning_env.core.config import nested, option, resolve_device
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "the same filters + the same scoring and evaluation.",
         ""])
     out = results_path(cfg.out, "env_step_cuda.md" if device.type == "cuda" else "env_step.md")
-    atomic_write_text(out, md)
+    write_markdown(out, md)
     print(md)
     print_json({"report": str(out), "rows": results})
     return 0

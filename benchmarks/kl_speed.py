@@ -41,7 +41,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from benchmarks.common import parse_config
+from benchmarks.common import parse_config, write_markdown
 from pruning_env import criteria
 from pruning_env.cli.options import print_json
 from pruning_env.core import checkpoint, data, models
@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(results, cfg, meta)
     out = Path(cfg.out) if cfg.out else ROOT / "benchmarks" / "results" / "kl_speed.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    write_markdown(out, text)
     print(text)
     log(f"wrote {out}")
     print_json(summary(results, out, asdict(cfg)))

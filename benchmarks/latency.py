@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import command_line, commit, log, machine, parse_config, parse_net, results_path
+from benchmarks.common import command_line, commit, log, machine, parse_config, parse_net, results_path, write_markdown
 from pruning_env import criteria
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import flat_dict, nested, option, resolve_device
@@ -198,7 +198,7 @@ def write_report(rows: list[dict[str, Any]], cfg: LatencyConfig, meta: dict[str,
     png = out.with_suffix(".png")
     if _plot(rows, bs, png):
         lines += [f"![speed-up vs 1/MACs ratio]({png.name})", ""]
-    out.write_text("\n".join(lines))
+    write_markdown(out, "\n".join(lines))
 
 
 def _plot(rows: list[dict[str, Any]], bs: list[int], path: Path) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, parse_config
+from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, parse_config, write_markdown
 from pruning_env.core.config import option
 from pruning_env.search import pareto_front
 
@@ -356,7 +356,7 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
            "* DSFP-uniform can only produce one plan per grid rate; it stops once it has tried them all.", ""]
     text = "\n".join(md)
     if out_dir is not None:
-        (out_dir / "marl.md").write_text(text)
+        write_markdown(out_dir / "marl.md", text)
     return text
 
 
@@ -483,7 +483,7 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
     result = {"benchmark": "marl", "command": command, "commit": commit, "rows": rows, "headline": head,
               "macs_slack": MACS_SLACK, "rows_over_target": over, "targets": {f"{t:g}": st for st, t in
                                                                                zip(states, targets)}}
-    atomic_write_text(out_dir / "marl.md", "\n".join(md) + "\n")
+    write_markdown(out_dir / "marl.md", "\n".join(md))
     atomic_write_text(out_dir / "marl.json", json.dumps(result, indent=1))
     return result
 

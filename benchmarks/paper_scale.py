@@ -58,7 +58,16 @@ import torch
 import agents
 from benchmarks import criteria as criteria_bench
 from benchmarks import marl as marl_bench
-from benchmarks.common import atomic_write_text, command_line, commit, config_parser, log, machine, results_path
+from benchmarks.common import (
+    atomic_write_text,
+    command_line,
+    commit,
+    config_parser,
+    log,
+    machine,
+    results_path,
+    write_markdown,
+)
 from pruning_env.cli.options import config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything, with_overrides
@@ -252,7 +261,7 @@ def write_report(data: dict[str, Any], path: Path) -> None:
     lines += ["", "## Time per stage", "", "| stage | projected by --dry-run (s) | actual (s) |", "|---|---|---|"]
     for stage, actual in data.get("timings", {}).items():
         lines.append(f"| {stage} | {_pct(projected.get(stage), 0)} | {actual:.0f} |")
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    write_markdown(path, "\n".join(lines))
 
 
 # ----------------------------------------------------------------------------- main

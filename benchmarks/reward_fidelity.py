@@ -54,7 +54,16 @@ import torch
 from scipy import stats
 
 import agents
-from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, log, machine, parse_config
+from benchmarks.common import (
+    RESULTS,
+    atomic_write_text,
+    command_line,
+    commit,
+    log,
+    machine,
+    parse_config,
+    write_markdown,
+)
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import flat_dict, nested, option, resolve_device
 from pruning_env.core.data import load_splits
@@ -349,7 +358,7 @@ def write_report(result: dict[str, Any], out_dir: Path) -> None:
     if result.get("conclusion"):
         lines += ["## Conclusion", "", result["conclusion"], ""]
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "reward_fidelity.md", "\n".join(lines))
+    write_markdown(out_dir / "reward_fidelity.md", "\n".join(lines))
     atomic_write_text(out_dir / "reward_fidelity.json", json.dumps(result, indent=1))
 
 

@@ -38,7 +38,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import atomic_write_text, command_line, commit, log, machine, parse_config, parse_net
+from benchmarks.common import (
+    atomic_write_text,
+    command_line,
+    commit,
+    log,
+    machine,
+    parse_config,
+    parse_net,
+    write_markdown,
+)
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import check_settings, flat_dict, option
 from pruning_env.engine.plan import PruningPlan
@@ -321,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "contended)"}}
     atomic_write_text(json_path, json.dumps(state, indent=2))
     _plot(rows, model, out_dir / "scale_out.png", cfg.cores)
-    atomic_write_text(out_dir / "scale_out.md", _markdown(cfg, state))
+    write_markdown(out_dir / "scale_out.md", _markdown(cfg, state))
     two = next((_speedups(r, rows, cfg.cores) for r in rows if r["workers"] == 2), (None, None))
     print_json({"out_dir": str(out_dir), "rows": [{k: r[k] for k in ("setting", "plans_per_s")} for r in rows],
                 "speedup_2_vs_1": two[0], "speedup_2_vs_1_same_threads": two[1], "config": dataclasses.asdict(cfg)})

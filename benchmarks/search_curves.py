@@ -31,7 +31,16 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import atomic_write_text, command_line, commit, fmt, mean_std, parse_config, results_path
+from benchmarks.common import (
+    atomic_write_text,
+    command_line,
+    commit,
+    fmt,
+    mean_std,
+    parse_config,
+    results_path,
+    write_markdown,
+)
 from benchmarks.marl_report import LABELS, best_so_far, curve_band, load_run, plan_placement
 from pruning_env.core.config import option
 
@@ -195,7 +204,7 @@ def write(states: list[dict[str, Any]], result: dict[str, Any], out: Path, comma
                   f"{_pm(row['test_acc_before_ft'], 2)} | {_pm(row['test_acc_after_ft'], 2)} |")
     md += ["", f"![curves]({out.with_suffix('.png').name})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, "\n".join(md))
+    write_markdown(out, "\n".join(md))
     atomic_write_text(out.with_suffix(".json"), json.dumps({"benchmark": "search_curves", "command": command,
                                                              "commit": commit_id, **result}, indent=1))
     _plot(states, result, out.with_suffix(".png"))

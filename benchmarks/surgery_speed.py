@@ -34,16 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import (
-    atomic_write_text,
-    command_line,
-    commit,
-    log,
-    machine,
-    parse_config,
-    parse_net,
-    results_path,
-)
+from benchmarks.common import command_line, commit, log, machine, parse_config, parse_net, results_path, write_markdown
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import nested, option
 from pruning_env.core.models import build
@@ -206,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             "place, so a copy is needed to keep the original); *prune only* = the group pruning alone, on a "
             "graph already built.\n"
         )
-        atomic_write_text(out, text)
+        write_markdown(out, text)
         log(f"wrote {out}")
     print_json({"report": str(out) if cfg.write else None, "rows": rows})
     return 0

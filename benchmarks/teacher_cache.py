@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from benchmarks.common import atomic_write_text, command_line, commit, machine, parse_config, results_path
+from benchmarks.common import command_line, commit, machine, parse_config, results_path, write_markdown
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import option
 from pruning_env.core.data import load_splits
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if cfg.write:
-        atomic_write_text(results_path(cfg.out, "teacher_cache.md"), text)
+        write_markdown(results_path(cfg.out, "teacher_cache.md"), text)
     print_json({"rows": rows})
     return 0 if all(r["identical_weights"] for r in rows) else 1
 

@@ -107,6 +107,14 @@ def test_two_targets_share_a_work_dir_and_combine_into_one_report(marl, tmp_path
     for t in ("0.5", "0.3"):
         assert (combined / f"marl_curves-{t}.png").stat().st_size > 0
         assert f"marl_curves-{t}.png" in md
+    # the hand-written notes under the marker survive regenerating the report
+    from benchmarks.common import NOTES_MARKER
+
+    (combined / "marl.md").write_text(md + f"\n{NOTES_MARKER}\n\n## Reading (hand-written)\n\nkept.\n")
+    assert marl_report.main(["--runs", str(outs["0.3"]), str(outs["0.5"]), "--out-dir", str(combined)]) == 0
+    again = (combined / "marl.md").read_text()
+    assert again.count(NOTES_MARKER) == 1 and again.endswith("## Reading (hand-written)\n\nkept.\n")
+    assert again.startswith(md.rstrip("\n"))
     # bad input: a folder without a finished run, or two runs of one target
     assert marl_report.main(["--runs", str(tmp_path / "nothing"), "--out-dir", str(combined)]) == 2
     assert marl_report.main(["--runs", str(outs["0.5"]), str(outs["0.5"]), "--out-dir", str(combined)]) == 2
