@@ -82,6 +82,18 @@ def commit() -> str:
     return git_commit(ROOT)
 
 
+BENCH_EXTRA = 'pip install torch==2.13.0 -e ".[bench]"'
+"""The install command of the benchmarks' extra (Torch-Pruning, SciPy), named in every 'missing' error."""
+
+
+def require_torch_pruning(why: str) -> None:
+    """Raise ValueError (before any work) when Torch-Pruning is not installed; ``why``: what needs it."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch_pruning") is None:
+        raise ValueError(f"{why} needs Torch-Pruning, which is not installed: {BENCH_EXTRA}")
+
+
 NOTES_MARKER = "<!-- hand-written notes: everything below this line is kept when the report is regenerated -->"
 """The line of a generated report above which a benchmark rewrites and below which people write."""
 

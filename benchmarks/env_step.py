@@ -40,7 +40,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from benchmarks.common import command_line, commit, machine, parse_config, parse_net, results_path, write_markdown
+from benchmarks.common import (
+    command_line,
+    commit,
+    machine,
+    parse_config,
+    parse_net,
+    require_torch_pruning,
+    results_path,
+    write_markdown,
+)
 from pruning_env.cli.options import print_json
 from pruning_env.core.checkpoint import load
 from pruning_env.core.config import nested, option, resolve_device
@@ -180,6 +189,12 @@ def bench(name: str, steps: int, data_dir: str | None, naive: bool,
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EnvStepConfig, argv, "env_step", __doc__)
+    if cfg.naive:
+        try:
+            require_torch_pruning("--naive (the deepcopy + Torch-Pruning step it compares with)")
+        except ValueError as exc:
+            print(f"error: {exc}; or pass --no-naive", file=sys.stderr)
+            return 2
     torch.set_num_threads(cfg.threads)
     results = [bench(n, cfg.steps, cfg.data_dir, cfg.naive, cfg.bn, cfg.device) for n in cfg.nets]
     device = resolve_device(cfg.device)

@@ -67,6 +67,7 @@ from torch import nn
 
 import agents
 import pruning_env
+from benchmarks.common import require_torch_pruning
 from benchmarks.marl_report import ALGOS, TP_NAME, plots, result_rows, summary, write_report
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
@@ -80,7 +81,7 @@ from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
-from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
+from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig
 from pruning_env.training.teacher import TeacherCache
@@ -140,6 +141,7 @@ def _check(cfg: BenchConfig) -> BenchConfig:
         raise ValueError("--algos and --seeds must not repeat")
     if cfg.tp_steps < 1:
         raise ValueError("--tp-steps must be >= 1")
+    require_torch_pruning("the Torch-Pruning row of every seed (global L1 pruning to the same MACs)")
     cfg.finetune.check()
     cfg.parallel.check()
     if cfg.env is not None:
@@ -194,6 +196,9 @@ class Context:
         self._splits = None
         self._env: FilterPruningEnv | None = None
         self._teacher: TeacherCache | None = None
+        # One set of plan-measuring workers (--workers > 1) for every search of the run: the envs share the problem,
+        # so its store serves them all and no search waits for new workers (each env still counts its own plans).
+        self.evaluator: PlanEvaluator | None = None
 
     @property
     def teacher_cache(self) -> TeacherCache:
@@ -239,12 +244,8 @@ def run_search(cfg: BenchConfig, ctx: Context, name: str, seed: int) -> dict[str
     overrides = algorithm_overrides(cls, name, cfg.search, env.config.episode_length)
     algo = agents.make_algorithm(name, algorithm_env(cls, env), seed=seed, device=ctx.device, **overrides)
     search = Search(algo, env, cfg.search, progress=cfg.progress, desc=f"seed {seed} {name}")
-    evaluator = scale_out(search, cfg.parallel)  # None with --workers 1
-    try:
-        search.run()
-    finally:
-        if evaluator is not None:
-            evaluator.close()
+    ctx.evaluator = scale_out(search, cfg.parallel, ctx.evaluator)  # None with --workers 1
+    search.run()
     # points: every plan measured, in the order they were found; curve: one entry per episode
     return {"algorithm": name, "seed": seed, **search.result(), "env_setup_seconds": round(env_seconds, 2),
             "config_overrides": overrides, "baseline_val_acc": env.baseline_acc}
@@ -415,16 +416,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # 1. The searches: every algorithm, every seed, a fresh env each (Ray only while they run, --workers > 1).
         with ray_session(cfg.parallel):
-            for seed in cfg.seeds:
-                run = state["runs"].setdefault(str(seed), {"search": {}, "finetune": {}})
-                for name in cfg.algos:
-                    if name in run["search"]:
-                        reused += 1
-                        print(f"marl: seed {seed} {name}: search recorded in {json_path.name}, skipped",
-                              file=sys.stderr)
-                        continue
-                    run["search"][name] = run_search(cfg, ctx, name, seed)
-                    _save_state(json_path, state)
+            try:
+                for seed in cfg.seeds:
+                    run = state["runs"].setdefault(str(seed), {"search": {}, "finetune": {}})
+                    for name in cfg.algos:
+                        if name in run["search"]:
+                            reused += 1
+                            print(f"marl: seed {seed} {name}: search recorded in {json_path.name}, skipped",
+                                  file=sys.stderr)
+                            continue
+                        run["search"][name] = run_search(cfg, ctx, name, seed)
+                        _save_state(json_path, state)
+            finally:
+                if ctx.evaluator is not None:
+                    ctx.evaluator.close()
+                    ctx.evaluator = None
         # 2. The unpruned baseline, then identical finalization of every best plan and of Torch-Pruning's network.
         if "baseline" not in state:
             env = ctx.env

@@ -69,6 +69,20 @@ def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory,
     assert json.loads((out / "marl.json").read_text())["runs"] == state["runs"]
 
 
+def test_missing_torch_pruning_is_named_before_any_work(marl, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "torch_pruning" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        marl.main(_argv(tmp_path / "marl"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Torch-Pruning" in err and '-e ".[bench]"' in err and "Traceback" not in err
+    assert not (tmp_path / "marl").exists()  # nothing searched, nothing written
+
+
 def test_other_settings_refuse_to_mix_with_recorded_results(marl, tmp_path):
     out = tmp_path / "marl"
     out.mkdir()

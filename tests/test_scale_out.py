@@ -124,6 +124,38 @@ def test_train_marl_with_two_workers_equals_one_also_after_ctrl_c_and_resume(tmp
 
 
 @needs_ray
+def test_benchmark_marl_starts_its_workers_once_and_equals_a_serial_run(tmp_path, monkeypatch, tiny_env_factory):
+    import ray
+
+    from benchmarks import marl
+
+    def searches(out: Path, *extra: str) -> dict:
+        argv = ["--env", "pruning_env/Tiny-v0", "--plans", "12", "--finetune-epochs", "0", "--seeds", "0", "1",
+                "--algos", "random", "dsfp-uniform", "--out-dir", str(out), "--no-progress", *extra]
+        assert marl.main(argv) == 0
+        runs = json.loads((out / "marl.json").read_text())["runs"]
+        for run in runs.values():
+            for search in run["search"].values():
+                search.pop("seconds"), search.pop("env_setup_seconds")
+        return {seed: run["search"] for seed, run in runs.items()}
+
+    started = []
+    init = PlanEvaluator.__init__
+
+    def counted(self, *args, **kwargs) -> None:
+        started.append(1)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(PlanEvaluator, "__init__", counted)
+    reference = searches(tmp_path / "serial")
+    assert started == []  # one worker: no Ray, no evaluator
+    parallel = searches(tmp_path / "ray", "--workers", "2")
+    assert started == [1]  # one set of workers served all 4 searches (2 seeds x 2 algorithms)
+    assert not ray.is_initialized()
+    assert parallel == reference
+
+
+@needs_ray
 def test_a_cluster_that_cannot_be_joined_fails_before_any_work(tmp_path):
     out = subprocess.run([sys.executable, "train_marl.py", "--env", "pruning_env/Tiny-v0", "--preset", "smoke",
                           "--logdir", str(tmp_path / "x"), "--workers", "2", "--ray-address", "auto"],
