@@ -42,7 +42,7 @@ from benchmarks.common import (
     write_markdown,
 )
 from benchmarks.marl_report import LABELS, best_so_far, curve_band, load_run, plan_placement
-from pruning_env.core.config import option
+from pruning_env.core.config import config_mismatch, option
 
 __all__ = ["OBJECTIVE_KEYS", "CurvesConfig", "compare", "main", "write"]
 
@@ -75,8 +75,7 @@ class CurvesConfig:
 
 
 def _differences(first: dict[str, Any], other: dict[str, Any]) -> list[str]:
-    keys = sorted(set(first) | set(other))
-    return [k for k in keys if first.get(k) != other.get(k)]
+    return sorted(config_mismatch(first, other))
 
 
 def compare(states: list[dict[str, Any]], labels: list[str], algos: list[str] | None,
