@@ -1,4 +1,11 @@
-"""Shared fixtures: small data sets made by the tests, and the real CIFAR-10 when present."""
+"""Shared fixtures: small data sets made by the tests, and the real CIFAR-10 when present.
+
+The suite's rule for numbers: results are compared bit for bit only within one machine, between two runs
+made in the same test (or the same session). Floating-point kernels differ between CPU vendors and
+instruction sets, so a value recorded on another machine is compared only with a tolerance that survives a
+change of CPU (e.g. ``rel=1e-5`` on losses, equal accuracies on tiny data), and a digest of weights is never
+compared with one recorded elsewhere.
+"""
 
 from __future__ import annotations
 

@@ -24,15 +24,19 @@ from pruning_env.training.train import TrainConfig, fit
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-# Recorded with the code before the fast path existed (commit e034fa7, torch 2.13.0+cpu, 1 thread): the CPU
-# loops must still produce these numbers, bit for bit.
-GOLDEN_TRAIN = ([1.353122591972351, 1.1807716290156047], [25.0, 40.625], "0e6f7ce7b3423570")
-GOLDEN_FINETUNE = ([0.5871396064758301, 0.9861641327540079], [57.8125, 57.8125], "ffa270cc8e7648ae")
-golden_platform = pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0",
-                                     reason="golden values were recorded with torch 2.13.0 on CPU")
+# Recorded with the code before the fast path existed (commit e034fa7, torch 2.13.0+cpu, 1 thread, an Intel
+# Xeon). Floating-point kernels differ between CPU vendors and instruction sets (an AMD EPYC gives 1.3531225522
+# for the first loss), so these are compared with a tolerance that survives a change of CPU, never bit for bit:
+# bit-for-bit comparisons are made only between two runs on one machine, in one test (see tests/conftest.py).
+RECORDED_TRAIN = ([1.353122591972351, 1.1807716290156047], [25.0, 40.625])
+RECORDED_FINETUNE = ([0.5871396064758301, 0.9861641327540079], [57.8125, 57.8125])
+CROSS_MACHINE_REL = 1e-5
+recorded_platform = pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0",
+                                       reason="the values were recorded with torch 2.13.0 on CPU")
 
 
 def _digest(model: torch.nn.Module) -> str:
+    """The weights' and buffers' bytes, hashed: compared only between two runs made in the same test."""
     h = hashlib.sha256()
     for k, v in model.state_dict().items():
         h.update(k.encode())
@@ -63,13 +67,32 @@ def _curve(result: dict) -> tuple[list[float], list[float]]:
     return [h["train_loss"] for h in result["history"]], [h["val_acc"] for h in result["history"]]
 
 
-@golden_platform
-def test_cpu_training_and_finetuning_give_the_numbers_of_before_bit_for_bit():
+@pytest.fixture(scope="module")
+def host_run():
+    """The plain CPU loops (every fast-path switch off), run once on this machine: the same-machine reference."""
     splits = _splits()
     model, result = _train(splits)
-    assert (*_curve(result), _digest(model)) == GOLDEN_TRAIN
     student, summary = _finetune(model, splits)
-    assert (*_curve(summary), _digest(student)) == GOLDEN_FINETUNE
+    return dict(train=(*_curve(result), _digest(model)), finetune=(*_curve(summary), _digest(student)))
+
+
+@recorded_platform
+def test_cpu_training_and_finetuning_give_the_numbers_of_before(host_run):
+    """The CPU path still gives the curves recorded before the fast path: losses to rel 1e-5 (a change of
+    CPU moves the 8th digit), and the same accuracies (64 validation images: a step is 1.56 points)."""
+    for (losses, accs, _), (rec_losses, rec_accs) in ((host_run["train"], RECORDED_TRAIN),
+                                                      (host_run["finetune"], RECORDED_FINETUNE)):
+        assert losses == pytest.approx(rec_losses, rel=CROSS_MACHINE_REL)
+        assert accs == rec_accs
+
+
+def test_cpu_training_and_finetuning_repeat_bit_for_bit(host_run):
+    """Same seed, same results on one machine: a second run gives the same curves and weights, bit for bit."""
+    splits = _splits()
+    model, result = _train(splits)
+    assert (*_curve(result), _digest(model)) == host_run["train"]
+    student, summary = _finetune(model, splits)
+    assert (*_curve(summary), _digest(student)) == host_run["finetune"]
 
 
 def test_the_fast_path_is_all_off_on_cpu_and_all_on_for_cuda():
@@ -81,34 +104,37 @@ def test_the_fast_path_is_all_off_on_cpu_and_all_on_for_cuda():
                                                                                          benchmark=True)
 
 
-@golden_platform
-def test_the_fast_loops_forced_on_cpu_train_the_same_weights(monkeypatch):
-    """Resident data, epoch-drawn augmentation and the device-side loss sum (amp and cuDNN off: CPU)."""
-    forced = DevicePath(resident=True, sync_free=True)
-    monkeypatch.setattr(train_module, "device_path", lambda *a, **k: forced)
-    monkeypatch.setattr(finetune_module, "device_path", lambda *a, **k: forced)
+def _forced(monkeypatch, path: DevicePath) -> None:
+    monkeypatch.setattr(train_module, "device_path", lambda *a, **k: path)
+    monkeypatch.setattr(finetune_module, "device_path", lambda *a, **k: path)
+
+
+def test_the_fast_loops_forced_on_cpu_train_the_same_weights_as_the_host_loops(monkeypatch, host_run):
+    """Resident data, epoch-drawn augmentation and the device-side loss sum (amp and cuDNN off: CPU) give the
+    plain host loops' weights bit for bit, both computed here, on this machine."""
+    _forced(monkeypatch, DevicePath(resident=True, sync_free=True))
     splits = _splits()
     model, result = _train(splits)
+    host_losses, host_accs, host_digest = host_run["train"]
     losses, accs = _curve(result)
-    assert (accs, _digest(model)) == GOLDEN_TRAIN[1:]
-    assert losses == pytest.approx(GOLDEN_TRAIN[0], rel=1e-6)  # summed in float32 on the device
-    student, summary = _finetune(model, splits, channels_last=False)  # the CPU's NCHW kernels, as the golden run
+    assert (accs, _digest(model)) == (host_accs, host_digest)
+    assert losses == pytest.approx(host_losses, rel=1e-6)  # summed in float32 on the device, not in float64
+    student, summary = _finetune(model, splits, channels_last=False)  # the CPU's NCHW kernels, as the host run
+    host_losses, host_accs, host_digest = host_run["finetune"]
     losses, accs = _curve(summary)
-    assert (accs, _digest(student)) == GOLDEN_FINETUNE[1:]
-    assert losses == pytest.approx(GOLDEN_FINETUNE[0], rel=1e-6)
+    assert (accs, _digest(student)) == (host_accs, host_digest)
+    assert losses == pytest.approx(host_losses, rel=1e-6)
 
 
-@golden_platform
-def test_the_bf16_loops_run_on_cpu_autocast_and_keep_float32_state(monkeypatch):
+def test_the_bf16_loops_run_on_cpu_autocast_and_keep_float32_state(monkeypatch, host_run):
     """The fast loops with autocast on (CPU bf16 here, CUDA bf16 on a GPU) and channels-last fine-tuning."""
-    forced = DevicePath(resident=True, sync_free=True, amp=True, amp_device="cpu")
-    monkeypatch.setattr(train_module, "device_path", lambda *a, **k: forced)
-    monkeypatch.setattr(finetune_module, "device_path", lambda *a, **k: forced)
+    _forced(monkeypatch, DevicePath(resident=True, sync_free=True, amp=True, amp_device="cpu"))
     splits = _splits()
     model, result = _train(splits)
     assert all(p.dtype == torch.float32 for p in model.parameters())
-    assert _digest(model) != GOLDEN_TRAIN[2]  # bf16 forward passes do change the weights (autocast was on)
-    assert all(h["train_loss"] == pytest.approx(g, rel=0.05) for h, g in zip(result["history"], GOLDEN_TRAIN[0]))
+    host_losses, _, host_digest = host_run["train"]
+    assert _digest(model) != host_digest  # bf16 forward passes do change the weights (autocast was on)
+    assert _curve(result)[0] == pytest.approx(host_losses, rel=0.05)
     student, summary = _finetune(model, splits)  # channels-last student and teacher
     assert summary["val_acc"] >= summary["initial_val_acc"]
     for net in (model, student):  # the student's and the teacher's memory format are restored
