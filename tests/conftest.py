@@ -119,8 +119,30 @@ def cifar_vgg16():
     return model.eval(), splits
 
 
+LONG_HINT = "run `python -m pytest --long` to include them (.ci/run does)"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="also run the tests marked `long` (real-data and end-to-end runs; .ci/run passes it)")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Every test that needs the real CIFAR-10 carries the ``cifar`` marker (``-m "not cifar"`` skips them all)."""
+    """Every test that needs the real CIFAR-10 carries the ``cifar`` marker (``-m "not cifar"`` skips them all),
+    and every ``cifar`` test is ``long``. Without ``--long`` the ``long`` tests are skipped, saying how to run them:
+    the README's test command stays short, and ``.ci/run`` runs them all."""
+    run_long = config.getoption("--long")
+    skip_long = pytest.mark.skip(reason=f"long test: {LONG_HINT}")
     for item in items:
         if "cifar_vgg16" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.cifar)
+        if "cifar" in item.keywords and "long" not in item.keywords:
+            item.add_marker(pytest.mark.long)
+        if "long" in item.keywords and not run_long:
+            item.add_marker(skip_long)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "long test:" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(f"{len(skipped)} long tests skipped: {LONG_HINT}")

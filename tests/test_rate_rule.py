@@ -98,7 +98,7 @@ def test_env_actions_and_uniform_plan_follow_the_rule(branches):
         assert env.uniform_plan(rate) == env.plan  # the DSFP-uniform plan is the network one step makes
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_prune_cli_makes_the_envs_uniform_plan(branches, tmp_path, capsys):
     """The CLI's plan at the rates where rounding differs most (the builders' test covers every rate)."""
     model, splits = branches
