@@ -19,7 +19,8 @@ it one episode at a time::
 
 Registered names: ``"qmix"``, ``"vdn"``, ``"iql"`` (parallel), ``"amc"`` (sequential),
 ``"random"``, ``"dsfp-uniform"`` (parallel). :mod:`agents.base` documents how to add an
-algorithm in one file, :mod:`agents.qmix` how to add a mixer.
+algorithm in one file (implement the ``_train_episode()`` hook and ``evaluate()``; the base's
+``train_episode()`` counts the episodes), :mod:`agents.qmix` how to add a mixer.
 """
 
 # Importing the modules registers their algorithms ("amc" imports Tianshou only when built).

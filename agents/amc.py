@@ -282,7 +282,7 @@ class AMCAgent(Algorithm):
         return log, steps
 
     # ------------------------------------------------------------------ interface
-    def train_episode(self) -> EpisodeLog:
+    def _train_episode(self) -> EpisodeLog:
         from tianshou.data import Batch
         from tianshou.utils.torch_utils import policy_within_training_step
 
@@ -304,8 +304,6 @@ class AMCAgent(Algorithm):
                     info={},
                 )
             )
-        self.episodes_done += 1
-        self.env_steps += log.length
 
         losses: list[tuple[float, float]] = []
         if not warmup and len(self.buffer) >= cfg.batch_size:

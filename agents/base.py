@@ -19,11 +19,13 @@ its env for its whole life and runs one episode per call:
 
 =====================  ====================================================================
 ``train_episode()``    one exploring episode on ``env``, then learning; returns an
-                       :class:`EpisodeLog`
+                       :class:`EpisodeLog`. The base's: runs the ``_train_episode()`` hook,
+                       then counts the episode (``episodes_done``, ``env_steps``)
 ``evaluate()``         one greedy episode, no learning (``evaluate`` does not count as a
                        training episode and leaves the learner untouched)
 ``state_dict()``       everything needed to resume EXACTLY: networks, optimisers, replay
-                       buffer, counters, RNG states (python, numpy, torch)
+                       buffer, counters, RNG states (python, numpy, torch); the base's
+                       holds counters and RNG states, a subclass extends it (``super()``)
 ``load_state_dict()``  restores it; ``state_dict`` holds only tensors and plain python
                        values, so ``torch.save``/``torch.load(weights_only=True)`` work
 =====================  ====================================================================
@@ -58,19 +60,14 @@ Adding an algorithm (one new file, then run it by name)::
     class Always(Algorithm):
         config_cls = GreedyConfig      # env_api = "parallel" is inherited
 
-        def train_episode(self) -> EpisodeLog:
+        def _train_episode(self) -> EpisodeLog:  # train_episode() calls it and counts the episode
             log, _ = self.play_episode(lambda obs, infos: {a: self.config.action for a in obs})
-            self.episodes_done += 1
             return log
 
         def evaluate(self) -> EpisodeLog:
             return self.play_episode(lambda obs, infos: {a: self.config.action for a in obs})[0]
 
-        def state_dict(self) -> dict:
-            return super().state_dict()          # counters + RNG states
-
-        def load_state_dict(self, d: dict) -> None:
-            super().load_state_dict(d)
+        # no state of its own: the base's state_dict/load_state_dict are complete
 
     # anywhere:
     algo = make_algorithm("my_algos:always", env, seed=0, action=2)   # "module:name" imports
@@ -91,7 +88,7 @@ import inspect
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar, get_args
+from typing import Any, ClassVar, Literal, TypeVar, final, get_args
 
 import gymnasium as gym
 import numpy as np
@@ -227,11 +224,12 @@ class Algorithm(abc.ABC):
     """Base class of every pruning agent (MARL learner, single-agent learner or baseline).
 
     Subclasses set ``config_cls`` (a dataclass with a one-line docstring per field),
-    implement the four abstract methods and register themselves with :func:`register`;
-    one that wants a sequential (one layer per step) Gymnasium env sets
-    ``env_api = "sequential"``, one with an exploration schedule overrides
-    :meth:`budget_overrides`. ``state_dict``/``load_state_dict`` here handle the shared
-    part (counters, RNG states); subclasses extend them with ``super()``.
+    implement the abstract :meth:`_train_episode` and :meth:`evaluate` and register themselves
+    with :func:`register`; one that wants a sequential (one layer per step) Gymnasium env sets
+    ``env_api = "sequential"``, one with an exploration schedule overrides :meth:`budget_overrides`.
+    :meth:`train_episode` (the base's, not overridable) runs :meth:`_train_episode` and counts the
+    episode. ``state_dict``/``load_state_dict`` here are concrete (name, seed, config, counters,
+    RNG states); a subclass with state of its own extends both with ``super()``.
 
     Attributes available to subclasses:
         env: the env, in the API :attr:`env_api` names (checked by the constructor).
@@ -239,8 +237,8 @@ class Algorithm(abc.ABC):
         seed: the integer seed.
         device: the torch device for networks.
         rngs: :class:`RandomStreams` seeded from ``seed``.
-        episodes_done: training episodes finished (``evaluate`` does not count).
-        env_steps: env steps taken in training episodes.
+        episodes_done: training episodes finished (not ``evaluate``); kept by :meth:`train_episode`.
+        env_steps: env steps of finished training episodes; kept by :meth:`train_episode`.
     """
 
     name: ClassVar[str] = ""
@@ -255,6 +253,13 @@ class Algorithm(abc.ABC):
     ``pruning_env.SequentialPruningEnv(parallel_env)``. A sequential env may expose
     ``possible_agents`` (the layer names, in decision order) to name the actions in
     :attr:`EpisodeLog.actions`."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "train_episode" in vars(cls):
+            raise TypeError(f"{cls.__name__} overrides train_episode(); implement _train_episode() instead (same "
+                            "signature, returns the EpisodeLog, without counting episodes_done/env_steps): "
+                            "Algorithm.train_episode() runs it and counts the episode")
 
     def __init__(
         self,
@@ -302,17 +307,37 @@ class Algorithm(abc.ABC):
         check_budget(plans, episode_length)
         return {}
 
-    @abc.abstractmethod
+    @final
     def train_episode(self) -> EpisodeLog:
-        """Run ONE exploring training episode on ``env`` and learn from it."""
+        """Run ONE exploring training episode and learn from it (:meth:`_train_episode`), then count it:
+        ``episodes_done += 1``, ``env_steps += log.length`` (the search layer reads ``episodes_done``). Not to be
+        overridden (refused at class definition), nor the counters touched by the hook (refused at the first
+        episode); an episode whose hook raises is not counted."""
+        before = (self.episodes_done, self.env_steps)
+        log = self._train_episode()
+        who = type(self).__name__
+        if not isinstance(log, EpisodeLog):
+            raise TypeError(f"{who}._train_episode() must return an EpisodeLog, got {type(log).__name__}")
+        if (self.episodes_done, self.env_steps) != before:
+            raise RuntimeError(f"{who}._train_episode() changed episodes_done/env_steps (from {before} to "
+                               f"{(self.episodes_done, self.env_steps)}); Algorithm.train_episode() counts the "
+                               "episode and its steps itself: remove the subclass's own counting")
+        self.episodes_done += 1
+        self.env_steps += log.length
+        return log
+
+    @abc.abstractmethod
+    def _train_episode(self) -> EpisodeLog:
+        """The hook of :meth:`train_episode`: one exploring episode on ``env``, its learning, its log. Meanwhile
+        ``episodes_done``/``env_steps`` count the episodes/steps BEFORE this one (``episodes_done`` = its index)."""
 
     @abc.abstractmethod
     def evaluate(self) -> EpisodeLog:
         """Run one greedy (deterministic-policy) episode; no learning, no exploration."""
 
-    @abc.abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly. Subclasses: ``d = super().state_dict(); d[...] = ...``."""
+        """Everything needed to resume exactly; here name, seed, config, counters and RNG states. A subclass
+        with state of its own (networks, buffers...) extends it: ``d = super().state_dict(); d[...] = ...``."""
         return {
             "algorithm": self.name,
             "seed": self.seed,
@@ -323,9 +348,8 @@ class Algorithm(abc.ABC):
             "rngs": self.rngs.state_dict(),
         }
 
-    @abc.abstractmethod
     def load_state_dict(self, d: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned. Subclasses call ``super().load_state_dict(d)``."""
+        """Restore what :meth:`state_dict` returned; a subclass extending it calls ``super().load_state_dict(d)``."""
         if d.get("algorithm", self.name) != self.name:
             raise ValueError(f"state_dict of algorithm {d['algorithm']!r} given to {self.name!r}")
         self.seed = int(d["seed"])

@@ -71,10 +71,8 @@ class RandomSearch(Algorithm):
             actions[agent] = int(self.rngs.np.choice(allowed))
         return actions
 
-    def train_episode(self) -> EpisodeLog:
+    def _train_episode(self) -> EpisodeLog:
         log, _ = self.play_episode(self._random_policy)
-        self.episodes_done += 1
-        self.env_steps += log.length
         if log.episode_return > self.best_return:
             self.best_return = log.episode_return
             self.best_actions = copy.deepcopy(log.actions)
@@ -153,11 +151,9 @@ class DSFPUniform(Algorithm):
         log.metrics["uniform_index"] = float(k)
         return log
 
-    def train_episode(self) -> EpisodeLog:
+    def _train_episode(self) -> EpisodeLog:
         k = self.episodes_done % self.n_actions
         log = self._play_index(k)
-        self.episodes_done += 1
-        self.env_steps += log.length
         self.best_return_by_index[k] = max(log.episode_return, self.best_return_by_index.get(k, -np.inf))
         log.metrics["best_return"] = float(max(self.best_return_by_index.values()))
         return log

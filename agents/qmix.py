@@ -354,10 +354,11 @@ class QMIX(Algorithm):
         return {"eps_anneal_steps": max(1, round(0.5 * plans))}
 
     # ------------------------------------------------------------------ acting
-    def epsilon(self) -> float:
-        """Current exploration rate (linear in training env steps)."""
+    def epsilon(self, steps_ahead: int = 0) -> float:
+        """The exploration rate ``steps_ahead`` training env steps after ``env_steps`` (linear in those steps;
+        within an episode ``env_steps`` still counts the steps before it)."""
         cfg = self.config
-        frac = min(1.0, self.env_steps / max(1, cfg.eps_anneal_steps))
+        frac = min(1.0, (self.env_steps + steps_ahead) / max(1, cfg.eps_anneal_steps))
         return cfg.eps_start + frac * (cfg.eps_end - cfg.eps_start)
 
     def _agent_inputs(self, obs: torch.Tensor) -> torch.Tensor:
@@ -382,15 +383,17 @@ class QMIX(Algorithm):
 
     def _act(self, explore: bool, *, rng: np.random.Generator | None = None, eps: float | None = None,
              record: bool = True) -> _Policy:
-        """A policy closure for :meth:`play_episode`; keeps the GRU state and (``record``) counts steps and Q stats.
-        ``rng`` / ``eps``: an exploration stream and a fixed epsilon instead of ``rngs.np`` and :meth:`epsilon`."""
+        """A policy closure for :meth:`play_episode`; keeps the GRU state, the episode's step count (for
+        :meth:`epsilon`) and (``record``) the Q stats. ``rng`` / ``eps``: an exploration stream and a fixed epsilon
+        instead of ``rngs.np`` and :meth:`epsilon`."""
         hidden = self.agent_net.init_hidden(self.n_agents, self.device)
+        taken = 0  # steps of this episode so far
         rng = self.rngs.np if rng is None else rng
         if record:
             self._step_q: list[float] = []
 
         def policy(obs: dict[str, Any], infos: dict[str, dict]) -> dict[str, int]:
-            nonlocal hidden
+            nonlocal hidden, taken
             obs_arr, avail = self._parse_step(obs, infos)
             with torch.no_grad():
                 inputs = self._agent_inputs(torch.as_tensor(obs_arr, device=self.device))
@@ -399,12 +402,11 @@ class QMIX(Algorithm):
             q_masked = np.where(avail, q, -np.inf)
             actions = q_masked.argmax(axis=1)
             if explore:
-                epsilon = self.epsilon() if eps is None else eps
+                epsilon = self.epsilon(taken) if eps is None else eps
                 for i in range(self.n_agents):
                     if rng.random() < epsilon:
                         actions[i] = explore_action(rng, int(actions[i]), avail[i], self.config.explore_radius)
-                if record:
-                    self.env_steps += 1
+                taken += 1
             if record:
                 self._step_q.append(float(q[np.arange(self.n_agents), actions].mean()))
             return {agent: int(actions[i]) for i, agent in enumerate(self.agents)}
@@ -519,18 +521,18 @@ class QMIX(Algorithm):
         self.target_mixer.load_state_dict(self.mixer.state_dict())
 
     # ------------------------------------------------------------------ interface
-    def train_episode(self) -> EpisodeLog:
+    def _train_episode(self) -> EpisodeLog:
         cfg = self.config
         log, episode = self._run(explore=True)
         self.buffer.add(episode)
-        self.episodes_done += 1
+        done = self.episodes_done + 1  # this one included (train_episode counts it after this hook)
         stats: list[dict[str, float]] = []
         per = cfg.episodes_per_snapshot  # learning waits for the snapshot's last episode
-        if len(self.buffer) >= cfg.learning_starts and self.episodes_done % per == 0:
+        if len(self.buffer) >= cfg.learning_starts and done % per == 0:
             stats = [self._learn() for _ in range(cfg.updates_per_episode * per)]
-        if cfg.target_tau <= 0 and self.episodes_done % cfg.target_update_interval == 0:
+        if cfg.target_tau <= 0 and done % cfg.target_update_interval == 0:
             self._hard_update()
-        log.metrics["epsilon"] = self.epsilon()
+        log.metrics["epsilon"] = self.epsilon(log.length)
         log.metrics["buffer_episodes"] = float(len(self.buffer))
         log.metrics["gradient_steps"] = float(self.gradient_steps)
         for key in stats[0] if stats else ():

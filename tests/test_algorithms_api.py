@@ -138,19 +138,12 @@ def test_plugins_in_one_file(monkeypatch: pytest.MonkeyPatch) -> None:
     class Always(Algorithm):
         config_cls = AlwaysConfig
 
-        def train_episode(self) -> EpisodeLog:
+        def _train_episode(self) -> EpisodeLog:
             log, _ = self.play_episode(lambda obs, infos: {a: self.config.action for a in obs})
-            self.episodes_done += 1
             return log
 
         def evaluate(self) -> EpisodeLog:
             return self.play_episode(lambda obs, infos: {a: self.config.action for a in obs})[0]
-
-        def state_dict(self) -> dict:
-            return super().state_dict()
-
-        def load_state_dict(self, d: dict) -> None:
-            super().load_state_dict(d)
 
     @register_mixer("max")
     class MaxMixer(Mixer):
@@ -163,6 +156,125 @@ def test_plugins_in_one_file(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(algo.mixer, MaxMixer)
     assert all(math.isfinite(algo.train_episode().episode_return) for _ in range(4))
     assert algo.gradient_steps > 0
+
+
+# ---------------------------------------------------------------------- the contract of train_episode
+_NEW_STYLE = """
+import dataclasses
+from agents import Algorithm, EpisodeLog, register
+
+@dataclasses.dataclass
+class Config:
+    action: int = 1
+    \"\"\"Action every agent takes.\"\"\"
+
+@register("{name}")
+class Always(Algorithm):
+    config_cls = Config
+
+    def _train_episode(self) -> EpisodeLog:
+        return self.play_episode(lambda obs, infos: {{a: self.config.action for a in obs}})[0]
+
+    def evaluate(self) -> EpisodeLog:
+        return self.play_episode(lambda obs, infos: {{a: self.config.action for a in obs}})[0]
+"""
+# The way plug-ins were written before the base class counted episodes: refused, with the way out.
+_OLD_STYLE = _NEW_STYLE.replace(
+    "def _train_episode(self) -> EpisodeLog:\n        return",
+    "def train_episode(self) -> EpisodeLog:\n        self.episodes_done += 1\n        return")
+
+
+def _plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str) -> None:
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    (tmp_path / f"{module}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_a_module_name_plugin_is_counted_once_by_the_base_and_resumes(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented plug-in (agents/base.py): only _train_episode and evaluate; the base counts and saves."""
+    _plugin_module(tmp_path, monkeypatch, "contract_new_style", _NEW_STYLE.format(name="always-new"))
+    algo = make_algorithm("contract_new_style:always-new", MatrixGameEnv(), seed=0, action=2)
+    for i in range(3):
+        assert algo.train_episode().length == 1
+        assert (algo.episodes_done, algo.env_steps) == (i + 1, i + 1)
+    algo.evaluate()
+    assert (algo.episodes_done, algo.env_steps) == (3, 3)  # evaluate is no training episode
+    buf = io.BytesIO()
+    torch.save(algo.state_dict(), buf)  # the base's state_dict is complete for a plug-in with no state of its own
+    buf.seek(0)
+    fresh = make_algorithm("always-new", MatrixGameEnv(), seed=0, action=2)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert (fresh.episodes_done, fresh.env_steps) == (3, 3)
+    fresh.train_episode()
+    assert fresh.episodes_done == 4
+
+
+def test_a_plugin_that_overrides_train_episode_is_refused_at_definition(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    _plugin_module(tmp_path, monkeypatch, "contract_old_style", _OLD_STYLE.format(name="always-old"))
+    message = r"overrides train_episode\(\); implement _train_episode\(\) instead"
+    with pytest.raises(TypeError, match="Always " + message):
+        get_algorithm("contract_old_style:always-old")
+    assert "always-old" not in list_algorithms()
+    with pytest.raises(TypeError, match="Wrapper " + message):
+        class Wrapper(RandomSearch):  # also a subclass of a built-in
+            def train_episode(self) -> EpisodeLog:
+                return super().train_episode()
+    from pruning_env.cli import marl  # the --algo module:name path says which flag
+
+    with pytest.raises(SystemExit):
+        marl.main(["--env", "pruning_env/Tiny-v0", "--algo", "contract_old_style:always-old",
+                   "--logdir", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "--algo contract_old_style:always-old" in err and "_train_episode" in err
+
+
+def test_a_hook_that_counts_itself_or_returns_no_log_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    class CountsItself(RandomSearch):
+        def _train_episode(self) -> EpisodeLog:
+            log = super()._train_episode()
+            self.episodes_done += 1  # the old habit: would count the episode twice
+            return log
+
+    algo = CountsItself(MatrixGameEnv(), seed=0)
+    with pytest.raises(RuntimeError, match=r"CountsItself\._train_episode\(\) changed episodes_done/env_steps.*"
+                                           r"remove the subclass's own counting"):
+        algo.train_episode()
+
+    class NoLog(RandomSearch):
+        def _train_episode(self) -> Any:
+            super()._train_episode()
+
+    with pytest.raises(TypeError, match=r"NoLog\._train_episode\(\) must return an EpisodeLog, got NoneType"):
+        NoLog(MatrixGameEnv(), seed=0).train_episode()
+
+
+def test_an_episode_that_raises_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    algo = make_algorithm("random", MatrixGameEnv(), seed=0)
+    algo.train_episode()
+    monkeypatch.setattr(algo, "_train_episode", lambda: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        algo.train_episode()
+    assert (algo.episodes_done, algo.env_steps) == (1, 1)
+
+
+def test_the_base_class_provides_everything_the_search_layer_reads() -> None:
+    """``_Algorithm`` (pruning_env/search/loop.py) is the search layer's copy of the contract: every member it
+    names exists on agents.Algorithm with the same kind (class attribute, instance attribute, method)."""
+    from pruning_env.search.loop import _Algorithm
+
+    members = {n for n in vars(_Algorithm) if not n.startswith("_")}
+    annotated = set(_Algorithm.__annotations__)
+    assert {"episodes_done", "env_api", "train_episode", "evaluate", "state_dict", "load_state_dict",
+            "budget_overrides", "upcoming_actions", "upcoming_policies"} <= members | annotated
+    algo = make_algorithm("random", MatrixGameEnv(), seed=0)
+    for name in members:
+        assert callable(getattr(Algorithm, name, None)), name
+    assert isinstance(algo.episodes_done, int) and Algorithm.env_api in agents.ENV_APIS
+    assert {n for n in annotated if not hasattr(algo, n)} == set()
+    assert Algorithm.__abstractmethods__ == {"_train_episode", "evaluate"}  # state_dict is concrete, extended
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -95,7 +95,8 @@ class RunConfig:
     width: float = option(0.25, "channel width of the baseline (preset: smoke 0.125, cpu 0.25, paper 1)",
                           min=0, min_exclusive=True)
     env: str | None = option(None, "a registered env id (e.g. pruning_env/Tiny-v0) instead of --net/--dataset")
-    algo: str = option("qmix", "algorithm: qmix, vdn, iql, amc, random, dsfp-uniform or module:name")
+    algo: str = option("qmix", "algorithm: qmix, vdn, iql, amc, random, dsfp-uniform or module:name "
+                       "(a module registering an agents.Algorithm subclass, see agents/base.py)")
     problem: EnvConfig = nested(EnvConfig, "the pruning env (every setting of pruning_env.EnvConfig)")
     search: SearchConfig = nested(SearchConfig, "the search's budget (preset: plans smoke 24, cpu 1200, paper 3000; "
                                   "eval_every 4 / 20 / 50)")
@@ -133,6 +134,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     except ImportError as exc:
         raise ValueError(f"--algo {cfg.algo}: cannot import its module ({exc}); check the module name and that "
                          "its folder is on PYTHONPATH (or run from the folder holding it)") from None
+    except TypeError as exc:  # e.g. a plug-in class that breaks the Algorithm contract (agents/base.py)
+        raise ValueError(f"--algo {cfg.algo}: {exc}") from None
     if cfg.env is not None and cfg.env not in pruning_env.list_envs():
         raise ValueError(f"unknown env id {cfg.env!r}; registered: {', '.join(pruning_env.list_envs())}")
     if cfg.env is None and cfg.dataset not in ("cifar10", "cifar100"):

@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -79,16 +79,53 @@ class SearchConfig:
         return dict(table.get(algorithm, {}))
 
 
-class _Algorithm(Protocol):  # what agents.Algorithm provides (pruning_env does not import agents)
-    def train_episode(self) -> Any: ...
-    def evaluate(self) -> Any: ...
-    def state_dict(self) -> dict[str, Any]: ...
-    def load_state_dict(self, d: dict[str, Any]) -> None: ...
+class _Algorithm(Protocol):
+    """Everything the search layer reads of an algorithm: ``agents.Algorithm`` provides all of it (pruning_env
+    does not import agents, so the contract is written here; ``tests/test_algorithms_api.py`` checks that the two
+    agree). Every member is required and read directly, never with a default."""
+
+    env_api: ClassVar[str]
+    """The env the algorithm wants: ``"parallel"`` (the pruning env) or ``"sequential"`` (its
+    :class:`SequentialPruningEnv` view); read on the class by :func:`algorithm_env`."""
+    episodes_done: int
+    """Training episodes finished, kept by ``train_episode`` (+1 per call); the prefetcher plans ahead from it."""
+
+    @classmethod
+    def budget_overrides(cls, plans: int, episode_length: int) -> dict[str, Any]:
+        """Config overrides fitting the exploration schedule to a budget of ``plans`` (``{}``: nothing to fit)."""
+        ...
+
+    def train_episode(self) -> Any:
+        """One exploring training episode, counted in ``episodes_done``; returns its ``EpisodeLog``."""
+        ...
+
+    def evaluate(self) -> Any:
+        """One greedy episode, no learning; returns its ``EpisodeLog``."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly."""
+        ...
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        ...
+
+    def upcoming_actions(self, episodes: int, steps: int) -> list[list[dict[str, Any]]]:
+        """The joint actions of the next ``episodes`` training episodes when known ahead, else ``[]`` (a hint for
+        the prefetcher: it must leave the algorithm unchanged)."""
+        ...
+
+    def upcoming_policies(self, episodes: int) -> list[Callable[[], Callable[[dict[str, Any], dict[str, dict]],
+                                                                             dict[str, Any]]]]:
+        """Factories of the exact policies of the next training episodes when fixed now, else ``[]`` (a hint for
+        the prefetcher, like :meth:`upcoming_actions`)."""
+        ...
 
 
-def algorithm_env(algorithm_cls: type, env: FilterPruningEnv) -> Any:
+def algorithm_env(algorithm_cls: type[_Algorithm], env: FilterPruningEnv) -> Any:
     """The env ``algorithm_cls`` wants, by its ``env_api``: the parallel env, or the AMC-style sequential view."""
-    api = getattr(algorithm_cls, "env_api", "parallel")
+    api = algorithm_cls.env_api
     if api == "parallel":
         return env
     if api == "sequential":
@@ -96,10 +133,10 @@ def algorithm_env(algorithm_cls: type, env: FilterPruningEnv) -> Any:
     raise ValueError(f"{algorithm_cls.__name__}.env_api = {api!r}; the pruning env offers 'parallel' and 'sequential'")
 
 
-def algorithm_overrides(algorithm_cls: type, name: str, cfg: SearchConfig, episode_length: int) -> dict[str, Any]:
+def algorithm_overrides(algorithm_cls: type[_Algorithm], name: str, cfg: SearchConfig,
+                        episode_length: int) -> dict[str, Any]:
     """Config overrides of an algorithm for a search: its own budget hints, then ``cfg.algo_config``."""
-    hints = getattr(algorithm_cls, "budget_overrides", None)
-    over = dict(hints(cfg.plans, episode_length)) if hints is not None else {}
+    over = dict(algorithm_cls.budget_overrides(cfg.plans, episode_length))
     over.update(cfg.overrides_for(name))
     return over
 

@@ -20,8 +20,9 @@ Design
   torch thread count (float reductions on 1 and 2 threads differ in the last bits, which can flip near-tied
   filter rankings: compare a serial run with ``OMP_NUM_THREADS=1`` to ``--worker-threads 1``).
 * **Which plans to measure ahead** (:class:`Prefetcher`): before a training episode the search asks the
-  algorithm what its next ``lookahead`` training episodes will do, through two optional hooks of
-  ``agents.Algorithm`` that use the PettingZoo API only: ``upcoming_actions`` (joint actions; random search and
+  algorithm what its next ``lookahead`` training episodes will do, through two hooks of the algorithm contract
+  (``_Algorithm`` in :mod:`pruning_env.search.loop`; ``agents.Algorithm``'s defaults answer ``[]``, "not known")
+  that use the PettingZoo API only, read with ``episodes_done``: ``upcoming_actions`` (joint actions; random search and
   the DSFP-uniform sweep, whose actions do not depend on observations) or ``upcoming_policies`` (factories of
   the exact policies; QMIX/VDN/IQL with ``episodes_per_snapshot = B > 1``: pymarl's parallel runner, B episodes
   of one policy snapshot, each exploring with its own random stream, learned from after the last one). A plan
@@ -45,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,6 +54,9 @@ from pruning_env.core.config import check_settings, option
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
+
+if TYPE_CHECKING:
+    from pruning_env.search.loop import _Algorithm
 
 __all__ = ["RAY_EXTRA", "PlanEvaluator", "Prefetcher", "WorkersConfig", "ray_session", "require_ray", "scale_out"]
 
@@ -337,15 +341,13 @@ class Prefetcher:
         self.probe.measurement_source = self._probe_source
         self._covered = 0  # training episodes done when the last batch ends
 
-    def __call__(self, algorithm: Any) -> None:
-        done = int(getattr(algorithm, "episodes_done", 0))
+    def __call__(self, algorithm: _Algorithm) -> None:
+        done = int(algorithm.episodes_done)
         if done < self._covered:
             return
-        episodes: list[Any] = []
-        if callable(getattr(algorithm, "upcoming_actions", None)):
-            episodes = algorithm.upcoming_actions(self.lookahead, self.env.config.episode_length)
-        if not episodes and callable(getattr(algorithm, "upcoming_policies", None)):
-            episodes = algorithm.upcoming_policies(self.lookahead)
+        episodes: list[Any] = list(algorithm.upcoming_actions(self.lookahead, self.env.config.episode_length))
+        if not episodes:
+            episodes = list(algorithm.upcoming_policies(self.lookahead))
         self._covered = done + max(1, len(episodes))
         if episodes:
             self.prefetch(episodes)
