@@ -79,7 +79,7 @@ from pruning_env.engine.flops import count
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
+from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env, parse_env_id
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
 from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
@@ -159,9 +159,8 @@ def _check(cfg: BenchConfig) -> BenchConfig:
 def _net_dataset(cfg: BenchConfig) -> tuple[str, str]:
     if cfg.env is None:
         return cfg.net, cfg.dataset
-    label, data = cfg.env.split("/", 1)[1].rsplit("-v0", 1)[0].split("-")
-    net = {v: k for k, v in NETWORK_NAMES.items()}[label]
-    return net, data.lower()
+    parts = parse_env_id(cfg.env)
+    return parts.net, parts.dataset
 
 
 def _baseline_path(cfg: BenchConfig) -> Path:

@@ -56,14 +56,15 @@ from pruning_env.core.config import (
     seed_everything,
     with_overrides,
 )
-from pruning_env.core.data import data_dir
+from pruning_env.core.data import data_dir, dataset_info
 from pruning_env.core.models import build, list_models
+from pruning_env.engine.budget import check_reachable
 from pruning_env.engine.graph import prunable_layers
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
+from pruning_env.envs.registry import make_benchmark_env, parse_env_id
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, pareto_front
 from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize, latency
@@ -142,23 +143,21 @@ def resolve(cfg: RunConfig) -> RunConfig:
                              f"{root / cfg.dataset}/train/<class>/ (set --data-dir or PRUNING_ENV_DATA)")
     cfg.finetune.check()
     cfg.parallel.check()
-    if cfg.checkpoint:
-        _check_checkpoint(cfg)
+    baseline = _check_checkpoint(cfg) if cfg.checkpoint else None
     problem = cfg.problem
-    if problem.reward == "budget":
-        floor = _min_macs_ratio(cfg)
-        if problem.macs_target < floor:
-            raise ValueError(f"--macs-target {problem.macs_target} is impossible: pruning every layer at the largest "
-                             f"rate {max(problem.rates)} leaves {floor:.3f} of the MACs; raise the target or the rates")
+    if problem.budget_target is not None:  # before a baseline is trained: on the baseline or an untrained copy
+        model, input_shape = (baseline.model, baseline.input_shape) if baseline is not None else _untrained(cfg)
+        macs = MacsModel.from_model(model, input_shape, layers=prunable_layers(model, input_shape))
+        check_reachable(macs, problem.rule, max(problem.rates), problem.budget_target)
     resolve_device(cfg.device)
     return cfg
 
 
-def _check_checkpoint(cfg: RunConfig) -> None:
-    """--checkpoint must hold the network the run prunes (--net, or the --env's)."""
+def _check_checkpoint(cfg: RunConfig) -> ckpt.Checkpoint:
+    """--checkpoint must hold the network the run prunes (--net, or the --env's); returns it."""
     net = _net_of(cfg)
     try:
-        ckpt.load(cfg.checkpoint, expect_arch=net)  # type: ignore[arg-type]
+        return ckpt.load(cfg.checkpoint, expect_arch=net)  # type: ignore[arg-type]
     except ckpt.CheckpointError as exc:
         flag = "--net" if cfg.env is None else "--env"
         raise ValueError(f"--checkpoint: {exc} (the network {flag} asks for); pass the checkpoint of a {net} "
@@ -166,22 +165,17 @@ def _check_checkpoint(cfg: RunConfig) -> None:
 
 
 def _net_of(cfg: RunConfig) -> str:
-    if cfg.env is None:
-        return cfg.net
-    if cfg.env.endswith("/Tiny-v0"):
-        return "tiny"
-    return next(n for n, label in NETWORK_NAMES.items() if f"/{label}-" in cfg.env)
+    return cfg.net if cfg.env is None else parse_env_id(cfg.env).net
 
 
-def _min_macs_ratio(cfg: RunConfig) -> float:
-    """The smallest MACs ratio the rate grid can reach (the env's rate rule, on an untrained copy of the net)."""
+def _untrained(cfg: RunConfig) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """An untrained copy of the network the run prunes, with the data set's classes, and the data's image shape."""
+    dataset = cfg.dataset if cfg.env is None else parse_env_id(cfg.env).dataset
+    info = dataset_info(dataset, cfg.data_dir)
     net = _net_of(cfg)
-    model = build(net, num_classes=10, width=1.0 if net == "tiny" else cfg.width)
-    layers = prunable_layers(model)
-    macs = MacsModel.from_model(model, layers=layers)
-    rule, top = cfg.problem.rule, max(cfg.problem.rates)
-    least = {lay.name: rule.keep_count(lay.out_channels, top) for lay in layers}
-    return macs.predict(least)[0] / macs.base_macs
+    model = build(net, num_classes=info.num_classes, in_channels=info.input_shape[0],
+                  width=1.0 if net == "tiny" else cfg.width)
+    return model, info.input_shape
 
 
 def make_env(cfg: RunConfig) -> FilterPruningEnv:
