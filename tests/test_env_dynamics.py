@@ -153,3 +153,18 @@ def test_real_cifar_episode_macs_match_the_counter(cifar_vgg16):
     assert np.float32(info["mmacs"]) == pytest.approx(count(pruned, (3, 32, 32)).macs / 1e6, rel=1e-6)
     assert 0.0 < info["macs_ratio"] < 1.0 and 0.0 <= info["acc"] <= 100.0
     assert env.baseline_acc > 25.0  # the briefly trained baseline is far above chance (10 %)
+
+
+@pytest.mark.parametrize("direction", ["low", "high"])
+def test_the_envs_dsfp_ranking_is_the_criterions_in_both_directions(tiny_env_factory, direction):
+    """The env fuses the components it has at hand: its order must still be the ``dsfp`` criterion's."""
+    from pruning_env.core.data import calibration_batch
+    from pruning_env.criteria import score
+    from pruning_env.engine.plan import plan_top_k
+
+    env = tiny_env_factory(criterion="dsfp", direction=direction)
+    x, y = calibration_batch(env.splits, env.config.scoring.calib_size, seed=0)
+    scores = score(env.base_model, x, y, "dsfp", layers=env.layer_names, direction=direction,
+                   kl=env.config.scoring.kl)
+    counts = {name: env.keep_count(name, 0.5) for name in env.layer_names}
+    assert env.uniform_plan(0.5) == plan_top_k(scores, counts)
