@@ -168,3 +168,32 @@ def test_the_envs_dsfp_ranking_is_the_criterions_in_both_directions(tiny_env_fac
                    kl=env.config.scoring.kl)
     counts = {name: env.keep_count(name, 0.5) for name in env.layer_names}
     assert env.uniform_plan(0.5) == plan_top_k(scores, counts)
+
+
+def test_the_envs_transition_breaks_ties_as_every_plan_does(tiny_env_factory):
+    """Equal scores: each step prunes the lower indices of the filters still there (engine.plan.top_k_indices)."""
+    from pruning_env.criteria import Criterion, register_criterion, unregister_criterion
+    from pruning_env.engine.plan import PruningPlan, top_k_indices
+
+    @register_criterion("test_all_equal")
+    class AllEqual(Criterion):
+        needs_data = False
+        needs_labels = False
+
+        def compute(self, model, images, labels, convs, *, seed):
+            return {name: torch.zeros(conv.out_channels) for name, conv in convs.items()}
+
+    try:
+        env = tiny_env_factory(criterion="test_all_equal", reward="linear", max_cycles=2)
+        env.reset(seed=0)
+        rates = list(env.config.rates)
+        env.step({a: rates.index(0.3) for a in env.agents})
+        env.step({a: rates.index(0.6) for a in env.agents})
+        widths = {name: env.macs_model.widths[i] for i, name in enumerate(env.layer_names)}
+        first = {n: top_k_indices(torch.zeros(w), env.keep_count(n, 0.3)).tolist() for n, w in widths.items()}
+        second = {n: [first[n][i] for i in top_k_indices(torch.zeros(len(first[n])), env.keep_count(n, 0.6))]
+                  for n in widths}
+        assert env.plan == PruningPlan(second, widths)
+        assert all(keep == list(range(widths[n] - len(keep), widths[n])) for n, keep in second.items())
+    finally:
+        unregister_criterion("test_all_equal")

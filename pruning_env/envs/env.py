@@ -22,7 +22,7 @@ from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.budget import budget_keep_counts, check_reachable
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.macs import MacsModel
-from pruning_env.engine.plan import PruningPlan
+from pruning_env.engine.plan import PruningPlan, top_k_indices
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.features import GLOBAL_FEATURES, OBSERVATION_FEATURES, STATIC_FEATURES, static_features
 from pruning_env.envs.measure import Measured, PlanMeter
@@ -487,7 +487,7 @@ class FilterPruningEnv(ParallelEnv):
                 keep[name] = kept
             else:
                 order = measured.scores[name]  # of the current filters, low = prune first
-                keep[name] = kept[torch.sort(torch.argsort(order, stable=True)[len(kept) - n_keep:]).values]
+                keep[name] = kept[top_k_indices(order, n_keep)]
         return PruningPlan(keep, self._widths)
 
     def _parse_actions(self, actions: dict[str, Any]) -> list[float]:
