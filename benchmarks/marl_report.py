@@ -22,17 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import (
-    RESULTS,
-    atomic_write_text,
-    command_line,
-    commit,
-    fmt,
-    fmt_values,
-    mean_std,
-    parse_config,
-    write_markdown,
-)
+from benchmarks import common
+from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, parse_config, write_markdown
 from pruning_env.core.config import option
 from pruning_env.search import pareto_front
 
@@ -159,9 +150,9 @@ def _compare(state: dict[str, Any], a: str, b: str, section: str, key: str) -> d
     if not pairs:
         return None
     d = [p[0] - p[1] for p in pairs]
-    return {"n": len(pairs), "a": mean_std([p[0] for p in pairs]), "b": mean_std([p[1] for p in pairs]),
-            "diff": mean_std(d), "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d),
-            "macs_a": mean_std([p[2] for p in pairs])[0], "macs_b": mean_std([p[3] for p in pairs])[0]}
+    return {"n": len(pairs), "a": common.mean_std([p[0] for p in pairs]), "b": common.mean_std([p[1] for p in pairs]),
+            "diff": common.mean_std(d), "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d),
+            "macs_a": common.mean_std([p[2] for p in pairs])[0], "macs_b": common.mean_std([p[3] for p in pairs])[0]}
 
 
 def _verdict(c: dict[str, Any], noise: float = 0.0) -> str:
@@ -210,7 +201,7 @@ def summary(state: dict[str, Any], cfg: Any) -> str:
         if c is None:
             continue
         text = (f"On the validation objective of the search, QMIX {_verdict(c, 2 * res / 100)} {LABELS[other]}: "
-                f"{c['a'][0]:.4f} vs {c['b'][0]:.4f} (difference {fmt(*c['diff'], 4, sign='+')}"
+                f"{c['a'][0]:.4f} vs {c['b'][0]:.4f} (difference {common.fmt(*c['diff'], 4, sign='+')}"
                 f"; QMIX higher in {c['wins']} of {c['n']} seed{'s' if c['n'] > 1 else ''}), at MACs ratios "
                 f"{c['macs_a']:.3f} vs {c['macs_b']:.3f}")
         if abs(c["macs_a"] - c["macs_b"]) > 0.05:
@@ -226,7 +217,7 @@ def summary(state: dict[str, Any], cfg: Any) -> str:
             kd = ", KD" if cfg.finetune_kd else ""
             text += (f". After identical fine-tuning ({epochs}{kd}) the test accuracy is "
                      f"{f['a'][0]:.2f} % vs {f['b'][0]:.2f} % "
-                     f"(difference {fmt(*f['diff'], 2, sign='+')} points"
+                     f"(difference {common.fmt(*f['diff'], 2, sign='+')} points"
                      f"; QMIX higher in {f['wins']} of {f['n']}): QMIX {_verdict(f)} it after fine-tuning")
         parts.append(text + ".")
     t = _compare(state, "qmix", TP_NAME, "finetune", "test_acc")
@@ -273,11 +264,11 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
            "stopped early |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in algos:
         rs = [runs[s]["search"][a] for s in seeds if a in runs[s]["search"]]
-        cells = [fmt_values([r["plans_used"] for r in rs], 0), fmt_values([r["episodes"] for r in rs], 0),
-                 *(fmt_values([r["best"][k] for r in rs], 4) for k in ("objective", "acc_ratio", "macs_ratio",
+        cells = [common.fmt_values([r["plans_used"] for r in rs], 0), common.fmt_values([r["episodes"] for r in rs], 0),
+                 *(common.fmt_values([r["best"][k] for r in rs], 4) for k in ("objective", "acc_ratio", "macs_ratio",
                                                                       "params_ratio")),
-                 fmt_values([_acc_at_target(r, cfg.macs_target) for r in rs], 4),
-                 fmt_values([r["seconds"] for r in rs], 1), f"{sum(r['exhausted'] for r in rs)} of {len(rs)}"]
+                 common.fmt_values([_acc_at_target(r, cfg.macs_target) for r in rs], 4),
+                 common.fmt_values([r["seconds"] for r in rs], 1), f"{sum(r['exhausted'] for r in rs)} of {len(rs)}"]
         md.append(f"| {LABELS[a]} | {len(rs)} | " + " | ".join(cells) + " |")
     if cfg.reward == "budget":
         md += ["", "Where the searches measured their plans (every plan, intermediate steps of episodes included; "
@@ -319,7 +310,7 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
             digits = {"macs_ratio": 4, "params_ratio": 4, "val_objective": 4, "test_acc_before_finetune": 2,
                       "test_acc": 2, "retention": 4, "seconds": 1}
             md.append(f"| {LABELS[a]} | {len(rs)} | "
-                      + " | ".join(fmt_values([r[k] for r in rs], d) for k, d in digits.items()) + " |")
+                      + " | ".join(common.fmt_values([r[k] for r in rs], d) for k, d in digits.items()) + " |")
     md += ["", "## Per seed", "",
            "| seed | method | plans used | best val objective | MACs ratio | test before FT (%) | test after FT (%) "
            "| search wall (s) | FT wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -436,10 +427,10 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
           "in | goal (>= +1.0) |", "|---|---|---|---|---|---|---|"]
     for h in head:
         goal = "-" if h["goal_met"] is None else ("met" if h["goal_met"] else "not met")
-        md.append(f"| {h['target']:g} | {h['seeds']} | {fmt(h['qmix'], h['qmix_std'])} | "
-                  f"{fmt(h['dsfp_uniform'], h['dsfp_uniform_std'])} | "
-                  f"{fmt(h['difference'], h['difference_std'], sign='+')} | {h['qmix_higher']} of {h['seeds']} | "
-                  f"{goal} |")
+        md.append(f"| {h['target']:g} | {h['seeds']} | {common.fmt(h['qmix'], h['qmix_std'])} | "
+                  f"{common.fmt(h['dsfp_uniform'], h['dsfp_uniform_std'])} | "
+                  f"{common.fmt(h['difference'], h['difference_std'], sign='+')} | "
+                  f"{h['qmix_higher']} of {h['seeds']} | {goal} |")
     if any(h["seeds"] < 3 for h in head):
         md += ["", "Fewer than 3 seeds at some target (0: QMIX or DSFP-uniform not fine-tuned yet): no statistical "
                "claim; a ± is a standard deviation over seeds, shown from 2 seeds on."]
@@ -452,7 +443,7 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
         for t in targets:
             rs = [r for r in rows if r["method"] == m and r["target"] == t]
             cells += [f"{max(r['macs_ratio'] for r in rs):.4f}" if rs else "-",
-                      fmt_values([r["test_acc_after_ft"] for r in rs], 2)]
+                      common.fmt_values([r["test_acc_after_ft"] for r in rs], 2)]
         md.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     md += ["", (f"Every final network is at or below its target + {MACS_SLACK} MACs ratio." if not over else
                 f"**{len(over)} final networks exceed their target + {MACS_SLACK}**: "
