@@ -71,7 +71,7 @@ from benchmarks.common import require_torch_pruning
 from benchmarks.marl_report import ALGOS, TP_NAME, plots, result_rows, summary, write_report
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything
+from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything, without_run_only
 from pruning_env.core.data import load_splits
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.provenance import git_commit, machine_description
@@ -89,10 +89,6 @@ from pruning_env.training.train import default_checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ID = "pruning_env/Tiny-v0"
-# Settings that do not change results (where and how the run executes) are left out of the resume keys.
-_RUN_ONLY = ("algos", "seeds", "device", "threads", "out_dir", "work_dir", "resume", "progress", "data_dir",
-             "finetune_seed", "finetune_device", "finetune_progress", "workers", "ray_address", "worker_threads",
-             "lookahead")
 _FINETUNE_KEYS = ("tp_target", "tp_steps")
 
 
@@ -108,9 +104,9 @@ class BenchConfig:
     checkpoint: str | None = option(None, "trained baseline checkpoint (default: the cached "
                                     "<net>-<dataset>-w<width>-e<baseline-epochs>-s0.pt; never trained here)")
     baseline_epochs: int = option(30, "epochs of the cached baseline to look up")
-    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)")
-    algos: list[str] = option(list(ALGOS), "algorithms to compare (registered names)")
-    seeds: list[int] = option([0, 1, 2], "seeds; every algorithm runs once per seed")
+    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
+    algos: list[str] = option(list(ALGOS), "algorithms to compare (registered names)", run_only=True)
+    seeds: list[int] = option([0, 1, 2], "seeds; every algorithm runs once per seed", run_only=True)
     problem: EnvConfig = nested(EnvConfig, "the pruning env every algorithm searches")
     search: SearchConfig = nested(SearchConfig, "the budget of every search")
     finetune: FinetuneConfig = nested(FinetuneConfig, "identical fine-tuning of every best plan and of "
@@ -121,12 +117,14 @@ class BenchConfig:
                             "the same seed (qmix; falls back to --macs-target without QMIX) or --macs-target "
                             "(target)", choices=["qmix", "target"])
     tp_steps: int = option(200, "Torch-Pruning iterative steps from 0 to the largest rate (finer = closer MACs)")
-    device: str = option("auto", "device of the env, the agents and the fine-tuning: auto, cpu, cuda")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of marl.md, marl.json and the plots")
-    work_dir: str = option("runs/bench_marl", "folder of fine-tuning checkpoints (for resuming)")
-    resume: bool = option(False, "reuse finished searches / fine-tunes recorded in marl.json (same settings)")
-    progress: bool = option(True, "show progress bars")
+    device: str = option("auto", "device of the env, the agents and the fine-tuning: auto, cpu, cuda", run_only=True)
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", run_only=True)
+    out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of marl.md, marl.json and the plots",
+                          run_only=True)
+    work_dir: str = option("runs/bench_marl", "folder of fine-tuning checkpoints (for resuming)", run_only=True)
+    resume: bool = option(False, "reuse finished searches / fine-tunes recorded in marl.json (same settings)",
+                          run_only=True)
+    progress: bool = option(True, "show progress bars", run_only=True)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -343,7 +341,7 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
 
 def _keys(cfg: BenchConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The settings that define the searches' results, and those that define the fine-tunes'."""
-    flat = {k: v for k, v in flat_dict(cfg).items() if k not in _RUN_ONLY}
+    flat = without_run_only(BenchConfig, flat_dict(cfg))
     ft = {k: v for k, v in flat.items() if k.startswith("finetune_") or k in _FINETUNE_KEYS}
     search = {k: v for k, v in flat.items() if k not in ft}
     return json.loads(json.dumps(search)), json.loads(json.dumps(ft))
@@ -356,12 +354,12 @@ def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool]:
     if not (cfg.resume and path.is_file()):
         return fresh, False
     state = json.loads(path.read_text())
-    if search_cfg != state.get("search_config"):
-        old = state.get("search_config", {})
+    old = without_run_only(BenchConfig, state.get("search_config", {}))
+    if search_cfg != old:
         diff = sorted(k for k in set(search_cfg) | set(old) if search_cfg.get(k) != old.get(k))
         raise ValueError(f"{path} holds results of other search settings ({', '.join(diff)}); drop --resume to "
                          "start over or pass another --out-dir")
-    if ft_cfg != state.get("finetune_config"):
+    if ft_cfg != without_run_only(BenchConfig, state.get("finetune_config", {})):
         # The searches stay valid; the fine-tunes (and their checkpoints) do not.
         print("marl: fine-tuning settings changed: recorded fine-tunes are discarded, searches kept", file=sys.stderr)
         for run in state["runs"].values():

@@ -92,7 +92,7 @@ class RunConfig:
 
     net: str = option("vgg16", "network to prune", choices=list_models())
     dataset: str = option("cifar10", "data set: cifar10, cifar100 or an image-folder name")
-    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)")
+    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
     width: float = option(0.25, "channel width of the baseline (preset: smoke 0.125, cpu 0.25, paper 1)",
                           min=0, min_exclusive=True)
     env: str | None = option(None, "a registered env id (e.g. pruning_env/Tiny-v0) instead of --net/--dataset")
@@ -104,18 +104,20 @@ class RunConfig:
                                       "paper 60)", prefix="finetune")
     parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers, --ray-address)")
     seed: int = option(0, "seed of everything (env, agents, fine-tuning)", min=0)
-    device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N: env, agents and fine-tuning")
-    logdir: str = option("runs/marl", "output folder: TensorBoard logs, report, plots, pruned model")
-    checkpoint: str | None = option(None, "trained baseline checkpoint (default: cache, else train it)")
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N: env, agents and fine-tuning",
+                         run_only=True)
+    logdir: str = option("runs/marl", "output folder: TensorBoard logs, report, plots, pruned model", run_only=True)
+    checkpoint: str | None = option(None, "trained baseline checkpoint (default: cache, else train it)", run_only=True)
     baseline_epochs: int = option(30, "epochs of the cached/trained baseline (preset: smoke 1, cpu 30, paper 200)",
                                  min=1)
-    resume: bool = option(False, "continue the search saved in --logdir (same settings only)")
-    overwrite: bool = option(False, "replace an earlier run in --logdir (without it an earlier run is refused)")
+    resume: bool = option(False, "continue the search saved in --logdir (same settings only)", run_only=True)
+    overwrite: bool = option(False, "replace an earlier run in --logdir (without it an earlier run is refused)",
+                             run_only=True)
     preset: str | None = option(None, "smoke, cpu or paper (default: paper with a GPU, cpu without)",
-                                choices=list(PRESETS))
+                                choices=list(PRESETS), run_only=True)
     latency_repeats: int = option(30, "timed forward passes per latency measurement (0: skip; preset: 3 / 30 / 50)",
-                                 min=0)
-    progress: bool = option(True, "show progress bars")
+                                 min=0, run_only=True)
+    progress: bool = option(True, "show progress bars", run_only=True)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -321,9 +323,6 @@ def _config(argv: list[str] | None, parser: argparse.ArgumentParser) -> RunConfi
     return resolve(config_from_args(RunConfig, args, base=base))
 
 
-# Settings that say where and how a run executes, not what it computes: --resume may change them.
-_RUN_ONLY = frozenset({"device", "progress", "logdir", "resume", "overwrite", "preset", "data_dir", "checkpoint",
-                       "latency_repeats", "workers", "ray_address", "worker_threads", "lookahead"})
 # What a run writes into --logdir (an earlier run's outputs: refused without --resume or --overwrite).
 _OUTPUTS = (STATE_FILE, "finetune.pt", "report.json", "report.md", "pareto.png", "learning_curve.png", "plan.json",
             "pruned_model.pt", "tb")
@@ -372,7 +371,7 @@ def _load_state(cfg: RunConfig, state_file: Path) -> dict[str, Any]:
     if saved is None:
         print(f"note: {state_file} predates recorded settings; cannot check that they match", file=sys.stderr)
     else:
-        diff = config_mismatch(saved, flat_dict(cfg), _RUN_ONLY)
+        diff = config_mismatch(saved, flat_dict(cfg), RunConfig)
         if diff:
             raise ValueError(mismatch_message(str(state_file), diff,
                                               "pass --overwrite (instead of --resume) to start afresh"))
