@@ -71,7 +71,15 @@ from benchmarks.common import require_torch_pruning
 from benchmarks.marl_report import ALGOS, TP_NAME, plots, result_rows, summary, write_report
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything, without_run_only
+from pruning_env.core.config import (
+    check_settings,
+    flat_dict,
+    nested,
+    option,
+    resolve_device,
+    seed_everything,
+    without_run_only,
+)
 from pruning_env.core.data import load_splits
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.provenance import git_commit, machine_description
@@ -116,7 +124,8 @@ class BenchConfig:
     tp_target: str = option("target", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "
                             "the same seed (qmix; falls back to --macs-target without QMIX) or --macs-target "
                             "(target)", choices=["qmix", "target"])
-    tp_steps: int = option(200, "Torch-Pruning iterative steps from 0 to the largest rate (finer = closer MACs)")
+    tp_steps: int = option(200, "Torch-Pruning iterative steps from 0 to the largest rate (finer = closer MACs)",
+                           min=1)
     device: str = option("auto", "device of the env, the agents and the fine-tuning: auto, cpu, cuda", run_only=True)
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", run_only=True)
     out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of marl.md, marl.json and the plots",
@@ -132,13 +141,12 @@ class BenchConfig:
 
 def _check(cfg: BenchConfig) -> BenchConfig:
     """Validate every flag before any work starts (raises ValueError)."""
+    check_settings(cfg)  # the declared ranges, also of a config built in code (the CLI checks them too)
     unknown = [a for a in cfg.algos if a not in agents.list_algorithms()]
     if unknown:
         raise ValueError(f"unknown algorithm(s) {unknown}; choose from {', '.join(agents.list_algorithms())}")
     if len(set(cfg.algos)) != len(cfg.algos) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError("--algos and --seeds must not repeat")
-    if cfg.tp_steps < 1:
-        raise ValueError("--tp-steps must be >= 1")
     require_torch_pruning("the Torch-Pruning row of every seed (global L1 pruning to the same MACs)")
     cfg.finetune.check()
     cfg.parallel.check()

@@ -61,9 +61,11 @@ def test_bad_actions_raise_clear_errors(tiny_env_factory):
 
 
 def test_bad_config_raises_clear_errors(tiny_env_factory):
-    with pytest.raises(ValueError, match="rates must be distinct pruning rates in \\[0, 1\\)"):
+    with pytest.raises(ValueError, match="--rates: rates must be in \\[0, 1\\), got 1.0"):
         tiny_env_factory(rates=(0.0, 1.0))
-    with pytest.raises(ValueError, match="unknown criterion 'nope'"):
+    with pytest.raises(ValueError, match="--rates: rates must be distinct"):
+        tiny_env_factory(rates=(0.1, 0.1))
+    with pytest.raises(ValueError, match="--criterion: criterion must be one of .*dsfp.*, got 'nope'"):
         tiny_env_factory(criterion="nope")
     with pytest.raises(ValueError, match="macs_target"):
         tiny_env_factory(reward="budget", macs_target=1.5)

@@ -504,8 +504,6 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.calib_size < 1:
-            raise ValueError(f"calib_size must be >= 1, got {self.calib_size}")
 
 
 def calibration_batch(splits: Splits, n: int, *, seed: int = 0,

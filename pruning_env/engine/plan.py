@@ -340,7 +340,6 @@ class RateRule:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        _check_ints(self.min_keep, self.round_to)
 
     def keep_count(self, width: int, rate: float) -> int:
         """Filters a ``width``-filter layer keeps at pruning ``rate`` in [0, 1)."""

@@ -105,23 +105,8 @@ class FinetuneConfig:
             self.train_limit = None
 
     def check(self) -> None:
-        """Raise ``ValueError`` for out-of-range settings."""
+        """Raise :class:`~pruning_env.core.config.SettingError` for out-of-range settings (set after construction)."""
         check_settings(self)
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("alpha_start", "alpha_end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if self.train_limit is not None and self.train_limit < 1:
-            raise ValueError(f"train_limit must be >= 1 (or None for all), got {self.train_limit}")
 
 
 def alpha_at(epoch: int, cfg: FinetuneConfig) -> float:

@@ -213,18 +213,10 @@ def fit(
     """
     device = resolve_device(cfg.device)
     model.to(device)
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.sam_rho < 0:
-        raise ValueError(f"sam_rho must be >= 0, got {cfg.sam_rho}")
-    if cfg.aug_copies < 1:
-        raise ValueError(f"aug_copies must be >= 1 (1 turns batch augmentation off), got {cfg.aug_copies}")
     # --dropout applies while training only: the returned model has the architecture's rates again, exactly
     # what loading the saved checkpoint gives (else a just-trained baseline fine-tunes differently from a cached one)
     dropouts = [(m, m.p) for m in model.modules() if isinstance(m, nn.Dropout)]
     if cfg.dropout is not None:
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
         for m, _ in dropouts:
             m.p = cfg.dropout
     path = device_path(device, amp=cfg.amp, device_data=cfg.device_data)
@@ -391,8 +383,6 @@ def _resume_state(loaded: ckpt.Checkpoint, out: Path) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     t0 = time.time()
-    if cfg.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else default_checkpoint_path(cfg.net, cfg.dataset, cfg.width, cfg.epochs, cfg.seed)
     _check_out(cfg, out)
