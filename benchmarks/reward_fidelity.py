@@ -61,6 +61,7 @@ from benchmarks.common import (
     commit,
     log,
     machine,
+    mean_std,
     parse_config,
     write_markdown,
 )
@@ -305,7 +306,7 @@ def analyse(records: list[dict[str, Any]], cfg: FidelityConfig) -> dict[str, Any
         if pairs:
             a, b = np.array(pairs).T
             noise.append({"target": target, "plans": len(pairs), "mean_abs_diff": float(np.mean(np.abs(a - b))),
-                          "std_diff": float(np.std(a - b, ddof=1)) if len(pairs) > 1 else None,
+                          "std_diff": mean_std([float(d) for d in a - b])[1],
                           "kendall_tau_seeds": float(stats.kendalltau(a, b).statistic) if len(pairs) > 2 else None})
         uni = [r["truth"]["0"]["val_acc"] for r in recs if r["name"] == "uniform"]
         best = max(recs, key=lambda r: r["truth"]["0"]["val_acc"])
