@@ -111,6 +111,10 @@ def test_unreachable_target_is_judged_on_an_image_folders_classes_and_images(tmp
                                problem=EnvConfig(macs_target=0.021))
     assert not _refused(cfg)  # 64x64 gray images keep 0.0182 (more conv MACs to remove), CIFAR-10 0.0246
     assert _refused(dataclasses.replace(cfg, problem=EnvConfig(macs_target=0.017)))
+    (tmp_path / "empty" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "test").mkdir()
+    with pytest.raises(ValueError, match="--dataset empty: no image files"):
+        train_marl.resolve(dataclasses.replace(cfg, dataset="empty"))
 
 
 def test_the_cli_and_the_env_refuse_the_same_targets(tiny_env_factory):

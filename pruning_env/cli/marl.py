@@ -56,7 +56,7 @@ from pruning_env.core.config import (
     seed_everything,
     with_overrides,
 )
-from pruning_env.core.data import data_dir, dataset_info
+from pruning_env.core.data import DataError, data_dir, dataset_info
 from pruning_env.core.models import build, list_models
 from pruning_env.engine.budget import check_reachable
 from pruning_env.engine.graph import prunable_layers
@@ -173,7 +173,10 @@ def _net_of(cfg: RunConfig) -> str:
 def _untrained(cfg: RunConfig) -> tuple[torch.nn.Module, tuple[int, int, int]]:
     """An untrained copy of the network the run prunes, with the data set's classes, and the data's image shape."""
     dataset = cfg.dataset if cfg.env is None else parse_env_id(cfg.env).dataset
-    info = dataset_info(dataset, cfg.data_dir)
+    try:
+        info = dataset_info(dataset, cfg.data_dir)
+    except DataError as exc:
+        raise ValueError(f"--dataset {dataset}: {exc}") from None
     net = _net_of(cfg)
     model = build(net, num_classes=info.num_classes, in_channels=info.input_shape[0],
                   width=1.0 if net == "tiny" else cfg.width)
