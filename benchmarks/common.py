@@ -30,6 +30,7 @@ __all__ = [
     "commit",
     "config_parser",
     "fmt",
+    "fmt_values",
     "log",
     "machine",
     "mean_std",
@@ -140,11 +141,18 @@ def mean_std(values: list[Any]) -> tuple[float, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
-def fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
-    """``"mean ± std"`` for a table cell (``-`` when there is no value)."""
+def fmt(mean: float | None, std: float | None, digits: int = 2, sign: str = "") -> str:
+    """``"mean ± std"`` for a table cell (``-`` when there is no value; just the mean without a std).
+
+    ``sign="+"`` writes the sign of a positive mean too (a difference)."""
     if mean is None or math.isnan(mean):
         return "-"
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+    return f"{mean:{sign}.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def fmt_values(values: list[Any], digits: int = 2) -> str:
+    """The table cell of the numbers among ``values``: :func:`fmt` of their :func:`mean_std`."""
+    return fmt(*mean_std(values), digits)
 
 
 def parse_net(spec: str, sep: str = ":") -> tuple[str, float]:

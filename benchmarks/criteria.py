@@ -178,7 +178,7 @@ class ScoreBank:
             gp, sec_g = self._primitive("gradpass")
             klp, sec_k = self._primitive(f"kl:{variant.kl}")
             fused = criteria.fuse(gp["grad"], gp["taylor"], klp["kl"])
-            return (fused if variant.direction == "low" else {n: -v for n, v in fused.items()}), sec_g + sec_k
+            return criteria.apply_direction(fused, variant.direction), sec_g + sec_k
         parts, sec = self._primitive(f"{c}:{seed}" if variant.seeded else c)
         return parts["s"], sec
 

@@ -71,7 +71,15 @@ from benchmarks.common import require_torch_pruning
 from benchmarks.marl_report import ALGOS, TP_NAME, plots, result_rows, summary, write_report
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything
+from pruning_env.core.config import (
+    check_settings,
+    flat_dict,
+    nested,
+    option,
+    resolve_device,
+    seed_everything,
+    without_run_only,
+)
 from pruning_env.core.data import load_splits
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.provenance import git_commit, machine_description
@@ -79,7 +87,7 @@ from pruning_env.engine.flops import count
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
+from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env, parse_env_id
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
 from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
@@ -89,10 +97,6 @@ from pruning_env.training.train import default_checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ID = "pruning_env/Tiny-v0"
-# Settings that do not change results (where and how the run executes) are left out of the resume keys.
-_RUN_ONLY = ("algos", "seeds", "device", "threads", "out_dir", "work_dir", "resume", "progress", "data_dir",
-             "finetune_seed", "finetune_device", "finetune_progress", "workers", "ray_address", "worker_threads",
-             "lookahead")
 _FINETUNE_KEYS = ("tp_target", "tp_steps")
 
 
@@ -108,9 +112,9 @@ class BenchConfig:
     checkpoint: str | None = option(None, "trained baseline checkpoint (default: the cached "
                                     "<net>-<dataset>-w<width>-e<baseline-epochs>-s0.pt; never trained here)")
     baseline_epochs: int = option(30, "epochs of the cached baseline to look up")
-    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)")
-    algos: list[str] = option(list(ALGOS), "algorithms to compare (registered names)")
-    seeds: list[int] = option([0, 1, 2], "seeds; every algorithm runs once per seed")
+    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
+    algos: list[str] = option(list(ALGOS), "algorithms to compare (registered names)", run_only=True)
+    seeds: list[int] = option([0, 1, 2], "seeds; every algorithm runs once per seed", run_only=True)
     problem: EnvConfig = nested(EnvConfig, "the pruning env every algorithm searches")
     search: SearchConfig = nested(SearchConfig, "the budget of every search")
     finetune: FinetuneConfig = nested(FinetuneConfig, "identical fine-tuning of every best plan and of "
@@ -120,13 +124,16 @@ class BenchConfig:
     tp_target: str = option("target", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "
                             "the same seed (qmix; falls back to --macs-target without QMIX) or --macs-target "
                             "(target)", choices=["qmix", "target"])
-    tp_steps: int = option(200, "Torch-Pruning iterative steps from 0 to the largest rate (finer = closer MACs)")
-    device: str = option("auto", "device of the env, the agents and the fine-tuning: auto, cpu, cuda")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of marl.md, marl.json and the plots")
-    work_dir: str = option("runs/bench_marl", "folder of fine-tuning checkpoints (for resuming)")
-    resume: bool = option(False, "reuse finished searches / fine-tunes recorded in marl.json (same settings)")
-    progress: bool = option(True, "show progress bars")
+    tp_steps: int = option(200, "Torch-Pruning iterative steps from 0 to the largest rate (finer = closer MACs)",
+                           min=1)
+    device: str = option("auto", "device of the env, the agents and the fine-tuning: auto, cpu, cuda", run_only=True)
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", run_only=True)
+    out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of marl.md, marl.json and the plots",
+                          run_only=True)
+    work_dir: str = option("runs/bench_marl", "folder of fine-tuning checkpoints (for resuming)", run_only=True)
+    resume: bool = option(False, "reuse finished searches / fine-tunes recorded in marl.json (same settings)",
+                          run_only=True)
+    progress: bool = option(True, "show progress bars", run_only=True)
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -134,13 +141,12 @@ class BenchConfig:
 
 def _check(cfg: BenchConfig) -> BenchConfig:
     """Validate every flag before any work starts (raises ValueError)."""
+    check_settings(cfg)  # the declared ranges, also of a config built in code (the CLI checks them too)
     unknown = [a for a in cfg.algos if a not in agents.list_algorithms()]
     if unknown:
         raise ValueError(f"unknown algorithm(s) {unknown}; choose from {', '.join(agents.list_algorithms())}")
     if len(set(cfg.algos)) != len(cfg.algos) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError("--algos and --seeds must not repeat")
-    if cfg.tp_steps < 1:
-        raise ValueError("--tp-steps must be >= 1")
     require_torch_pruning("the Torch-Pruning row of every seed (global L1 pruning to the same MACs)")
     cfg.finetune.check()
     cfg.parallel.check()
@@ -159,9 +165,8 @@ def _check(cfg: BenchConfig) -> BenchConfig:
 def _net_dataset(cfg: BenchConfig) -> tuple[str, str]:
     if cfg.env is None:
         return cfg.net, cfg.dataset
-    label, data = cfg.env.split("/", 1)[1].rsplit("-v0", 1)[0].split("-")
-    net = {v: k for k, v in NETWORK_NAMES.items()}[label]
-    return net, data.lower()
+    parts = parse_env_id(cfg.env)
+    return parts.net, parts.dataset
 
 
 def _baseline_path(cfg: BenchConfig) -> Path:
@@ -344,7 +349,7 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
 
 def _keys(cfg: BenchConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """The settings that define the searches' results, and those that define the fine-tunes'."""
-    flat = {k: v for k, v in flat_dict(cfg).items() if k not in _RUN_ONLY}
+    flat = without_run_only(BenchConfig, flat_dict(cfg))
     ft = {k: v for k, v in flat.items() if k.startswith("finetune_") or k in _FINETUNE_KEYS}
     search = {k: v for k, v in flat.items() if k not in ft}
     return json.loads(json.dumps(search)), json.loads(json.dumps(ft))
@@ -357,12 +362,12 @@ def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool]:
     if not (cfg.resume and path.is_file()):
         return fresh, False
     state = json.loads(path.read_text())
-    if search_cfg != state.get("search_config"):
-        old = state.get("search_config", {})
+    old = without_run_only(BenchConfig, state.get("search_config", {}))
+    if search_cfg != old:
         diff = sorted(k for k in set(search_cfg) | set(old) if search_cfg.get(k) != old.get(k))
         raise ValueError(f"{path} holds results of other search settings ({', '.join(diff)}); drop --resume to "
                          "start over or pass another --out-dir")
-    if ft_cfg != state.get("finetune_config"):
+    if ft_cfg != without_run_only(BenchConfig, state.get("finetune_config", {})):
         # The searches stay valid; the fine-tunes (and their checkpoints) do not.
         print("marl: fine-tuning settings changed: recorded fine-tunes are discarded, searches kept", file=sys.stderr)
         for run in state["runs"].values():

@@ -14,7 +14,6 @@ Every function takes the recorded state and the benchmark's settings as a flat n
 from __future__ import annotations
 
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks import common
 from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, parse_config, write_markdown
 from pruning_env.core.config import option
 from pruning_env.search import pareto_front
@@ -34,21 +34,6 @@ ALGOS = ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"]
 TP_NAME = "torch-pruning"
 LABELS = {"qmix": "QMIX", "vdn": "VDN", "iql": "IQL", "amc": "AMC (DDPG)", "random": "random search",
           "dsfp-uniform": "DSFP-uniform", TP_NAME: "Torch-Pruning global L1"}
-
-
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    a = np.asarray([x for x in xs if x is not None], dtype=np.float64)
-    if a.size == 0:
-        return float("nan"), float("nan")
-    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
-
-
-def _fmt(xs: list[float | None], digits: int = 4) -> str:
-    """``mean ± std`` over seeds (just the value for one seed; "-" for none)."""
-    m, s = _mean_std(xs)
-    if math.isnan(m):
-        return "-"
-    return f"{m:.{digits}f}" + (f" ± {s:.{digits}f}" if len([x for x in xs if x is not None]) > 1 else "")
 
 
 def best_so_far(curve: list[dict[str, Any]], grid: np.ndarray) -> np.ndarray:
@@ -165,9 +150,9 @@ def _compare(state: dict[str, Any], a: str, b: str, section: str, key: str) -> d
     if not pairs:
         return None
     d = [p[0] - p[1] for p in pairs]
-    return {"n": len(pairs), "a": _mean_std([p[0] for p in pairs]), "b": _mean_std([p[1] for p in pairs]),
-            "diff": _mean_std(d), "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d),
-            "macs_a": _mean_std([p[2] for p in pairs])[0], "macs_b": _mean_std([p[3] for p in pairs])[0]}
+    return {"n": len(pairs), "a": common.mean_std([p[0] for p in pairs]), "b": common.mean_std([p[1] for p in pairs]),
+            "diff": common.mean_std(d), "wins": sum(x > 0 for x in d), "ties": sum(x == 0 for x in d),
+            "macs_a": common.mean_std([p[2] for p in pairs])[0], "macs_b": common.mean_std([p[3] for p in pairs])[0]}
 
 
 def _verdict(c: dict[str, Any], noise: float = 0.0) -> str:
@@ -216,9 +201,8 @@ def summary(state: dict[str, Any], cfg: Any) -> str:
         if c is None:
             continue
         text = (f"On the validation objective of the search, QMIX {_verdict(c, 2 * res / 100)} {LABELS[other]}: "
-                f"{c['a'][0]:.4f} vs {c['b'][0]:.4f} (difference {c['diff'][0]:+.4f}"
-                + (f" ± {c['diff'][1]:.4f}" if c["n"] > 1 else "")
-                + f"; QMIX higher in {c['wins']} of {c['n']} seed{'s' if c['n'] > 1 else ''}), at MACs ratios "
+                f"{c['a'][0]:.4f} vs {c['b'][0]:.4f} (difference {common.fmt(*c['diff'], 4, sign='+')}"
+                f"; QMIX higher in {c['wins']} of {c['n']} seed{'s' if c['n'] > 1 else ''}), at MACs ratios "
                 f"{c['macs_a']:.3f} vs {c['macs_b']:.3f}")
         if abs(c["macs_a"] - c["macs_b"]) > 0.05:
             text += " (the MACs are NOT well matched: compare with care)"
@@ -233,9 +217,8 @@ def summary(state: dict[str, Any], cfg: Any) -> str:
             kd = ", KD" if cfg.finetune_kd else ""
             text += (f". After identical fine-tuning ({epochs}{kd}) the test accuracy is "
                      f"{f['a'][0]:.2f} % vs {f['b'][0]:.2f} % "
-                     f"(difference {f['diff'][0]:+.2f} points"
-                     + (f" ± {f['diff'][1]:.2f}" if f["n"] > 1 else "")
-                     + f"; QMIX higher in {f['wins']} of {f['n']}): QMIX {_verdict(f)} it after fine-tuning")
+                     f"(difference {common.fmt(*f['diff'], 2, sign='+')} points"
+                     f"; QMIX higher in {f['wins']} of {f['n']}): QMIX {_verdict(f)} it after fine-tuning")
         parts.append(text + ".")
     t = _compare(state, "qmix", TP_NAME, "finetune", "test_acc")
     if t is not None:
@@ -281,12 +264,12 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
            "stopped early |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for a in algos:
         rs = [runs[s]["search"][a] for s in seeds if a in runs[s]["search"]]
-        md.append(f"| {LABELS[a]} | {len(rs)} | {_fmt([r['plans_used'] for r in rs], 0)} | "
-                  f"{_fmt([r['episodes'] for r in rs], 0)} | {_fmt([r['best']['objective'] for r in rs])} | "
-                  f"{_fmt([r['best']['acc_ratio'] for r in rs])} | {_fmt([r['best']['macs_ratio'] for r in rs])} | "
-                  f"{_fmt([r['best']['params_ratio'] for r in rs])} | "
-                  f"{_fmt([_acc_at_target(r, cfg.macs_target) for r in rs])} | {_fmt([r['seconds'] for r in rs], 1)} | "
-                  f"{sum(r['exhausted'] for r in rs)} of {len(rs)} |")
+        cells = [common.fmt_values([r["plans_used"] for r in rs], 0), common.fmt_values([r["episodes"] for r in rs], 0),
+                 *(common.fmt_values([r["best"][k] for r in rs], 4) for k in ("objective", "acc_ratio", "macs_ratio",
+                                                                      "params_ratio")),
+                 common.fmt_values([_acc_at_target(r, cfg.macs_target) for r in rs], 4),
+                 common.fmt_values([r["seconds"] for r in rs], 1), f"{sum(r['exhausted'] for r in rs)} of {len(rs)}"]
+        md.append(f"| {LABELS[a]} | {len(rs)} | " + " | ".join(cells) + " |")
     if cfg.reward == "budget":
         md += ["", "Where the searches measured their plans (every plan, intermediate steps of episodes included; "
                f"all seeds pooled): the share within 0.01 of the MACs target {cfg.macs_target:g}, the share at or "
@@ -324,10 +307,10 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
                "test acc after FT (%) | retention | FT wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
         for a in ft_names:
             rs = [runs[s]["finetune"][a] for s in seeds if a in runs[s].get("finetune", {})]
-            md.append(f"| {LABELS[a]} | {len(rs)} | {_fmt([r['macs_ratio'] for r in rs])} | "
-                      f"{_fmt([r['params_ratio'] for r in rs])} | {_fmt([r['val_objective'] for r in rs])} | "
-                      f"{_fmt([r['test_acc_before_finetune'] for r in rs], 2)} | {_fmt([r['test_acc'] for r in rs], 2)}"
-                      f" | {_fmt([r['retention'] for r in rs])} | {_fmt([r['seconds'] for r in rs], 1)} |")
+            digits = {"macs_ratio": 4, "params_ratio": 4, "val_objective": 4, "test_acc_before_finetune": 2,
+                      "test_acc": 2, "retention": 4, "seconds": 1}
+            md.append(f"| {LABELS[a]} | {len(rs)} | "
+                      + " | ".join(common.fmt_values([r[k] for r in rs], d) for k, d in digits.items()) + " |")
     md += ["", "## Per seed", "",
            "| seed | method | plans used | best val objective | MACs ratio | test before FT (%) | test after FT (%) "
            "| search wall (s) | FT wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -399,18 +382,11 @@ def headline(states: list[dict[str, Any]], goal: float = 1.0) -> list[dict[str, 
                         "dsfp_uniform_std": None, "difference": None, "difference_std": None, "qmix_higher": 0,
                         "goal_points": goal, "goal_met": None})
             continue
-        sd = (lambda v: v) if c["n"] > 1 else (lambda v: None)
-        out.append({"target": target, "seeds": c["n"], "qmix": c["a"][0], "qmix_std": sd(c["a"][1]),
-                    "dsfp_uniform": c["b"][0], "dsfp_uniform_std": sd(c["b"][1]), "difference": c["diff"][0],
-                    "difference_std": sd(c["diff"][1]), "qmix_higher": c["wins"], "goal_points": goal,
+        out.append({"target": target, "seeds": c["n"], "qmix": c["a"][0], "qmix_std": c["a"][1],
+                    "dsfp_uniform": c["b"][0], "dsfp_uniform_std": c["b"][1], "difference": c["diff"][0],
+                    "difference_std": c["diff"][1], "qmix_higher": c["wins"], "goal_points": goal,
                     "goal_met": c["diff"][0] >= goal})
     return out
-
-
-def _pm(mean: float | None, std: float | None, sign: str = "") -> str:
-    if mean is None:
-        return "-"
-    return f"{mean:{sign}.2f}" + (f" ± {std:.2f}" if std is not None else "")
 
 
 def _check_comparable(states: list[dict[str, Any]]) -> None:
@@ -451,9 +427,10 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
           "in | goal (>= +1.0) |", "|---|---|---|---|---|---|---|"]
     for h in head:
         goal = "-" if h["goal_met"] is None else ("met" if h["goal_met"] else "not met")
-        md.append(f"| {h['target']:g} | {h['seeds']} | {_pm(h['qmix'], h['qmix_std'])} | "
-                  f"{_pm(h['dsfp_uniform'], h['dsfp_uniform_std'])} | "
-                  f"{_pm(h['difference'], h['difference_std'], '+')} | {h['qmix_higher']} of {h['seeds']} | {goal} |")
+        md.append(f"| {h['target']:g} | {h['seeds']} | {common.fmt(h['qmix'], h['qmix_std'])} | "
+                  f"{common.fmt(h['dsfp_uniform'], h['dsfp_uniform_std'])} | "
+                  f"{common.fmt(h['difference'], h['difference_std'], sign='+')} | "
+                  f"{h['qmix_higher']} of {h['seeds']} | {goal} |")
     if any(h["seeds"] < 3 for h in head):
         md += ["", "Fewer than 3 seeds at some target (0: QMIX or DSFP-uniform not fine-tuned yet): no statistical "
                "claim; a ± is a standard deviation over seeds, shown from 2 seeds on."]
@@ -466,7 +443,7 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
         for t in targets:
             rs = [r for r in rows if r["method"] == m and r["target"] == t]
             cells += [f"{max(r['macs_ratio'] for r in rs):.4f}" if rs else "-",
-                      _fmt([r["test_acc_after_ft"] for r in rs], 2)]
+                      common.fmt_values([r["test_acc_after_ft"] for r in rs], 2)]
         md.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     md += ["", (f"Every final network is at or below its target + {MACS_SLACK} MACs ratio." if not over else
                 f"**{len(over)} final networks exceed their target + {MACS_SLACK}**: "

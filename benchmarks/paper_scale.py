@@ -70,7 +70,15 @@ from benchmarks.common import (
 )
 from pruning_env.cli.options import config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import flat_dict, nested, option, resolve_device, seed_everything, with_overrides
+from pruning_env.core.config import (
+    flat_dict,
+    nested,
+    option,
+    resolve_device,
+    seed_everything,
+    with_overrides,
+    without_run_only,
+)
 from pruning_env.core.data import CalibrationConfig
 from pruning_env.core.models import list_models
 from pruning_env.envs.config import EnvConfig
@@ -94,8 +102,6 @@ SMOKE: dict[str, Any] = dict(dataset="synthetic", width=0.125, baseline_epochs=1
                              work_dir="runs/paper_scale_smoke")
 """What ``--smoke`` sets (a flag you type wins): the whole pipeline on the seeded synthetic data in seconds, its
 outputs under ``runs/`` (never over the real results in ``benchmarks/results``)."""
-_RUN_ONLY = ("device", "out", "work_dir", "resume", "dry_run", "dry_steps", "dry_calib", "progress", "smoke",
-             "data_dir", "finetune_seed", "finetune_device", "finetune_progress")
 
 
 @dataclass
@@ -105,7 +111,8 @@ class PaperScaleConfig:
     net: str = option("vgg16", "architecture (the papers': vgg16)", choices=list_models())
     width: float = option(1.0, "channel width multiplier (1: the papers' full width)", min=0, min_exclusive=True)
     dataset: str = option("cifar10", "cifar10, cifar100 or synthetic (the in-process toy data of --smoke)")
-    data_dir: str | None = option(None, "folder holding the data set (none: $PRUNING_ENV_DATA, else the cache)")
+    data_dir: str | None = option(None, "folder holding the data set (none: $PRUNING_ENV_DATA, else the cache)",
+                                  run_only=True)
     baseline_epochs: int = option(30, "baseline training epochs (pruning_env.train's default recipe)", min=1)
     seed: int = option(0, "seed of the baseline, the rows, the searches and every fine-tune", min=0)
     criteria: tuple[str, ...] = option(DEFAULT_CRITERIA, "criterion variants of the uniform-rate rows (see "
@@ -120,18 +127,19 @@ class PaperScaleConfig:
     search: SearchConfig = nested(SearchConfig, "the plan budget of every search (300 plans, as benchmarks.marl)")
     finetune: FinetuneConfig = nested(FinetuneConfig, "the one KD fine-tune of every row and every best plan "
                                       "(2 epochs here)", prefix="finetune", default=FinetuneConfig(epochs=2))
-    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", run_only=True)
     out: str | None = option(None, "Markdown report (none: benchmarks/results/paper_scale.md); progress in the "
-                             ".json beside it, the dry-run's projection in .dryrun.json")
-    work_dir: str = option("runs/paper_scale", "folder of the fine-tuning checkpoints (for --resume)")
-    resume: bool = option(False, "keep the finished rows, searches and fine-tunes in the .json (same settings)")
-    dry_run: bool = option(False, "time a few steps of every stage, print the projected total, and stop")
-    dry_steps: int = option(3, "dry run: training / fine-tuning steps timed per measurement", min=1)
+                             ".json beside it, the dry-run's projection in .dryrun.json", run_only=True)
+    work_dir: str = option("runs/paper_scale", "folder of the fine-tuning checkpoints (for --resume)", run_only=True)
+    resume: bool = option(False, "keep the finished rows, searches and fine-tunes in the .json (same settings)",
+                          run_only=True)
+    dry_run: bool = option(False, "time a few steps of every stage, print the projected total, and stop", run_only=True)
+    dry_steps: int = option(3, "dry run: training / fine-tuning steps timed per measurement", min=1, run_only=True)
     dry_calib: int = option(16, "dry run: calibration images the scoring is timed on (scaled to --calib-size)",
-                            min=1)
+                            min=1, run_only=True)
     smoke: bool = option(False, "tiny settings on synthetic data (CPU, seconds): " + ", ".join(
-        f"{k}={v}" for k, v in SMOKE.items()))
-    progress: bool = option(True, "progress bars")
+        f"{k}={v}" for k, v in SMOKE.items()), run_only=True)
+    progress: bool = option(True, "progress bars", run_only=True)
 
     def __post_init__(self) -> None:
         self.finetune.check()
@@ -142,7 +150,7 @@ class PaperScaleConfig:
 
     def setup(self) -> dict[str, Any]:
         """The settings that define the results (a resume must have the same)."""
-        return json.loads(json.dumps({k: v for k, v in flat_dict(self).items() if k not in _RUN_ONLY}))
+        return json.loads(json.dumps(without_run_only(PaperScaleConfig, flat_dict(self))))
 
 
 def parse_config(argv: list[str] | None = None) -> PaperScaleConfig:
@@ -273,8 +281,8 @@ def _load(json_path: Path, dry_path: Path, cfg: PaperScaleConfig) -> dict[str, A
                             "finals": {}, "timings": {}, "runs": []}
     if json_path.is_file() and cfg.resume:
         old = json.loads(json_path.read_text())
-        if old.get("setup") != setup:
-            stored = old.get("setup", {})
+        stored = without_run_only(PaperScaleConfig, old.get("setup", {}))
+        if stored != setup:
             diff = {k: (stored.get(k), setup.get(k)) for k in {*stored, *setup} if stored.get(k) != setup.get(k)}
             raise ValueError(f"{json_path} holds results of other settings ({diff}, as (stored, now)); rerun "
                              "without --resume to start over, or choose another --out")

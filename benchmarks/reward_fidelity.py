@@ -61,11 +61,12 @@ from benchmarks.common import (
     commit,
     log,
     machine,
+    mean_std,
     parse_config,
     write_markdown,
 )
 from pruning_env.cli.options import print_json
-from pruning_env.core.config import flat_dict, nested, option, resolve_device
+from pruning_env.core.config import flat_dict, nested, option, resolve_device, without_run_only
 from pruning_env.core.data import load_splits
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.plan import PruningPlan
@@ -89,9 +90,9 @@ class FidelityConfig:
     dataset: str = option("cifar10", "data set of the baseline")
     env: str | None = option(None, f"{TINY_ID} for a smoke run instead of --net")
     checkpoint: str | None = option(None, "trained baseline (default: the cached one of --net/--width, 30 epochs)")
-    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)")
+    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
     targets: list[float] = option([0.5, 0.3], "MACs targets (ratios); plans are made for each", min=0, max=1,
-                                  min_exclusive=True)
+                                  min_exclusive=True, run_only=True)
     plans_per_target: int = option(40, "plans per target (the profiles, search plans, then random ones)", min=4)
     search_plans: int = option(150, "budget of the QMIX search whose best plans join (0: no search)", min=0)
     search_top: int = option(4, "best distinct search plans taken per target", min=0)
@@ -103,20 +104,15 @@ class FidelityConfig:
                                    prefix="truth", default=FinetuneConfig(epochs=2))
     truth_bn_batches: int = option(20, "BN re-estimation batches before the truth's fine-tune", min=0)
     noise_plans: int = option(6, "plans per target fine-tuned with a second seed (truth noise)", min=0)
-    bootstrap: int = option(2000, "bootstrap resamples of the rank correlations", min=100)
+    bootstrap: int = option(2000, "bootstrap resamples of the rank correlations", min=100, run_only=True)
     seed: int = option(0, "seed of the random plans and the search", min=0)
-    device: str = option("auto", "auto, cpu or cuda")
-    threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
-    out_dir: str = option(str(RESULTS), "folder of reward_fidelity.md / .json")
-    work_dir: str = option("runs/reward_fidelity", "folder of the per-plan cache (for --resume)")
-    resume: bool = option(False, "continue from the per-plan cache of a run with the same settings")
-    report_only: bool = option(False, "measure nothing: report the plans cached in --work-dir so far")
-    progress: bool = option(True, "show progress")
-
-
-_RUN_ONLY = {"device", "threads", "out_dir", "work_dir", "resume", "report_only", "progress", "data_dir", "bootstrap",
-             "targets",
-             "truth_device", "truth_progress"}
+    device: str = option("auto", "auto, cpu or cuda", run_only=True)
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", run_only=True)
+    out_dir: str = option(str(RESULTS), "folder of reward_fidelity.md / .json", run_only=True)
+    work_dir: str = option("runs/reward_fidelity", "folder of the per-plan cache (for --resume)", run_only=True)
+    resume: bool = option(False, "continue from the per-plan cache of a run with the same settings", run_only=True)
+    report_only: bool = option(False, "measure nothing: report the plans cached in --work-dir so far", run_only=True)
+    progress: bool = option(True, "show progress", run_only=True)
 
 
 # which proxies are measured: a resumed run with other values measures only the proxies its plans lack
@@ -124,7 +120,7 @@ _PROXY_SET = ("bn_batches", "eval_sizes", "kd_steps")
 
 
 def _settings_key(cfg: FidelityConfig) -> dict[str, Any]:
-    return _comparable({k: v for k, v in flat_dict(cfg).items() if k not in _RUN_ONLY})
+    return _comparable(without_run_only(FidelityConfig, flat_dict(cfg)))
 
 
 def _comparable(settings: dict[str, Any]) -> dict[str, Any]:
@@ -310,7 +306,7 @@ def analyse(records: list[dict[str, Any]], cfg: FidelityConfig) -> dict[str, Any
         if pairs:
             a, b = np.array(pairs).T
             noise.append({"target": target, "plans": len(pairs), "mean_abs_diff": float(np.mean(np.abs(a - b))),
-                          "std_diff": float(np.std(a - b, ddof=1)) if len(pairs) > 1 else None,
+                          "std_diff": mean_std([float(d) for d in a - b])[1],
                           "kendall_tau_seeds": float(stats.kendalltau(a, b).statistic) if len(pairs) > 2 else None})
         uni = [r["truth"]["0"]["val_acc"] for r in recs if r["name"] == "uniform"]
         best = max(recs, key=lambda r: r["truth"]["0"]["val_acc"])
@@ -386,7 +382,7 @@ class _TargetCache:
             if not resume:
                 raise ValueError(f"{self.path} exists from an earlier run: pass --resume to continue it (or "
                                  "--report-only), or delete it")
-            had = _comparable(stored.get("settings", {}))
+            had = _comparable(without_run_only(FidelityConfig, stored.get("settings", {})))
             if had != key:
                 diff = sorted(k for k in key.keys() | had.keys() if had.get(k) != key.get(k))
                 raise ValueError(f"--resume: {self.path} was made with other settings ({', '.join(diff)}); delete "

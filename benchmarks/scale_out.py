@@ -49,7 +49,7 @@ from benchmarks.common import (
     write_markdown,
 )
 from pruning_env.cli.options import print_json
-from pruning_env.core.config import check_settings, flat_dict, option
+from pruning_env.core.config import check_settings, flat_dict, option, without_run_only
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import make_benchmark_env, make_tiny_env
@@ -67,19 +67,21 @@ class ScaleOutConfig:
 
     net: str = option("vgg16-0.25", "tiny (Tiny-v0) or <net>-<width> on CIFAR-10")
     checkpoint: str | None = option(None, "trained baseline (default: the cached <net>-cifar10-w<width>-e30-s0.pt)")
-    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)")
+    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
     plans: int = option(24, "distinct random plans measured per setting (the same plans for every setting)", min=1)
     workers: tuple[int, ...] = option((1, 2), "numbers of Ray workers to time", min=1)
     cores: int = option(os.cpu_count() or 1, "cores of this machine (and of each machine of the cost model)", min=1)
-    ray_address: str | None = option(None, "join this Ray cluster (auto, host:port) instead of a local Ray")
+    ray_address: str | None = option(None, "join this Ray cluster (auto, host:port) instead of a local Ray",
+                                     run_only=True)
     learner_episodes: int = option(4, "QMIX episodes timed for the learner's serial part (0: skip)", min=0)
-    machines: tuple[int, ...] = option((1, 2, 4, 8, 16, 32), "cluster sizes K of the cost model", min=1)
-    search_plans: int = option(1200, "plans of the modelled search (the cpu preset's budget)", min=1)
-    lookahead: int = option(64, "training episodes measured ahead per batch in the modelled search", min=1)
+    machines: tuple[int, ...] = option((1, 2, 4, 8, 16, 32), "cluster sizes K of the cost model", min=1, run_only=True)
+    search_plans: int = option(1200, "plans of the modelled search (the cpu preset's budget)", min=1, run_only=True)
+    lookahead: int = option(64, "training episodes measured ahead per batch in the modelled search", min=1,
+                            run_only=True)
     seed: int = option(0, "seed of the random plans", min=0)
     smoke: bool = option(False, "Tiny-v0, 4 plans, 1 learner episode: seconds, for the tests")
-    out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of scale_out.md, .json and .png")
-    resume: bool = option(False, "reuse the rows of scale_out.json measured with the same settings")
+    out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of scale_out.md, .json and .png", run_only=True)
+    resume: bool = option(False, "reuse the rows of scale_out.json measured with the same settings", run_only=True)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -291,11 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path = out_dir / "scale_out.json"
-    keys = {k: v for k, v in flat_dict(cfg).items() if k not in ("out_dir", "resume", "machines", "search_plans",
-                                                                  "lookahead", "ray_address")}
-    keys = json.loads(json.dumps(keys))
+    keys = json.loads(json.dumps(without_run_only(ScaleOutConfig, flat_dict(cfg))))
     old = json.loads(json_path.read_text()) if (cfg.resume and json_path.is_file()) else {}
-    done = {r["setting"]: r for r in old.get("rows", [])} if old.get("settings") == keys else {}
+    same = without_run_only(ScaleOutConfig, old.get("settings", {})) == keys
+    done = {r["setting"]: r for r in old.get("rows", [])} if same else {}
     try:
         env, problem = _env(cfg)
     except ValueError as exc:

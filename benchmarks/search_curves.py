@@ -36,6 +36,7 @@ from benchmarks.common import (
     command_line,
     commit,
     fmt,
+    fmt_values,
     mean_std,
     parse_config,
     results_path,
@@ -161,10 +162,6 @@ def _plot(states: list[dict[str, Any]], result: dict[str, Any], path: Path) -> N
     plt.close(fig)
 
 
-def _pm(values: list[float | None], digits: int) -> str:
-    return fmt(*mean_std(values), digits)
-
-
 def write(states: list[dict[str, Any]], result: dict[str, Any], out: Path, command: str, commit_id: str) -> None:
     """``out`` (.md), its .json (``result`` plus command and commit) and its .png."""
     counts = result["at"]
@@ -190,17 +187,17 @@ def write(states: list[dict[str, Any]], result: dict[str, Any], out: Path, comma
         elif pd is None:
             diff = "-"
         else:
-            diff = f"{pd['mean']:+.4f}" + (f" ± {pd['std']:.4f}" if pd["std"] is not None else "")
-            diff += f" ({pd['seeds']} seeds)"
+            diff = fmt(pd["mean"], pd["std"], 4, sign="+") + f" ({pd['seeds']} seeds)"
         md.append(f"| {row['label']} | {LABELS.get(row['algo'], row['algo'])} | {', '.join(row['differs']) or '-'} "
-                  f"| {len(row['seeds'])} | " + " | ".join(_pm(row["best_at"][str(c)], 4) for c in counts)
+                  f"| {len(row['seeds'])} | " + " | ".join(fmt_values(row["best_at"][str(c)], 4) for c in counts)
                   + f" | {diff} | {100 * row['near_target']:.0f} % |")
     md += ["", "## The best plans", "",
            "| run | algorithm | val acc ratio before FT | TEST acc before FT (%) | TEST acc after FT (%) |",
            "|---|---|---|---|---|"]
     for row in result["rows"]:
-        md.append(f"| {row['label']} | {LABELS.get(row['algo'], row['algo'])} | {_pm(row['val_acc_ratio'], 4)} | "
-                  f"{_pm(row['test_acc_before_ft'], 2)} | {_pm(row['test_acc_after_ft'], 2)} |")
+        md.append(f"| {row['label']} | {LABELS.get(row['algo'], row['algo'])} | "
+                  f"{fmt_values(row['val_acc_ratio'], 4)} | {fmt_values(row['test_acc_before_ft'], 2)} | "
+                  f"{fmt_values(row['test_acc_after_ft'], 2)} |")
     md += ["", f"![curves]({out.with_suffix('.png').name})", ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     write_markdown(out, "\n".join(md))

@@ -11,7 +11,16 @@ from torch import nn
 
 from pruning_env import criteria
 from pruning_env.core import data, models
-from pruning_env.criteria import CRITERIA, compute_components, fuse, list_criteria, prune_first, score
+from pruning_env.criteria import (
+    CRITERIA,
+    DIRECTIONS,
+    apply_direction,
+    compute_components,
+    fuse,
+    list_criteria,
+    prune_first,
+    score,
+)
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +165,19 @@ def test_dsfp_direction_semantics(vgg, batch):
         score(vgg, x, y, "dsfp")
     with pytest.raises(ValueError, match="explicit direction"):
         score(vgg, x, y, "dsfp", direction="up")
+
+
+def test_apply_direction_is_the_dsfp_criterions_sign(vgg, batch):
+    x, y = batch
+    comps = compute_components(vgg, x, y, kl="linear")
+    fused = fuse(comps.grad, comps.taylor, comps.kl)
+    for direction in DIRECTIONS:
+        ref = score(vgg, x, y, "dsfp", direction=direction, kl="linear")
+        got = apply_direction(fused, direction)
+        assert got.keys() == ref.keys() and all(torch.equal(got[n], ref[n]) for n in ref)
+    assert apply_direction(fused, "low") is not fused  # a new dict: the caller's stays as it was
+    with pytest.raises(ValueError, match="explicit direction"):
+        apply_direction(fused, "up")
 
 
 def test_prune_first_stable_ties():

@@ -6,7 +6,16 @@ import torch
 from conftest import cifar_root, requires_cifar, write_image_folder
 
 import pruning_env.core.data as data_module
-from pruning_env.core.data import DataError, augment, batches, load_dataset, load_splits, make_synthetic
+from pruning_env.core.data import (
+    DataError,
+    DatasetInfo,
+    augment,
+    batches,
+    dataset_info,
+    load_dataset,
+    load_splits,
+    make_synthetic,
+)
 
 
 def _write_cifar_python(root, n_per_batch=20):
@@ -44,6 +53,21 @@ def test_image_folder_loads_rgb_and_grayscale(tmp_path, mode, fmt):
     assert sorted(ds.train.labels.tolist()) == [0] * 6 + [1] * 6 + [2] * 6
     # root may also point at the data set folder itself
     assert torch.equal(load_dataset("whatever", tmp_path / "toy").train.images, ds.train.images)
+
+
+def test_dataset_info_is_what_loading_gives_without_loading(tmp_path):
+    write_image_folder(tmp_path / "toy", classes=5, size=40, mode="L", fmt="jpg")
+    splits = load_splits("toy", tmp_path)
+    assert dataset_info("toy", tmp_path) == DatasetInfo(5, (1, 40, 40)) == DatasetInfo(splits.num_classes,
+                                                                                      splits.input_shape)
+    assert dataset_info("whatever", tmp_path / "toy") == DatasetInfo(5, (1, 40, 40))  # root at the folder itself
+    synthetic = load_splits("synthetic")
+    assert dataset_info("synthetic") == DatasetInfo(synthetic.num_classes, synthetic.input_shape)
+    # CIFAR: known without the files (checks before a download)
+    assert dataset_info("cifar10", tmp_path) == DatasetInfo(10, (3, 32, 32))
+    assert dataset_info("cifar100", tmp_path) == DatasetInfo(100, (3, 32, 32))
+    with pytest.raises(DataError, match="not found"):
+        dataset_info("nope", tmp_path)
 
 
 def test_second_load_hits_the_cache(tmp_path, monkeypatch):

@@ -61,9 +61,11 @@ def test_bad_actions_raise_clear_errors(tiny_env_factory):
 
 
 def test_bad_config_raises_clear_errors(tiny_env_factory):
-    with pytest.raises(ValueError, match="rates must be distinct pruning rates in \\[0, 1\\)"):
+    with pytest.raises(ValueError, match="--rates: rates must be in \\[0, 1\\), got 1.0"):
         tiny_env_factory(rates=(0.0, 1.0))
-    with pytest.raises(ValueError, match="unknown criterion 'nope'"):
+    with pytest.raises(ValueError, match="--rates: rates must be distinct"):
+        tiny_env_factory(rates=(0.1, 0.1))
+    with pytest.raises(ValueError, match="--criterion: criterion must be one of .*dsfp.*, got 'nope'"):
         tiny_env_factory(criterion="nope")
     with pytest.raises(ValueError, match="macs_target"):
         tiny_env_factory(reward="budget", macs_target=1.5)
@@ -164,3 +166,23 @@ def test_pettingzoo_make_finds_a_registered_cifar_env_with_your_model(cifar_vgg1
     model, splits = cifar_vgg16
     env = pettingzoo.make("parallel", "pruning_env/VGG16-CIFAR10-v0", model=model, splits=splits, eval_size=100)
     assert len(env.possible_agents) == 13
+
+
+def test_every_registered_id_parses_to_the_network_and_data_it_was_registered_with(tiny_env_factory):
+    import pettingzoo
+
+    from pruning_env.envs.registry import parse_env_id
+
+    ids = pruning_env.list_envs()
+    for env_id in ids:
+        parts = parse_env_id(env_id)
+        kwargs = pettingzoo.parallel_registry[env_id].kwargs
+        if kwargs:  # a CIFAR id: make_benchmark_env(net=..., dataset=...)
+            assert (parts.net, parts.dataset) == (kwargs["net"], kwargs["dataset"]), env_id
+            assert parts.num_classes == {"cifar10": 10, "cifar100": 100}[parts.dataset], env_id
+    tiny = parse_env_id(next(i for i in ids if "/Tiny-" in i))
+    assert (tiny.net, tiny.dataset) == ("tiny", "synthetic")
+    assert tiny.num_classes == tiny_env_factory().splits.num_classes
+    for bad in ("pruning_env/Nope-v0", "pruning_env/VGG16-MNIST-v0", "VGG16-CIFAR10-v0", "pruning_env/VGG16-CIFAR10"):
+        with pytest.raises(ValueError, match="unknown env id"):
+            parse_env_id(bad)

@@ -153,3 +153,47 @@ def test_real_cifar_episode_macs_match_the_counter(cifar_vgg16):
     assert np.float32(info["mmacs"]) == pytest.approx(count(pruned, (3, 32, 32)).macs / 1e6, rel=1e-6)
     assert 0.0 < info["macs_ratio"] < 1.0 and 0.0 <= info["acc"] <= 100.0
     assert env.baseline_acc > 25.0  # the briefly trained baseline is far above chance (10 %)
+
+
+@pytest.mark.parametrize("direction", ["low", "high"])
+def test_the_envs_dsfp_ranking_is_the_criterions_in_both_directions(tiny_env_factory, direction):
+    """The env fuses the components it has at hand: its order must still be the ``dsfp`` criterion's."""
+    from pruning_env.core.data import calibration_batch
+    from pruning_env.criteria import score
+    from pruning_env.engine.plan import plan_top_k
+
+    env = tiny_env_factory(criterion="dsfp", direction=direction)
+    x, y = calibration_batch(env.splits, env.config.scoring.calib_size, seed=0)
+    scores = score(env.base_model, x, y, "dsfp", layers=env.layer_names, direction=direction,
+                   kl=env.config.scoring.kl)
+    counts = {name: env.keep_count(name, 0.5) for name in env.layer_names}
+    assert env.uniform_plan(0.5) == plan_top_k(scores, counts)
+
+
+def test_the_envs_transition_breaks_ties_as_every_plan_does(tiny_env_factory):
+    """Equal scores: each step prunes the lower indices of the filters still there (engine.plan.top_k_indices)."""
+    from pruning_env.criteria import Criterion, register_criterion, unregister_criterion
+    from pruning_env.engine.plan import PruningPlan, top_k_indices
+
+    @register_criterion("test_all_equal")
+    class AllEqual(Criterion):
+        needs_data = False
+        needs_labels = False
+
+        def compute(self, model, images, labels, convs, *, seed):
+            return {name: torch.zeros(conv.out_channels) for name, conv in convs.items()}
+
+    try:
+        env = tiny_env_factory(criterion="test_all_equal", reward="linear", max_cycles=2)
+        env.reset(seed=0)
+        rates = list(env.config.rates)
+        env.step({a: rates.index(0.3) for a in env.agents})
+        env.step({a: rates.index(0.6) for a in env.agents})
+        widths = {name: env.macs_model.widths[i] for i, name in enumerate(env.layer_names)}
+        first = {n: top_k_indices(torch.zeros(w), env.keep_count(n, 0.3)).tolist() for n, w in widths.items()}
+        second = {n: [first[n][i] for i in top_k_indices(torch.zeros(len(first[n])), env.keep_count(n, 0.6))]
+                  for n in widths}
+        assert env.plan == PruningPlan(second, widths)
+        assert all(keep == list(range(widths[n] - len(keep), widths[n])) for n, keep in second.items())
+    finally:
+        unregister_criterion("test_all_equal")

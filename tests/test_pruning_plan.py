@@ -17,6 +17,7 @@ from pruning_env.engine.plan import (
     plan_per_layer,
     plan_top_k,
     plan_uniform,
+    top_k_indices,
 )
 
 
@@ -138,3 +139,14 @@ def test_global_ranking_normalises_per_layer():
     assert plan_global(lopsided, 0.75, min_keep=2).keep_counts()["a"] == 2
     with pytest.raises(PlanError):
         plan_global(scores, 1.0)
+
+
+def test_one_tie_break_for_every_plan():
+    tied = torch.tensor([0.2, 0.1, 0.2, 0.1, 0.2])
+    assert top_k_indices(tied, 3).tolist() == [0, 2, 4]
+    assert top_k_indices(tied, 4).tolist() == [0, 2, 3, 4]  # of the tied 0.1s, index 1 is pruned first
+    assert top_k_indices(tied, 5).tolist() == [0, 1, 2, 3, 4] and top_k_indices(tied, 5).dtype == torch.int64
+    assert plan_top_k({"a": tied}, {"a": 4}).keep["a"] == tuple(top_k_indices(tied, 4).tolist())
+    # plan_global never prunes a layer's min_keep best filters, the same ones under ties
+    scores = {"a": torch.zeros(6), "b": torch.ones(4)}
+    assert plan_global(scores, 0.9, min_keep=2).keep == {"a": (4, 5), "b": (2, 3)}

@@ -56,14 +56,15 @@ from pruning_env.core.config import (
     seed_everything,
     with_overrides,
 )
-from pruning_env.core.data import data_dir
+from pruning_env.core.data import DataError, data_dir, dataset_info
 from pruning_env.core.models import build, list_models
+from pruning_env.engine.budget import check_reachable
 from pruning_env.engine.graph import prunable_layers
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
+from pruning_env.envs.registry import make_benchmark_env, parse_env_id
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, pareto_front
 from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize, latency
@@ -91,7 +92,7 @@ class RunConfig:
 
     net: str = option("vgg16", "network to prune", choices=list_models())
     dataset: str = option("cifar10", "data set: cifar10, cifar100 or an image-folder name")
-    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)")
+    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
     width: float = option(0.25, "channel width of the baseline (preset: smoke 0.125, cpu 0.25, paper 1)",
                           min=0, min_exclusive=True)
     env: str | None = option(None, "a registered env id (e.g. pruning_env/Tiny-v0) instead of --net/--dataset")
@@ -104,18 +105,20 @@ class RunConfig:
                                       "paper 60)", prefix="finetune")
     parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers, --ray-address)")
     seed: int = option(0, "seed of everything (env, agents, fine-tuning)", min=0)
-    device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N: env, agents and fine-tuning")
-    logdir: str = option("runs/marl", "output folder: TensorBoard logs, report, plots, pruned model")
-    checkpoint: str | None = option(None, "trained baseline checkpoint (default: cache, else train it)")
+    device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N: env, agents and fine-tuning",
+                         run_only=True)
+    logdir: str = option("runs/marl", "output folder: TensorBoard logs, report, plots, pruned model", run_only=True)
+    checkpoint: str | None = option(None, "trained baseline checkpoint (default: cache, else train it)", run_only=True)
     baseline_epochs: int = option(30, "epochs of the cached/trained baseline (preset: smoke 1, cpu 30, paper 200)",
                                  min=1)
-    resume: bool = option(False, "continue the search saved in --logdir (same settings only)")
-    overwrite: bool = option(False, "replace an earlier run in --logdir (without it an earlier run is refused)")
+    resume: bool = option(False, "continue the search saved in --logdir (same settings only)", run_only=True)
+    overwrite: bool = option(False, "replace an earlier run in --logdir (without it an earlier run is refused)",
+                             run_only=True)
     preset: str | None = option(None, "smoke, cpu or paper (default: paper with a GPU, cpu without)",
-                                choices=list(PRESETS))
+                                choices=list(PRESETS), run_only=True)
     latency_repeats: int = option(30, "timed forward passes per latency measurement (0: skip; preset: 3 / 30 / 50)",
-                                 min=0)
-    progress: bool = option(True, "show progress bars")
+                                 min=0, run_only=True)
+    progress: bool = option(True, "show progress bars", run_only=True)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -145,23 +148,21 @@ def resolve(cfg: RunConfig) -> RunConfig:
                              f"{root / cfg.dataset}/train/<class>/ (set --data-dir or PRUNING_ENV_DATA)")
     cfg.finetune.check()
     cfg.parallel.check()
-    if cfg.checkpoint:
-        _check_checkpoint(cfg)
+    baseline = _check_checkpoint(cfg) if cfg.checkpoint else None
     problem = cfg.problem
-    if problem.reward == "budget":
-        floor = _min_macs_ratio(cfg)
-        if problem.macs_target < floor:
-            raise ValueError(f"--macs-target {problem.macs_target} is impossible: pruning every layer at the largest "
-                             f"rate {max(problem.rates)} leaves {floor:.3f} of the MACs; raise the target or the rates")
+    if problem.budget_target is not None:  # before a baseline is trained: on the baseline or an untrained copy
+        model, input_shape = (baseline.model, baseline.input_shape) if baseline is not None else _untrained(cfg)
+        macs = MacsModel.from_model(model, input_shape, layers=prunable_layers(model, input_shape))
+        check_reachable(macs, problem.rule, max(problem.rates), problem.budget_target)
     resolve_device(cfg.device)
     return cfg
 
 
-def _check_checkpoint(cfg: RunConfig) -> None:
-    """--checkpoint must hold the network the run prunes (--net, or the --env's)."""
+def _check_checkpoint(cfg: RunConfig) -> ckpt.Checkpoint:
+    """--checkpoint must hold the network the run prunes (--net, or the --env's); returns it."""
     net = _net_of(cfg)
     try:
-        ckpt.load(cfg.checkpoint, expect_arch=net)  # type: ignore[arg-type]
+        return ckpt.load(cfg.checkpoint, expect_arch=net)  # type: ignore[arg-type]
     except ckpt.CheckpointError as exc:
         flag = "--net" if cfg.env is None else "--env"
         raise ValueError(f"--checkpoint: {exc} (the network {flag} asks for); pass the checkpoint of a {net} "
@@ -169,22 +170,20 @@ def _check_checkpoint(cfg: RunConfig) -> None:
 
 
 def _net_of(cfg: RunConfig) -> str:
-    if cfg.env is None:
-        return cfg.net
-    if cfg.env.endswith("/Tiny-v0"):
-        return "tiny"
-    return next(n for n, label in NETWORK_NAMES.items() if f"/{label}-" in cfg.env)
+    return cfg.net if cfg.env is None else parse_env_id(cfg.env).net
 
 
-def _min_macs_ratio(cfg: RunConfig) -> float:
-    """The smallest MACs ratio the rate grid can reach (the env's rate rule, on an untrained copy of the net)."""
+def _untrained(cfg: RunConfig) -> tuple[torch.nn.Module, tuple[int, int, int]]:
+    """An untrained copy of the network the run prunes, with the data set's classes, and the data's image shape."""
+    dataset = cfg.dataset if cfg.env is None else parse_env_id(cfg.env).dataset
+    try:
+        info = dataset_info(dataset, cfg.data_dir)
+    except DataError as exc:
+        raise ValueError(f"--dataset {dataset}: {exc}") from None
     net = _net_of(cfg)
-    model = build(net, num_classes=10, width=1.0 if net == "tiny" else cfg.width)
-    layers = prunable_layers(model)
-    macs = MacsModel.from_model(model, layers=layers)
-    rule, top = cfg.problem.rule, max(cfg.problem.rates)
-    least = {lay.name: rule.keep_count(lay.out_channels, top) for lay in layers}
-    return macs.predict(least)[0] / macs.base_macs
+    model = build(net, num_classes=info.num_classes, in_channels=info.input_shape[0],
+                  width=1.0 if net == "tiny" else cfg.width)
+    return model, info.input_shape
 
 
 def make_env(cfg: RunConfig) -> FilterPruningEnv:
@@ -330,9 +329,6 @@ def _config(argv: list[str] | None, parser: argparse.ArgumentParser) -> RunConfi
     return resolve(config_from_args(RunConfig, args, base=base))
 
 
-# Settings that say where and how a run executes, not what it computes: --resume may change them.
-_RUN_ONLY = frozenset({"device", "progress", "logdir", "resume", "overwrite", "preset", "data_dir", "checkpoint",
-                       "latency_repeats", "workers", "ray_address", "worker_threads", "lookahead"})
 # What a run writes into --logdir (an earlier run's outputs: refused without --resume or --overwrite).
 _OUTPUTS = (STATE_FILE, "finetune.pt", "report.json", "report.md", "pareto.png", "learning_curve.png", "plan.json",
             "pruned_model.pt", "tb")
@@ -381,7 +377,7 @@ def _load_state(cfg: RunConfig, state_file: Path) -> dict[str, Any]:
     if saved is None:
         print(f"note: {state_file} predates recorded settings; cannot check that they match", file=sys.stderr)
     else:
-        diff = config_mismatch(saved, flat_dict(cfg), _RUN_ONLY)
+        diff = config_mismatch(saved, flat_dict(cfg), RunConfig)
         if diff:
             raise ValueError(mismatch_message(str(state_file), diff,
                                               "pass --overwrite (instead of --resume) to start afresh"))

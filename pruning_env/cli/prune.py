@@ -75,17 +75,21 @@ __all__ = ["PruneConfig", "main", "prune"]
 class PruneConfig:
     """One-shot pruning of a trained checkpoint."""
 
-    checkpoint: str | None = option(None, "baseline checkpoint (.pt) written by pruning_env.train (required)")
-    out: str | None = option(None, "pruned checkpoint to write (required); the JSON report goes next to it")
+    checkpoint: str | None = option(None, "baseline checkpoint (.pt) written by pruning_env.train (required)",
+                                    run_only=True)
+    out: str | None = option(None, "pruned checkpoint to write (required); the JSON report goes next to it",
+                             run_only=True)
     rate: float = option(0.5, "fraction of the filters of every prunable layer to remove, in [0, 1)",
                          min=0, max=1, max_exclusive=True)
-    plan: str | None = option(None, "apply this saved plan (JSON from PruningPlan.to_json) instead of scoring")
+    plan: str | None = option(None, "apply this saved plan (JSON from PruningPlan.to_json) instead of scoring",
+                              run_only=True)
     scoring: ScoringConfig = nested(ScoringConfig, "the criterion that ranks the filters")
     rule: RateRule = nested(RateRule, "rate -> kept filters")
     net: str | None = option(None, "expected architecture of the checkpoint (error if it holds another)",
                              choices=list_models())
     dataset: str | None = option(None, "data set (default: the one recorded in the checkpoint)")
-    data_dir: str | None = option(None, "directory holding the data set (default: $PRUNING_ENV_DATA, else the cache)")
+    data_dir: str | None = option(None, "directory holding the data set (default: $PRUNING_ENV_DATA, else the cache)",
+                                  run_only=True)
     val_fraction: float | None = option(None, "validation share (default: the baseline's, else 0.1)",
                                         min=0, max=1, min_exclusive=True, max_exclusive=True)
     split_seed: int | None = option(None, "train/validation split seed (default: the baseline's, else 0)",
@@ -94,25 +98,23 @@ class PruneConfig:
                                "per-plan proxy uses 2)", default=BNRecalConfig(bn_recal_batches=20))
     finetune: FinetuneConfig = nested(FinetuneConfig, "fine-tuning (none unless --finetune-epochs)",
                                       prefix="finetune", default=FinetuneConfig(epochs=0))
-    resume: bool = option(False, "continue an interrupted fine-tuning recorded at --out (same settings only)")
-    overwrite: bool = option(False, "replace an existing --out (without it an existing --out is refused)")
+    resume: bool = option(False, "continue an interrupted fine-tuning recorded at --out (same settings only)",
+                          run_only=True)
+    overwrite: bool = option(False, "replace an existing --out (without it an existing --out is refused)",
+                             run_only=True)
     eval_limit: int | None = option(None, "evaluate on the first N validation/test images (quick runs)",
                                     min=1)
     latency_repeats: int = option(20, "timed forward passes per latency measurement (0 = skip latency)",
-                                 min=0)
+                                 min=0, run_only=True)
     seed: int = option(0, "seed for calibration images, random scores, BN re-estimation and fine-tuning",
                       min=0)
-    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    trust_pickle: bool = option(False, "allow a checkpoint holding a pickled user model (only files you trust)")
-    progress: bool = option(True, "show progress bars")
+    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", run_only=True)
+    trust_pickle: bool = option(False, "allow a checkpoint holding a pickled user model (only files you trust)",
+                                run_only=True)
+    progress: bool = option(True, "show progress bars", run_only=True)
 
     def __post_init__(self) -> None:
         check_settings(self)
-
-
-# Settings that say where and how a run executes, not what it computes: --resume may change them.
-_RUN_ONLY = frozenset({"checkpoint", "out", "plan", "data_dir", "device", "progress", "resume", "overwrite",
-                       "trust_pickle", "latency_repeats"})
 
 
 def _check_paths(cfg: PruneConfig) -> None:
@@ -157,7 +159,7 @@ def _check_resume(cfg: PruneConfig) -> None:
     if saved is None:
         raise ValueError(f"--resume: {cfg.out} was not written by pruning_env.prune; choose another --out "
                          "or pass --overwrite to replace it")
-    diff = config_mismatch(flat_from_dict(PruneConfig, saved), flat_dict(cfg), _RUN_ONLY)
+    diff = config_mismatch(flat_from_dict(PruneConfig, saved), flat_dict(cfg), PruneConfig)
     if diff:
         raise ValueError(mismatch_message(str(cfg.out), diff, "pass --overwrite (instead of --resume) to start afresh"))
 
@@ -170,18 +172,10 @@ def _check(cfg: PruneConfig) -> None:
     _check_paths(cfg)
     sc = cfg.scoring
     if cfg.plan is None:
-        if sc.criterion not in criteria.list_criteria():
-            raise ValueError(f"unknown criterion {sc.criterion!r}; choose one of {', '.join(criteria.list_criteria())}")
-        if isinstance(cfg.rate, bool) or not 0.0 <= float(cfg.rate) < 1.0:
-            raise ValueError(f"--rate must be in [0, 1) (the fraction of filters removed), got {cfg.rate}")
         if "direction" not in criteria.get_criterion(sc.criterion).options and sc.direction != "low":
             raise ValueError(f"--direction applies to dsfp only; {sc.criterion} always prunes its lowest scores")
         if not sc.uses_kl and sc.kl != ScoringConfig().kl:
             raise ValueError(f"--kl applies to the dsfp and kl criteria only, not {sc.criterion}")
-    if sc.calib_size < 1:
-        raise ValueError(f"--calib-size must be >= 1, got {sc.calib_size}")
-    if cfg.latency_repeats < 0:
-        raise ValueError(f"--latency-repeats must be >= 0, got {cfg.latency_repeats}")
     cfg.finetune.check()
     _check_resume(cfg)
 

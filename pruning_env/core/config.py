@@ -7,6 +7,11 @@ it whole, as a field written ``scoring: ScoringConfig = nested(ScoringConfig)``.
 leaf setting has one flat name (the field name, or ``<prefix>_<field>``) that flags,
 keyword overrides (:func:`with_overrides`) and reports (:func:`flat_dict`) use.
 
+Run-only settings: a field written ``option(..., run_only=True)`` says where or how a run executes, not what it
+computes (device, paths, progress bars, workers): a resumed run may change it. Every resume check and every
+settings key of stored results leaves out exactly :func:`run_only_names` of its config class, derived from
+these marks (:func:`config_mismatch`, :func:`without_run_only`); no command keeps a list of its own.
+
 Validation: every config calls :func:`check_settings` in its ``__post_init__`` (the CLIs call it
 again on the composed config), so a bad value fails before any work, with a
 :class:`SettingError` naming the flag. One rule covers every numeric setting: a float must be a
@@ -31,8 +36,8 @@ import numpy as np
 import torch
 
 __all__ = ["SettingError", "check_settings", "config_mismatch", "flag_of", "flat_dict", "flat_from_dict", "flat_names",
-           "get_setting", "mismatch_message", "nested", "option", "preserved_rng", "resolve_device", "seed_everything",
-           "with_overrides"]
+           "get_setting", "mismatch_message", "nested", "option", "preserved_rng", "resolve_device", "run_only_names",
+           "seed_everything", "with_overrides", "without_run_only"]
 
 
 def option(default: Any, help: str, **kwargs: Any) -> Any:
@@ -42,6 +47,12 @@ def option(default: Any, help: str, **kwargs: Any) -> Any:
     ``max_exclusive``) declare the valid range of a number (of every element of a tuple of numbers),
     ``finite=False`` allows inf/nan, ``choices`` the valid values, ``aliases`` further flag names,
     ``cli=False`` no flag. :func:`check_settings` applies them.
+
+    ``run_only=True`` marks a setting that says where or how a run executes, not what it computes (device,
+    output paths, progress bars, parallel workers): a resume may change it, and it is no part of the key of
+    stored results (:func:`run_only_names`). ``run_only="nested"``: the same, but only where the config is nested
+    in a command's config that sets the field from one of its own settings (a fine-tune's ``seed`` is the
+    command's ``--seed``, which the command's own check covers); in the config alone it defines the results.
     """
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kwargs})
@@ -175,13 +186,45 @@ def flat_from_dict(cls: type, d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def run_only_names(cls: type) -> frozenset[str]:
+    """Flat names (:func:`flat_names`) of the run-only settings of the composed config class ``cls``: its
+    leaves marked ``option(..., run_only=True)``, and those of its nested configs marked ``run_only="nested"``.
+
+    Raises:
+        TypeError: for a ``run_only`` mark other than ``True``, ``False`` or ``"nested"``.
+    """
+    return frozenset(_run_only(cls, nested=False))
+
+
+def _run_only(cls: type, *, nested: bool) -> Iterator[str]:
+    for f in dataclasses.fields(cls):
+        if "nested" in f.metadata:
+            pre = f.metadata["prefix"]
+            yield from (f"{pre}_{name}" if pre else name for name in _run_only(f.metadata["nested"], nested=True))
+            continue
+        mark = f.metadata.get("run_only", False)
+        if not (isinstance(mark, bool) or mark == "nested"):
+            raise TypeError(f"{cls.__name__}.{f.name}: run_only must be True, False or 'nested', got {mark!r}")
+        if mark is True or (mark == "nested" and nested):
+            yield f.name
+
+
+def without_run_only(cls: type, settings: dict[str, Any]) -> dict[str, Any]:
+    """A flat settings dict (:func:`flat_dict` of a ``cls``, or one stored by an earlier run) without the
+    run-only settings of ``cls``: what defines a run's results. Stored dicts go through it too, so a setting
+    marked run-only later never makes earlier results look different."""
+    run_only = run_only_names(cls)
+    return {k: v for k, v in settings.items() if k not in run_only}
+
+
 def config_mismatch(saved: dict[str, Any], current: dict[str, Any],
-                    run_only: frozenset[str] | set[str] = frozenset()) -> dict[str, tuple[Any, Any]]:
+                    cls: type | None = None) -> dict[str, tuple[Any, Any]]:
     """``{flat name: (saved, current)}`` where two flat settings dicts (:func:`flat_dict`) differ.
 
-    Names in ``run_only`` (where/how a run executes: device, paths, progress) and names one side
-    lacks are ignored; lists and tuples compare equal element by element.
+    The run-only settings of the config class ``cls`` (:func:`run_only_names`: where/how a run executes) and
+    names one side lacks are ignored; lists and tuples compare equal element by element.
     """
+    run_only = run_only_names(cls) if cls is not None else frozenset()
     norm = lambda v: list(v) if isinstance(v, tuple) else v
     return {k: (saved[k], current[k]) for k in current
             if k not in run_only and k in saved and norm(saved[k]) != norm(current[k])}

@@ -47,6 +47,7 @@ from pruning_env.core.config import check_settings, option
 __all__ = [
     "CalibrationConfig",
     "DataError",
+    "DatasetInfo",
     "ImageDataset",
     "Split",
     "Splits",
@@ -55,6 +56,7 @@ __all__ = [
     "cache_dir",
     "calibration_batch",
     "data_dir",
+    "dataset_info",
     "load_dataset",
     "load_splits",
     "make_synthetic",
@@ -70,6 +72,7 @@ CIFAR_SOURCES = {
         "test": ["test_batch"],
         "label_key": b"labels",
         "meta": ("batches.meta", b"label_names"),
+        "num_classes": 10,
     },
     "cifar100": {
         "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -79,6 +82,7 @@ CIFAR_SOURCES = {
         "test": ["test"],
         "label_key": b"fine_labels",
         "meta": ("meta", b"fine_label_names"),
+        "num_classes": 100,
     },
 }
 
@@ -229,19 +233,13 @@ def load_dataset(
     """
     _check_name(name)
     base = data_dir(root)
-    candidates = []
-    if (base / "train").is_dir() and (base / "test").is_dir():
-        candidates.append(("folder", base))
-    candidates.append(("folder", base / name))
-    if name in CIFAR_SOURCES:
-        src = CIFAR_SOURCES[name]
-        candidates.append(("cifar", base / src["folder"]))
-        candidates.append(("cifar", base / name / src["folder"]))
-    for kind, path in candidates:
-        if kind == "folder" and (path / "train").is_dir() and (path / "test").is_dir():
-            return _cached(name, path, use_cache, lambda p=path: _read_folder(name, p))
-        if kind == "cifar" and path.is_dir():
-            return _cached(name, path, use_cache, lambda p=path: _read_cifar(name, p))
+    candidates = _candidates(name, base)
+    found = _find(candidates)
+    if found is not None:
+        kind, path = found
+        if kind == "folder":
+            return _cached(name, path, use_cache, lambda: _read_folder(name, path))
+        return _cached(name, path, use_cache, lambda: _read_cifar(name, path))
     if name in CIFAR_SOURCES and download:
         path = _download_cifar(name, base)
         return _cached(name, path, use_cache, lambda: _read_cifar(name, path))
@@ -256,6 +254,65 @@ def load_dataset(
         f"put it in the image-folder layout <dir>/{name}/train/<class>/*.png and <dir>/{name}/test/<class>/*.png "
         "and pass root=<dir> or set PRUNING_ENV_DATA=<dir>."
     )
+
+
+def _candidates(name: str, base: Path) -> list[tuple[str, Path]]:
+    """Where data set ``name`` may be stored below ``base``, in the order looked at: ``(kind, path)`` pairs."""
+    candidates = []
+    if (base / "train").is_dir() and (base / "test").is_dir():
+        candidates.append(("folder", base))
+    candidates.append(("folder", base / name))
+    if name in CIFAR_SOURCES:
+        src = CIFAR_SOURCES[name]
+        candidates.append(("cifar", base / src["folder"]))
+        candidates.append(("cifar", base / name / src["folder"]))
+    return candidates
+
+
+def _find(candidates: list[tuple[str, Path]]) -> tuple[str, Path] | None:
+    for kind, path in candidates:
+        if kind == "folder" and (path / "train").is_dir() and (path / "test").is_dir():
+            return kind, path
+        if kind == "cifar" and path.is_dir():
+            return kind, path
+    return None
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model must fit to run on a data set: its class count and the ``(C, H, W)`` of one image."""
+
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+def dataset_info(name: str, root: str | os.PathLike | None = None) -> DatasetInfo:
+    """The class count and image shape of data set ``name``, without loading it (for checks before any work).
+
+    Found where :func:`load_dataset` would look: an image folder gives its class folders and the shape of its
+    first image; CIFAR-10/100 (stored or not) their own; ``"synthetic"`` that of :func:`make_synthetic`.
+
+    Raises:
+        DataError: when ``name`` is neither CIFAR, ``"synthetic"`` nor an image folder there.
+    """
+    if name == "synthetic":
+        ds = make_synthetic(n_train=1, n_test=1)
+        return DatasetInfo(len(ds.classes), ds.input_shape)
+    _check_name(name)
+    found = _find(_candidates(name, data_dir(root)))
+    if found is not None and found[0] == "folder":
+        train = found[1] / "train"
+        classes = sorted(d for d in train.iterdir() if d.is_dir())
+        first = next((f for c in classes for f in sorted(c.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES), None)
+        if first is None:
+            raise DataError(f"no image files (*.png, *.jpg, ...) under {train}/<class>/")
+        image = _decode(str(first))
+        channels = 1 if image.ndim == 2 else int(image.shape[2])
+        return DatasetInfo(len(classes), (channels, int(image.shape[0]), int(image.shape[1])))
+    if name in CIFAR_SOURCES:
+        return DatasetInfo(CIFAR_SOURCES[name]["num_classes"], (3, 32, 32))
+    raise DataError(f"data set {name!r} not found: not cifar10/cifar100 and no image folder "
+                    f"{data_dir(root) / name}/train/<class>/ (set --data-dir or PRUNING_ENV_DATA)")
 
 
 def _cached(name: str, path: Path, use_cache: bool, read) -> ImageDataset:
@@ -447,8 +504,6 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.calib_size < 1:
-            raise ValueError(f"calib_size must be >= 1, got {self.calib_size}")
 
 
 def calibration_batch(splits: Splits, n: int, *, seed: int = 0,

@@ -88,7 +88,7 @@ from pruning_env.criteria.base import (
     score,
     unregister_criterion,
 )
-from pruning_env.criteria.dsfp import DIRECTIONS, Components, compute_components, fuse, minmax
+from pruning_env.criteria.dsfp import DIRECTIONS, Components, apply_direction, compute_components, fuse, minmax
 
 # isort: split
 from pruning_env.criteria import baselines as baselines  # registers l1, l2, taylor_fo, fpgm, random
@@ -100,6 +100,7 @@ __all__ = [
     "KL_MODES",
     "Components",
     "Criterion",
+    "apply_direction",
     "compute_components",
     "fuse",
     "get_criterion",

@@ -31,6 +31,7 @@ __all__ = [
     "GradCriterion",
     "KLCriterion",
     "TaylorCriterion",
+    "apply_direction",
     "compute_components",
     "fuse",
     "minmax",
@@ -38,6 +39,27 @@ __all__ = [
 
 DIRECTIONS: Final[tuple[str, ...]] = ("low", "high")
 """Values of the ``direction=`` option of ``dsfp``: which end of the fused score is pruned."""
+
+
+def _check_direction(direction: Any) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(
+            "criterion 'dsfp' needs an explicit direction='low' (prune the lowest fused scores, as the paper's "
+            f"code) or direction='high' (prune the highest, as the paper's text); got {direction!r}"
+        )
+
+
+def apply_direction(fused: Mapping[str, Tensor], direction: str) -> dict[str, Tensor]:
+    """The ``dsfp`` criterion's scores (low = pruned first) of fused scores :func:`fuse` gave, for ``direction``:
+    ``"low"`` the fused score ``s`` itself, ``"high"`` ``-s`` (see the module docstring). The one place the
+    direction is applied: the criterion, the env and the benchmarks that fuse their own components call it.
+
+    Args:
+        fused: ``{layer: (C,) tensor}`` of fused scores.
+        direction: one of :data:`DIRECTIONS`.
+    """
+    _check_direction(direction)
+    return dict(fused) if direction == "low" else {name: -v for name, v in fused.items()}
 
 
 @dataclass
@@ -215,11 +237,7 @@ class DSFPCriterion(Criterion):
     def check_options(self) -> None:
         kl_opts = kl_options(self.config)
         direction = self.config["direction"]
-        if direction not in DIRECTIONS:
-            raise ValueError(
-                "criterion 'dsfp' needs an explicit direction='low' (prune the lowest fused scores, as the paper's "
-                f"code) or direction='high' (prune the highest, as the paper's text); got {direction!r}"
-            )
+        _check_direction(direction)
         _check_kl_mode(self.name, kl_opts["kl"])
         self.config = {"direction": direction, **kl_opts}
 
@@ -230,4 +248,4 @@ class DSFPCriterion(Criterion):
         comps = _components(model, images, labels, convs, kl_opts)
         assert comps.kl is not None
         fused = fuse(comps.grad, comps.taylor, comps.kl)
-        return fused if self.config["direction"] == "low" else {name: -v for name, v in fused.items()}
+        return apply_direction(fused, self.config["direction"])

@@ -23,9 +23,6 @@ class BNRecalConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.bn_recal_batches < 0 or self.bn_recal_batch_size < 1:
-            raise ValueError(f"bn_recal_batches must be >= 0 and bn_recal_batch_size >= 1, got "
-                             f"{self.bn_recal_batches} and {self.bn_recal_batch_size}")
 
     def apply(self, model: nn.Module, splits: Splits, *, seed: int = 0,
               device: str | torch.device = "cpu") -> nn.Module:

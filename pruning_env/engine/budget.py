@@ -42,7 +42,7 @@ import numpy as np
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import RateRule
 
-__all__ = ["budget_keep_counts", "reachable_macs"]
+__all__ = ["budget_keep_counts", "check_reachable", "reachable_macs"]
 
 _BISECTION_STEPS = 48  # s is resolved to 2 / 2**48: far below one filter of any layer
 
@@ -81,6 +81,26 @@ def reachable_macs(macs_model: MacsModel, rule: RateRule, max_rate: float) -> in
     """The fewest MACs any plan reaches with every layer at ``max_rate`` (what a target must allow)."""
     keep = [rule.keep_count(int(w), max_rate) for w in macs_model.widths]
     return macs_model.predict_array(keep)[0]
+
+
+def check_reachable(macs_model: MacsModel, rule: RateRule, max_rate: float, macs_target: float) -> None:
+    """Refuse a MACs target that no plan reaches: the one reachability rule of the env and the scripts.
+
+    Args:
+        macs_model: the unpruned network's MACs predictor (the network the run prunes: its class count and input
+            shape change the MACs that no pruning removes).
+        rule: the rate rule (rate -> kept filters).
+        max_rate: the largest rate an agent may choose (``max(rates)``).
+        macs_target: the budget as a MACs ratio (pruned / unpruned).
+
+    Raises:
+        ValueError: naming ``--macs-target``, the ratio the network keeps at ``max_rate`` and what to change.
+    """
+    floor = reachable_macs(macs_model, rule, max_rate)
+    if floor > macs_target * macs_model.base_macs:
+        raise ValueError(f"--macs-target {macs_target:g} cannot be met: with every layer at the largest rate "
+                         f"{max_rate:g} the network keeps {floor / macs_model.base_macs:.4f} of its MACs; "
+                         "raise --macs-target, add larger --rates, or pass --no-exact-budget")
 
 
 def budget_keep_counts(

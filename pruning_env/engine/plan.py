@@ -52,6 +52,7 @@ __all__ = [
     "plan_per_layer",
     "plan_top_k",
     "plan_uniform",
+    "top_k_indices",
 ]
 
 PLAN_FORMAT = "pruning_env.plan/1"
@@ -339,15 +340,16 @@ class RateRule:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        _check_ints(self.min_keep, self.round_to)
 
     def keep_count(self, width: int, rate: float) -> int:
         """Filters a ``width``-filter layer keeps at pruning ``rate`` in [0, 1)."""
         return keep_count_for_rate(width, rate, min_keep=self.min_keep, round_to=self.round_to)
 
 
-def _top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the ``k`` highest scores, sorted; among ties the lower index is pruned first."""
+def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The filters a layer keeps: indices of the ``k`` highest of its ``(C,)`` ``scores`` (low = pruned first),
+    ascending; among equal scores the lower index is pruned first. The one tie-break of every plan (the
+    ``plan_*`` functions, the env's transition)."""
     order = torch.sort(scores, stable=True).indices  # ascending: pruned first
     return torch.sort(order[scores.numel() - k:]).values
 
@@ -370,7 +372,7 @@ def plan_top_k(scores: Mapping[str, Any], keep_counts: Mapping[str, int]) -> Pru
         k = int(keep_counts.get(name, width))
         if not 1 <= k <= width:
             raise PlanError(f"layer {name!r}: keep count {k} outside [1, {width}]")
-        keep[name] = _top_k(sc, k)
+        keep[name] = top_k_indices(sc, k)
         widths[name] = width
     return PruningPlan(keep, widths)
 
@@ -415,7 +417,7 @@ def plan_global(scores: Mapping[str, Any], rate: float, *, min_keep: int = 1, ro
         scale = sc.abs().mean()
         sc = sc / scale if scale > 0 else torch.zeros_like(sc)
         protected = torch.zeros(sc.numel(), dtype=torch.bool)
-        protected[torch.sort(sc, stable=True).indices[sc.numel() - min(min_keep, sc.numel()):]] = True
+        protected[top_k_indices(sc, min(min_keep, sc.numel()))] = True
         normed.append(sc)
         candidate.append(~protected)
         owner.append(torch.full((sc.numel(),), i, dtype=torch.long))

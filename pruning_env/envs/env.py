@@ -19,10 +19,10 @@ from pruning_env.core.config import with_overrides
 from pruning_env.core.data import Splits
 from pruning_env.core.models import check_float32
 from pruning_env.engine.bn import BNRecalConfig
-from pruning_env.engine.budget import budget_keep_counts, reachable_macs
+from pruning_env.engine.budget import budget_keep_counts, check_reachable
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.macs import MacsModel
-from pruning_env.engine.plan import PruningPlan
+from pruning_env.engine.plan import PruningPlan, top_k_indices
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.features import GLOBAL_FEATURES, OBSERVATION_FEATURES, STATIC_FEATURES, static_features
 from pruning_env.envs.measure import Measured, PlanMeter
@@ -239,11 +239,7 @@ class FilterPruningEnv(ParallelEnv):
         self._base_macs, self._base_params = self._macs_model.predict(self._keep_counts(full))
         target = cfg.budget_target
         if target is not None:
-            floor = reachable_macs(self._macs_model, cfg.rule, float(self._rates.max()))
-            if floor > target * self._base_macs:
-                raise ValueError(f"macs_target {target:g} cannot be met: with every layer at the largest rate "
-                                 f"{self._rates.max():g} the network keeps {floor / self._base_macs:.3f} of its MACs; "
-                                 "raise --macs-target, add larger --rates, or pass --no-exact-budget")
+            check_reachable(self._macs_model, cfg.rule, float(self._rates.max()), target)
         self._static = static_features(self._base, self._layers, self.input_shape, self._base_macs, self._base_params)
         base = self._measure(full)
         self.baseline_acc = base.acc
@@ -491,7 +487,7 @@ class FilterPruningEnv(ParallelEnv):
                 keep[name] = kept
             else:
                 order = measured.scores[name]  # of the current filters, low = prune first
-                keep[name] = kept[torch.sort(torch.argsort(order, stable=True)[len(kept) - n_keep:]).values]
+                keep[name] = kept[top_k_indices(order, n_keep)]
         return PruningPlan(keep, self._widths)
 
     def _parse_actions(self, actions: dict[str, Any]) -> list[float]:

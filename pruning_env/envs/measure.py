@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pruning_env.core.data import Splits, calibration_batch
-from pruning_env.criteria import compute_components, fuse, score
+from pruning_env.criteria import apply_direction, compute_components, fuse, score
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.graph import PrunableLayer
 from pruning_env.engine.macs import MacsModel
@@ -151,7 +151,7 @@ class PlanMeter:
         fused = fuse(grad, taylor, kl)
         sc = cfg.scoring
         if sc.criterion == "dsfp":  # the fused score is at hand already: no second gradient pass
-            order = fused if sc.direction == "low" else {n: -v for n, v in fused.items()}
+            order = apply_direction(fused, sc.direction)
         else:
             order = score(model, self.calib_x, self.calib_y, sc.criterion, layers=names, **sc.options(seed=0))
         feats = dsfp_features(names, grad, taylor, kl, fused, order, self.rates, self.keep_count)

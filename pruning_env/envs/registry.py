@@ -22,6 +22,7 @@ with progress bars (this takes a while on a CPU: it says so).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from typing import Any
 
@@ -31,11 +32,12 @@ import torch
 from torch import nn
 
 from pruning_env.core.config import resolve_device
-from pruning_env.core.data import Splits, load_splits, make_synthetic
+from pruning_env.core.data import CIFAR_SOURCES, Splits, load_splits, make_synthetic
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 
-__all__ = ["baseline_model", "list_envs", "make", "make_benchmark_env", "make_tiny_env", "register_all"]
+__all__ = ["EnvIdParts", "baseline_model", "list_envs", "make", "make_benchmark_env", "make_tiny_env", "parse_env_id",
+           "register_all"]
 
 NAMESPACE = "pruning_env"
 NETWORK_NAMES = {"vgg11": "VGG11", "vgg13": "VGG13", "vgg16": "VGG16", "vgg19": "VGG19", "alexnet": "AlexNet",
@@ -43,11 +45,44 @@ NETWORK_NAMES = {"vgg11": "VGG11", "vgg13": "VGG13", "vgg16": "VGG16", "vgg19": 
 _DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 TINY_ENV_DEFAULTS = dict(calib_size=64, eval_size=256, eval_batch_size=256, bn_recal_batches=1,
                          bn_recal_batch_size=128)
+TINY_NUM_CLASSES = 4  # the classes of Tiny-v0's synthetic data
 _registered = False
 
 
 def _env_id(net: str, dataset: str) -> str:
     return f"{NAMESPACE}/{NETWORK_NAMES[net]}-{_DATASETS[dataset]}-v0"
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvIdParts:
+    """What an env id names: the network (a :func:`pruning_env.core.models.list_models` name), the data set
+    (``cifar10``, ``cifar100``; ``synthetic`` for Tiny) and that data set's class count (the model's outputs)."""
+
+    net: str
+    dataset: str
+    num_classes: int
+
+
+_ID_PATTERN = re.compile(rf"{NAMESPACE}/(?:(?P<tiny>Tiny)|(?P<net>[A-Za-z0-9]+)-(?P<data>[A-Za-z0-9]+))-v\d+")
+
+
+def parse_env_id(env_id: str) -> EnvIdParts:
+    """The network, data set and class count of a pruning env id (``pruning_env/VGG16-CIFAR100-v0`` ->
+    ``vgg16``, ``cifar100``, 100), the one reading of ids for every script; the inverse of the registration.
+
+    Raises:
+        ValueError: for a string that is not a pruning env id, naming the registered ones.
+    """
+    match = _ID_PATTERN.fullmatch(env_id)
+    nets = {label: net for net, label in NETWORK_NAMES.items()}
+    datasets = {label: name for name, label in _DATASETS.items()}
+    if match and match["tiny"]:
+        return EnvIdParts("tiny", "synthetic", TINY_NUM_CLASSES)
+    if not match or match["net"] not in nets or match["data"] not in datasets:
+        register_all()
+        raise ValueError(f"unknown env id {env_id!r}; registered: {', '.join(list_envs())}")
+    dataset = datasets[match["data"]]
+    return EnvIdParts(nets[match["net"]], dataset, CIFAR_SOURCES[dataset]["num_classes"])
 
 
 def baseline_model(
@@ -117,7 +152,8 @@ def make_benchmark_env(
 
 
 def _tiny_splits() -> Splits:
-    return make_synthetic(num_classes=4, n_train=1024, n_test=256, seed=0).splits(val_fraction=0.25, seed=0)
+    return make_synthetic(num_classes=TINY_NUM_CLASSES, n_train=1024, n_test=256, seed=0).splits(val_fraction=0.25,
+                                                                                                 seed=0)
 
 
 def _tiny_baseline() -> nn.Module:
@@ -135,7 +171,7 @@ def _tiny_baseline() -> nn.Module:
     from pruning_env.core.models import build
 
     seed_everything(0)
-    model = build("tiny", num_classes=4)
+    model = build("tiny", num_classes=TINY_NUM_CLASSES)
     cfg = TrainConfig(net="tiny", dataset="synthetic", epochs=4, batch_size=64, lr=0.05, device="cpu",
                       progress=False, channels_last=False, aug_copies=1, ema_decay=0.0, cutout=0)
     fit(model, _tiny_splits(), cfg, out=path)

@@ -54,11 +54,6 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.plans < 1 or self.eval_every < 1 or self.stall_episodes < 1:
-            raise ValueError(f"plans, eval_every and stall_episodes must be >= 1, got {self.plans}, "
-                             f"{self.eval_every} and {self.stall_episodes}")
-        if self.episodes is not None and self.episodes < 1:
-            raise ValueError(f"episodes must be >= 1 (or none), got {self.episodes}")
         self.overrides_for("")  # validates the JSON
 
     def overrides_for(self, algorithm: str) -> dict[str, Any]:

@@ -71,15 +71,16 @@ class WorkersConfig:
     """Parallel plan measurement on Ray (nested whole in train_marl.py's and benchmarks.marl's configs)."""
 
     workers: int = option(1, "plan-measuring workers (Ray actors); 1: no Ray, everything in this process as "
-                          "before; results do not depend on it", min=1)
+                          "before; results do not depend on it", min=1, run_only=True)
     ray_address: str | None = option(None, "Ray cluster to join: auto (the running one, e.g. after `ray start "
                                      "--head`), host:port or ray://host:port; none: start a local Ray with "
-                                     "--workers CPUs and stop it at the end")
+                                     "--workers CPUs and stop it at the end", run_only=True)
     worker_threads: int | None = option(None, "torch CPU threads per worker (default: this machine's cores / "
                                         "--workers, at least 1, so cores are not oversubscribed; 1 on a cluster)",
-                                        min=1)
+                                        min=1, run_only=True)
     lookahead: int | None = option(None, "training episodes whose plans are measured ahead in one parallel batch "
-                                   "(default: 2 x --workers; a speed setting, never changes results)", min=1)
+                                   "(default: 2 x --workers; a speed setting, never changes results)", min=1,
+                                   run_only=True)
 
     def __post_init__(self) -> None:
         check_settings(self)

@@ -89,15 +89,15 @@ class FinetuneConfig:
     augment: bool = option(True, "random-crop + flip augmentation of training batches")
     amp: bool = option(True, "CUDA: bf16 autocast of the student's and teacher's forward passes (weights, "
                        "optimiser and the validation stay float32); ignored on CPU")
-    channels_last: bool = option(True, "CUDA: fine-tune in channels-last memory format; ignored on CPU")
+    channels_last: bool = option(True, "CUDA: fine-tune in channels-last memory format; ignored on CPU", run_only=True)
     device_data: bool = option(True, "CUDA: keep the data set on the GPU and augment it there; ignored on CPU",
-                               cli=False)
+                               cli=False, run_only=True)
     train_limit: int | None = option(None, "training images per epoch: a fixed subset of the training split "
                                      "(None or 0: all)", aliases=("finetune_limit",), min=0)
-    # Where and how a run executes: a command sets these from its own --seed/--device/--progress.
-    seed: int = option(0, "seed for shuffling, augmentation and dropout", cli=False, min=0)
-    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", cli=False)
-    progress: bool = option(True, "show progress bars", cli=False)
+    # A command sets these from its own --seed/--device/--progress (so the seed is run-only there, not here).
+    seed: int = option(0, "seed for shuffling, augmentation and dropout", cli=False, min=0, run_only="nested")
+    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", cli=False, run_only=True)
+    progress: bool = option(True, "show progress bars", cli=False, run_only=True)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -105,23 +105,8 @@ class FinetuneConfig:
             self.train_limit = None
 
     def check(self) -> None:
-        """Raise ``ValueError`` for out-of-range settings."""
+        """Raise :class:`~pruning_env.core.config.SettingError` for out-of-range settings (set after construction)."""
         check_settings(self)
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        for name in ("alpha_start", "alpha_end"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
-        if self.train_limit is not None and self.train_limit < 1:
-            raise ValueError(f"train_limit must be >= 1 (or None for all), got {self.train_limit}")
 
 
 def alpha_at(epoch: int, cfg: FinetuneConfig) -> float:
@@ -236,8 +221,7 @@ def finetune(
             raise ckpt.CheckpointError(f"{out} holds a network of other widths than this student "
                                        "(another plan?); delete it or resume with the same plan") from None
         if "config" in state:  # a resumed run is the same run, or it is refused
-            diff = config_mismatch(state["config"], dataclasses.asdict(cfg),
-                                   {"device", "progress", "device_data", "channels_last"})
+            diff = config_mismatch(state["config"], dataclasses.asdict(cfg), FinetuneConfig)
             if diff:
                 named = {(k if k == "seed" else f"finetune_{k}"): v for k, v in diff.items()}
                 raise ValueError(mismatch_message(f"the fine-tuning checkpoint {out}", named,

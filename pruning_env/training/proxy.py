@@ -56,8 +56,6 @@ class ProxyConfig:
 
     def __post_init__(self) -> None:
         check_settings(self)
-        if self.proxy not in PROXY_SIGNALS:
-            raise ValueError(f"--proxy must be one of {', '.join(PROXY_SIGNALS)}, got {self.proxy!r}")
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,14 @@ from torch import nn
 from tqdm import tqdm
 
 from pruning_env.core import checkpoint as ckpt
-from pruning_env.core.config import check_settings, option, preserved_rng, resolve_device, seed_everything
+from pruning_env.core.config import (
+    check_settings,
+    option,
+    preserved_rng,
+    resolve_device,
+    run_only_names,
+    seed_everything,
+)
 from pruning_env.core.data import Splits, batches, cache_dir, load_splits
 from pruning_env.core.device_path import DevicePath, LossMeter, device_path
 from pruning_env.core.evaluation import evaluate
@@ -51,7 +58,8 @@ class TrainConfig:
 
     net: str = option("vgg16", "architecture", choices=list_models())
     dataset: str = option("cifar10", "data set: cifar10, cifar100, synthetic or an image-folder name")
-    data_dir: str | None = option(None, "directory holding the data set (default: $PRUNING_ENV_DATA, else the cache)")
+    data_dir: str | None = option(None, "directory holding the data set (default: $PRUNING_ENV_DATA, else the cache)",
+                                  run_only=True)
     width: float = option(1.0, "channel width multiplier (e.g. 0.25 for CPU experiments)",
                           min=0, min_exclusive=True)
     epochs: int = option(30, "training epochs", min=1)
@@ -83,16 +91,17 @@ class TrainConfig:
                                 min=0, max=1, min_exclusive=True, max_exclusive=True)
     split_seed: int = option(0, "seed of the train/validation split", min=0)
     seed: int = option(0, "seed for initialisation, shuffling and augmentation", min=0)
-    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
-    out: str | None = option(None, "checkpoint path (default: the cache, see default_checkpoint_path)")
-    resume: bool = option(False, "continue from the checkpoint at --out after an interruption")
-    overwrite: bool = option(False, "replace an existing --out (without it an existing --out is refused)")
-    channels_last: bool = option(True, "train in channels-last memory format (about 1.3x faster on CPU)")
+    device: str = option("auto", "auto (CUDA if present, else CPU), cpu, cuda, cuda:N", run_only=True)
+    out: str | None = option(None, "checkpoint path (default: the cache, see default_checkpoint_path)", run_only=True)
+    resume: bool = option(False, "continue from the checkpoint at --out after an interruption", run_only=True)
+    overwrite: bool = option(False, "replace an existing --out (without it an existing --out is refused)",
+                             run_only=True)
+    channels_last: bool = option(True, "train in channels-last memory format (about 1.3x faster on CPU)", run_only=True)
     amp: bool = option(True, "CUDA: bf16 autocast of forward and backward (weights, optimiser, BN statistics and "
                        "every evaluation stay float32); ignored on CPU")
     device_data: bool = option(True, "CUDA: keep the data set on the GPU and augment it there (no per-batch host "
-                               "copies); ignored on CPU")
-    progress: bool = option(True, "show progress bars")
+                               "copies); ignored on CPU", run_only=True)
+    progress: bool = option(True, "show progress bars", run_only=True)
 
     def __post_init__(self) -> None:
         check_settings(self)
@@ -204,18 +213,10 @@ def fit(
     """
     device = resolve_device(cfg.device)
     model.to(device)
-    if not 0.0 <= cfg.ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {cfg.ema_decay}")
-    if cfg.sam_rho < 0:
-        raise ValueError(f"sam_rho must be >= 0, got {cfg.sam_rho}")
-    if cfg.aug_copies < 1:
-        raise ValueError(f"aug_copies must be >= 1 (1 turns batch augmentation off), got {cfg.aug_copies}")
     # --dropout applies while training only: the returned model has the architecture's rates again, exactly
     # what loading the saved checkpoint gives (else a just-trained baseline fine-tunes differently from a cached one)
     dropouts = [(m, m.p) for m in model.modules() if isinstance(m, nn.Dropout)]
     if cfg.dropout is not None:
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
         for m, _ in dropouts:
             m.p = cfg.dropout
     path = device_path(device, amp=cfg.amp, device_data=cfg.device_data)
@@ -299,9 +300,6 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
     return {"val_acc": val_acc, "epochs": cfg.epochs, "history": history}
 
 
-# Fields that say where and how a run executes, not what it computes: --resume may change them.
-_RUN_ONLY_FIELDS = frozenset({"data_dir", "device", "out", "resume", "overwrite", "progress", "channels_last",
-                              "device_data"})
 _TRAIN_STATE_KEYS = frozenset({"epoch", "history", "optimizer", "scheduler", "generator", "torch_rng"})
 # What checkpoints from before a field existed were trained with (the feature was off).
 _LEGACY_VALUES: dict[str, Any] = {"aug_copies": 1, "crop_padding": 4, "cutout": 0, "ema_decay": 0.0, "sam_rho": 0.0,
@@ -330,8 +328,9 @@ def recipe_mismatch(cfg: TrainConfig, saved: dict[str, Any]) -> dict[str, tuple[
     count as the value the code then used (``with_legacy_values``).
     """
     saved = with_legacy_values(saved)
+    run_only = run_only_names(TrainConfig)
     return {f.name: (saved[f.name], getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-            if f.name not in _RUN_ONLY_FIELDS and f.name in saved and saved[f.name] != getattr(cfg, f.name)}
+            if f.name not in run_only and f.name in saved and saved[f.name] != getattr(cfg, f.name)}
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -384,8 +383,6 @@ def _resume_state(loaded: ckpt.Checkpoint, out: Path) -> dict[str, Any]:
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
     t0 = time.time()
-    if cfg.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {cfg.epochs}")
     device = resolve_device(cfg.device)
     out = Path(cfg.out) if cfg.out else default_checkpoint_path(cfg.net, cfg.dataset, cfg.width, cfg.epochs, cfg.seed)
     _check_out(cfg, out)
