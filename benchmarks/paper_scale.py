@@ -63,6 +63,7 @@ from benchmarks.common import (
     command_line,
     commit,
     config_parser,
+    hold_outputs,
     log,
     machine,
     results_path,
@@ -351,6 +352,17 @@ def run(cfg: PaperScaleConfig, argv: list[str] | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    md_path = results_path(cfg.out, "paper_scale.md")
+    if cfg.dry_run:
+        outputs: dict[str, Any] = {"files": [("--out", md_path.with_suffix(".dryrun.json"))]}
+    else:  # the baseline cache is locked by pruning_env.train while it trains
+        outputs = {"files": [("--out", md_path)],
+                   "folders": [("--work-dir", marl_bench.finetune_dir(cfg.work_dir, cfg.problem.macs_target))]}
+    with hold_outputs("paper_scale", **outputs):
+        return _main(cfg, argv)
+
+
+def _main(cfg: PaperScaleConfig, argv: list[str] | None) -> int:
     try:
         if cfg.dry_run:
             from benchmarks.paper_scale_dry import dry_run

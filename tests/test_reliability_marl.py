@@ -3,6 +3,7 @@ of another net refused (case 8), results independent of the baseline cache (case
 --logdir / --algo / train_state.pt and for Ctrl-C during the final fine-tuning."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -93,10 +94,11 @@ def test_ctrl_c_during_final_finetuning_says_how_to_resume(tmp_path, monkeypatch
     assert "interrupted during the final fine-tuning" in err and "--resume" in err
 
 
-def test_a_locked_logdir_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+def test_a_locked_logdir_is_refused(tmp_path, capsys, flags):
     with ckpt.run_lock(tmp_path / "r"):
-        err = _fails(capsys, *FAST, "--logdir", tmp_path / "r")
-    assert "in use by another running process" in err
+        err = _fails(capsys, *FAST, "--logdir", tmp_path / "r", *flags)
+    assert "in use by another running process" in err and f"pid {os.getpid()}" in err
 
 
 def test_result_does_not_depend_on_the_baseline_cache(tmp_path, monkeypatch):

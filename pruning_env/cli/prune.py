@@ -183,13 +183,24 @@ def _check(cfg: PruneConfig) -> None:
     if cfg.latency_repeats < 0:
         raise ValueError(f"--latency-repeats must be >= 0, got {cfg.latency_repeats}")
     cfg.finetune.check()
-    _check_resume(cfg)
 
 
 def prune(cfg: PruneConfig) -> dict[str, Any]:
-    """Run the pipeline of the module docstring; returns the full report (also written as JSON)."""
+    """Run the pipeline of the module docstring; returns the full report (also written as JSON).
+
+    ``--out`` is locked for the whole run (:func:`~pruning_env.core.checkpoint.run_lock`): a second run on
+    the same ``--out`` is refused at once, naming the other run, whatever its flags.
+    """
     t_start = time.time()
     _check(cfg)
+    assert cfg.out
+    with ckpt.run_lock(cfg.out, "--out", file=True):
+        _check_paths(cfg)  # again under the lock: a run that just finished may have written --out
+        _check_resume(cfg)
+        return _prune(cfg, t_start)
+
+
+def _prune(cfg: PruneConfig, t_start: float) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress else (lambda msg: None)
     base_ckpt = ckpt.load(cfg.checkpoint, map_location=device, expect_arch=cfg.net, trust_pickle=cfg.trust_pickle)
