@@ -31,6 +31,7 @@ __all__ = [
     "command_line",
     "commit",
     "config_parser",
+    "device_report",
     "fmt",
     "hold_outputs",
     "log",
@@ -107,6 +108,19 @@ def hold_outputs(name: str, *, files: Sequence[tuple[str, Path]] = (),
                       "location", file=sys.stderr)
                 raise SystemExit(2) from None
         yield
+
+
+def device_report(out: str | None, device: str, name: str) -> tuple[Any, Path]:
+    """``(torch device, report path)`` of a timing benchmark: ``out``, else ``benchmarks/results/<name>.md``
+    (``<name>_cuda.md`` when timed on CUDA). A device that cannot be used exits with status 2 and the reason."""
+    from pruning_env.core.config import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        print(f"python -m benchmarks.{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return dev, results_path(out, f"{name}_cuda.md" if dev.type == "cuda" else f"{name}.md")
 
 
 def commit() -> str:

@@ -44,12 +44,12 @@ import torch
 from benchmarks.common import (
     command_line,
     commit,
+    device_report,
     hold_outputs,
     machine,
     parse_config,
     parse_net,
     require_torch_pruning,
-    results_path,
     write_markdown,
 )
 from pruning_env.cli.options import print_json
@@ -191,12 +191,7 @@ def bench(name: str, steps: int, data_dir: str | None, naive: bool,
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EnvStepConfig, argv, "env_step", __doc__)
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = results_path(cfg.out, "env_step_cuda.md" if device.type == "cuda" else "env_step.md")
+    device, out = device_report(cfg.out, cfg.device, "env_step")
     with hold_outputs("env_step", files=[("--out", out)]):
         return _main(cfg, argv, device, out)
 

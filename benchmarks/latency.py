@@ -43,12 +43,12 @@ from benchmarks.common import (
     atomic_write_text,
     command_line,
     commit,
+    device_report,
     hold_outputs,
     log,
     machine,
     parse_config,
     parse_net,
-    results_path,
     write_markdown,
 )
 from pruning_env import criteria
@@ -255,12 +255,7 @@ def _rule_note(rule: RateRule) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(LatencyConfig, argv, "latency", __doc__)
-    try:
-        device = resolve_device(cfg.device)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = results_path(cfg.out, "latency_cuda.md" if device.type == "cuda" else "latency.md")
+    device, out = device_report(cfg.out, cfg.device, "latency")
     with hold_outputs("latency", files=[("--out", out)]):
         return _main(cfg, argv, device, out)
 
