@@ -67,6 +67,7 @@ from pruning_env.cli.options import print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import get_setting, nested, option, resolve_device
 from pruning_env.core.data import CalibrationConfig, Split, calibration_batch, load_splits
+from pruning_env.core.models import list_models
 from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.flops import count
@@ -197,6 +198,9 @@ def parse_epochs(items: tuple[str, ...], nets: tuple[str, ...]) -> dict[str, int
         if epochs < 1:
             raise ValueError(f"--baseline-epochs must be >= 1, got {item!r}")
         if sep:
+            if net not in list_models():
+                raise ValueError(f"--baseline-epochs {item!r}: {net!r} is not an architecture; NET is one of "
+                                 f"{', '.join(list_models())}")
             per_net[net] = epochs
         else:
             default = epochs

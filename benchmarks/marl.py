@@ -80,7 +80,7 @@ from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
-from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
+from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, check_algo_config
 from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig
@@ -139,6 +139,7 @@ def _check(cfg: BenchConfig) -> BenchConfig:
         raise ValueError(f"unknown algorithm(s) {unknown}; choose from {', '.join(agents.list_algorithms())}")
     if len(set(cfg.algos)) != len(cfg.algos) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError("--algos and --seeds must not repeat")
+    check_algo_config(cfg.search, {a: agents.get_algorithm(a) for a in cfg.algos}, cfg.problem.episode_length)
     if cfg.tp_steps < 1:
         raise ValueError("--tp-steps must be >= 1")
     require_torch_pruning("the Torch-Pruning row of every seed (global L1 pruning to the same MACs)")

@@ -75,7 +75,7 @@ from pruning_env.core.config import flat_dict, nested, option, resolve_device, s
 from pruning_env.core.data import CalibrationConfig
 from pruning_env.core.models import list_models
 from pruning_env.envs.config import EnvConfig
-from pruning_env.search import SearchConfig
+from pruning_env.search import SearchConfig, check_algo_config
 from pruning_env.training.finetune import FinetuneConfig
 from pruning_env.training.train import TrainConfig, default_checkpoint_path, recipe_mismatch, train
 
@@ -156,6 +156,7 @@ def parse_config(argv: list[str] | None = None) -> PaperScaleConfig:
         unknown = [a for a in cfg.algos if a not in agents.list_algorithms()]
         if unknown:
             raise ValueError(f"unknown algorithm(s) {unknown}; choose from {', '.join(agents.list_algorithms())}")
+        check_algo_config(cfg.search, {a: agents.get_algorithm(a) for a in cfg.algos}, cfg.problem.episode_length)
         resolve_device(cfg.device)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))

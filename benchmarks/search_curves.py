@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.runs:
         print("error: --runs needs at least one --out-dir of a finished benchmarks.marl run", file=sys.stderr)
         return 2
+    if cfg.labels is not None and len(cfg.labels) != len(cfg.runs):
+        print(f"error: --labels names {len(cfg.labels)} runs but --runs gives {len(cfg.runs)}: one label per run",
+              file=sys.stderr)
+        return 2
     out = results_path(cfg.out, "search_curves.md")
     # its report, and the runs it reads: a run still writing its marl.json is not reported on
     with hold_outputs("search_curves", files=[("--out", out), *(("--runs", Path(r) / STATE_FILE) for r in cfg.runs)]):
@@ -226,6 +230,11 @@ def _main(cfg: CurvesConfig, argv: list[str] | None, out: Path) -> int:
     labels = cfg.labels or [Path(r).name for r in cfg.runs]
     try:
         states = [load_run(r) for r in cfg.runs]
+        searched = sorted({a for st in states for r in st["runs"].values() for a in r["search"]})
+        unused = [a for a in cfg.algos or () if a not in searched]
+        if unused:
+            raise ValueError(f"--algos: no run searched with {', '.join(unused)}; they searched with "
+                             f"{', '.join(searched)}")
         result = compare(states, labels, cfg.algos, cfg.at)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

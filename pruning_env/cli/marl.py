@@ -64,7 +64,7 @@ from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env
-from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, pareto_front
+from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, check_algo_config, pareto_front
 from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize, latency
 from pruning_env.training.finetune import FinetuneConfig
@@ -129,10 +129,11 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if cfg.algo not in agents.list_algorithms() and ":" not in cfg.algo:
         raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {', '.join(agents.list_algorithms())}")
     try:
-        agents.get_algorithm(cfg.algo)  # imports a module:name plug-in, so a typo fails now
+        algorithm = agents.get_algorithm(cfg.algo)  # imports a module:name plug-in, so a typo fails now
     except ImportError as exc:
         raise ValueError(f"--algo {cfg.algo}: cannot import its module ({exc}); check the module name and that "
                          "its folder is on PYTHONPATH (or run from the folder holding it)") from None
+    check_algo_config(cfg.search, {cfg.algo: algorithm}, cfg.problem.episode_length)
     if cfg.env is not None and cfg.env not in pruning_env.list_envs():
         raise ValueError(f"unknown env id {cfg.env!r}; registered: {', '.join(pruning_env.list_envs())}")
     if cfg.env is None and cfg.dataset not in ("cifar10", "cifar100"):
@@ -364,10 +365,19 @@ def _clear_outputs(logdir: Path) -> None:
 
 
 def _load_state(cfg: RunConfig, state_file: Path) -> dict[str, Any]:
-    """The saved search of ``--resume``; refused when unreadable, foreign or made with other settings."""
+    """The saved search of ``--resume``; refused when unreadable, foreign or made with other settings.
+
+    Loaded with ``weights_only=True``: the state is tensors and plain values only (the search's and the
+    algorithms' ``state_dict`` promise it), so a copied or altered file cannot run code here.
+    """
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # objects that are not tensors or plain values (code to run?)
+            found = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln.upper()), "a pickled object")
+            raise ValueError(f"--resume: {state_file} holds objects other than tensors and plain values ({found}), as "
+                             "no train_marl state does: it was not loaded, since loading it could run code. Pass "
+                             "--overwrite instead of --resume to start afresh") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"--resume: cannot read {state_file} ({reason}): it is truncated or not a train_marl state. "
                          "Pass --overwrite instead of --resume to start the search afresh") from None
