@@ -60,7 +60,7 @@ from pruning_env.core.config import (
     seed_everything,
 )
 from pruning_env.core.data import calibration_batch, load_splits
-from pruning_env.core.models import check_float32, list_models
+from pruning_env.core.models import check_classes, check_float32, list_models
 from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.graph import prunable_layers
@@ -218,8 +218,7 @@ def _prune(cfg: PruneConfig, t_start: float) -> dict[str, Any]:
                          else int(train_cfg.get("split_seed", 0)))
     if splits.input_shape != input_shape:
         raise ValueError(f"the data set's images are {splits.input_shape} but the checkpoint expects {input_shape}")
-    if base_ckpt.classes is not None and len(base_ckpt.classes) != splits.num_classes:
-        raise ValueError(f"the checkpoint has {len(base_ckpt.classes)} classes, the data set {splits.num_classes}")
+    check_classes(base, input_shape, splits.num_classes, f"the checkpoint {cfg.checkpoint}")
     seed_everything(cfg.seed)
     layers = prunable_layers(base, input_shape)
     if not layers:
