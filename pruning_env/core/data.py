@@ -351,8 +351,8 @@ class _ArrayUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"it names the global {module}.{name}, which a CIFAR batch never holds "
-                                         "(a pickle that would run code is not loaded)")
+            raise pickle.UnpicklingError(f"it names the global {module}.{name}, which no CIFAR batch holds: a pickle "
+                                         "that could run code is not loaded")
         return super().find_class(module, name)
 
 

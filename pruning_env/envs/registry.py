@@ -72,8 +72,8 @@ def baseline_model(
         return partial.model
     print(f"pruning_env: no trained {net} (width {width:g}, {epochs} epochs) on {dataset} in the cache; "
           f"training it now into {path} (resumable; pass model= or checkpoint= to use your own)", file=sys.stderr)
-    cfg = TrainConfig(net=net, dataset=dataset, data_dir=data_dir, width=width, epochs=epochs, device=device,
-                      out=str(path), resume=partial is not None, progress=progress)
+    cfg = TrainConfig(net=net, dataset=dataset, data_dir=None if data_dir is None else str(data_dir), width=width,
+                      epochs=epochs, device=device, out=str(path), resume=partial is not None, progress=progress)
     if partial is not None and partial.train_config is not None:  # continue with the recipe it was started with
         cfg = dataclasses.replace(cfg, **{k: old for k, (old, _) in recipe_mismatch(cfg, partial.train_config).items()})
     train(cfg)  # holds the lock of the cache file itself: a run that started meanwhile makes it refuse, naming it
