@@ -44,15 +44,7 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from torch import nn
 
-from agents.base import (
-    Algorithm,
-    EpisodeLog,
-    check_budget,
-    config_field,
-    register,
-    seeded_torch,
-    split_observation,
-)
+from agents.base import Algorithm, EpisodeLog, check_budget, config_field, register, seeded_torch, split_observation
 from agents.replay import EpisodeReplayBuffer, lambda_returns
 
 __all__ = [
