@@ -140,17 +140,18 @@ def test_train_never_reads_back_its_out(tmp_path, monkeypatch):
     assert {"optimizer", "scheduler", "generator", "torch_rng"} <= set(extra["train_state"])
 
 
-@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
 def test_a_second_prune_on_a_locked_out_is_refused(tmp_path, capsys, flags):
     base = tmp_path / "base.pt"
     ckpt.save(base, __import__("pruning_env").core.models.build("tiny", num_classes=4), input_shape=(3, 32, 32),
               dataset="synthetic")
     out = tmp_path / "p.pt"
+    out.write_bytes(b"the other run's")
     with ckpt.run_lock(out, "--out", file=True):
         code, err = _exit_code(prune_main, ["--checkpoint", base, "--out", out, "--criterion", "l1", "--no-progress",
                                             "--device", "cpu", *flags], capsys)
     assert code == 2 and f"--out {out} is in use by another running process" in err
-    assert not out.exists()
+    assert out.read_bytes() == b"the other run's"
 
 
 def _benchmark_cases():

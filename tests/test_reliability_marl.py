@@ -94,11 +94,13 @@ def test_ctrl_c_during_final_finetuning_says_how_to_resume(tmp_path, monkeypatch
     assert "interrupted during the final fine-tuning" in err and "--resume" in err
 
 
-@pytest.mark.parametrize("flags", [[], ["--overwrite"]])
-def test_a_locked_logdir_is_refused(tmp_path, capsys, flags):
-    with ckpt.run_lock(tmp_path / "r"):
-        err = _fails(capsys, *FAST, "--logdir", tmp_path / "r", *flags)
-    assert "in use by another running process" in err and f"pid {os.getpid()}" in err
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
+def test_a_locked_logdir_is_refused(done, tmp_path, capsys, flags):
+    logdir = tmp_path / "r"
+    shutil.copytree(done, logdir)  # what the first run has written so far
+    with ckpt.run_lock(logdir):
+        err = _fails(capsys, *FAST, "--logdir", logdir, *flags)
+    assert f"--logdir {logdir} is in use by another running process" in err and f"pid {os.getpid()}" in err
 
 
 def test_result_does_not_depend_on_the_baseline_cache(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ buffer, RNG states, best plan, every point measured), so after Ctrl-C or a kill
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -341,10 +342,9 @@ def _earlier_outputs(logdir: Path) -> list[str]:
 
 
 def _check_logdir(cfg: RunConfig) -> None:
-    """--logdir must be a folder, and must not hold an earlier run unless --resume or --overwrite says what to do."""
+    """--logdir must not hold an earlier run unless --resume or --overwrite says what to do (checked under its lock:
+    a run that just finished may have written it)."""
     logdir = Path(cfg.logdir)
-    if logdir.exists() and not logdir.is_dir():
-        raise ValueError(f"--logdir {logdir} is a file; give a folder (it will hold the logs, report and model)")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --logdir and --overwrite replaces it: give one of them")
     if cfg.resume and not (logdir / STATE_FILE).is_file():
@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser, RunConfig)
     try:
         cfg = _config(argv, parser)
-        _check_logdir(cfg)
+        if Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():
+            raise ValueError(f"--logdir {cfg.logdir} is a file; give a folder (it will hold the logs, report, model)")
     except (ValueError, TypeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     given = argv if argv is not None else sys.argv[1:]
@@ -454,13 +455,20 @@ def main(argv: list[str] | None = None) -> int:
           + ("CUDA found)" if torch.cuda.is_available() else "no GPU found)")), file=sys.stderr)
     print("settings: " + json.dumps(flat_dict(cfg)), file=sys.stderr)
     logdir = Path(cfg.logdir)
+    created = not logdir.exists()
     try:
-        # Ray (--workers > 1) before any work, so a cluster that cannot be joined fails first; stopped at the end.
-        with ckpt.run_lock(logdir), ray_session(cfg.parallel):
-            report = _run(cfg, logdir)
+        # locked first: a run on the same --logdir is refused naming it; Ray (--workers > 1) before any work, so a
+        # cluster that cannot be joined fails first; stopped at the end
+        with ckpt.run_lock(logdir):
+            _check_logdir(cfg)
+            with ray_session(cfg.parallel):
+                report = _run(cfg, logdir)
     except OSError as exc:
         parser.exit(2, f"error: --logdir {logdir}: {exc.strerror or exc}; choose a writable folder\n")
     except (ValueError, RuntimeError) as exc:
+        if created:  # a refused run leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                logdir.rmdir()
         parser.exit(2, f"error: {exc}\n")
     if isinstance(report, int):
         return report

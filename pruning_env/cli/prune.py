@@ -167,7 +167,7 @@ def _check(cfg: PruneConfig) -> None:
         raise ValueError("--checkpoint is required")
     if not cfg.out:
         raise ValueError("--out is required")
-    _check_paths(cfg)
+    ckpt.check_writable(cfg.out, "--out")  # the rest of the paths under the lock (_check_paths)
     sc = cfg.scoring
     if cfg.plan is None:
         if sc.criterion not in criteria.list_criteria():
@@ -195,7 +195,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
     _check(cfg)
     assert cfg.out
     with ckpt.run_lock(cfg.out, "--out", file=True):
-        _check_paths(cfg)  # again under the lock: a run that just finished may have written --out
+        _check_paths(cfg)  # under the lock: a run on --out now is refused by it, one that just finished is seen
         _check_resume(cfg)
         return _prune(cfg, t_start)
 
