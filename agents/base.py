@@ -47,11 +47,11 @@ Adding an algorithm (one new file, then run it by name)::
 
     # my_algos.py
     import dataclasses
-    from agents import Algorithm, EpisodeLog, register
+    from agents import Algorithm, EpisodeLog, config_field, register
 
     @dataclasses.dataclass
     class GreedyConfig:
-        action: int = 0
+        action: int = config_field(0, min=0)   # the valid values, checked before any work
         \"\"\"Action index every agent always takes.\"\"\"
 
     @register("always")
