@@ -216,10 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.runs:
         print("error: --runs needs at least one --out-dir of a finished benchmarks.marl run", file=sys.stderr)
         return 2
-    if cfg.labels is not None and len(cfg.labels) != len(cfg.runs):
-        print(f"error: --labels names {len(cfg.labels)} runs but --runs gives {len(cfg.runs)}: one label per run",
-              file=sys.stderr)
-        return 2
     out = results_path(cfg.out, "search_curves.md")
     # its report, and the runs it reads: a run still writing its marl.json is not reported on
     with hold_outputs("search_curves", files=[("--out", out), *(("--runs", Path(r) / STATE_FILE) for r in cfg.runs)]):
