@@ -105,3 +105,32 @@ def test_a_cifar_batch_that_would_run_code_is_refused_unrun(tmp_path):
     with pytest.raises(DataError, match=r"names the global io\.open"):
         load_dataset("cifar10", tmp_path, download=False, use_cache=False)
     assert not marker.exists()
+
+
+def test_a_process_filling_the_decoded_cache_is_waited_for_and_its_entry_read(tmp_path, monkeypatch):
+    """Issue 25, section 1, case 1 (caches): two processes decoding one source decode it once."""
+    import threading
+
+    from pruning_env.core.checkpoint import run_lock
+
+    write_image_folder(tmp_path / "toy")
+    reference = load_dataset("toy", tmp_path, use_cache=False)
+    dc = data.decoded_cache
+    entry = cache_dir() / "decoded" / dc.entry_name("toy", dc.source_key(tmp_path / "toy"))
+    held = threading.Event()
+
+    def other_process():  # decodes the source into the cache meanwhile
+        with run_lock(entry, "cache"):
+            held.set()
+            threading.Event().wait(0.3)
+            arrays = {"xtr": reference.train.images.numpy(), "ytr": reference.train.labels.numpy(),
+                      "xte": reference.test.images.numpy(), "yte": reference.test.labels.numpy()}
+            dc.write_entry(entry, reference.classes, arrays, "other")
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    held.wait(10)
+    monkeypatch.setattr(data, "_decode", lambda *a, **k: pytest.fail("decoded again"))
+    again = load_dataset("toy", tmp_path)
+    t.join()
+    assert torch.equal(again.train.images, reference.train.images)

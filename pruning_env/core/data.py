@@ -28,6 +28,7 @@ the batches go to, and on CUDA the split itself stays resident on the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -265,7 +266,9 @@ def _cached(name: str, path: Path, use_cache: bool, read) -> ImageDataset:
         return read()
     folder = cache_dir() / "decoded" / decoded_cache.entry_name(name, decoded_cache.source_key(path))
     # locked while read or filled: a process decoding the same source meanwhile is waited for, and its entry read
-    with run_lock(folder, "the decoded-image cache", wait=True):
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):  # a cache this process may not write to is still read
+            stack.enter_context(run_lock(folder, "the decoded-image cache", wait=True))
         hit = decoded_cache.read_entry(folder)
         if hit is not None:
             classes, a = hit
