@@ -38,7 +38,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.base import Algorithm, EpisodeLog, check_budget, register, seeded_torch
+from agents.base import Algorithm, EpisodeLog, check_budget, config_field, register, seeded_torch
 
 if TYPE_CHECKING:
     from tianshou.data import ReplayBuffer
@@ -50,31 +50,31 @@ __all__ = ["AMCAgent", "AMCConfig", "truncated_normal"]
 class AMCConfig:
     """Hyper-parameters of the AMC-style DDPG agent (AMC's values unless noted)."""
 
-    actor_hidden: tuple[int, ...] = (300, 300)
+    actor_hidden: tuple[int, ...] = config_field((300, 300), min=1)
     """Hidden layer widths of the actor MLP."""
-    critic_hidden: tuple[int, ...] = (300, 300)
+    critic_hidden: tuple[int, ...] = config_field((300, 300), min=1)
     """Hidden layer widths of the critic MLP (input: state and action concatenated)."""
-    actor_lr: float = 1e-4
+    actor_lr: float = config_field(1e-4, min=0, min_exclusive=True)
     """Adam learning rate of the actor."""
-    critic_lr: float = 1e-3
+    critic_lr: float = config_field(1e-3, min=0, min_exclusive=True)
     """Adam learning rate of the critic."""
-    tau: float = 0.01
+    tau: float = config_field(0.01, min=0, max=1, min_exclusive=True)
     """Soft target-update rate of actor and critic."""
-    gamma: float = 1.0
+    gamma: float = config_field(1.0, min=0, max=1)
     """Discount factor (AMC uses 1: the terminal reward matters equally for every layer)."""
-    batch_size: int = 64
+    batch_size: int = config_field(64, min=1)
     """Transitions per DDPG update."""
-    buffer_size: int = 2000
+    buffer_size: int = config_field(2000, min=1)
     """Replay capacity in transitions (AMC: 100 per layer)."""
-    warmup_episodes: int = 20
+    warmup_episodes: int = config_field(20, min=0)
     """Episodes of uniformly random actions before learning (short runs; AMC: 100 of 800)."""
-    updates_per_step: int = 1
+    updates_per_step: int = config_field(1, min=0)
     """DDPG updates per env step of each post-warm-up episode."""
-    noise_sigma: float = 0.5
+    noise_sigma: float = config_field(0.5, min=0)
     """Initial sigma of the truncated-normal exploration noise (in action units)."""
-    noise_decay: float = 0.95
+    noise_decay: float = config_field(0.95, min=0, max=1)
     """Per-episode decay factor of the noise sigma after warm-up."""
-    baseline_alpha: float = 0.5
+    baseline_alpha: float = config_field(0.5, min=0, max=1)
     """Step size of the moving-average reward baseline: b += alpha * (mean sampled reward - b)."""
 
 

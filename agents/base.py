@@ -49,11 +49,11 @@ Adding an algorithm (one new file, then run it by name)::
 
     # my_algos.py
     import dataclasses
-    from agents import Algorithm, EpisodeLog, register
+    from agents import Algorithm, EpisodeLog, config_field, register
 
     @dataclasses.dataclass
     class GreedyConfig:
-        action: int = 0
+        action: int = config_field(0, min=0)   # the valid values, checked before any work
         \"\"\"Action index every agent always takes.\"\"\"
 
     @register("always")
@@ -104,6 +104,7 @@ __all__ = [
     "RandomStreams",
     "check_budget",
     "check_env_api",
+    "config_field",
     "get_algorithm",
     "list_algorithms",
     "make_algorithm",
@@ -307,6 +308,13 @@ class Algorithm(abc.ABC):
         check_budget(plans, episode_length)
         return {}
 
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise ``ValueError`` (or ``TypeError``) for a config this algorithm cannot run although every field is
+        inside the limits it declares (:func:`config_field`), e.g. keyword arguments a plug-in does not take.
+        Called before any work by whoever builds the algorithm from a user's settings. Default: nothing."""
+        return None
+
     @final
     def train_episode(self) -> EpisodeLog:
         """Run ONE exploring training episode and learn from it (:meth:`_train_episode`), then count it:
@@ -449,6 +457,19 @@ class Algorithm(abc.ABC):
             final_info=_first_agent_info(infos, env),
         )
         return log, trace
+
+
+def config_field(default: Any, **limits: Any) -> Any:
+    """A config dataclass field whose valid values are declared with it, in its metadata.
+
+    ``limits`` take the keys of the pruning env's config options: ``min`` / ``max`` (with
+    ``min_exclusive`` / ``max_exclusive``) for a number or every element of a tuple of numbers,
+    ``choices`` (a list, or a callable returning it). Whoever builds an algorithm from a user's settings
+    checks them before any work (``pruning_env.search.check_algo_config`` does, with the one rule every
+    config of the package follows), so a negative learning rate is refused naming the setting instead of
+    failing inside the optimiser.
+    """
+    return dataclasses.field(default=default, metadata=limits)
 
 
 def check_budget(plans: int, episode_length: int) -> None:

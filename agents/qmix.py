@@ -44,7 +44,7 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from torch import nn
 
-from agents.base import Algorithm, EpisodeLog, check_budget, register, seeded_torch, split_observation
+from agents.base import Algorithm, EpisodeLog, check_budget, config_field, register, seeded_torch, split_observation
 from agents.replay import EpisodeReplayBuffer, lambda_returns
 
 __all__ = [
@@ -72,59 +72,59 @@ _Policy = Callable[[dict[str, Any], dict[str, dict]], dict[str, int]]  # (obs, i
 class QMIXConfig:
     """Hyper-parameters of the QMIX/VDN/IQL learner."""
 
-    mixer: str = "qmix"
+    mixer: str = config_field("qmix", choices=lambda: list_mixers())
     """Registered mixer: "qmix" (monotonic hypernetwork mixer), "vdn" (sum) or "none" (IQL)."""
     mixer_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra keyword arguments for the mixer's constructor (for plug-in mixers)."""
-    agent_net: Literal["mlp", "gru"] = "mlp"
+    agent_net: Literal["mlp", "gru"] = config_field("mlp", choices=["mlp", "gru"])
     """Shared agent network: "mlp" (3 layers) or "gru" (Linear-ReLU-GRUCell-Linear, recurrent over the episode)."""
-    hidden_dim: int = 64
+    hidden_dim: int = config_field(64, min=1)
     """Hidden width of the agent network."""
     agent_id: bool = True
     """Append a one-hot agent id to each agent's observation (parameter sharing needs it)."""
-    mixing_embed_dim: int = 32
+    mixing_embed_dim: int = config_field(32, min=1)
     """Width of the QMIX mixing layer (w1 is n_agents x mixing_embed_dim)."""
-    hypernet_hidden_dim: int = 64
+    hypernet_hidden_dim: int = config_field(64, min=1)
     """Hidden width of the 2-layer hypernetworks producing w1 and w2."""
-    buffer_size: int = 5000
+    buffer_size: int = config_field(5000, min=1)
     """Replay capacity in EPISODES (oldest are overwritten)."""
-    batch_size: int = 32
+    batch_size: int = config_field(32, min=1)
     """Episodes per gradient update (fewer while the buffer holds fewer)."""
-    learning_starts: int = 8
+    learning_starts: int = config_field(8, min=0)
     """Episodes in the buffer before learning starts (short runs; pymarl: batch_size)."""
-    updates_per_episode: int = 4
+    updates_per_episode: int = config_field(4, min=0)
     """Gradient updates after each training episode (short runs; pymarl: 1)."""
-    gamma: float = 0.99
+    gamma: float = config_field(0.99, min=0, max=1)
     """Discount factor."""
-    td_lambda: float = 0.0
+    td_lambda: float = config_field(0.0, min=0, max=1)
     """TD(lambda) targets when > 0 (pymarl2: 0.6); 0 gives one-step double-Q targets."""
     double_q: bool = True
     """Double-Q targets: argmax by the online net, value by the target net."""
-    optimizer: Literal["adam", "rmsprop"] = "adam"
+    optimizer: Literal["adam", "rmsprop"] = config_field("adam", choices=["adam", "rmsprop"])
     """Optimiser: "adam" (pymarl2) or "rmsprop" (pymarl, alpha 0.99)."""
-    lr: float = 1e-3
+    lr: float = config_field(1e-3, min=0, min_exclusive=True)
     """Learning rate (pymarl2 Adam 1e-3; pymarl RMSprop 5e-4)."""
-    optim_eps: float = 1e-5
+    optim_eps: float = config_field(1e-5, min=0)
     """Epsilon of the optimiser's denominator."""
-    grad_clip: float = 10.0
+    grad_clip: float = config_field(10.0, min=0, min_exclusive=True)
     """Max global gradient norm."""
-    target_update_interval: int = 20
+    target_update_interval: int = config_field(20, min=1)
     """Hard target-network copy every this many training episodes (short runs; pymarl: 200)."""
-    target_tau: float = 0.0
+    target_tau: float = config_field(0.0, min=0, max=1)
     """If > 0, soft (Polyak) target updates with this rate after every gradient step instead of hard copies."""
-    eps_start: float = 1.0
+    eps_start: float = config_field(1.0, min=0, max=1)
     """Initial epsilon of epsilon-greedy exploration."""
-    eps_end: float = 0.05
+    eps_end: float = config_field(0.05, min=0, max=1)
     """Final epsilon."""
-    eps_anneal_steps: int = 500
+    eps_anneal_steps: int = config_field(500, min=0)
     """Env steps over which epsilon decays linearly (short runs; pymarl: 50k)."""
-    explore_radius: int = 0
+    explore_radius: int = config_field(0, min=0)
     """Exploring agents pick uniformly among available actions (0, pymarl) or among those within this many
     indices of their greedy action (> 0: local exploration around the current allocation, for ordered action
     spaces such as a grid of pruning rates). Measured on VGG-16 w0.25 at exact MACs budgets (300 plans, 3 seeds,
     ``benchmarks/results/exploration-0.5.md``): radius 1 found worse plans at MACs 0.5 (-0.026 objective, 3 of 3
     seeds) and the same at 0.3, so uniform stays the default."""
-    episodes_per_snapshot: int = 1
+    episodes_per_snapshot: int = config_field(1, min=1)
     """Training episodes played with one policy snapshot before learning from them (pymarl's parallel runner). With
     > 1 each episode explores with its own random stream (seed, episode) at the snapshot's epsilon, so its policy is
     fixed in advance and parallel workers can measure the snapshot's episodes together (``upcoming_policies``); the
@@ -340,6 +340,17 @@ class QMIX(Algorithm):
         self._snapshot_eps = cfg.eps_start  # epsilon of the current policy snapshot (episodes_per_snapshot > 1)
         if cfg.episodes_per_snapshot < 1:
             raise ValueError(f"episodes_per_snapshot must be >= 1, got {cfg.episodes_per_snapshot}")
+
+    @classmethod
+    def check_config(cls, config: QMIXConfig) -> None:
+        """The mixer must take ``mixer_kwargs``: built once on a one-agent problem (the global RNG untouched)."""
+        mixer = _get_mixer(config.mixer)
+        with seeded_torch(0):
+            try:
+                mixer(1, 1, config, **config.mixer_kwargs)
+            except TypeError as exc:
+                raise ValueError(f"mixer_kwargs {config.mixer_kwargs} do not fit the mixer {config.mixer!r}: {exc}") \
+                    from None
 
     @classmethod
     def budget_overrides(cls, plans: int, episode_length: int) -> dict[str, Any]:

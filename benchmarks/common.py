@@ -9,16 +9,18 @@ its last line of output is one JSON object printed with ``print_json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import shlex
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from pruning_env.cli.options import add_config_args, config_from_args
-from pruning_env.core.checkpoint import atomic_write_text
+from pruning_env.core.checkpoint import RunLockedError, atomic_write_text, run_lock
 from pruning_env.core.provenance import git_commit, machine_description
 
 __all__ = [
@@ -29,8 +31,10 @@ __all__ = [
     "command_line",
     "commit",
     "config_parser",
+    "device_report",
     "fmt",
     "fmt_values",
+    "hold_outputs",
     "log",
     "machine",
     "mean_std",
@@ -76,6 +80,48 @@ def command_line(name: str, argv: list[str] | None) -> str:
 def results_path(out: str | None, default_name: str) -> Path:
     """``out``, or ``benchmarks/results/<default_name>`` of the repository when ``out`` is None."""
     return Path(out) if out is not None else RESULTS / default_name
+
+
+@contextlib.contextmanager
+def hold_outputs(name: str, *, files: Sequence[tuple[str, Path]] = (),
+                 folders: Sequence[tuple[str, Path]] = ()) -> Iterator[None]:
+    """Lock what a run of ``python -m benchmarks.<name>`` writes, for the whole run.
+
+    ``files`` / ``folders``: ``(flag, path)`` pairs of its outputs (reports, result JSON it resumes from, caches,
+    work dirs; for a run folder another benchmark reports on, the file it reads). Each is locked with
+    :func:`pruning_env.core.checkpoint.run_lock`; a second run on any of them exits at once with status 2,
+    naming the output and the run that holds it.
+    """
+    with contextlib.ExitStack() as stack:
+        targets = [(flag, Path(p), True) for flag, p in files] + [(flag, Path(p), False) for flag, p in folders]
+        held = set()
+        for flag, path, is_file in targets:
+            if (path.resolve(), is_file) in held:  # named twice (e.g. a run folder that is also --out-dir)
+                continue
+            held.add((path.resolve(), is_file))
+            try:
+                stack.enter_context(run_lock(path, flag, file=is_file))
+            except RunLockedError as exc:
+                print(f"python -m benchmarks.{name}: error: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            except OSError as exc:
+                print(f"python -m benchmarks.{name}: error: {flag} {path}: {exc.strerror or exc}; choose a writable "
+                      "location", file=sys.stderr)
+                raise SystemExit(2) from None
+        yield
+
+
+def device_report(out: str | None, device: str, name: str) -> tuple[Any, Path]:
+    """``(torch device, report path)`` of a timing benchmark: ``out``, else ``benchmarks/results/<name>.md``
+    (``<name>_cuda.md`` when timed on CUDA). A device that cannot be used exits with status 2 and the reason."""
+    from pruning_env.core.config import resolve_device
+
+    try:
+        dev = resolve_device(device)
+    except ValueError as exc:
+        print(f"python -m benchmarks.{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return dev, results_path(out, f"{name}_cuda.md" if dev.type == "cuda" else f"{name}.md")
 
 
 def commit() -> str:

@@ -50,7 +50,6 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -60,7 +59,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.common import atomic_write_text, command_line, commit, log, machine, results_path
+from benchmarks.common import atomic_write_text, command_line, commit, hold_outputs, log, machine, results_path
 from benchmarks.common import parse_config as _parse
 from benchmarks.criteria_report import DEFAULT_VARIANTS, RECIPE_DEFAULTS, STAGES, write_report
 from pruning_env import criteria
@@ -68,6 +67,7 @@ from pruning_env.cli.options import print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import get_setting, nested, option, resolve_device
 from pruning_env.core.data import CalibrationConfig, Split, calibration_batch, load_splits
+from pruning_env.core.models import list_models
 from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.flops import count
@@ -198,6 +198,9 @@ def parse_epochs(items: tuple[str, ...], nets: tuple[str, ...]) -> dict[str, int
         if epochs < 1:
             raise ValueError(f"--baseline-epochs must be >= 1, got {item!r}")
         if sep:
+            if net not in list_models():
+                raise ValueError(f"--baseline-epochs {item!r}: {net!r} is not an architecture; NET is one of "
+                                 f"{', '.join(list_models())}")
             per_net[net] = epochs
         else:
             default = epochs
@@ -424,9 +427,15 @@ def parse_config(argv: list[str] | None = None) -> CriteriaBenchConfig:
 def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     cfg = parse_config(argv)
+    md_path = results_path(cfg.out, "criteria.md")
+    cache_path = Path(cfg.scores_cache) if cfg.scores_cache else md_path.with_suffix(".scores.pt")
+    with hold_outputs("criteria", files=[("--out", md_path), ("--scores-cache", cache_path)]):
+        return _main(cfg, argv, t_start, md_path, cache_path)
+
+
+def _main(cfg: CriteriaBenchConfig, argv: list[str] | None, t_start: float, md_path: Path, cache_path: Path) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    md_path = results_path(cfg.out, "criteria.md")
     json_path = md_path.with_suffix(".json")
     setup = cfg.setup()
 
@@ -466,14 +475,10 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(json_path, json.dumps(data, indent=1, default=float))
         write_report(data, md_path)
 
-    cache_path = Path(cfg.scores_cache) if cfg.scores_cache else md_path.with_suffix(".scores.pt")
     disk: dict[str, Any] = torch.load(cache_path, weights_only=True) if cache_path.is_file() else {}
 
     def save_cache() -> None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_name(f".{cache_path.name}.tmp")
-        torch.save(disk, tmp)
-        os.replace(tmp, cache_path)
+        ckpt.atomic_save(disk, cache_path)
 
     done = {(r["net"], r["variant"], float(r["rate"]), int(r["seed"])) for r in data["rows"]}
     jobs = []

@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,11 +44,12 @@ import torch
 from benchmarks.common import (
     command_line,
     commit,
+    device_report,
+    hold_outputs,
     machine,
     parse_config,
     parse_net,
     require_torch_pruning,
-    results_path,
     write_markdown,
 )
 from pruning_env.cli.options import print_json
@@ -189,6 +191,12 @@ def bench(name: str, steps: int, data_dir: str | None, naive: bool,
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(EnvStepConfig, argv, "env_step", __doc__)
+    device, out = device_report(cfg.out, cfg.device, "env_step")
+    with hold_outputs("env_step", files=[("--out", out)]):
+        return _main(cfg, argv, device, out)
+
+
+def _main(cfg: EnvStepConfig, argv: list[str] | None, device: torch.device, out: Path) -> int:
     if cfg.naive:
         try:
             require_torch_pruning("--naive (the deepcopy + Torch-Pruning step it compares with)")
@@ -197,7 +205,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     torch.set_num_threads(cfg.threads)
     results = [bench(n, cfg.steps, cfg.data_dir, cfg.naive, cfg.bn, cfg.device) for n in cfg.nets]
-    device = resolve_device(cfg.device)
     header = ("| net | model | step ms | steps/s | scoring | surgery | evaluation | other | step / (scoring+eval) "
               "| with BN recal: step ms | bn_recal share | step / (scoring+eval) | naive ms | naive / env |")
     lines = [header, "|" + "---|" * 14]
@@ -220,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.bn.bn_recal_batch_size}{default_bn}), and a naive step: `copy.deepcopy` + Torch-Pruning DepGraph on "
         "the same filters + the same scoring and evaluation.",
         ""])
-    out = results_path(cfg.out, "env_step_cuda.md" if device.type == "cuda" else "env_step.md")
     write_markdown(out, md)
     print(md)
     print_json({"report": str(out), "rows": results})

@@ -41,7 +41,7 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-from benchmarks.common import parse_config, write_markdown
+from benchmarks.common import hold_outputs, parse_config, write_markdown
 from pruning_env import criteria
 from pruning_env.cli.options import print_json
 from pruning_env.core import checkpoint, data, models
@@ -332,6 +332,12 @@ def report(results: list[Result], cfg: KLSpeedConfig, meta: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(KLSpeedConfig, argv, "kl_speed", __doc__)
+    out = Path(cfg.out) if cfg.out else ROOT / "benchmarks" / "results" / "kl_speed.md"
+    with hold_outputs("kl_speed", files=[("--out", out)]):
+        return _main(cfg, argv, out)
+
+
+def _main(cfg: KLSpeedConfig, argv: list[str] | None, out: Path) -> int:
     threads = list(cfg.threads or sorted({torch.get_num_threads(), 1}, reverse=True))
     load_before = os.getloadavg()
     try:
@@ -379,7 +385,6 @@ def main(argv: list[str] | None = None) -> int:
         "data": cfg.data_dir or os.environ.get("PRUNING_ENV_DATA") or str(data.data_dir()),
     }
     text = report(results, cfg, meta)
-    out = Path(cfg.out) if cfg.out else ROOT / "benchmarks" / "results" / "kl_speed.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_markdown(out, text)
     print(text)

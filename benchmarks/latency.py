@@ -39,7 +39,18 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import command_line, commit, log, machine, parse_config, parse_net, results_path, write_markdown
+from benchmarks.common import (
+    atomic_write_text,
+    command_line,
+    commit,
+    device_report,
+    hold_outputs,
+    log,
+    machine,
+    parse_config,
+    parse_net,
+    write_markdown,
+)
 from pruning_env import criteria
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import flat_dict, nested, option, resolve_device
@@ -244,6 +255,12 @@ def _rule_note(rule: RateRule) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(LatencyConfig, argv, "latency", __doc__)
+    device, out = device_report(cfg.out, cfg.device, "latency")
+    with hold_outputs("latency", files=[("--out", out)]):
+        return _main(cfg, argv, device, out)
+
+
+def _main(cfg: LatencyConfig, argv: list[str] | None, device: torch.device, out: Path) -> int:
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     load_before = _load()
@@ -253,13 +270,12 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.progress:
             log(f"{net} w{width:g} ...")
         rows += bench_net(net, width, cfg)
-    device = resolve_device(cfg.device)
     meta = {"command": command_line("latency", argv), "commit": commit(), "machine": machine(), "device": str(device),
             "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "wall_s": time.time() - t0,
             "load_before": load_before, "load_after": _load()}
-    out = results_path(cfg.out, "latency_cuda.md" if device.type == "cuda" else "latency.md")
     write_report(rows, cfg, meta, out)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "args": flat_dict(cfg), "rows": rows}, indent=1))
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"meta": meta, "args": flat_dict(cfg), "rows": rows},
+                                                           indent=1))
     print(out.read_text())
     print_json({"report": str(out), "json": str(out.with_suffix(".json")), "rows": rows})
     return 0

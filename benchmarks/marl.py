@@ -67,8 +67,8 @@ from torch import nn
 
 import agents
 import pruning_env
-from benchmarks.common import require_torch_pruning
-from benchmarks.marl_report import ALGOS, TP_NAME, plots, result_rows, summary, write_report
+from benchmarks.common import hold_outputs, require_torch_pruning
+from benchmarks.marl_report import ALGOS, STATE_FILE, TP_NAME, plots, result_rows, summary, write_report
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import (
@@ -88,7 +88,7 @@ from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env, parse_env_id
-from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
+from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, check_algo_config
 from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig
@@ -147,6 +147,7 @@ def _check(cfg: BenchConfig) -> BenchConfig:
         raise ValueError(f"unknown algorithm(s) {unknown}; choose from {', '.join(agents.list_algorithms())}")
     if len(set(cfg.algos)) != len(cfg.algos) or len(set(cfg.seeds)) != len(cfg.seeds):
         raise ValueError("--algos and --seeds must not repeat")
+    check_algo_config(cfg.search, {a: agents.get_algorithm(a) for a in cfg.algos}, cfg.problem.episode_length)
     require_torch_pruning("the Torch-Pruning row of every seed (global L1 pruning to the same MACs)")
     cfg.finetune.check()
     cfg.parallel.check()
@@ -318,8 +319,7 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
     def val_like_env(m: nn.Module) -> dict[str, float]:  # the reward's measurement, exactly as the env's of a plan
         return env.measure_network(m)
 
-    # one folder per target and seed: runs of several targets may share --work-dir
-    out = Path(cfg.work_dir) / f"target-{cfg.problem.macs_target:g}" / f"seed{seed}" / f"{name}-finetune.pt"
+    out = finetune_dir(cfg.work_dir, cfg.problem.macs_target) / f"seed{seed}" / f"{name}-finetune.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     ft_cfg = dataclasses.replace(cfg.finetune, seed=seed, device=str(device), progress=cfg.progress)
     _, result = finalize(base, splits, plan=plan, model=model, bn=env.config.bn, finetune_cfg=ft_cfg,
@@ -345,6 +345,12 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
 
 
 # ----------------------------------------------------------------------------- bookkeeping
+
+
+def finetune_dir(work_dir: str, macs_target: float) -> Path:
+    """The fine-tuning checkpoints' folder of a run: one per MACs target (runs of several targets may share
+    --work-dir, side by side too); the run holds its lock."""
+    return Path(work_dir) / f"target-{macs_target:g}"
 
 
 def _keys(cfg: BenchConfig) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -402,12 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     argv_list = list(argv) if argv is not None else sys.argv[1:]
     try:
         cfg = _check(config_from_args(BenchConfig, args))
-        out_dir = Path(cfg.out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        json_path = out_dir / "marl.json"
-        state, ft_resume = _load_state(json_path, cfg)
     except (ValueError, TypeError) as exc:
         parser.exit(2, f"error: {exc}\n")
+    out_dir = Path(cfg.out_dir)
+    work = finetune_dir(cfg.work_dir, cfg.problem.macs_target)
+    with hold_outputs("marl", files=[("--out-dir", out_dir / STATE_FILE)], folders=[("--work-dir", work)]):
+        try:
+            state, ft_resume = _load_state(out_dir / STATE_FILE, cfg)
+        except (ValueError, TypeError) as exc:
+            parser.exit(2, f"error: {exc}\n")
+        return _main(cfg, argv_list, state, ft_resume)
+
+
+def _main(cfg: BenchConfig, argv_list: list[str], state: dict[str, Any], ft_resume: bool) -> int:
+    out_dir = Path(cfg.out_dir)
+    json_path = out_dir / STATE_FILE
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()

@@ -23,7 +23,15 @@ from typing import Any
 import numpy as np
 
 from benchmarks import common
-from benchmarks.common import RESULTS, atomic_write_text, command_line, commit, parse_config, write_markdown
+from benchmarks.common import (
+    RESULTS,
+    atomic_write_text,
+    command_line,
+    commit,
+    hold_outputs,
+    parse_config,
+    write_markdown,
+)
 from pruning_env.core.config import option
 from pruning_env.search import pareto_front
 
@@ -465,12 +473,16 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
     return result
 
 
+STATE_FILE = "marl.json"
+"""The recorded state of a ``benchmarks.marl`` run in its ``--out-dir``: its runs lock it (a report reading it too)."""
+
+
 def load_run(run: str | Path) -> dict[str, Any]:
     """The recorded state (``marl.json``) of a finished ``benchmarks.marl`` run in the folder ``run``.
 
     Raises ValueError (saying what to do) when the folder holds no ``marl.json`` or an unfinished run.
     """
-    path = Path(run) / "marl.json"
+    path = Path(run) / STATE_FILE
     if not path.is_file():
         raise ValueError(f"{path} does not exist: pass the --out-dir of a finished `python -m benchmarks.marl` run")
     state = json.loads(path.read_text())
@@ -492,6 +504,13 @@ class TargetsConfig:
 def main(argv: list[str] | None = None) -> int:
     """The report of several targets' runs: ``python -m benchmarks.marl_report --runs DIR [DIR ...]``."""
     cfg = parse_config(TargetsConfig, argv, "marl_report", __doc__)
+    # its own outputs, and the runs it reads: a run still writing its marl.json is not reported on
+    outputs = [("--out-dir", Path(cfg.out_dir) / STATE_FILE), *(("--runs", Path(r) / STATE_FILE) for r in cfg.runs)]
+    with hold_outputs("marl_report", files=outputs):
+        return _main(cfg, argv)
+
+
+def _main(cfg: TargetsConfig, argv: list[str] | None) -> int:
     try:
         states = [load_run(run) for run in cfg.runs]
         result = write_targets_report(states, Path(cfg.out_dir), command_line("marl_report", argv), commit())

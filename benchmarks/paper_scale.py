@@ -63,6 +63,7 @@ from benchmarks.common import (
     command_line,
     commit,
     config_parser,
+    hold_outputs,
     log,
     machine,
     results_path,
@@ -82,7 +83,7 @@ from pruning_env.core.config import (
 from pruning_env.core.data import CalibrationConfig
 from pruning_env.core.models import list_models
 from pruning_env.envs.config import EnvConfig
-from pruning_env.search import SearchConfig
+from pruning_env.search import SearchConfig, check_algo_config
 from pruning_env.training.finetune import FinetuneConfig
 from pruning_env.training.train import TrainConfig, default_checkpoint_path, recipe_mismatch, train
 
@@ -163,6 +164,7 @@ def parse_config(argv: list[str] | None = None) -> PaperScaleConfig:
         unknown = [a for a in cfg.algos if a not in agents.list_algorithms()]
         if unknown:
             raise ValueError(f"unknown algorithm(s) {unknown}; choose from {', '.join(agents.list_algorithms())}")
+        check_algo_config(cfg.search, {a: agents.get_algorithm(a) for a in cfg.algos}, cfg.problem.episode_length)
         resolve_device(cfg.device)
     except (TypeError, ValueError) as exc:
         parser.error(str(exc))
@@ -359,6 +361,17 @@ def run(cfg: PaperScaleConfig, argv: list[str] | None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
+    md_path = results_path(cfg.out, "paper_scale.md")
+    if cfg.dry_run:
+        outputs: dict[str, Any] = {"files": [("--out", md_path.with_suffix(".dryrun.json"))]}
+    else:  # the baseline cache is locked by pruning_env.train while it trains
+        outputs = {"files": [("--out", md_path)],
+                   "folders": [("--work-dir", marl_bench.finetune_dir(cfg.work_dir, cfg.problem.macs_target))]}
+    with hold_outputs("paper_scale", **outputs):
+        return _main(cfg, argv)
+
+
+def _main(cfg: PaperScaleConfig, argv: list[str] | None) -> int:
     try:
         if cfg.dry_run:
             from benchmarks.paper_scale_dry import dry_run

@@ -59,6 +59,7 @@ from benchmarks.common import (
     atomic_write_text,
     command_line,
     commit,
+    hold_outputs,
     log,
     machine,
     mean_std,
@@ -66,6 +67,7 @@ from benchmarks.common import (
     write_markdown,
 )
 from pruning_env.cli.options import print_json
+from pruning_env.core.checkpoint import run_lock
 from pruning_env.core.config import flat_dict, nested, option, resolve_device, without_run_only
 from pruning_env.core.data import load_splits
 from pruning_env.engine.bn import BNRecalConfig
@@ -373,7 +375,7 @@ class _TargetCache:
     different targets may go on side by side and a later run of several targets reads them all)."""
 
     def __init__(self, work: Path, target: float, key: dict[str, Any], resume: bool) -> None:
-        self.path = work / f"target-{target:g}.json"
+        self.path = self.file(work, target)
         self.key = key
         self.records: dict[str, dict[str, Any]] = {}
         self.plans: list | None = None
@@ -388,6 +390,11 @@ class _TargetCache:
                 raise ValueError(f"--resume: {self.path} was made with other settings ({', '.join(diff)}); delete "
                                  "it or rerun with the same flags")
             self.records, self.plans = stored["records"], stored.get("plans")
+
+    @staticmethod
+    def file(work: Path, target: float) -> Path:
+        """Where the plans of ``target`` are kept (a run locks it: runs of other targets may go on beside it)."""
+        return work / f"target-{target:g}.json"
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -467,7 +474,9 @@ def run(cfg: FidelityConfig, argv: list[str] | None = None) -> dict[str, Any]:
                         f"on {cfg.truth_bn_batches} batches and {cfg.truth.epochs} epochs of KD fine-tuning "
                         f"(lr {cfg.truth.lr}, batch {cfg.truth.batch_size}) on the training split minus validation"),
               "default": _default_name(first), **analyse(records, cfg), "records": records}
-    write_report(result, Path(cfg.out_dir))
+    # the report is shared by the runs of other targets beside this one: written after any of them finishes writing it
+    with run_lock(Path(cfg.out_dir) / "reward_fidelity.json", "--out-dir", file=True, wait=True):
+        write_report(result, Path(cfg.out_dir))
     return result
 
 
@@ -479,6 +488,12 @@ def _default_name(env: FilterPruningEnv) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(FidelityConfig, argv, "reward_fidelity", __doc__)
+    caches = [("--work-dir", _TargetCache.file(Path(cfg.work_dir), t)) for t in cfg.targets]
+    with hold_outputs("reward_fidelity", files=caches):
+        return _main(cfg, argv)
+
+
+def _main(cfg: FidelityConfig, argv: list[str] | None) -> int:
     try:
         result = run(cfg, argv)
     except ValueError as exc:

@@ -42,6 +42,7 @@ from benchmarks.common import (
     atomic_write_text,
     command_line,
     commit,
+    hold_outputs,
     log,
     machine,
     parse_config,
@@ -290,9 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    out_dir = Path(cfg.out_dir)
+    json_path = Path(cfg.out_dir) / "scale_out.json"
+    with hold_outputs("scale_out", files=[("--out-dir", json_path)]):
+        return _main(cfg, argv, json_path)
+
+
+def _main(cfg: ScaleOutConfig, argv: list[str] | None, json_path: Path) -> int:
+    out_dir = json_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out_dir / "scale_out.json"
     keys = json.loads(json.dumps(without_run_only(ScaleOutConfig, flat_dict(cfg))))
     old = json.loads(json_path.read_text()) if (cfg.resume and json_path.is_file()) else {}
     same = without_run_only(ScaleOutConfig, old.get("settings", {})) == keys

@@ -37,12 +37,13 @@ from benchmarks.common import (
     commit,
     fmt,
     fmt_values,
+    hold_outputs,
     mean_std,
     parse_config,
     results_path,
     write_markdown,
 )
-from benchmarks.marl_report import LABELS, best_so_far, curve_band, load_run, plan_placement
+from benchmarks.marl_report import LABELS, STATE_FILE, best_so_far, curve_band, load_run, plan_placement
 from pruning_env.core.config import config_mismatch, option
 
 __all__ = ["OBJECTIVE_KEYS", "CurvesConfig", "compare", "main", "write"]
@@ -212,9 +213,21 @@ def main(argv: list[str] | None = None) -> int:
     if not cfg.runs:
         print("error: --runs needs at least one --out-dir of a finished benchmarks.marl run", file=sys.stderr)
         return 2
+    out = results_path(cfg.out, "search_curves.md")
+    # its report, and the runs it reads: a run still writing its marl.json is not reported on
+    with hold_outputs("search_curves", files=[("--out", out), *(("--runs", Path(r) / STATE_FILE) for r in cfg.runs)]):
+        return _main(cfg, argv, out)
+
+
+def _main(cfg: CurvesConfig, argv: list[str] | None, out: Path) -> int:
     labels = cfg.labels or [Path(r).name for r in cfg.runs]
     try:
         states = [load_run(r) for r in cfg.runs]
+        searched = sorted({a for st in states for r in st["runs"].values() for a in r["search"]})
+        unused = [a for a in cfg.algos or () if a not in searched]
+        if unused:
+            raise ValueError(f"--algos: no run searched with {', '.join(unused)}; they searched with "
+                             f"{', '.join(searched)}")
         result = compare(states, labels, cfg.algos, cfg.at)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -223,7 +236,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: none of the runs searched with {cfg.algos}: name algorithms they ran (--algos)",
               file=sys.stderr)
         return 2
-    out = results_path(cfg.out, "search_curves.md")
     write(states, result, out, command_line("search_curves", argv), commit())
     print(json.dumps({"out": str(out), "rows": [{k: r[k] for k in ("label", "algo", "final", "paired_difference")}
                                                 for r in result["rows"]]}, indent=1))

@@ -31,10 +31,21 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, commit, log, machine, parse_config, parse_net, results_path, write_markdown
+from benchmarks.common import (
+    command_line,
+    commit,
+    hold_outputs,
+    log,
+    machine,
+    parse_config,
+    parse_net,
+    results_path,
+    write_markdown,
+)
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import nested, option
 from pruning_env.core.models import build
@@ -136,6 +147,12 @@ def bench_one(arch: str, width: float, rate: float, repeats: int, seed: int, tp,
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SurgerySpeedConfig, argv, "surgery_speed", __doc__)
+    out = results_path(cfg.out, "surgery_speed.md")
+    with hold_outputs("surgery_speed", files=[("--out", out)] if cfg.write else []):
+        return _main(cfg, argv, out)
+
+
+def _main(cfg: SurgerySpeedConfig, argv: list[str] | None, out: Path) -> int:
     torch.set_num_threads(cfg.threads)
     try:
         import torch_pruning as tp
@@ -177,7 +194,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {r['net']} | {1e6 * r['predict']:.1f} | {ms(r['count'])} | {ms(r.get('tp_count'))} |")
     table = "\n".join(lines)
     print(table)
-    out = results_path(cfg.out, "surgery_speed.md")
     if cfg.write:
         tp_version = getattr(tp, "__version__", "not installed") if tp is not None else "not installed"
         rule = "" if cfg.rule == RateRule() else (f" (at least {cfg.rule.min_keep} filters kept, counts rounded to "

@@ -21,10 +21,11 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from benchmarks.common import command_line, commit, machine, parse_config, results_path, write_markdown
+from benchmarks.common import command_line, commit, hold_outputs, machine, parse_config, results_path, write_markdown
 from pruning_env.cli.options import print_json
 from pruning_env.core.config import option
 from pruning_env.core.data import load_splits
@@ -102,6 +103,12 @@ def run(cfg: TeacherCacheBenchConfig) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(TeacherCacheBenchConfig, argv, "teacher_cache", __doc__)
+    out = results_path(cfg.out, "teacher_cache.md")
+    with hold_outputs("teacher_cache", files=[("--out", out)] if cfg.write else []):
+        return _main(cfg, argv, out)
+
+
+def _main(cfg: TeacherCacheBenchConfig, argv: list[str] | None, out: Path) -> int:
     rows = run(cfg)
     lines = ["# Teacher cache: KD fine-tuning with the teacher's outputs memoised vs computed", "",
              f"Command: `{command_line('teacher_cache', argv)}`  ", f"Commit: `{commit()}`  ",
@@ -117,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines) + "\n"
     print(text)
     if cfg.write:
-        write_markdown(results_path(cfg.out, "teacher_cache.md"), text)
+        write_markdown(out, text)
     print_json({"rows": rows})
     return 0 if all(r["identical_weights"] for r in rows) else 1
 

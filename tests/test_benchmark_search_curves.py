@@ -87,7 +87,10 @@ def test_bad_input_is_refused_before_any_work(runs, tmp_path, capsys):
     assert search_curves.main(["--runs", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert search_curves.main(["--runs", str(uniform), "--algos", "amc", "--out", str(tmp_path / "x.md")]) == 2
-    assert "none of the runs" in capsys.readouterr().err
+    assert "--algos: no run searched with amc; they searched with qmix, random" in capsys.readouterr().err
+    # one of them searched is not enough: the other would be left out silently
+    assert search_curves.main(["--runs", str(uniform), "--algos", "qmix", "amc", "--out", str(tmp_path / "x.md")]) == 2
+    assert "--algos: no run searched with amc" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         search_curves.main(["--runs", str(uniform), "--labels", "a", "b"])
     assert "one name per run" in capsys.readouterr().err

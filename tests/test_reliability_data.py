@@ -80,3 +80,57 @@ def test_a_data_set_name_that_is_a_path_is_refused(tmp_path, name):
 def test_cache_entry_names_stay_inside_the_cache():
     assert "/" not in data.decoded_cache.entry_name("../../etc", "k")
     assert data.decoded_cache.entry_name("../../etc", "k").startswith("_")
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file when unpickled
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_unrun(tmp_path):
+    """Issue 25, section 1, case 5 (untrusted files): the CIFAR python batches are unpickled with an allow-list."""
+    import pickle
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as fh:
+            pickle.dump({b"data": np.zeros((2, 3072), dtype=np.uint8), b"labels": [0, 1], b"x": _RunsCode(marker)}, fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, fh)
+    with pytest.raises(DataError, match=r"names the global io\.open"):
+        load_dataset("cifar10", tmp_path, download=False, use_cache=False)
+    assert not marker.exists()
+
+
+def test_a_process_filling_the_decoded_cache_is_waited_for_and_its_entry_read(tmp_path, monkeypatch):
+    """Issue 25, section 1, case 1 (caches): two processes decoding one source decode it once."""
+    import threading
+
+    from pruning_env.core.checkpoint import run_lock
+
+    write_image_folder(tmp_path / "toy")
+    reference = load_dataset("toy", tmp_path, use_cache=False)
+    dc = data.decoded_cache
+    entry = cache_dir() / "decoded" / dc.entry_name("toy", dc.source_key(tmp_path / "toy"))
+    held = threading.Event()
+
+    def other_process():  # decodes the source into the cache meanwhile
+        with run_lock(entry, "cache"):
+            held.set()
+            threading.Event().wait(0.3)
+            arrays = {"xtr": reference.train.images.numpy(), "ytr": reference.train.labels.numpy(),
+                      "xte": reference.test.images.numpy(), "yte": reference.test.labels.numpy()}
+            dc.write_entry(entry, reference.classes, arrays, "other")
+
+    t = threading.Thread(target=other_process)
+    t.start()
+    held.wait(10)
+    monkeypatch.setattr(data, "_decode", lambda *a, **k: pytest.fail("decoded again"))
+    again = load_dataset("toy", tmp_path)
+    t.join()
+    assert torch.equal(again.train.images, reference.train.images)

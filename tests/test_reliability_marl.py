@@ -3,6 +3,7 @@ of another net refused (case 8), results independent of the baseline cache (case
 --logdir / --algo / train_state.pt and for Ctrl-C during the final fine-tuning."""
 
 import json
+import os
 import shutil
 
 import pytest
@@ -93,10 +94,13 @@ def test_ctrl_c_during_final_finetuning_says_how_to_resume(tmp_path, monkeypatch
     assert "interrupted during the final fine-tuning" in err and "--resume" in err
 
 
-def test_a_locked_logdir_is_refused(tmp_path, capsys):
-    with ckpt.run_lock(tmp_path / "r"):
-        err = _fails(capsys, *FAST, "--logdir", tmp_path / "r")
-    assert "in use by another running process" in err
+@pytest.mark.parametrize("flags", [[], ["--overwrite"], ["--resume"]])
+def test_a_locked_logdir_is_refused(done, tmp_path, capsys, flags):
+    logdir = tmp_path / "r"
+    shutil.copytree(done, logdir)  # what the first run has written so far
+    with ckpt.run_lock(logdir):
+        err = _fails(capsys, *FAST, "--logdir", logdir, *flags)
+    assert f"--logdir {logdir} is in use by another running process" in err and f"pid {os.getpid()}" in err
 
 
 def test_result_does_not_depend_on_the_baseline_cache(tmp_path, monkeypatch):
@@ -113,3 +117,56 @@ def test_result_does_not_depend_on_the_baseline_cache(tmp_path, monkeypatch):
         if key == "search":
             a_val, b_val = ({k: v for k, v in d.items() if "second" not in k} for d in (a_val, b_val))
         assert a_val == b_val, key
+
+
+# Issue 25, section 1, case 5: train_state.pt is loaded with weights_only=True; a file that would run code is refused.
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file when unpickled
+
+
+def test_a_train_state_that_would_run_code_is_refused_unrun(done, tmp_path, capsys):
+    logdir = tmp_path / "run"
+    shutil.copytree(done, logdir)
+    state_file = logdir / marl.STATE_FILE
+    import torch
+
+    state = torch.load(state_file, weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["best"] = _RunsCode(marker)
+    torch.save(state, state_file)
+    err = _fails(capsys, *FAST, "--logdir", logdir, "--resume")
+    assert str(state_file) in err and "could run code" in err and "--overwrite" in err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("algo", sorted(__import__("agents").list_algorithms()))
+def test_every_algorithms_search_state_loads_weights_only_and_resumes(algo):
+    import io
+
+    import torch
+
+    import agents
+    import pruning_env
+    from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
+
+    def search():
+        env = pruning_env.make("pruning_env/Tiny-v0")
+        cls = agents.get_algorithm(algo)
+        cfg = SearchConfig(plans=8, eval_every=2,
+                           algo_config='{"amc": {"warmup_episodes": 1, "batch_size": 4}}' if algo == "amc" else None)
+        over = algorithm_overrides(cls, algo, cfg, env.config.episode_length)
+        return Search(agents.make_algorithm(algo, algorithm_env(cls, env), seed=0, **over), env, cfg, progress=False)
+
+    first = search()
+    first.run()
+    buf = io.BytesIO()
+    torch.save(first.state_dict(), buf)
+    buf.seek(0)
+    again = search()
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert again.points == first.points and again.best == first.best

@@ -74,3 +74,47 @@ def test_the_progress_bar_shows_the_learning_rate_each_step_used(splits, monkeyp
     torch.manual_seed(0)
     fit(build("tiny", num_classes=4), splits, cfg)
     assert shown and all(0 < lr <= 0.05 * 1.001 for lr in shown)  # never the next step's (negative) rate
+
+
+# Issue 25, section 1, case 4: a model whose output does not fit the data set's classes is refused, in the env, in
+# prune and in finalize (one rule: pruning_env.core.models.check_classes).
+
+def test_a_ten_class_model_on_a_four_class_data_set_makes_no_env(splits):
+    assert splits.num_classes == 4
+    with pytest.raises(ValueError, match="has 10 outputs but the data set has 4 classes"):
+        FilterPruningEnv(build("tiny", num_classes=10).eval(), splits, kl="fisher", calib_size=16, eval_size=32)
+
+
+def test_finalize_refuses_a_model_of_other_classes(splits):
+    with pytest.raises(ValueError, match="the unpruned network has 10 outputs but the data set has 4 classes"):
+        finalize(build("tiny", num_classes=10), splits, model=build("tiny", num_classes=10))
+    with pytest.raises(ValueError, match="the pruned network has 3 outputs but the data set has 4 classes"):
+        finalize(build("tiny", num_classes=4), splits, model=build("tiny", num_classes=3))
+
+
+def test_prune_refuses_a_checkpoint_of_other_classes(tmp_path, capsys):
+    from pruning_env.cli.prune import main as prune_main
+    from pruning_env.core import checkpoint as ckpt
+
+    path = tmp_path / "ten.pt"
+    ckpt.save(path, build("tiny", num_classes=10), input_shape=(3, 32, 32), dataset="synthetic")  # no class names
+    with pytest.raises(SystemExit) as exc:
+        prune_main(["--checkpoint", str(path), "--out", str(tmp_path / "p.pt"), "--criterion", "l1",
+                    "--no-progress", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "has 10 outputs but the data set has 4 classes" in err, err
+    assert not (tmp_path / "p.pt").exists()
+
+
+def test_the_classes_check_leaves_the_model_as_it_was(splits):
+    from pruning_env.core.models import check_classes
+
+    model = build("tiny", num_classes=4).train()
+    next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d)).eval()  # a mixed state survives too
+    modes = [m.training for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_classes(model, splits.input_shape, 4)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match=r"cannot run on the data set's images of shape \[3, 4, 4\]"):
+        check_classes(model, (3, 4, 4), 4)

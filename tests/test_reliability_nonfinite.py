@@ -86,16 +86,22 @@ def test_finalize_refuses_a_baseline_with_zero_test_accuracy():
     from pruning_env.core.data import load_splits
     from pruning_env.training.finalize import finalize
 
-    class Wrong(nn.Module):  # always predicts a class that no test image has
+    class Wrong(nn.Module):  # always predicts class 1, which no test image has (below)
         def __init__(self) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3, padding=1)
-            self.fc = nn.Linear(4, 5)
+            self.fc = nn.Linear(4, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             h = self.conv(x).mean((2, 3))
-            return self.fc(h) * 0 + torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])
+            return self.fc(h) * 0 + torch.tensor([0.0, 1.0, 0.0, 0.0])
 
-    splits = load_splits("synthetic")  # 4 classes: class 4 never occurs
+    import dataclasses
+
+    from pruning_env.core.data import Split
+
+    splits = load_splits("synthetic")  # 4 classes; every test image relabelled class 0
+    test = splits.test
+    splits = dataclasses.replace(splits, test=Split(test.images, torch.zeros_like(test.labels)))
     with pytest.raises(ValueError, match="0 % test accuracy"):
         finalize(Wrong().eval(), splits, model=Wrong().eval())

@@ -99,3 +99,91 @@ def test_train_batch_size_zero_is_a_clear_error(capsys):
 def test_algo_config_numbers_must_be_finite():
     with pytest.raises(ValueError, match="--algo-config: qmix.lr must be a finite number"):
         SearchConfig(algo_config='{"qmix": {"lr": NaN}}')
+
+
+# Issue 25, section 1, cases 2 and 3: --algo-config (and every dict setting) refuses what it would ignore or what
+# would fail deep inside, before any work, naming the setting.
+
+import json  # noqa: E402
+
+import agents  # noqa: E402
+from benchmarks import marl as marl_bench  # noqa: E402
+
+MARL = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--plans", "6", "--latency-repeats", "0",
+        "--no-progress", "--device", "cpu"]
+
+
+def _marl_refuses(capsys, monkeypatch, tmp_path, algo, table):
+    monkeypatch.setattr(marl, "make_env", lambda cfg: pytest.fail("work started"))
+    with pytest.raises(SystemExit) as exc:
+        marl.main([*MARL, "--algo", algo, "--logdir", str(tmp_path / "r"), "--algo-config", json.dumps(table)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    assert not (tmp_path / "r").exists()
+    return err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("algo,table", [("qmix", {"qmixx": {"lr": 0.1}}), ("vdn", {"qmix": {"lr": 0.1}}),
+                                        ("qmix", {"qmix": {}, "amc": {"tau": 0.1}})])
+def test_an_algo_config_entry_for_an_algorithm_not_run_is_refused(capsys, monkeypatch, tmp_path, algo, table):
+    err = _marl_refuses(capsys, monkeypatch, tmp_path, algo, table)
+    unused = next(k for k in table if k != algo)
+    assert f"--algo-config: {unused!r} is not an algorithm this run runs" in err and err.endswith(algo)
+
+
+def test_an_unknown_algo_config_setting_lists_the_valid_ones(capsys, monkeypatch, tmp_path):
+    err = _marl_refuses(capsys, monkeypatch, tmp_path, "qmix", {"qmix": {"nosuch": 1}})
+    assert "--algo-config: qmix has no setting nosuch" in err and "lr" in err and "eps_end" in err
+
+
+@pytest.mark.parametrize("algo,key,value,reason", [
+    ("qmix", "lr", -1, "qmix.lr must be > 0, got -1"),
+    ("vdn", "eps_end", 1.5, "vdn.eps_end must be in [0, 1], got 1.5"),
+    ("qmix", "hidden_dim", 2.5, "qmix.hidden_dim must be >= 1, got 2.5"),
+    ("qmix", "double_q", "no", "qmix.double_q must be true or false, got 'no'"),
+    ("qmix", "optimizer", "sgd", "qmix.optimizer must be one of adam, rmsprop, got 'sgd'"),
+    ("qmix", "mixer", "max", "qmix.mixer must be one of none, qmix, vdn"),
+    ("qmix", "mixer_kwargs", {"width": 3}, "qmix: mixer_kwargs {'width': 3} do not fit the mixer 'qmix'"),
+    ("amc", "actor_lr", 0, "amc.actor_lr must be > 0, got 0"),
+    ("amc", "actor_hidden", [300, 0], "amc.actor_hidden must be >= 1, got 0"),
+    ("random", "replay_best_in_evaluate", 1, "random.replay_best_in_evaluate must be true or false, got 1"),
+])
+def test_algo_config_values_are_checked_by_the_fields_limits(capsys, monkeypatch, tmp_path, algo, key, value, reason):
+    err = _marl_refuses(capsys, monkeypatch, tmp_path, algo, {algo: {key: value}})
+    assert err.startswith(f"error: --algo-config: {reason}"), err
+
+
+@pytest.mark.parametrize("name", agents.list_algorithms())
+def test_every_numeric_or_choice_setting_of_every_algorithm_declares_its_limits(name):
+    config_cls = agents.get_algorithm(name).config_cls
+    hints = typing.get_type_hints(config_cls)
+    choices = [f.name for f in dataclasses.fields(config_cls)
+               if typing.get_origin(hints[f.name]) is typing.Literal and "choices" not in f.metadata]
+    ranges = [f.name for f in dataclasses.fields(config_cls)
+              if _numeric(hints[f.name]) is not None and not {"min", "max"} & set(f.metadata)]
+    assert choices == [] and ranges == []
+
+
+def test_the_defaults_of_every_algorithm_pass_their_own_limits():
+    from pruning_env.core.config import check_settings
+
+    for name in agents.list_algorithms():
+        cls = agents.get_algorithm(name)
+        check_settings(cls.default_config())
+        cls.check_config(cls.default_config())
+
+
+def test_the_benchmark_refuses_an_algo_config_of_an_algorithm_it_does_not_compare(capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        marl_bench.main(["--env", "pruning_env/Tiny-v0", "--algos", "qmix", "random", "--out-dir", str(tmp_path),
+                         "--algo-config", '{"amc": {"tau": 0.1}}'])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "'amc' is not an algorithm this run runs" in err and "qmix, random" in err
+
+
+@pytest.mark.parametrize("make,named", [(lambda: TrainConfig(progress="no"), "--progress: progress must be true"),
+                                        (lambda: EnvConfig(exact_budget=1), "--exact-budget"),
+                                        (lambda: TrainConfig(device=0), "--device: device must be a string")])
+def test_bool_and_string_settings_must_have_their_type(make, named):
+    with pytest.raises(SettingError, match=named):
+        make()

@@ -95,7 +95,7 @@ def _results(logdir: Path) -> dict:
     report = json.loads((logdir / "report.json").read_text())
     report.pop("config")
     report["finetune"].pop("seconds", None)
-    state = __import__("torch").load(logdir / "train_state.pt", weights_only=False)
+    state = __import__("torch").load(logdir / "train_state.pt", weights_only=True)
     return {"report": report, "points": state["points"], "curve": state["curve"], "best": state["best"]}
 
 

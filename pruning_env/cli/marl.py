@@ -30,6 +30,7 @@ buffer, RNG states, best plan, every point measured), so after Ctrl-C or a kill
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -65,7 +66,7 @@ from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import make_benchmark_env, parse_env_id
-from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, pareto_front
+from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, check_algo_config, pareto_front
 from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize, latency
 from pruning_env.training.finetune import FinetuneConfig
@@ -133,12 +134,13 @@ def resolve(cfg: RunConfig) -> RunConfig:
     if cfg.algo not in agents.list_algorithms() and ":" not in cfg.algo:
         raise ValueError(f"unknown algorithm {cfg.algo!r}; choose one of {', '.join(agents.list_algorithms())}")
     try:
-        agents.get_algorithm(cfg.algo)  # imports a module:name plug-in, so a typo fails now
+        algorithm = agents.get_algorithm(cfg.algo)  # imports a module:name plug-in, so a typo fails now
     except ImportError as exc:
         raise ValueError(f"--algo {cfg.algo}: cannot import its module ({exc}); check the module name and that "
                          "its folder is on PYTHONPATH (or run from the folder holding it)") from None
     except TypeError as exc:  # e.g. a plug-in class that breaks the Algorithm contract (agents/base.py)
         raise ValueError(f"--algo {cfg.algo}: {exc}") from None
+    check_algo_config(cfg.search, {cfg.algo: algorithm}, cfg.problem.episode_length)
     if cfg.env is not None and cfg.env not in pruning_env.list_envs():
         raise ValueError(f"unknown env id {cfg.env!r}; registered: {', '.join(pruning_env.list_envs())}")
     if cfg.env is None and cfg.dataset not in ("cifar10", "cifar100"):
@@ -339,10 +341,9 @@ def _earlier_outputs(logdir: Path) -> list[str]:
 
 
 def _check_logdir(cfg: RunConfig) -> None:
-    """--logdir must be a folder, and must not hold an earlier run unless --resume or --overwrite says what to do."""
+    """--logdir must not hold an earlier run unless --resume or --overwrite says what to do (checked under its lock:
+    a run that just finished may have written it)."""
     logdir = Path(cfg.logdir)
-    if logdir.exists() and not logdir.is_dir():
-        raise ValueError(f"--logdir {logdir} is a file; give a folder (it will hold the logs, report and model)")
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --logdir and --overwrite replaces it: give one of them")
     if cfg.resume and not (logdir / STATE_FILE).is_file():
@@ -363,10 +364,19 @@ def _clear_outputs(logdir: Path) -> None:
 
 
 def _load_state(cfg: RunConfig, state_file: Path) -> dict[str, Any]:
-    """The saved search of ``--resume``; refused when unreadable, foreign or made with other settings."""
+    """The saved search of ``--resume``; refused when unreadable, foreign or made with other settings.
+
+    Loaded with ``weights_only=True``: the state is tensors and plain values only (the search's and the
+    algorithms' ``state_dict`` promise it), so a copied or altered file cannot run code here.
+    """
     try:
-        state = torch.load(state_file, map_location="cpu", weights_only=False)
+        state = torch.load(state_file, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Weights only load failed" in str(exc):  # objects that are not tensors or plain values (code to run?)
+            found = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln.upper()), "a pickled object")
+            raise ValueError(f"--resume: {state_file} holds objects other than tensors and plain values ({found}), as "
+                             "no train_marl state does: it was not loaded, since loading it could run code. Pass "
+                             "--overwrite instead of --resume to start afresh") from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"--resume: cannot read {state_file} ({reason}): it is truncated or not a train_marl state. "
                          "Pass --overwrite instead of --resume to start the search afresh") from None
@@ -435,7 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser, RunConfig)
     try:
         cfg = _config(argv, parser)
-        _check_logdir(cfg)
+        if Path(cfg.logdir).exists() and not Path(cfg.logdir).is_dir():
+            raise ValueError(f"--logdir {cfg.logdir} is a file; give a folder (it will hold the logs, report, model)")
     except (ValueError, TypeError) as exc:
         parser.exit(2, f"error: {exc}\n")
     given = argv if argv is not None else sys.argv[1:]
@@ -443,13 +454,20 @@ def main(argv: list[str] | None = None) -> int:
           + ("CUDA found)" if torch.cuda.is_available() else "no GPU found)")), file=sys.stderr)
     print("settings: " + json.dumps(flat_dict(cfg)), file=sys.stderr)
     logdir = Path(cfg.logdir)
+    created = not logdir.exists()
     try:
-        # Ray (--workers > 1) before any work, so a cluster that cannot be joined fails first; stopped at the end.
-        with ckpt.run_lock(logdir), ray_session(cfg.parallel):
-            report = _run(cfg, logdir)
+        # locked first: a run on the same --logdir is refused naming it; Ray (--workers > 1) before any work, so a
+        # cluster that cannot be joined fails first; stopped at the end
+        with ckpt.run_lock(logdir):
+            _check_logdir(cfg)
+            with ray_session(cfg.parallel):
+                report = _run(cfg, logdir)
     except OSError as exc:
         parser.exit(2, f"error: --logdir {logdir}: {exc.strerror or exc}; choose a writable folder\n")
     except (ValueError, RuntimeError) as exc:
+        if created:  # a refused run leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                logdir.rmdir()
         parser.exit(2, f"error: {exc}\n")
     if isinstance(report, int):
         return report

@@ -60,7 +60,7 @@ from pruning_env.core.config import (
     seed_everything,
 )
 from pruning_env.core.data import calibration_batch, load_splits
-from pruning_env.core.models import check_float32, list_models
+from pruning_env.core.models import check_classes, check_float32, list_models
 from pruning_env.criteria.config import ScoringConfig
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.graph import prunable_layers
@@ -169,7 +169,7 @@ def _check(cfg: PruneConfig) -> None:
         raise ValueError("--checkpoint is required")
     if not cfg.out:
         raise ValueError("--out is required")
-    _check_paths(cfg)
+    ckpt.check_writable(cfg.out, "--out")  # the rest of the paths under the lock (_check_paths)
     sc = cfg.scoring
     if cfg.plan is None:
         if "direction" not in criteria.get_criterion(sc.criterion).options and sc.direction != "low":
@@ -177,13 +177,24 @@ def _check(cfg: PruneConfig) -> None:
         if not sc.uses_kl and sc.kl != ScoringConfig().kl:
             raise ValueError(f"--kl applies to the dsfp and kl criteria only, not {sc.criterion}")
     cfg.finetune.check()
-    _check_resume(cfg)
 
 
 def prune(cfg: PruneConfig) -> dict[str, Any]:
-    """Run the pipeline of the module docstring; returns the full report (also written as JSON)."""
+    """Run the pipeline of the module docstring; returns the full report (also written as JSON).
+
+    ``--out`` is locked for the whole run (:func:`~pruning_env.core.checkpoint.run_lock`): a second run on
+    the same ``--out`` is refused at once, naming the other run, whatever its flags.
+    """
     t_start = time.time()
     _check(cfg)
+    assert cfg.out
+    with ckpt.run_lock(cfg.out, "--out", file=True):
+        _check_paths(cfg)  # under the lock: a run on --out now is refused by it, one that just finished is seen
+        _check_resume(cfg)
+        return _prune(cfg, t_start)
+
+
+def _prune(cfg: PruneConfig, t_start: float) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress else (lambda msg: None)
     base_ckpt = ckpt.load(cfg.checkpoint, map_location=device, expect_arch=cfg.net, trust_pickle=cfg.trust_pickle)
@@ -201,8 +212,7 @@ def prune(cfg: PruneConfig) -> dict[str, Any]:
                          else int(train_cfg.get("split_seed", 0)))
     if splits.input_shape != input_shape:
         raise ValueError(f"the data set's images are {splits.input_shape} but the checkpoint expects {input_shape}")
-    if base_ckpt.classes is not None and len(base_ckpt.classes) != splits.num_classes:
-        raise ValueError(f"the checkpoint has {len(base_ckpt.classes)} classes, the data set {splits.num_classes}")
+    check_classes(base, input_shape, splits.num_classes, f"the checkpoint {cfg.checkpoint}")
     seed_everything(cfg.seed)
     layers = prunable_layers(base, input_shape)
     if not layers:

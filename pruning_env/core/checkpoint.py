@@ -27,8 +27,13 @@ leaves a truncated checkpoint behind and two processes saving the same path neve
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import shlex
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,33 +128,77 @@ def check_writable(path: str | os.PathLike, flag: str = "--out") -> None:
 
 
 class RunLockedError(RuntimeError):
-    """Another process holds the advisory lock of a run directory."""
+    """Another running process holds the lock of an output (see :func:`run_lock`)."""
+
+
+def _lock_path(path: Path, file: bool) -> Path:
+    return path.parent / f".{path.name}.lock" if file else path / ".lock"
+
+
+def _holder(fh: Any) -> str:
+    """Who holds the lock, as its lock file records it."""
+    fh.seek(0)
+    try:
+        info = json.loads(fh.read())
+        return f"pid {info['pid']} on {info['host']}, started {info['started']}: {info['command']}"
+    except (ValueError, KeyError, TypeError):  # not written yet (it has just taken the lock)
+        return "no details recorded yet"
 
 
 @contextlib.contextmanager
-def run_lock(folder: str | os.PathLike, flag: str = "--logdir") -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``folder`` (a file ``folder/.lock``) while the block runs.
+def run_lock(path: str | os.PathLike, flag: str = "--logdir", *, file: bool = False,
+             wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the output ``path`` of a run while the block runs.
 
-    Two runs writing one resumable run directory would mix their states; the second one fails at
-    once with :class:`RunLockedError` instead. No-op where ``fcntl`` is unavailable (Windows).
+    Every command that writes a result another run may also write (a run folder, a checkpoint, a
+    benchmark's report, work dir or cache) holds this lock for its whole run, so two runs never mix
+    their results. ``path`` is a folder (lock file ``path/.lock``) or, with ``file=True``, an output
+    file (lock file ``.<name>.lock`` beside it). While held, the lock file records the holder (pid,
+    host, start time, command line); it is removed at release.
+
+    A second holder of the same ``path`` (another process, or another ``run_lock`` in this one) fails
+    at once with :class:`RunLockedError` naming ``flag``, ``path`` and the holder; with ``wait=True``
+    (a cache: what the other run is writing is what this one needs) it waits for the holder to finish
+    instead, saying so on stderr. No-op where ``fcntl`` is unavailable (Windows).
     """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+") as fh:
+    path = Path(path)
+    lock = _lock_path(path, file)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fh = open(lock, "a+")  # noqa: SIM115 - held open for the whole block
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RunLockedError(f"{flag} {folder} is in use by another running process; wait for it to finish "
-                                 "or choose another folder") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            holder = _holder(fh)
+            if not wait:
+                fh.close()
+                raise RunLockedError(f"{flag} {path} is in use by another running process ({holder}); wait for it "
+                                     f"to finish or choose another {flag}") from None
+            print(f"waiting for another run to finish with {path} ({holder})", file=sys.stderr, flush=True)
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:  # the holder before removed the file at its release: lock the one that is there now
+            same = os.path.samestat(os.fstat(fh.fileno()), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        fh.close()
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": shlex.join(sys.argv)}))
+        fh.flush()
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        fh.close()  # releases the lock
 
 
 def _first_nonfinite(state: dict[str, Any]) -> str | None:

@@ -136,8 +136,9 @@ def check_settings(cfg: Any, prefix: str = "") -> None:
     """Validate every leaf setting of the (composed) config ``cfg`` by the rules of its fields.
 
     Numbers (``int``/``float`` fields, also optional ones and tuples of them): the right type,
-    finite unless the field says ``finite=False``, inside the field's declared range. Fields with
-    ``choices``: one of them. ``None`` passes for an optional field. Raises :class:`SettingError`
+    finite unless the field says ``finite=False``, inside the field's declared range. ``bool``,
+    ``str`` and ``dict`` fields: a value of that type. Fields with ``choices``: one of them. ``None``
+    passes for an optional field. Raises :class:`SettingError`
     naming the flag (``prefix`` is the flat-name prefix of ``cfg`` inside a bigger config).
     """
     hints = _hints(type(cfg))
@@ -165,6 +166,12 @@ def check_settings(cfg: Any, prefix: str = "") -> None:
                     _check_number(name, v, elem, f.metadata, None)
         elif tp in (int, float):
             _check_number(name, value, tp, f.metadata, _default_of(f))
+        elif tp is bool and not isinstance(value, bool):
+            raise SettingError(name, f"must be true or false, got {value!r}")
+        elif tp is str and not isinstance(value, str):
+            raise SettingError(name, f"must be a string, got {value!r}")
+        elif origin is dict and not isinstance(value, dict):
+            raise SettingError(name, f"must be a mapping of names to values, got {value!r}")
         if "choices" in f.metadata:
             choices = f.metadata["choices"]
             allowed = list(choices() if callable(choices) else choices)

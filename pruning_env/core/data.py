@@ -28,6 +28,7 @@ the batches go to, and on CUDA the split itself stays resident on the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
@@ -36,12 +37,14 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pruning_env.core import decoded_cache
 from pruning_env.core.batching import augment, batches
+from pruning_env.core.checkpoint import run_lock
 from pruning_env.core.config import check_settings, option
 
 __all__ = [
@@ -319,17 +322,21 @@ def _cached(name: str, path: Path, use_cache: bool, read) -> ImageDataset:
     if not use_cache:
         return read()
     folder = cache_dir() / "decoded" / decoded_cache.entry_name(name, decoded_cache.source_key(path))
-    hit = decoded_cache.read_entry(folder)
-    if hit is not None:
-        classes, a = hit
-        return ImageDataset(name=name, classes=classes,
-                            train=Split(torch.from_numpy(a["xtr"]), torch.from_numpy(a["ytr"])),
-                            test=Split(torch.from_numpy(a["xte"]), torch.from_numpy(a["yte"])))
-    ds = read()  # missing, stale or broken: rebuilt
-    arrays = {"xtr": ds.train.images.numpy(), "ytr": ds.train.labels.numpy(), "xte": ds.test.images.numpy(),
-              "yte": ds.test.labels.numpy()}
-    decoded_cache.write_entry(folder, ds.classes, arrays, str(path))
-    return ds
+    # locked while read or filled: a process decoding the same source meanwhile is waited for, and its entry read
+    with contextlib.ExitStack() as stack:
+        with contextlib.suppress(OSError):  # a cache this process may not write to is still read
+            stack.enter_context(run_lock(folder, "the decoded-image cache", wait=True))
+        hit = decoded_cache.read_entry(folder)
+        if hit is not None:
+            classes, a = hit
+            return ImageDataset(name=name, classes=classes,
+                                train=Split(torch.from_numpy(a["xtr"]), torch.from_numpy(a["ytr"])),
+                                test=Split(torch.from_numpy(a["xte"]), torch.from_numpy(a["yte"])))
+        ds = read()  # missing, stale or broken: rebuilt
+        arrays = {"xtr": ds.train.images.numpy(), "ytr": ds.train.labels.numpy(), "xte": ds.test.images.numpy(),
+                  "yte": ds.test.labels.numpy()}
+        decoded_cache.write_entry(folder, ds.classes, arrays, str(path))
+        return ds
 
 
 def _check_name(name: str) -> None:
@@ -395,6 +402,20 @@ def _read_folder(name: str, path: Path) -> ImageDataset:
     return ImageDataset(name=name, classes=classes, train=train, test=test)
 
 
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR python batches (dicts of bytes, lists and numpy arrays) and nothing else: a pickle
+    naming any other global (code a copied or downloaded file would run) is refused."""
+
+    _ALLOWED = frozenset((mod, name) for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+                         for name in ("_reconstruct", "scalar")) | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"it names the global {module}.{name}, which no CIFAR batch holds: a pickle "
+                                         "that could run code is not loaded")
+        return super().find_class(module, name)
+
+
 def _read_cifar(name: str, path: Path) -> ImageDataset:
     src = CIFAR_SOURCES[name]
 
@@ -407,7 +428,7 @@ def _read_cifar(name: str, path: Path) -> ImageDataset:
             )
         try:
             with open(f, "rb") as fh:
-                return pickle.load(fh, encoding="bytes")
+                return _ArrayUnpickler(fh, encoding="bytes").load()
         except Exception as exc:
             raise DataError(f"{f} is corrupt ({exc}); delete {path} and download again") from None
 

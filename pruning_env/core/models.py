@@ -32,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelSpec", "build", "build_from_spec", "channel_spec", "check_float32", "list_models"]
+from pruning_env.core.fx import probe_forward
+
+__all__ = ["ModelSpec", "build", "build_from_spec", "channel_spec", "check_classes", "check_float32", "list_models"]
 
 VGG_CONFIGS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
@@ -333,3 +335,22 @@ def check_float32(model: nn.Module, what: str = "the model") -> None:
     if dtypes:
         raise TypeError(f"{what} has {', '.join(dtypes)} weights; pruning_env works on float32 models only: "
                         "pass model.float()")
+
+
+def check_classes(model: nn.Module, input_shape: tuple[int, int, int], classes: int, what: str = "the model") -> None:
+    """Raise ``ValueError`` unless ``model`` scores an image of ``input_shape`` (``[C, H, W]``) into ``classes``
+    outputs, the data set's number of classes: a 10-class network measured on a 4-class data set would give a
+    meaningless accuracy, without any error.
+
+    Runs one forward pass of a zero image (:func:`~pruning_env.core.fx.probe_forward`: batch 1, the model's device,
+    no gradients, eval mode, every module's mode restored). An output that is not a ``(1, K)`` tensor is not checked.
+    """
+    try:
+        out = probe_forward(model, (1, *input_shape))
+    except RuntimeError as exc:
+        raise ValueError(f"{what} cannot run on the data set's images of shape {list(input_shape)} "
+                         f"({str(exc).splitlines()[0]}): it was made for other images") from None
+    if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[1] != classes:
+        raise ValueError(f"{what} has {out.shape[1]} outputs but the data set has {classes} classes: it was trained "
+                         "on another data set, so its accuracy here would mean nothing; use the network trained on "
+                         "this data set (or the data set it was trained on)")

@@ -17,7 +17,7 @@ from torch import nn
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import with_overrides
 from pruning_env.core.data import Splits
-from pruning_env.core.models import check_float32
+from pruning_env.core.models import check_classes, check_float32
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.budget import budget_keep_counts, check_reachable
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
@@ -211,6 +211,7 @@ class FilterPruningEnv(ParallelEnv):
         self.input_shape = splits.input_shape
         self.plan_info = bool(plan_info)
         self._base = _private_eval_copy(model, self.device)  # never modified: every network is a new pruned copy
+        check_classes(self._base, self.input_shape, splits.num_classes)
         self._layers = prunable_layers(self._base, self.input_shape)
         if not self._layers:
             raise ValueError("the model has no prunable conv layer (see pruning_env.engine.graph for the policy)")

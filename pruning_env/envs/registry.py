@@ -96,20 +96,22 @@ def baseline_model(
     progress: bool = True,
 ) -> nn.Module:
     """The cached trained baseline ``net`` on ``dataset``; trains and caches it if missing."""
-    from pruning_env.core.checkpoint import load
+    from pruning_env.core.checkpoint import load, run_lock
     from pruning_env.training.train import TrainConfig, default_checkpoint_path, recipe_mismatch, train
 
     path = default_checkpoint_path(net, dataset, width, epochs)
+    with run_lock(path, "the baseline cache", file=True, wait=True):
+        pass  # another process is training this baseline: wait for it, then use (or resume) what it left
     partial = load(path) if path.is_file() else None
     if partial is not None and "test_acc" in partial.metrics:  # a finished run (a partial one is resumed below)
         return partial.model
     print(f"pruning_env: no trained {net} (width {width:g}, {epochs} epochs) on {dataset} in the cache; "
           f"training it now into {path} (resumable; pass model= or checkpoint= to use your own)", file=sys.stderr)
-    cfg = TrainConfig(net=net, dataset=dataset, data_dir=data_dir, width=width, epochs=epochs, device=device,
-                      out=str(path), resume=partial is not None, progress=progress)
+    cfg = TrainConfig(net=net, dataset=dataset, data_dir=None if data_dir is None else str(data_dir), width=width,
+                      epochs=epochs, device=device, out=str(path), resume=partial is not None, progress=progress)
     if partial is not None and partial.train_config is not None:  # continue with the recipe it was started with
         cfg = dataclasses.replace(cfg, **{k: old for k, (old, _) in recipe_mismatch(cfg, partial.train_config).items()})
-    train(cfg)
+    train(cfg)  # holds the lock of the cache file itself: a run that started meanwhile makes it refuse, naming it
     return load(path).model
 
 
@@ -158,24 +160,25 @@ def _tiny_splits() -> Splits:
 
 def _tiny_baseline() -> nn.Module:
     """The Tiny-v0 baseline: a 4-conv CNN trained for a few seconds on synthetic data, cached."""
-    from pruning_env.core.checkpoint import load
-    from pruning_env.training.train import TrainConfig, default_checkpoint_path, fit
-
-    path = default_checkpoint_path("tiny", "synthetic", 1.0, 4)
-    if path.is_file():
-        try:
-            return load(path).model
-        except Exception:
-            path.unlink()
+    from pruning_env.core.checkpoint import load, run_lock
     from pruning_env.core.config import seed_everything
     from pruning_env.core.models import build
+    from pruning_env.training.train import TrainConfig, default_checkpoint_path, fit
 
-    seed_everything(0)
-    model = build("tiny", num_classes=TINY_NUM_CLASSES)
-    cfg = TrainConfig(net="tiny", dataset="synthetic", epochs=4, batch_size=64, lr=0.05, device="cpu",
-                      progress=False, channels_last=False, aug_copies=1, ema_decay=0.0, cutout=0)
-    fit(model, _tiny_splits(), cfg, out=path)
-    return model
+    path = default_checkpoint_path("tiny", "synthetic", 1.0, TINY_NUM_CLASSES)
+    # locked while read or trained: a process training it meanwhile is waited for, and its result used
+    with run_lock(path, "the Tiny-v0 baseline cache", file=True, wait=True):
+        if path.is_file():
+            try:
+                return load(path).model
+            except Exception:
+                path.unlink()
+        seed_everything(0)
+        model = build("tiny", num_classes=TINY_NUM_CLASSES)
+        cfg = TrainConfig(net="tiny", dataset="synthetic", epochs=4, batch_size=64, lr=0.05, device="cpu",
+                          progress=False, channels_last=False, aug_copies=1, ema_decay=0.0, cutout=0)
+        fit(model, _tiny_splits(), cfg, out=path)
+        return model
 
 
 def make_tiny_env(*, max_cycles: int | None = None, device: str = "cpu", **env_kwargs: Any) -> FilterPruningEnv:

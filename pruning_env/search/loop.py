@@ -17,6 +17,8 @@ epsilon, buffer size, gradient steps, noise...) and ``eval/`` (greedy evaluation
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import math
 import sys
@@ -28,11 +30,11 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from pruning_env.core.config import check_settings, option
+from pruning_env.core.config import SettingError, check_settings, option
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.views import SequentialPruningEnv
 
-__all__ = ["Search", "SearchConfig", "algorithm_env", "algorithm_overrides", "pareto_front"]
+__all__ = ["Search", "SearchConfig", "algorithm_env", "algorithm_overrides", "check_algo_config", "pareto_front"]
 
 _POINT_KEYS = ("acc_ratio", "macs_ratio", "params_ratio", "objective")
 
@@ -49,15 +51,21 @@ class SearchConfig:
                              min=1)
     stall_episodes: int = option(100, "stop early after this many training episodes in a row without a new plan "
                                  "(e.g. DSFP-uniform has one plan per grid rate)", min=1)
-    algo_config: str | None = option(None, "JSON of algorithm config overrides by algorithm, applied after the "
-                                     "budget hints, e.g. '{\"qmix\": {\"lr\": 0.0005}}'")
+    algo_config: str | None = option(None, "JSON of algorithm config overrides by algorithm (keyed by the name the "
+                                     "run gives it, e.g. --algo), applied after the budget hints, e.g. "
+                                     "'{\"qmix\": {\"lr\": 0.0005}}'; an entry for an algorithm the run does not "
+                                     "run, an unknown setting or a value out of its range is refused before any work")
 
     def __post_init__(self) -> None:
         check_settings(self)
-        self.overrides_for("")  # validates the JSON
+        self.algo_table()  # validates the JSON
 
     def overrides_for(self, algorithm: str) -> dict[str, Any]:
         """The ``algo_config`` entry of ``algorithm`` (``{}`` if none)."""
+        return dict(self.algo_table().get(algorithm, {}))
+
+    def algo_table(self) -> dict[str, dict[str, Any]]:
+        """``algo_config`` parsed: ``{algorithm: {config field: value}}`` (``{}`` if none)."""
         if not self.algo_config:
             return {}
         try:
@@ -71,7 +79,7 @@ class SearchConfig:
             for key, value in fields.items():
                 if isinstance(value, float) and not math.isfinite(value):
                     raise ValueError(f"--algo-config: {algo}.{key} must be a finite number, got {value}")
-        return dict(table.get(algorithm, {}))
+        return table
 
 
 class _Algorithm(Protocol):
@@ -84,6 +92,19 @@ class _Algorithm(Protocol):
     :class:`SequentialPruningEnv` view); read on the class by :func:`algorithm_env`."""
     episodes_done: int
     """Training episodes finished, kept by ``train_episode`` (+1 per call); the prefetcher plans ahead from it."""
+    config_cls: ClassVar[type]
+    """The algorithm's config dataclass (its fields are the ``--algo-config`` keys; limits in their metadata);
+    read on the class by :func:`check_algo_config`."""
+
+    @classmethod
+    def default_config(cls, **overrides: Any) -> Any:
+        """A ``config_cls`` instance with ``overrides`` applied (raises ``TypeError`` on an unknown field)."""
+        ...
+
+    @classmethod
+    def check_config(cls, config: Any) -> None:
+        """Raise ``ValueError``/``TypeError`` for a config the algorithm cannot run that field limits allow."""
+        ...
 
     @classmethod
     def budget_overrides(cls, plans: int, episode_length: int) -> dict[str, Any]:
@@ -130,10 +151,55 @@ def algorithm_env(algorithm_cls: type[_Algorithm], env: FilterPruningEnv) -> Any
 
 def algorithm_overrides(algorithm_cls: type[_Algorithm], name: str, cfg: SearchConfig,
                         episode_length: int) -> dict[str, Any]:
-    """Config overrides of an algorithm for a search: its own budget hints, then ``cfg.algo_config``."""
+    """Config overrides of an algorithm for a search: its own budget hints, then ``cfg.algo_config``.
+
+    The ``algo_config`` entry is checked (:func:`_check_algorithm_config`): a ``ValueError`` naming
+    ``--algo-config`` and the setting, instead of a ``TypeError`` or an optimiser's complaint later.
+    """
     over = dict(algorithm_cls.budget_overrides(cfg.plans, episode_length))
-    over.update(cfg.overrides_for(name))
+    user = cfg.overrides_for(name)
+    _check_algorithm_config(algorithm_cls, name, over, user)
+    over.update(user)
     return over
+
+
+def _check_algorithm_config(algorithm_cls: type[_Algorithm], name: str, hints: dict[str, Any],
+                            user: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming ``--algo-config`` unless ``user`` (the ``algo_config`` entry of the algorithm
+    ``name``) sets only its config's fields (or keyword options of its constructor) to valid values.
+
+    The values are checked by the one rule of every config (:func:`~pruning_env.core.config.check_settings`: the
+    right type, finite, inside the ``min``/``max``/``choices`` its fields declare) on the config the algorithm
+    would be built with (``hints`` then ``user``), then by the class's own ``check_config`` (what field limits
+    cannot say, e.g. a mixer's keyword arguments).
+    """
+    config_cls = algorithm_cls.config_cls
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    init = {p.name for p in inspect.signature(algorithm_cls.__init__).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("seed", "device")}
+    unknown = sorted(set(user) - fields - init)
+    if unknown:
+        raise ValueError(f"--algo-config: {name} has no setting {', '.join(unknown)}; its settings: "
+                         f"{', '.join(sorted(fields | init)) or 'none'}")
+    try:
+        config = algorithm_cls.default_config(**{k: v for k, v in {**hints, **user}.items() if k in fields})
+        check_settings(config)
+        algorithm_cls.check_config(config)
+    except SettingError as exc:
+        raise ValueError(f"--algo-config: {name}.{exc.name} {exc.reason}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--algo-config: {name}: {exc}") from None
+
+
+def check_algo_config(cfg: SearchConfig, algorithms: dict[str, type[_Algorithm]], episode_length: int) -> None:
+    """Before any work: every entry of ``cfg.algo_config`` names an algorithm of ``algorithms`` (``{name the run
+    gives it: class}``, those the run runs) and passes :func:`_check_algorithm_config`; raises ``ValueError``."""
+    unused = sorted(set(cfg.algo_table()) - set(algorithms))
+    if unused:
+        raise ValueError(f"--algo-config: {', '.join(map(repr, unused))} is not an algorithm this run runs, so its "
+                         f"settings would be ignored; entries must name one of: {', '.join(algorithms)}")
+    for name, cls in algorithms.items():
+        algorithm_overrides(cls, name, cfg, episode_length)
 
 
 def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:

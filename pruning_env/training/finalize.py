@@ -29,7 +29,7 @@ from torch import nn
 
 from pruning_env.core.data import Splits
 from pruning_env.core.evaluation import evaluate, measure_latency
-from pruning_env.core.models import check_float32
+from pruning_env.core.models import check_classes, check_float32
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.flops import count
 from pruning_env.engine.graph import PrunableLayer
@@ -116,8 +116,10 @@ def finalize(
     if (plan is None) == (model is None):
         raise ValueError("finalize needs exactly one of plan= (to apply to base) or model= (already pruned)")
     check_float32(base, "the unpruned network")
+    check_classes(base, splits.input_shape, splits.num_classes, "the unpruned network")
     if model is not None:
         check_float32(model, "the pruned network")
+        check_classes(model, splits.input_shape, splits.num_classes, "the pruned network")
     bn = bn if bn is not None else BNRecalConfig()
     ft = finetune_cfg if finetune_cfg is not None else FinetuneConfig(epochs=0)
     ft.check()

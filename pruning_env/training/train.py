@@ -209,7 +209,9 @@ def fit(
     """Train ``model`` in place with the recipe of ``cfg``; checkpoint to ``out`` after each epoch.
 
     Returns:
-        ``{"val_acc", "epochs", "history"}`` (accuracies in percent).
+        ``{"val_acc", "epochs", "history", "train_state"}`` (accuracies in percent; ``train_state``: what
+        the last checkpoint at ``out`` holds for ``--resume``, ``None`` without ``out``), kept in memory so
+        that nothing is read back from ``out``.
     """
     device = resolve_device(cfg.device)
     model.to(device)
@@ -250,6 +252,7 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
         if ema is not None:
             ema.load_resume(resume_state)
     val_acc = history[-1]["val_acc"] if history else float("nan")
+    state = resume_state if out is not None else None
     for epoch in range(start_epoch, cfg.epochs):
         if ema is not None:
             ema.swap()  # train the raw weights (at the first epoch both copies are equal)
@@ -297,7 +300,7 @@ def _fit_epochs(model: nn.Module, splits: Splits, cfg: TrainConfig, device: torc
             ckpt.save(out, model, input_shape=splits.input_shape, dataset=splits.name, classes=splits.classes,
                       metrics={"val_acc": val_acc}, train_config=dataclasses.asdict(cfg),
                       extra={"train_state": state, **(meta or {})})
-    return {"val_acc": val_acc, "epochs": cfg.epochs, "history": history}
+    return {"val_acc": val_acc, "epochs": cfg.epochs, "history": history, "train_state": state}
 
 
 _TRAIN_STATE_KEYS = frozenset({"epoch", "history", "optimizer", "scheduler", "generator", "torch_rng"})
@@ -340,9 +343,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     every other part of the package measures), ``test_acc_flip_tta`` (percent, mean softmax of
     the image and its mirror: reported separately, never used for rewards), ``epochs``,
     ``seconds`` (this run's wall-clock time) and ``checkpoint`` (path).
+
+    The checkpoint (``--out``) is locked for the whole run (:func:`~pruning_env.core.checkpoint.run_lock`):
+    a second run on the same ``--out`` is refused at once (:class:`~pruning_env.core.checkpoint.RunLockedError`,
+    naming the other run), whatever its flags.
     """
-    with preserved_rng():  # it seeds and draws from the global RNGs: the caller's are left as they were
-        return _train(cfg)
+    out = _out_path(cfg)
+    ckpt.check_writable(out, "--out")  # before the lock file is made beside it
+    # it seeds and draws from the global RNGs: the caller's are left as they were
+    with preserved_rng(), ckpt.run_lock(out, "--out", file=True):
+        return _train(cfg, out)
+
+
+def _out_path(cfg: TrainConfig) -> Path:
+    if cfg.out:
+        return Path(cfg.out)
+    return default_checkpoint_path(cfg.net, cfg.dataset, cfg.width, cfg.epochs, cfg.seed)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -381,10 +397,9 @@ def _resume_state(loaded: ckpt.Checkpoint, out: Path) -> dict[str, Any]:
     return state
 
 
-def _train(cfg: TrainConfig) -> dict[str, Any]:
+def _train(cfg: TrainConfig, out: Path) -> dict[str, Any]:
     t0 = time.time()
     device = resolve_device(cfg.device)
-    out = Path(cfg.out) if cfg.out else default_checkpoint_path(cfg.net, cfg.dataset, cfg.width, cfg.epochs, cfg.seed)
     _check_out(cfg, out)
     splits = load_splits(cfg.dataset, cfg.data_dir, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
     seed_everything(cfg.seed)
@@ -413,9 +428,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             else "interrupted before the first epoch finished: nothing was saved; rerun to start again") from None
     test_acc = evaluate(model, splits.test, mean=splits.mean, std=splits.std, device=device)
     test_tta = evaluate(model, splits.test, mean=splits.mean, std=splits.std, device=device, flip_tta=True)
-    loaded = ckpt.load(out)
+    # the resume state this run kept in memory (never read back from --out)
     ckpt.save(out, model, input_shape=splits.input_shape, dataset=splits.name, classes=splits.classes,
               metrics={"val_acc": result["val_acc"], "test_acc": test_acc, "test_acc_flip_tta": test_tta},
-              train_config=dataclasses.asdict(cfg), extra=loaded.extra)
+              train_config=dataclasses.asdict(cfg), extra={"train_state": result["train_state"]})
     return {"test_acc": test_acc, "test_acc_flip_tta": test_tta, "val_acc": result["val_acc"], "epochs": cfg.epochs,
             "seconds": round(time.time() - t0, 1), "checkpoint": str(out)}
