@@ -33,15 +33,12 @@ from agents.base import (
     EpisodeTrace,
     RandomStreams,
     config_field,
-    get_algorithm,
-    list_algorithms,
-    make_algorithm,
-    register,
     seeded_torch,
     split_observation,
 )
 from agents.baselines import DSFPUniformConfig, RandomSearchConfig  # "random", "dsfp-uniform"
 from agents.qmix import Mixer, QMIXConfig, list_mixers, register_mixer  # "qmix", "vdn", "iql"
+from agents.registry import get_algorithm, list_algorithms, make_algorithm, register
 
 __all__ = [
     "ENV_APIS",

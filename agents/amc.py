@@ -38,7 +38,8 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from agents.base import Algorithm, EpisodeLog, check_budget, config_field, register, seeded_torch
+from agents.base import Algorithm, EpisodeLog, check_budget, config_field, seeded_torch
+from agents.registry import register
 
 if TYPE_CHECKING:
     from tianshou.data import ReplayBuffer

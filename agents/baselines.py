@@ -21,7 +21,8 @@ import torch
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
-from agents.base import Algorithm, EpisodeLog, register, split_observation
+from agents.base import Algorithm, EpisodeLog, split_observation
+from agents.registry import register
 
 __all__ = ["DSFPUniform", "DSFPUniformConfig", "RandomSearch", "RandomSearchConfig"]
 

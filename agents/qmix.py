@@ -44,7 +44,8 @@ from gymnasium import spaces
 from pettingzoo import ParallelEnv
 from torch import nn
 
-from agents.base import Algorithm, EpisodeLog, check_budget, config_field, register, seeded_torch, split_observation
+from agents.base import Algorithm, EpisodeLog, check_budget, config_field, seeded_torch, split_observation
+from agents.registry import register
 from agents.replay import EpisodeReplayBuffer, lambda_returns
 
 __all__ = [

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import agents
-import agents.base as base
+import agents.registry as registry
 from agents import (
     Algorithm,
     EpisodeLog,
@@ -124,7 +124,7 @@ def test_registry_lists_all_and_rejects_unknown_names() -> None:
 
 def test_plugins_in_one_file(monkeypatch: pytest.MonkeyPatch) -> None:
     """A new algorithm and a new mixer plug in by decorator and run by name."""
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     import agents.qmix as qmix
 
     monkeypatch.setattr(qmix, "_MIXERS", dict(qmix._MIXERS))
@@ -185,7 +185,7 @@ _OLD_STYLE = _NEW_STYLE.replace(
 
 
 def _plugin_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, module: str, source: str) -> None:
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
     (tmp_path / f"{module}.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
 
@@ -364,7 +364,7 @@ def test_each_algorithm_declares_the_env_api_it_wants() -> None:
 
 
 def test_register_rejects_an_unknown_env_api(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     class Joint(Algorithm):
         config_cls = QMIXConfig
@@ -407,7 +407,7 @@ def test_amc_rejects_non_scalar_actions() -> None:
 
 def test_constructor_options_of_plug_ins_still_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
     """make_algorithm hands keywords that are not config fields to a plug-in's keyword-only parameters."""
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
     @register("scaled-random")
     class ScaledRandom(RandomSearch):
@@ -466,10 +466,10 @@ def test_package_exports_the_plugin_api_and_no_test_envs() -> None:
         assert name in agents.__all__, name
         assert getattr(agents, name) is not None
     assert set(agents.__all__) == {n for n in dir(agents) if not n.startswith("_")} - {
-        "amc", "base", "baselines", "qmix", "replay"}  # the submodules themselves
+        "amc", "base", "baselines", "qmix", "registry", "replay"}  # the submodules themselves
     assert not hasattr(agents, "MatrixGameEnv")
     assert importlib.util.find_spec("agents.matrix_game") is None
-    assert agents.Mixer is agents.qmix.Mixer and agents.seeded_torch is base.seeded_torch
+    assert agents.Mixer is agents.qmix.Mixer and agents.seeded_torch is agents.base.seeded_torch
 
 
 def test_agents_never_imports_pruning_env() -> None:
