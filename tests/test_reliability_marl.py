@@ -11,7 +11,7 @@ from pruning_env.cli import marl
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.models import build
 
-FAST = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--algo", "dsfp-uniform", "--plans", "6",
+FAST = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--algo", "dsfp-uniform", "--plans", "6",
         "--latency-repeats", "0", "--no-progress", "--device", "cpu"]
 
 
@@ -100,8 +100,8 @@ def test_a_locked_logdir_is_refused(tmp_path, capsys):
 
 
 def test_result_does_not_depend_on_the_baseline_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # Tiny-v0's baseline is trained here
-    args = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--latency-repeats", "0", "--no-progress",
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # Tiny-v1's baseline is trained here
+    args = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--latency-repeats", "0", "--no-progress",
             "--device", "cpu", "--plans", "8"]
     assert marl.main([*args, "--logdir", str(tmp_path / "trained")]) == 0
     assert marl.main([*args, "--logdir", str(tmp_path / "cached")]) == 0

@@ -1,4 +1,4 @@
-"""train_marl.py end to end on Tiny-v0 (smoke preset): every algorithm, outputs, resume, bad flags."""
+"""train_marl.py end to end on Tiny-v1 (smoke preset): every algorithm, outputs, resume, bad flags."""
 
 import json
 import subprocess
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path, *extra):
-    argv = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--logdir", str(tmp_path), "--no-progress", *extra]
+    argv = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--logdir", str(tmp_path), "--no-progress", *extra]
     return train_marl.main(argv)
 
 
@@ -56,7 +56,8 @@ def test_interrupted_search_resumes_to_the_same_plan(tmp_path, monkeypatch, tiny
     (["--algo", "nope"], "unknown algorithm 'nope'"),
     (["--dataset", "imagenet-nope"], "unknown data set 'imagenet-nope'"),
     (["--reward", "budget", "--macs-target", "0.001"], "impossible"),
-    (["--env", "pruning_env/Nope-v0"], "unknown env id"),
+    (["--env", "pruning_env/Nope-v1"], "unknown env id"),
+    (["--env", "pruning_env/Tiny-v0"], "was removed: use 'pruning_env/Tiny-v1'"),  # the removed version
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, flags, message):
     out = subprocess.run([sys.executable, str(ROOT / "train_marl.py"), "--preset", "smoke", "--logdir",
