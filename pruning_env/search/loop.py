@@ -7,11 +7,11 @@ plans seen before do not). An episode is never cut, so a search may end up to
 ``episode_length - 1`` plans over its budget; the exact figure is reported.
 
 Every plan measured is a point of the accuracy-vs-MACs picture (:func:`pareto_front`): the metrics of
-its :class:`~pruning_env.envs.measure.Measurement` (``Measurement.metrics()``, floats rounded to 6
-digits) and its ``order``, so a metric added to the record is in every point;
-the *best plan* is the final plan of a training or greedy episode with the highest
-validation objective. TensorBoard scalars use plans measured as the global step, so
-algorithms with different episode lengths (AMC: one layer per step) compare directly:
+its :class:`~pruning_env.envs.measure.Measurement` (:func:`search_point`), so a metric added to the
+record is in every point. The *best plan* is the final plan of a training or greedy episode with the
+highest validation objective (its metrics, episode, source and plan). TensorBoard scalars use plans
+measured as the global step, so algorithms with different episode lengths (AMC: one layer per step)
+compare directly:
 ``charts/`` (return, objective, accuracy and MACs ratios, best objective), ``losses/``
 (the algorithm's metrics whose names end in ``loss``), ``train/`` (its other metrics:
 epsilon, buffer size, gradient steps, noise...) and ``eval/`` (greedy evaluations).
