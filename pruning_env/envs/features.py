@@ -26,6 +26,7 @@ __all__ = [
     "FEATURES",
     "GLOBAL_FEATURES",
     "OBSERVATION_FEATURES",
+    "REMOVED_MASS",
     "STATIC_FEATURES",
     "Feature",
     "assemble",

@@ -65,8 +65,8 @@ class Measurement:
     quality: float = metric("the reward proxy's signal on an accuracy-ratio scale (1 = unpruned; see Rewards)")
     macs_ratio: float = metric("MACs / the unpruned network's")
     params_ratio: float = metric("parameters / the unpruned network's")
-    macs: int = metric("MACs per image (exact integer; infos: mmacs, in millions)", info="mmacs", info_per=1e6)
-    params: int = metric("parameters (exact integer; infos: mparams, in millions)", info="mparams", info_per=1e6)
+    macs: int = metric("MACs per image (an exact integer; in infos mmacs, millions)", info="mmacs", info_per=1e6)
+    params: int = metric("parameters (an exact integer; in infos mparams, millions)", info="mparams", info_per=1e6)
     objective: float = metric("J of the network under the env's reward settings (see Rewards)")
     # not metrics (keyword-only, so a metric declared in a subclass may follow them)
     plan: PruningPlan | None = field(default=None, compare=False, repr=False, kw_only=True)
@@ -77,32 +77,34 @@ class Measurement:
     @classmethod
     def metrics(cls) -> tuple[str, ...]:
         """The names of the metrics, in order (the keys of :meth:`to_dict`)."""
-        return tuple(f.name for f in dataclasses.fields(cls) if "metric" in f.metadata)
+        return tuple(f.name for f in _metric_fields(cls))
 
     @classmethod
     def info_keys(cls) -> tuple[str, ...]:
         """The keys of :meth:`info`, in order (the env's infos add ``rate``)."""
-        return tuple(f.metadata["info"] or f.name for f in dataclasses.fields(cls) if "metric" in f.metadata)
+        return tuple(f.metadata["info"] or f.name for f in _metric_fields(cls))
 
     @classmethod
     def meanings(cls) -> dict[str, str]:
         """``{info key: meaning}`` of every metric (the env's documented infos)."""
-        return {f.metadata["info"] or f.name: f.metadata["metric"] for f in dataclasses.fields(cls)
-                if "metric" in f.metadata}
+        return {f.metadata["info"] or f.name: f.metadata["metric"] for f in _metric_fields(cls)}
 
     def to_dict(self) -> dict[str, float | int]:
         """The metrics as plain Python numbers: ``int`` for the exact counts, ``float`` for the rest."""
-        return {f.name: (int if f.type == "int" else float)(getattr(self, f.name)) for f in dataclasses.fields(self)
-                if "metric" in f.metadata}
+        return {f.name: (int if f.type in ("int", int) else float)(getattr(self, f.name))
+                for f in _metric_fields(type(self))}
 
     def info(self) -> dict[str, float]:
         """The metrics in the env's info form: every value a ``float`` (counts divided by their ``info_per``)."""
         out = {}
-        for f in dataclasses.fields(self):
-            if "metric" in f.metadata:
-                value, per = getattr(self, f.name), f.metadata["info_per"]
-                out[f.metadata["info"] or f.name] = value / per if per != 1.0 else float(value)
+        for f in _metric_fields(type(self)):
+            value, per = getattr(self, f.name), f.metadata["info_per"]
+            out[f.metadata["info"] or f.name] = value / per if per != 1.0 else float(value)
         return out
+
+
+def _metric_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "metric" in f.metadata]
 
 
 class PlanMeter:
