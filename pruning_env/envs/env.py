@@ -7,7 +7,6 @@ objective of an outside network) are functions in :mod:`pruning_env.envs.plans`.
 from __future__ import annotations
 
 import copy
-import textwrap
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -30,26 +29,23 @@ from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layer
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig
-from pruning_env.envs.features import FEATURES, GLOBAL_FEATURES, REMOVED_MASS, assemble, observation_features
-from pruning_env.envs.features import static_features as compute_static_features
+from pruning_env.envs.features import (
+    FEATURES,
+    GLOBAL_FEATURES,
+    assemble,
+    observation_features,
+    observation_table,
+    rst_table,
+    static_features,
+)
 from pruning_env.envs.measure import Measurement, PlanMeter
+from pruning_env.envs.plans import REMOVED_FROM_ENV
 
 __all__ = ["INFO_KEYS", "FilterPruningEnv"]
 
 #: The keys of every agent's info (each a float; see ``FilterPruningEnv``'s "Infos"): the
 #: :class:`~pruning_env.envs.measure.Measurement`'s info keys and the agent's layer ``rate``.
 INFO_KEYS = (*Measurement.info_keys(), "rate")
-
-#: Public names of the -v0 env that v1 removed, and what replaces each (named in the AttributeError).
-_REMOVED = {
-    "evaluate_plan": "env.measure(plan) (a Measurement; .to_dict() gives the old dict)",
-    "measurement": "env.measure(plan) (a Measurement: metrics, signals, scores and features)",
-    "pruned_model": "env.build_network(env.plan)",
-    "widths": "env.plan.widths",
-    "keep_count": "pruning_env.envs.plans.keep_count(env, layer, rate)",
-    "uniform_plan": "pruning_env.envs.plans.uniform_plan(env, rate)",
-    "objective_of": "pruning_env.envs.plans.objective_of(env, acc, macs, quality)",
-}
 
 
 class FilterPruningEnv(ParallelEnv):
@@ -264,8 +260,7 @@ class FilterPruningEnv(ParallelEnv):
                 raise ValueError(f"macs_target {target:g} cannot be met: with every layer at the largest rate "
                                  f"{self._rates.max():g} the network keeps {floor / self._base_macs:.3f} of its MACs; "
                                  "raise --macs-target, add larger --rates, or pass --no-exact-budget")
-        self._static = compute_static_features(self._base, self._layers, self.input_shape, self._base_macs,
-                                               self._base_params)
+        self._static = static_features(self._base, self._layers, self.input_shape, self._base_macs, self._base_params)
         base = self._measure(full)
         self.baseline_acc = base.acc
         self._feature_names = observation_features(len(self._rates))  # the observation's columns, in order
@@ -451,8 +446,8 @@ class FilterPruningEnv(ParallelEnv):
         return self._meter.build(plan, bn)
 
     def __getattr__(self, name: str) -> Any:  # only reached for names the env does not have
-        if name in _REMOVED:
-            raise AttributeError(f"FilterPruningEnv.{name} was removed in v1; use {_REMOVED[name]} (see the "
+        if name in REMOVED_FROM_ENV:
+            raise AttributeError(f"FilterPruningEnv.{name} was removed in v1; use {REMOVED_FROM_ENV[name]} (see the "
                                  "env's Version History)")
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -572,20 +567,8 @@ def _private_eval_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device).eval()
 
 
-def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    """An RST simple table (the last column may run long), indented for a class docstring."""
-    widths = [max(len(r[c]) for r in (head, *rows)) for c in range(len(head) - 1)] + [60]
-    rule = "  ".join("=" * w for w in widths)
-    lines = [rule, *("  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in (head,)), rule,
-             *("  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in rows), rule]
-    return textwrap.indent("\n".join(lines), " " * 4)
-
-
 if FilterPruningEnv.__doc__:  # the tables are generated from the declarations, so they cannot go stale
-    _features = [(str(i), f.name, f.meaning) for i, f in enumerate(FEATURES)]
-    _features.append((f"{len(FEATURES)}+k", REMOVED_MASS.name, REMOVED_MASS.meaning))
-    _infos = [*Measurement.meanings().items(), ("rate", "this layer's current pruning rate (1 - kept / original)")]
+    _INFO_ROWS = [*Measurement.meanings().items(), ("rate", "this layer's current pruning rate (1 - kept / original)")]
     FilterPruningEnv.__doc__ = (FilterPruningEnv.__doc__.replace("<F>", str(len(FEATURES)))
-                                .replace("<observation table>", _table(("idx", "feature", "meaning (all in [0, 1])"),
-                                                                       _features))
-                                .replace("<info table>", _table(("key", "meaning"), _infos)))
+                                .replace("<observation table>", observation_table())
+                                .replace("<info table>", rst_table(("key", "meaning"), _INFO_ROWS)))

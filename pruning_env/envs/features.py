@@ -2,13 +2,14 @@
 
 Every observation is assembled BY NAME from this list (:func:`assemble`): the column order is the
 declaration order (:data:`FEATURES`, then one ``removed_mass_<k>`` per grid rate k), the env's
-documented observation table is generated from it (``FilterPruningEnv``'s docstring), and a feature is found
+documented observation table is generated from it (:func:`observation_table`), and a feature is found
 by name with ``observation_features(K).index(name)``. Adding a feature is declaring it here and
 computing it under that name; :func:`assemble` refuses a computed set that differs from the declared one.
 """
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -32,7 +33,9 @@ __all__ = [
     "assemble",
     "dsfp_features",
     "observation_features",
+    "observation_table",
     "removed_mass",
+    "rst_table",
     "static_features",
 ]
 
@@ -116,6 +119,22 @@ def assemble(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndar
                          f"{undeclared} (declare each in pruning_env.envs.features.FEATURES and compute it by name)")
     mat = np.stack([np.asarray(columns[n], dtype=np.float32) for n in names], axis=1)
     return np.clip(mat, 0.0, 1.0)
+
+
+def observation_table() -> str:
+    """The observation layout as an RST table (index, name, meaning), generated from :data:`FEATURES`."""
+    rows = [(str(i), f.name, f.meaning) for i, f in enumerate(FEATURES)]
+    rows.append((f"{len(FEATURES)}+k", REMOVED_MASS.name, REMOVED_MASS.meaning))
+    return rst_table(("idx", "feature", "meaning (all in [0, 1])"), rows)
+
+
+def rst_table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]], indent: int = 4) -> str:
+    """An RST simple table of ``head`` and ``rows`` (the last column may run long), indented for a docstring."""
+    widths = [max(len(r[c]) for r in (head, *rows)) for c in range(len(head) - 1)] + [60]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, *("  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in (head,)), rule,
+             *("  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in rows), rule]
+    return textwrap.indent("\n".join(lines), " " * indent)
 
 
 def static_features(model: nn.Module, layers: Sequence[PrunableLayer], input_shape: tuple[int, int, int],

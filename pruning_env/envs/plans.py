@@ -8,6 +8,8 @@ those lives here, as functions taking the env:
   ``min_keep`` / ``round_to``);
 * :func:`uniform_plan`: the DSFP-uniform plan (one step at one rate on every layer);
 * :func:`objective_of`: the objective J of a network known by its accuracy, MACs and quality.
+
+:data:`REMOVED_FROM_ENV` names what replaces each env method that v1 removed.
 """
 
 from __future__ import annotations
@@ -20,7 +22,18 @@ from pruning_env.envs.objective import objective
 if TYPE_CHECKING:
     from pruning_env.envs.env import FilterPruningEnv
 
-__all__ = ["keep_count", "objective_of", "uniform_plan"]
+__all__ = ["REMOVED_FROM_ENV", "keep_count", "objective_of", "uniform_plan"]
+
+#: Public names the -v0 env had and v1 removed, and what replaces each (its ``AttributeError`` says so).
+REMOVED_FROM_ENV = {
+    "evaluate_plan": "env.measure(plan) (a Measurement; .to_dict() gives the old dict)",
+    "measurement": "env.measure(plan) (a Measurement: metrics, signals, scores and features)",
+    "pruned_model": "env.build_network(env.plan)",
+    "widths": "env.plan.widths",
+    "keep_count": "pruning_env.envs.plans.keep_count(env, layer, rate)",
+    "uniform_plan": "pruning_env.envs.plans.uniform_plan(env, rate)",
+    "objective_of": "pruning_env.envs.plans.objective_of(env, acc, macs, quality)",
+}
 
 
 def keep_count(env: FilterPruningEnv, layer: int | str, rate: float) -> int:
