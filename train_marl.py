@@ -1,7 +1,7 @@
 """Learn a per-layer pruning policy with multi-agent RL, prune, fine-tune, report.
 
     python train_marl.py --net vgg16                      # preset "cpu" without a GPU, "paper" with one
-    python train_marl.py --env pruning_env/Tiny-v0 --preset smoke --algo qmix
+    python train_marl.py --env pruning_env/Tiny-v1 --preset smoke --algo qmix
 
 ``python train_marl.py --help`` documents every flag; the implementation is
 :mod:`pruning_env.cli.marl`.

@@ -5,7 +5,7 @@ caller (``env_api = "sequential"``): per-layer state vector in, ``Box(low, high,
 action (a ratio) out, one terminal reward. For the pruning env that is
 ``pruning_env.SequentialPruningEnv(parallel_env)``::
 
-    seq_env = pruning_env.SequentialPruningEnv(pruning_env.make("pruning_env/Tiny-v0"))
+    seq_env = pruning_env.SequentialPruningEnv(pruning_env.make("pruning_env/Tiny-v1"))
     algo = make_algorithm("amc", seq_env, seed=0, **AMCAgent.budget_overrides(plans=400, episode_length=4))
 
 As in AMC (``amc_search.py`` / ``lib/agent.py``):

@@ -122,9 +122,8 @@ class QMIXConfig:
     explore_radius: int = config_field(0, min=0)
     """Exploring agents pick uniformly among available actions (0, pymarl) or among those within this many
     indices of their greedy action (> 0: local exploration around the current allocation, for ordered action
-    spaces such as a grid of pruning rates). Measured on VGG-16 w0.25 at exact MACs budgets (300 plans, 3 seeds,
-    ``benchmarks/results/exploration-0.5.md``): radius 1 found worse plans at MACs 0.5 (-0.026 objective, 3 of 3
-    seeds) and the same at 0.3, so uniform stays the default."""
+    spaces such as a grid of pruning rates). Uniform stays the default: the comparison of radii is in the
+    README's "Results" and ``benchmarks/results/exploration-0.5.md`` / ``exploration-0.3.md``."""
     episodes_per_snapshot: int = config_field(1, min=1)
     """Training episodes played with one policy snapshot before learning from them (pymarl's parallel runner). With
     > 1 each episode explores with its own random stream (seed, episode) at the snapshot's epsilon, so its policy is

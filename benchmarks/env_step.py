@@ -101,7 +101,7 @@ def _make_env(name: str, data_dir: str | None, bn: BNRecalConfig,
               device: torch.device) -> tuple[FilterPruningEnv, str]:
     bn_kwargs = dataclasses.asdict(bn)
     if name == "tiny":
-        return make_tiny_env(device=str(device), **bn_kwargs), "trained (Tiny-v0 cache)"
+        return make_tiny_env(device=str(device), **bn_kwargs), "trained (Tiny-v1 cache)"
     net, width = parse_net(name, sep="-")
     splits = load_splits("cifar10", data_dir)
     path = default_checkpoint_path(net, "cifar10", width, 30)

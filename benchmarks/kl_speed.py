@@ -8,11 +8,10 @@ For a CIFAR-10 network and one calibration batch from the TRAIN split, measures
 * the per-layer Spearman rank correlation of each cheap mode with ``exact``;
 * the largest absolute and relative difference between ``exact`` and the loop.
 
-The loop costs one forward of the batch per filter (about 20 minutes for VGG-16 at
-width 0.5 on 2 shared CPU cores, 3 minutes at width 0.25), so for models with more than ``--full-loop-max``
-filters it is timed on ``--loop-filters`` evenly spaced filters of every layer and its
-total extrapolated per layer (each filter costs the same forward); the differences are
-then over those filters. Smaller models get the full loop.
+The loop costs one forward of the batch per filter (its measured times: ``benchmarks/results/kl_speed.md``),
+so for models with more than ``--full-loop-max`` filters it is timed on ``--loop-filters`` evenly spaced
+filters of every layer and its total extrapolated per layer (each filter costs the same forward); the
+differences are then over those filters. Smaller models get the full loop.
 
 Usage (from the repository root)::
 

@@ -42,7 +42,7 @@ fine-tune continues from its per-epoch checkpoint under ``--work-dir``.
 
     python -m benchmarks.marl --data-dir /path/to/data --macs-target 0.3   # VGG-16 w0.25, CIFAR-10, 3 seeds
     python -m benchmarks.marl --seeds 0 --plans 300 --finetune-epochs 2 --finetune-train-limit 10000
-    python -m benchmarks.marl --env pruning_env/Tiny-v0 --plans 12 --finetune-epochs 1 \
+    python -m benchmarks.marl --env pruning_env/Tiny-v1 --plans 12 --finetune-epochs 1 \
         --algos qmix random dsfp-uniform --out-dir /tmp/marl                  # smoke, seconds
 """
 
@@ -87,7 +87,8 @@ from pruning_env.engine.flops import count
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.registry import NETWORK_NAMES, make_benchmark_env, parse_env_id
+from pruning_env.envs.plans import objective_of
+from pruning_env.envs.registry import NETWORK_NAMES, TINY_ID, check_env_id, make_benchmark_env, parse_env_id
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, check_algo_config
 from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
@@ -96,7 +97,6 @@ from pruning_env.training.teacher import TeacherCache
 from pruning_env.training.train import default_checkpoint_path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_ID = "pruning_env/Tiny-v0"
 _FINETUNE_KEYS = ("tp_target", "tp_steps")
 
 
@@ -108,7 +108,7 @@ class BenchConfig:
                       choices=sorted(NETWORK_NAMES))
     dataset: str = option("cifar10", "data set of the baseline: cifar10 or cifar100")
     width: float = option(0.25, "channel width of the baseline")
-    env: str | None = option(None, "a registered env id instead of --net/--dataset, e.g. pruning_env/Tiny-v0 (smoke)")
+    env: str | None = option(None, "a registered env id instead of --net/--dataset, e.g. pruning_env/Tiny-v1 (smoke)")
     checkpoint: str | None = option(None, "trained baseline checkpoint (default: the cached "
                                     "<net>-<dataset>-w<width>-e<baseline-epochs>-s0.pt; never trained here)")
     baseline_epochs: int = option(30, "epochs of the cached baseline to look up")
@@ -153,8 +153,7 @@ def _check(cfg: BenchConfig) -> BenchConfig:
     cfg.parallel.check()
     if cfg.env is not None:
         pruning_env.register_all()
-        if cfg.env not in pruning_env.list_envs():
-            raise ValueError(f"unknown env id {cfg.env!r}; registered: {', '.join(pruning_env.list_envs())}")
+        check_env_id(cfg.env)  # unknown, or a removed -v0 id (named with its -v1 id)
     elif cfg.dataset not in ("cifar10", "cifar100"):
         raise ValueError(f"--dataset must be cifar10 or cifar100, got {cfg.dataset!r} (or pass --env)")
     resolve_device(cfg.device)
@@ -317,7 +316,7 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
         extra["keep"] = plan.keep_counts()
 
     def val_like_env(m: nn.Module) -> dict[str, float]:  # the reward's measurement, exactly as the env's of a plan
-        return env.measure_network(m)
+        return env.measure_network(m).to_dict()
 
     out = finetune_dir(cfg.work_dir, cfg.problem.macs_target) / f"seed{seed}" / f"{name}-finetune.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -332,7 +331,7 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
     ft = result["finetune"] or {}
     return {
         "algorithm": name, "seed": seed,
-        "val_objective": env.objective_of(val_acc_before, result["macs"], quality=quality),
+        "val_objective": objective_of(env, val_acc_before, result["macs"], quality=quality),
         "search_val_objective": search["best"]["objective"] if search else None,
         "val_acc_ratio": acc_ratio,
         "macs_ratio": result["macs"] / baseline["macs"], "params_ratio": result["params"] / baseline["params"],

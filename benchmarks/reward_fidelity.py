@@ -35,7 +35,7 @@ report of what is cached so far. A resume with more proxies (other ``--kd-steps`
     python -m benchmarks.reward_fidelity --targets 0.3 --threads 1 &   # one process per target ...
     python -m benchmarks.reward_fidelity --targets 0.5 --threads 1     # ... then the report of both:
     python -m benchmarks.reward_fidelity --report-only
-    python -m benchmarks.reward_fidelity --env pruning_env/Tiny-v0 --plans-per-target 6 --search-plans 12 \\
+    python -m benchmarks.reward_fidelity --env pruning_env/Tiny-v1 --plans-per-target 6 --search-plans 12 \\
         --truth-epochs 1 --kd-steps 2 4 --out-dir /tmp/fid       # smoke, seconds
 """
 
@@ -73,13 +73,12 @@ from pruning_env.core.data import load_splits
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.registry import make_benchmark_env, make_tiny_env
+from pruning_env.envs.registry import TINY_ID, make_benchmark_env, make_tiny_env
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
 from pruning_env.training.finetune import FinetuneConfig, finetune
 from pruning_env.training.proxy import RewardImages, kd_steps
 from pruning_env.training.teacher import TeacherCache
 
-TINY_ID = "pruning_env/Tiny-v0"
 SIGNALS = ("acc", "kl", "ce")
 
 
@@ -167,13 +166,13 @@ def _search_plans(env_factory, cfg: FidelityConfig, target: float) -> list[tuple
     overrides = algorithm_overrides(cls, "qmix", search_cfg, env.config.episode_length)
     algo = agents.make_algorithm("qmix", algorithm_env(cls, env), seed=cfg.seed, device=str(env.device), **overrides)
     Search(algo, env, search_cfg, progress=cfg.progress, desc=f"qmix search (target {target})").run()
-    finals = [p for p in env.measured_plans() if p["macs_ratio"] <= target + 1e-9]
-    finals.sort(key=lambda p: -p["objective"])
+    finals = [m for m in env.measured_plans() if m.macs_ratio <= target + 1e-9]
+    finals.sort(key=lambda m: -m.objective)
     out, seen = [], set()
-    for p in finals:
-        if p["key"] not in seen:
-            seen.add(p["key"])
-            out.append((f"search{len(out)}", p["plan"]))
+    for m in finals:
+        if m.plan.key() not in seen:
+            seen.add(m.plan.key())
+            out.append((f"search{len(out)}", m.plan))
         if len(out) == cfg.search_top:
             break
     return out
@@ -256,7 +255,7 @@ def _truth(env: FilterPruningEnv, plan: PruningPlan, cfg: FidelityConfig, seed: 
 
 def _env_seconds(env: FilterPruningEnv, plan: PruningPlan) -> float:
     before = sum(env.timings.values())
-    env.evaluate_plan(plan)
+    env.measure(plan)
     return sum(env.timings.values()) - before
 
 
@@ -456,7 +455,7 @@ def run(cfg: FidelityConfig, argv: list[str] | None = None) -> dict[str, Any]:
             env_seconds = _env_seconds(env, plan)  # first: a cached plan would cost nothing
             rec = {"target": target, "name": name, "plan": plan.to_dict(),
                    "teacher_cache": env.device.type == "cpu",
-                   "macs_ratio": env.evaluate_plan(plan)["macs_ratio"], "env_seconds": env_seconds,
+                   "macs_ratio": env.measure(plan).macs_ratio, "env_seconds": env_seconds,
                    "proxies": _measure_proxies(env, plan, cfg, images, teachers[target]), "truth": {}}
         for s in seeds:
             if s not in rec["truth"]:

@@ -2,7 +2,7 @@
 
 What it measures, on one problem (default VGG-16 width 0.25 on the real CIFAR-10, its trained baseline):
 
-* **bare**: ``--plans`` distinct random plans measured in this process (``FilterPruningEnv.measurement``: surgery,
+* **bare**: ``--plans`` distinct random plans measured in this process (``FilterPruningEnv.measure``: surgery,
   BN re-estimation, evaluation, next-step scores) with all ``--cores`` torch threads;
 * **Ray, N workers** for each N of ``--workers``: the same plans through
   :class:`pruning_env.search.parallel.PlanEvaluator` (N actors, ``cores // N`` threads each so the cores are not
@@ -21,7 +21,7 @@ to ``--out-dir``; ``--resume`` reuses the rows of ``scale_out.json`` measured wi
 
     python -m benchmarks.scale_out                              # VGG-16 w0.25, CIFAR-10, 1 and 2 workers
     python -m benchmarks.scale_out --checkpoint base.pt --plans 40
-    python -m benchmarks.scale_out --smoke --out-dir /tmp/so    # Tiny-v0, seconds (what the test runs)
+    python -m benchmarks.scale_out --smoke --out-dir /tmp/so    # Tiny-v1, seconds (what the test runs)
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from pruning_env.cli.options import print_json
 from pruning_env.core.config import check_settings, flat_dict, option, without_run_only
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.plans import uniform_plan
 from pruning_env.envs.registry import make_benchmark_env, make_tiny_env
 from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, require_ray
 from pruning_env.training.train import default_checkpoint_path
@@ -66,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class ScaleOutConfig:
     """Every flag of ``python -m benchmarks.scale_out`` (the command line is generated from these fields)."""
 
-    net: str = option("vgg16-0.25", "tiny (Tiny-v0) or <net>-<width> on CIFAR-10")
+    net: str = option("vgg16-0.25", "tiny (Tiny-v1) or <net>-<width> on CIFAR-10")
     checkpoint: str | None = option(None, "trained baseline (default: the cached <net>-cifar10-w<width>-e30-s0.pt)")
     data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
     plans: int = option(24, "distinct random plans measured per setting (the same plans for every setting)", min=1)
@@ -80,7 +81,7 @@ class ScaleOutConfig:
     lookahead: int = option(64, "training episodes measured ahead per batch in the modelled search", min=1,
                             run_only=True)
     seed: int = option(0, "seed of the random plans", min=0)
-    smoke: bool = option(False, "Tiny-v0, 4 plans, 1 learner episode: seconds, for the tests")
+    smoke: bool = option(False, "Tiny-v1, 4 plans, 1 learner episode: seconds, for the tests")
     out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of scale_out.md, .json and .png", run_only=True)
     resume: bool = option(False, "reuse the rows of scale_out.json measured with the same settings", run_only=True)
 
@@ -95,7 +96,7 @@ class ScaleOutConfig:
 
 def _env(cfg: ScaleOutConfig) -> tuple[FilterPruningEnv, str]:
     if cfg.net == "tiny":
-        return make_tiny_env(), "Tiny-v0 (synthetic data)"
+        return make_tiny_env(), "Tiny-v1 (synthetic data)"
     net, width = parse_net(cfg.net, "-")
     path = Path(cfg.checkpoint) if cfg.checkpoint else default_checkpoint_path(net, "cifar10", width, 30)
     if not path.is_file():
@@ -107,33 +108,33 @@ def _env(cfg: ScaleOutConfig) -> tuple[FilterPruningEnv, str]:
 
 def random_plans(env: FilterPruningEnv, n: int, seed: int) -> list[PruningPlan]:
     """``n`` distinct plans of one env step from the unpruned network at random per-layer grid rates (each layer as
-    :meth:`FilterPruningEnv.uniform_plan` prunes it at its rate)."""
+    :func:`pruning_env.envs.plans.uniform_plan` prunes it at its rate)."""
     rng = np.random.default_rng(seed)
     rates = [r for r in env.config.rates if r > 0]
-    uniform = {r: env.uniform_plan(r) for r in rates}
-    plans: dict[bytes, PruningPlan] = {}
+    uniform = {r: uniform_plan(env, r) for r in rates}
+    plans: dict[str, PruningPlan] = {}
     for _ in range(100 * n):
         if len(plans) == n:
             break
         pick = rng.choice(len(rates), size=len(env.layer_names))
         plan = PruningPlan({name: uniform[rates[k]].keep[name] for name, k in zip(env.layer_names, pick)},
-                           env.widths)
+                           env.plan.widths)
         plans.setdefault(plan.key(), plan)
     return list(plans.values())
 
 
 def _warm_up(env: FilterPruningEnv, n: int) -> list[PruningPlan]:
     """``n`` uniform plans outside the random ones (one warm-up measurement per worker, not timed)."""
-    return [env.uniform_plan(r) for r in sorted((r for r in env.config.rates if r > 0), reverse=True)[:n]]
+    return [uniform_plan(env, r) for r in sorted((r for r in env.config.rates if r > 0), reverse=True)[:n]]
 
 
 def _bare(env: FilterPruningEnv, plans: list[PruningPlan], threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
     replica = FilterPruningEnv(env.base_model, env.splits, env.config)  # an empty cache
-    replica.measurement(_warm_up(env, 1)[0])
+    replica.measure(_warm_up(env, 1)[0])
     t0 = time.perf_counter()
     for plan in plans:
-        replica.measurement(plan)
+        replica.measure(plan)
     wall = time.perf_counter() - t0
     return {"setting": "bare", "workers": 0, "threads": threads, "plans": len(plans), "wall_s": wall,
             "plans_per_s": len(plans) / wall, "measure_s_per_plan": wall / len(plans)}

@@ -1,7 +1,7 @@
 """A CleanRL-style PPO loop with one shared policy over SuperSuit's vectorised pruning env.
 
 SuperSuit turns the ParallelEnv into a vector env with one entry per agent (``layer_0 ... layer_3`` of
-``Tiny-v0``), and ``concat_vec_envs_v1`` stacks copies of it; every entry gets the team reward.
+``Tiny-v1``), and ``concat_vec_envs_v1`` stacks copies of it; every entry gets the team reward.
 
     python examples/cleanrl_supersuit.py              # 20 updates of 2 copies x 4 agents x 6 steps
     python examples/cleanrl_supersuit.py --smoke      # 2 updates of 3 steps: what the test suite runs
@@ -21,7 +21,7 @@ import pruning_env
 
 
 def make_vec_env(copies: int = 2):
-    env = pruning_env.make("pruning_env/Tiny-v0")
+    env = pruning_env.make("pruning_env/Tiny-v1")
     vec = ss.pettingzoo_env_to_vec_env_v1(env)
     return ss.concat_vec_envs_v1(vec, copies, num_cpus=0, base_class="gymnasium")
 

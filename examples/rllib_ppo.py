@@ -30,7 +30,7 @@ def train(iterations: int = 5, batch: int = 48, seed: int = 0, env_runners: int 
     def env_creator(_config):
         import pruning_env
 
-        return ParallelPettingZooEnv(pruning_env.make("pruning_env/Tiny-v0"))
+        return ParallelPettingZooEnv(pruning_env.make("pruning_env/Tiny-v1"))
 
     register_env("pruning_env_tiny", env_creator)
     ray.init(num_cpus=1 + env_runners, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)

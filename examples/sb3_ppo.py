@@ -1,7 +1,7 @@
 """Stable-Baselines3 PPO on the joint single-agent view of the pruning env (one ``MultiDiscrete`` action: every
 layer's rate at once; reward = the team reward).
 
-    python examples/sb3_ppo.py                 # 600 env steps (200 episodes of Tiny-v0)
+    python examples/sb3_ppo.py                 # 600 env steps (200 episodes of Tiny-v1)
     python examples/sb3_ppo.py --smoke         # 24 steps: what the test suite runs
 
 ``"pruning_env:..."`` makes Gymnasium import the package first, so no ``import pruning_env`` is needed.
@@ -17,7 +17,7 @@ from stable_baselines3 import PPO
 
 
 def train(steps: int = 600, seed: int = 0) -> dict:
-    env = gymnasium.make("pruning_env:pruning_env/Tiny-Joint-v0")
+    env = gymnasium.make("pruning_env:pruning_env/Tiny-Joint-v1")
     model = PPO("MlpPolicy", env, n_steps=12, batch_size=12, n_epochs=2, learning_rate=3e-4, seed=seed, verbose=0)
     model.learn(total_timesteps=steps)
     obs, _ = env.reset(seed=seed)

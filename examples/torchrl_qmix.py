@@ -1,4 +1,4 @@
-"""QMIX with TorchRL on the pruning env (``pruning_env/Tiny-v0``), after TorchRL's multi-agent QMIX recipe.
+"""QMIX with TorchRL on the pruning env (``pruning_env/Tiny-v1``), after TorchRL's multi-agent QMIX recipe.
 
     python examples/torchrl_qmix.py              # 8 collector batches of 12 frames (4 episodes of 3 steps)
     python examples/torchrl_qmix.py --smoke      # 2 batches: what the test suite runs
@@ -24,7 +24,7 @@ from torchrl.objectives.multiagent.qmixer import QMixerLoss
 import pruning_env
 
 
-def make_env(env_id: str = "pruning_env/Tiny-v0", **kwargs) -> PettingZooWrapper:
+def make_env(env_id: str = "pruning_env/Tiny-v1", **kwargs) -> PettingZooWrapper:
     """The pruning env as a TorchRL env: agent group ``"layer"``, global ``"state"`` for the mixer."""
     return PettingZooWrapper(pruning_env.make(env_id, **kwargs), return_state=True, use_mask=True)
 

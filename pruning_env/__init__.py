@@ -1,14 +1,25 @@
 """pruning-env: CNN filter pruning as a multi-agent reinforcement-learning problem.
 
 Importing the package registers its environments with PettingZoo's registry
-(``pruning_env/Tiny-v0``, ``pruning_env/VGG16-CIFAR10-v0``, ...) and their
-single-agent views with Gymnasium (``...-Joint-v0``, ``...-Sequential-v0``,
-``...-SequentialDiscrete-v0``; without importing the package first, name it in the id:
-``gymnasium.make("pruning_env:pruning_env/Tiny-Joint-v0")``).
+(``pruning_env/Tiny-v1``, ``pruning_env/VGG16-CIFAR10-v1``, ...) and their
+single-agent views with Gymnasium (``...-Joint-v1``, ``...-Sequential-v1``,
+``...-SequentialDiscrete-v1``; without importing the package first, name it in the id:
+``gymnasium.make("pruning_env:pruning_env/Tiny-Joint-v1")``). The ``-v0`` ids were removed
+(making one says why and names its ``-v1`` id): see the README's "Version history".
 
-The public API is what ``__all__`` lists; the layers (``core``, ``criteria``,
-``engine``, ``training``, ``envs``, ``search``, ``cli``) are importable subpackages
-with their own ``__all__`` (see the README's "Architecture" section).
+The public API is what ``__all__`` lists:
+
+* the env: :func:`make` / :func:`list_envs` / :func:`register_all` (the registry), :class:`FilterPruningEnv`
+  (the PettingZoo ``ParallelEnv``), its settings :class:`EnvConfig`, THE record of a measurement
+  :class:`Measurement` (what ``env.measure(plan)`` returns) and the single-agent Gymnasium views
+  :class:`JointPruningEnv`, :class:`SequentialPruningEnv`, :class:`SequentialDiscretePruningEnv`;
+* pruning without the env: :class:`PruningPlan` and :func:`apply` (the engine), :func:`score` and
+  :func:`list_criteria` (filter importance), :func:`count_macs`;
+* models and data: :func:`build`, :func:`list_models`, :func:`load_splits` and :class:`Splits`.
+
+The layers (``core``, ``criteria``, ``engine``, ``training``, ``envs``, ``search``, ``cli``) are importable
+subpackages with their own ``__all__`` (see the README's "Architecture" section); helpers around an env
+are in :mod:`pruning_env.envs.plans`.
 """
 
 from __future__ import annotations
@@ -20,6 +31,7 @@ from pruning_env.engine import PruningPlan, apply
 from pruning_env.engine.flops import count as count_macs
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.measure import Measurement
 from pruning_env.envs.registry import list_envs, make, register_all
 from pruning_env.envs.views import JointPruningEnv, SequentialDiscretePruningEnv, SequentialPruningEnv
 
@@ -31,6 +43,7 @@ __all__ = [
     "EnvConfig",
     "FilterPruningEnv",
     "JointPruningEnv",
+    "Measurement",
     "PruningPlan",
     "SequentialDiscretePruningEnv",
     "SequentialPruningEnv",

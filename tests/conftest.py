@@ -82,7 +82,7 @@ requires_cifar = pytest.mark.skipif(cifar_root() is None, reason="real CIFAR-10 
 
 @pytest.fixture(scope="session")
 def tiny_env_factory(tmp_path_factory):
-    """Build Tiny-v0 envs (the baseline is trained once per session into a temp cache)."""
+    """Build Tiny-v1 envs (the baseline is trained once per session into a temp cache)."""
     import pruning_env  # noqa: F401  (registers the envs)
     from pruning_env.envs.registry import make_tiny_env
 

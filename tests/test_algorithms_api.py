@@ -225,7 +225,7 @@ def test_a_plugin_that_overrides_train_episode_is_refused_at_definition(tmp_path
     from pruning_env.cli import marl  # the --algo module:name path says which flag
 
     with pytest.raises(SystemExit):
-        marl.main(["--env", "pruning_env/Tiny-v0", "--algo", "contract_old_style:always-old",
+        marl.main(["--env", "pruning_env/Tiny-v1", "--algo", "contract_old_style:always-old",
                    "--logdir", str(tmp_path / "run"), "--no-progress"])
     err = capsys.readouterr().err
     assert "Traceback" not in err and "--algo contract_old_style:always-old" in err and "_train_episode" in err

@@ -14,8 +14,8 @@ SMALL_AMC = dict(batch_size=8, actor_hidden=(16, 16), critic_hidden=(16, 16), bu
 
 @pytest.fixture(scope="module")
 def tiny_parallel_env(tiny_env_factory):
-    """``pruning_env/Tiny-v0`` as registered with PettingZoo (the fixture only ensures the package is set up)."""
-    return pruning_env.make("pruning_env/Tiny-v0")
+    """``pruning_env/Tiny-v1`` as registered with PettingZoo (the fixture only ensures the package is set up)."""
+    return pruning_env.make("pruning_env/Tiny-v1")
 
 
 def test_amc_wants_the_sequential_view(tiny_parallel_env) -> None:

@@ -1,4 +1,4 @@
-"""benchmarks/marl.py end to end on Tiny-v0 with a tiny budget: outputs, one row per method, resume."""
+"""benchmarks/marl.py end to end on Tiny-v1 with a tiny budget: outputs, one row per method, resume."""
 
 import json
 from pathlib import Path
@@ -16,7 +16,7 @@ def marl():
 
 
 def _argv(out: Path) -> list[str]:
-    return ["--env", "pruning_env/Tiny-v0", "--plans", "12", "--finetune-epochs", "1", "--seeds", "0",
+    return ["--env", "pruning_env/Tiny-v1", "--plans", "12", "--finetune-epochs", "1", "--seeds", "0",
             "--algos", *ALGOS, "--out-dir", str(out), "--work-dir", str(out / "work"), "--no-progress"]
 
 
@@ -98,7 +98,7 @@ def test_two_targets_share_a_work_dir_and_combine_into_one_report(marl, tmp_path
     work, outs = tmp_path / "work", {}
     for t in ("0.5", "0.3"):
         outs[t] = tmp_path / f"target-{t}"
-        argv = ["--env", "pruning_env/Tiny-v0", "--plans", "6", "--finetune-epochs", "1", "--seeds", "0",
+        argv = ["--env", "pruning_env/Tiny-v1", "--plans", "6", "--finetune-epochs", "1", "--seeds", "0",
                 "--algos", "qmix", "dsfp-uniform", "--macs-target", t, "--out-dir", str(outs[t]),
                 "--work-dir", str(work), "--no-progress"]
         assert marl.main(argv) == 0

@@ -1,4 +1,4 @@
-"""benchmarks/reward_fidelity.py on Tiny-v0: plans at the budget, the report's schema, resume without re-measuring."""
+"""benchmarks/reward_fidelity.py on Tiny-v1: plans at the budget, the report's schema, resume without re-measuring."""
 
 import json
 import shutil
@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import reward_fidelity
 
-ARGS = ["--env", "pruning_env/Tiny-v0", "--targets", "0.5", "0.35", "--plans-per-target", "4", "--search-plans", "6",
+ARGS = ["--env", "pruning_env/Tiny-v1", "--targets", "0.5", "0.35", "--plans-per-target", "4", "--search-plans", "6",
         "--search-top", "1", "--truth-epochs", "1", "--truth-train-limit", "256", "--kd-steps", "1", "2",
         "--eval-sizes", "64", "128", "--bn-batches", "1", "2", "--noise-plans", "1", "--bootstrap", "100",
         "--no-progress"]
@@ -35,7 +35,7 @@ def test_every_plan_meets_its_target_and_the_profiles_differ(run):
 
 def test_report_schema_and_correlations(run):
     root, _, result = run
-    assert result["default"] == "bn1_kl@256"  # Tiny-v0's env: 1 BN batch, 256 reward images, the KL proxy
+    assert result["default"] == "bn1_kl@256"  # Tiny-v1's env: 1 BN batch, 256 reward images, the KL proxy
     names = {p["name"] for p in result["proxies"]}
     assert {"bn1_acc@64", "bn2_kl@128", "bn2_ce@64", "kd1_acc@64", "kd2_kl@64"} <= names
     for p in result["proxies"]:

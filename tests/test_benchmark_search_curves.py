@@ -28,7 +28,7 @@ def test_best_so_far_steps_at_each_episode_and_holds_after_the_last():
 
 
 def _run(out, radius, seeds=("0", "1"), extra=()):
-    argv = ["--env", "pruning_env/Tiny-v0", "--plans", "12", "--finetune-epochs", "0", "--seeds", *seeds,
+    argv = ["--env", "pruning_env/Tiny-v1", "--plans", "12", "--finetune-epochs", "0", "--seeds", *seeds,
             "--algos", "qmix", "random", "--out-dir", str(out), "--work-dir", str(out / "work"), "--no-progress",
             *extra]
     if radius:

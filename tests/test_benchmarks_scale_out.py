@@ -1,4 +1,4 @@
-"""benchmarks/scale_out.py: its cost model, and a --smoke run on Tiny-v0 with a local Ray of 2 CPUs."""
+"""benchmarks/scale_out.py: its cost model, and a --smoke run on Tiny-v1 with a local Ray of 2 CPUs."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_random_plans_are_distinct_one_step_plans(tiny_env_factory):
     env = tiny_env_factory()
     plans = scale_out.random_plans(env, 5, seed=0)
     assert len({p.key() for p in plans}) == 5
-    assert all(env.evaluate_plan(p)["macs"] < env.base_macs for p in plans)
+    assert all(env.measure(p).macs < env.base_macs for p in plans)
 
 
 @pytest.mark.skipif(HAS_RAY, reason="checks the message shown without Ray")

@@ -203,7 +203,7 @@ def test_env_step_benchmark_smoke(tmp_path, capsys):
     out = tmp_path / "env_step.md"
     assert env_step_bench.main(["--nets", "tiny", "--steps", "2", "--threads", "1", "--out", str(out), *naive]) == 0
     md = out.read_text()
-    assert "Command: `python -m benchmarks.env_step --nets tiny" in md and "| tiny | trained (Tiny-v0 cache) |" in md
+    assert "Command: `python -m benchmarks.env_step --nets tiny" in md and "| tiny | trained (Tiny-v1 cache) |" in md
     (row,) = _last_json(capsys.readouterr().out)["rows"]
     for suffix in ("", "_recal"):  # both measured side by side in one run
         assert row[f"step_ms{suffix}"] > 0 and row[f"steps_per_s{suffix}"] > 0 and row[f"ratio_bare{suffix}"] > 0

@@ -1,24 +1,33 @@
-"""PettingZoo API conformance of the pruning env (Tiny-v0 and VGG-16 on the real CIFAR-10)."""
+"""PettingZoo API conformance of the pruning env (Tiny-v1 and VGG-16 on the real CIFAR-10)."""
 
+import importlib
+import inspect
+import re
+import sys
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from pettingzoo import ParallelEnv
 from pettingzoo.test import api_test, max_cycles_test, parallel_api_test, state_test
 from pettingzoo.utils import parallel_to_aec
 
 import pruning_env
-from pruning_env import filter_pruning_v0
-from pruning_env.envs.env import INFO_KEYS
-from pruning_env.envs.registry import make_benchmark_env
+from pruning_env import filter_pruning_v1
+from pruning_env.envs import plans
+from pruning_env.envs.env import INFO_KEYS, FilterPruningEnv
+from pruning_env.envs.measure import Measurement
+from pruning_env.envs.registry import TINY_ID, VERSION, check_env_id, make_benchmark_env
 
 
 def test_tiny_passes_the_pettingzoo_tests(tiny_env_factory):
     parallel_api_test(tiny_env_factory(), num_cycles=30)
     api_test(parallel_to_aec(tiny_env_factory()), num_cycles=30)
     state_test(parallel_to_aec(tiny_env_factory()), tiny_env_factory(), num_cycles=10)
-    max_cycles_test(filter_pruning_v0)
+    max_cycles_test(filter_pruning_v1)
 
 
 def test_spaces_are_cached_shared_and_bounded(tiny_env_factory):
@@ -95,7 +104,7 @@ def test_infos_are_fixed_shape_floats_with_the_same_keys_everywhere(tiny_env_fac
     assert seen[0]["layer_0"]["mmacs"] == pytest.approx(env.base_macs / 1e6)
     assert seen[0]["layer_0"]["mparams"] == pytest.approx(env.base_params / 1e6)
     # the plan: the public accessors, or the opt-in info key
-    assert env.measured_plans()[-1]["plan"] == env.plan
+    assert env.measured_plans()[-1].plan == env.plan
     env = tiny_env_factory(plan_info=True)
     _, infos = env.reset(seed=0)
     assert infos["layer_0"]["plan"] == env.plan.to_dict()
@@ -108,8 +117,6 @@ def test_render_before_reset_shows_the_unpruned_network(tiny_env_factory):
 
 def test_the_callers_model_keeps_its_mode_and_weights(tiny_env_factory):
     import copy
-
-    from pruning_env.envs.env import FilterPruningEnv
 
     source = tiny_env_factory()
     model = copy.deepcopy(source.base_model).train()
@@ -127,15 +134,123 @@ def test_the_callers_model_keeps_its_mode_and_weights(tiny_env_factory):
 
 def test_registry_and_make():
     ids = pruning_env.list_envs()
-    assert "pruning_env/Tiny-v0" in ids and "pruning_env/VGG16-CIFAR10-v0" in ids
-    assert "pruning_env/ResNet56-CIFAR100-v0" in ids and "pruning_env/AlexNet-CIFAR10-v0" in ids
+    assert "pruning_env/Tiny-v1" in ids and "pruning_env/VGG16-CIFAR10-v1" in ids
+    assert "pruning_env/ResNet56-CIFAR100-v1" in ids and "pruning_env/AlexNet-CIFAR10-v1" in ids
+    assert all(i.endswith(f"-v{VERSION}") for i in ids) and TINY_ID in ids
     import pettingzoo
 
-    env = pettingzoo.make("parallel", "pruning_env/Tiny-v0", max_cycles=4)
+    env = pettingzoo.make("parallel", "pruning_env/Tiny-v1", max_cycles=4)
     assert env.config.episode_length == 4
-    assert pruning_env.make("pruning_env/Tiny-v0").config.episode_length == 3
-    with pytest.raises(ValueError, match="unknown env id.*Tiny-v0"):
-        pruning_env.make("pruning_env/Nope-v0")
+    assert pruning_env.make("pruning_env/Tiny-v1").config.episode_length == 3
+    assert env.metadata["name"] == "filter_pruning_v1"
+    with pytest.raises(ValueError, match="unknown env id.*Tiny-v1"):
+        pruning_env.make("pruning_env/Nope-v1")
+
+
+@pytest.mark.parametrize("old,new", [("pruning_env/Tiny-v0", "pruning_env/Tiny-v1"),
+                                     ("pruning_env/VGG16-CIFAR10-v0", "pruning_env/VGG16-CIFAR10-v1"),
+                                     ("pruning_env/ResNet56-CIFAR100-v0", "pruning_env/ResNet56-CIFAR100-v1")])
+def test_a_v0_id_is_removed_with_an_error_naming_its_v1_id_and_what_changed(old, new):
+    with pytest.raises(ValueError, match=f"{old!r} was removed: use {new!r}") as err:
+        pruning_env.make(old)
+    assert "default reward" in str(err.value) and "28 + K" in str(err.value) and "INFO_KEYS" in str(err.value)
+    assert old not in pruning_env.list_envs()
+    with pytest.raises(ValueError, match="was removed"):
+        check_env_id(old)
+    assert check_env_id(new) == new
+
+
+def test_v0_ids_are_refused_by_pettingzoo_gymnasium_and_the_versioned_module():
+    import gymnasium
+    import pettingzoo
+
+    with pytest.raises(Exception, match="v1") as err:  # PettingZoo's VersionNotFound names the version there is
+        pettingzoo.make("parallel", "pruning_env/Tiny-v0")
+    assert "v0" in str(err.value)
+    with warnings.catch_warnings(), pytest.raises(gymnasium.error.Error, match="Tiny-Joint-v1"):
+        warnings.simplefilter("ignore", DeprecationWarning)  # Gymnasium warns, then raises DeprecatedEnv
+        gymnasium.make("pruning_env/Tiny-Joint-v0")
+    for view in ("Joint", "Sequential", "SequentialDiscrete"):
+        assert f"pruning_env/Tiny-{view}-v1" in gymnasium.registry
+        assert f"pruning_env/Tiny-{view}-v0" not in gymnasium.registry
+    sys.modules.pop("pruning_env.filter_pruning_v0", None)
+    with pytest.raises(ImportError, match="use pruning_env.filter_pruning_v1"):
+        importlib.import_module("pruning_env.filter_pruning_v0")
+
+
+def test_the_version_history_is_documented():
+    doc = FilterPruningEnv.__doc__
+    history = doc[doc.index("Version History"):]
+    assert "* v1" in history and "* v0" in history and "-v0`` ids are removed" in history
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Version history"):]
+    assert "**v1** (current)" in section and "**v0** (removed)" in section
+
+
+# The env's own surface beyond PettingZoo's ParallelEnv: each name documented in its "Surface" section.
+SURFACE = {
+    # settings and data
+    "config", "splits", "device", "input_shape", "plan_info",
+    # the unpruned network
+    "base_model", "layers", "layer_names", "base_macs", "base_params", "macs_model", "baseline_acc",
+    "static_features", "calibration_batch",
+    # the episode
+    "plan", "current_step",
+    # plans of this network
+    "measure", "measured_plans", "plan_from_rates", "build_network", "measure_network",
+    # accounting and the replica hook
+    "num_evaluations", "timings", "measurement_source",
+}
+
+
+def test_the_surface_is_small_and_documented(tiny_env_factory):
+    env = tiny_env_factory()
+    base = {n for n in dir(ParallelEnv) if not n.startswith("_")}
+    pettingzoo_api = {"possible_agents", "agents", "observation_spaces", "action_spaces", "state_space",
+                      "render_mode", "metadata"}
+    own = {n for n in dir(env) if not n.startswith("_")} - base - pettingzoo_api
+    assert own == SURFACE
+    doc = FilterPruningEnv.__doc__
+    surface = doc[doc.index("Surface\n"):doc.index("Version History")]
+    assert [n for n in sorted(SURFACE) if n not in surface] == []
+    methods = {n for n in SURFACE if inspect.ismethod(getattr(env, n))}
+    assert methods == {"measure", "measured_plans", "plan_from_rates", "build_network", "measure_network"}
+
+
+@pytest.mark.parametrize("name,replacement", [
+    ("evaluate_plan", "env.measure(plan)"), ("measurement", "env.measure(plan)"),
+    ("pruned_model", "env.build_network(env.plan)"), ("widths", "env.plan.widths"),
+    ("keep_count", "pruning_env.envs.plans.keep_count"), ("uniform_plan", "pruning_env.envs.plans.uniform_plan"),
+    ("objective_of", "pruning_env.envs.plans.objective_of")])
+def test_a_removed_name_raises_an_error_naming_its_replacement(tiny_env_factory, name, replacement):
+    env = tiny_env_factory()
+    with pytest.raises(AttributeError, match=f"{name} was removed in v1; use {re.escape(replacement)}"):
+        getattr(env, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nosuch'"):
+        env.nosuch  # noqa: B018 - other names: the usual error
+    assert not hasattr(env, name)
+
+
+def test_the_companion_helpers_match_the_env(tiny_env_factory):
+    env = tiny_env_factory(exact_budget=False)
+    env.reset(seed=0)
+    env.step({a: 6 for a in env.agents})
+    assert [plans.keep_count(env, n, 0.6) for n in env.layer_names] == list(env.plan.keep_counts().values())
+    assert plans.keep_count(env, 0, 0.6) == plans.keep_count(env, env.layer_names[0], 0.6)
+    assert plans.uniform_plan(env, 0.6) == env.plan  # one step at 0.6 everywhere from the unpruned network
+    m = env.measure(env.plan)
+    assert plans.objective_of(env, m.acc, m.macs, m.quality) == m.objective
+    with pytest.raises(ValueError, match="unknown layer 'nope'"):
+        plans.keep_count(env, "nope", 0.5)
+    with pytest.raises(ValueError, match="out of range"):
+        plans.keep_count(env, 9, 0.5)
+    assert set(plans.__all__) == {"keep_count", "uniform_plan", "objective_of", "REMOVED_FROM_ENV"}
+
+
+def test_the_package_api_is_small_and_documented():
+    doc = pruning_env.__doc__
+    assert "Measurement" in pruning_env.__all__ and pruning_env.Measurement is Measurement
+    assert [n for n in pruning_env.__all__ if n != "__version__" and f"`{n}`" not in doc] == []
 
 
 @pytest.mark.cifar
@@ -147,7 +262,7 @@ def test_vgg16_cifar10_passes_the_pettingzoo_tests(cifar_vgg16):
 
     env = make()
     assert len(env.possible_agents) == 13
-    # a few cycles cover the API's checks (episodes end after 3 steps); Tiny-v0 runs the long ones
+    # a few cycles cover the API's checks (episodes end after 3 steps); Tiny-v1 runs the long ones
     parallel_api_test(env, num_cycles=3)
     api_test(parallel_to_aec(make()), num_cycles=3)
     state_test(parallel_to_aec(make()), make(), num_cycles=2)
@@ -164,7 +279,7 @@ def test_pettingzoo_make_finds_a_registered_cifar_env_with_your_model(cifar_vgg1
     import pettingzoo
 
     model, splits = cifar_vgg16
-    env = pettingzoo.make("parallel", "pruning_env/VGG16-CIFAR10-v0", model=model, splits=splits, eval_size=100)
+    env = pettingzoo.make("parallel", "pruning_env/VGG16-CIFAR10-v1", model=model, splits=splits, eval_size=100)
     assert len(env.possible_agents) == 13
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pruning_env.engine.flops import count
+from pruning_env.envs.features import OBSERVATION_FEATURES
 from pruning_env.envs.registry import make_benchmark_env
 
 
@@ -69,7 +70,7 @@ def test_reward_modes(tiny_env_factory):
         _, rewards, _, _, infos = env.step({a: 6 for a in env.agents})
         info = infos["layer_0"]
         # The formulas written out here, independently of the env's objective():
-        macs = env.evaluate_plan(env.plan)["macs"]  # the exact integer count (infos give MMACs)
+        macs = env.measure(env.plan).macs  # the exact integer count (infos give MMACs)
         assert info["mmacs"] == pytest.approx(macs / 1e6)
         acc_ratio, macs_ratio = info["acc"] / env.baseline_acc, macs / env.base_macs
         expected = {"linear": acc_ratio - 0.3 * macs_ratio,
@@ -94,7 +95,7 @@ def test_reset_restores_the_unpruned_network_and_never_touches_the_original(tiny
     env.step({a: 8 for a in env.agents})
     obs_again, infos = env.reset(seed=0)
     assert infos["layer_0"]["macs_ratio"] == 1.0
-    assert all(o[8] == 1.0 for o in obs_again.values())  # keep_ratio feature
+    assert all(o[OBSERVATION_FEATURES.index("keep_ratio")] == 1.0 for o in obs_again.values())
     for k, v in env.base_model.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -114,10 +115,10 @@ def test_reported_macs_equal_the_counter_on_the_pruned_network(tiny_env_factory)
     env = tiny_env_factory()
     env.reset(seed=0)
     _, _, _, _, infos = env.step({a: i % 10 for i, a in enumerate(env.agents)})
-    pruned = env.pruned_model()
+    pruned = env.build_network(env.plan)
     report = count(pruned, env.input_shape)
-    exact = env.evaluate_plan(env.plan)
-    assert exact["macs"] == report.macs and exact["params"] == report.params
+    exact = env.measure(env.plan)
+    assert exact.macs == report.macs and exact.params == report.params
     assert infos["layer_0"]["mmacs"] == pytest.approx(report.macs / 1e6)
     assert infos["layer_0"]["mparams"] == pytest.approx(report.params / 1e6)
 
@@ -129,7 +130,7 @@ def test_build_network_of_any_plan_is_the_envs_network_and_leaves_the_env_alone(
     env.reset(seed=0)
     env.step({a: (3 * i) % 10 for i, a in enumerate(env.agents)})
     plan, x = env.plan, torch.randn(4, *env.input_shape)
-    current = env.pruned_model().eval()
+    current = env.build_network(env.plan).eval()
     env.reset(seed=0)  # another plan is current now: the built network still follows the plan given
     built = env.build_network(plan).eval()
     assert env.plan.key() != plan.key()
@@ -148,8 +149,8 @@ def test_real_cifar_episode_macs_match_the_counter(cifar_vgg16):
     for _ in range(env.config.episode_length):
         _, _, _, _, infos = env.step({a: int(rng.integers(10)) for a in env.agents})
     info = infos["layer_0"]
-    pruned = env.pruned_model()
-    assert env.evaluate_plan(env.plan)["macs"] == count(pruned, (3, 32, 32)).macs
+    pruned = env.build_network(env.plan)
+    assert env.measure(env.plan).macs == count(pruned, (3, 32, 32)).macs
     assert np.float32(info["mmacs"]) == pytest.approx(count(pruned, (3, 32, 32)).macs / 1e6, rel=1e-6)
     assert 0.0 < info["macs_ratio"] < 1.0 and 0.0 <= info["acc"] <= 100.0
     assert env.baseline_acc > 25.0  # the briefly trained baseline is far above chance (10 %)

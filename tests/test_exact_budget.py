@@ -8,6 +8,7 @@ from pruning_env.engine.budget import budget_keep_counts, reachable_macs
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import RateRule
 from pruning_env.envs.features import OBSERVATION_FEATURES
+from pruning_env.envs.plans import uniform_plan
 from pruning_env.envs.views import SequentialPruningEnv
 
 
@@ -120,9 +121,9 @@ def test_plan_from_rates_and_the_amc_view_meet_the_budget(tiny_env_factory):
     n = len(env.possible_agents)
     for rates in (np.full(n, 0.1), np.linspace(0.0, 0.8, n), np.full(n, 0.9)):
         plan = env.plan_from_rates(rates)
-        ratio = env.evaluate_plan(plan)["macs_ratio"]
+        ratio = env.measure(plan).macs_ratio
         assert ratio <= 0.45 + 1e-12
-    assert env.plan_from_rates(np.full(n, 0.3), budget=False) == env.uniform_plan(0.3)
+    assert env.plan_from_rates(np.full(n, 0.3), budget=False) == uniform_plan(env, 0.3)
     with pytest.raises(ValueError, match="pruning rates in"):
         env.plan_from_rates([0.5])
     view = SequentialPruningEnv(tiny_env_factory(macs_target=0.45, max_cycles=1))

@@ -1,4 +1,4 @@
-"""RLlib 2.x runs ``pruning_env/Tiny-v0`` as shipped: ``ParallelPettingZooEnv`` and PPO with one shared policy.
+"""RLlib 2.x runs ``pruning_env/Tiny-v1`` as shipped: ``ParallelPettingZooEnv`` and PPO with one shared policy.
 
 Ray is an optional extra (``.[rllib]``, its own virtual environment: it pins gymnasium 1.2.2); skipped without it.
 """

@@ -1,4 +1,4 @@
-"""Stable-Baselines3 2.x on the Gymnasium views of ``pruning_env/Tiny-v0``: ``check_env``, PPO on the joint view,
+"""Stable-Baselines3 2.x on the Gymnasium views of ``pruning_env/Tiny-v1``: ``check_env``, PPO on the joint view,
 DQN on the ``Discrete(K)`` sequential view; rewards equal the multi-agent env's."""
 
 from __future__ import annotations

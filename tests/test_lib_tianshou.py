@@ -1,4 +1,4 @@
-"""Tianshou 2.0 runs ``pruning_env/Tiny-v0`` as shipped: ``PettingZooEnv(parallel_to_aec(env))``, a vectorised
+"""Tianshou 2.0 runs ``pruning_env/Tiny-v1`` as shipped: ``PettingZooEnv(parallel_to_aec(env))``, a vectorised
 Collector and a ``VectorReplayBuffer`` that stacks the env's infos over several episodes."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def test_collect_several_episodes_into_a_replay_buffer(tiny_env_factory):
     assert data.rew.shape == (len(buffer), layers)  # tianshou keeps every agent's reward
     # Each episode's return is the env's own: J(final plan) - J(unpruned), the same for every agent.
     ref = tiny_env_factory()
-    j0 = ref.objective_of(ref.baseline_acc, ref.base_macs)
+    j0 = ref.measured_plans()[0].objective  # the unpruned network's J (its measurement comes first)
     ends = np.flatnonzero(data.terminated)
     assert len(ends) == stats.n_collected_episodes
     final_objective = np.sort(np.asarray(data.info["objective"])[ends] - j0)

@@ -1,4 +1,4 @@
-"""TorchRL 0.14 runs ``pruning_env/Tiny-v0`` as shipped: PettingZooWrapper, spec checks, a Collector, QMIX."""
+"""TorchRL 0.14 runs ``pruning_env/Tiny-v1`` as shipped: PettingZooWrapper, spec checks, a Collector, QMIX."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def test_a_collector_runs_two_episodes(tiny_env_factory):
     collector.shutdown()
     assert data.batch_size == (6,)
     assert data["next", "layer", "reward"].shape == (6, 4, 1)
-    assert int(data["next", "done"].sum()) == 2  # Tiny-v0 episodes are 3 steps
+    assert int(data["next", "done"].sum()) == 2  # Tiny-v1 episodes are 3 steps
     r = data["next", "layer", "reward"].squeeze(-1)
     assert torch.equal(r, r[:, :1].expand_as(r))  # one team reward
     objective = data["next", "layer", "info", "objective"][:, 0]
@@ -74,5 +74,5 @@ def test_qmix_updates_with_the_qmixer_loss():
 
 
 def test_the_registered_id_wraps_too():
-    env = PettingZooWrapper(pruning_env.make("pruning_env/Tiny-v0"), return_state=True)
+    env = PettingZooWrapper(pruning_env.make("pruning_env/Tiny-v1"), return_state=True)
     assert env.rollout(3)["next", "done"][-1].item()

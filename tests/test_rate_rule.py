@@ -20,6 +20,7 @@ from pruning_env.core.data import load_splits
 from pruning_env.engine.graph import prunable_layers
 from pruning_env.engine.plan import RateRule, keep_count_for_rate, plan_per_layer, plan_uniform
 from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.plans import keep_count, uniform_plan
 
 WIDTHS = list(range(1, 513))
 GRID = tuple(round(0.1 * i, 1) for i in range(10))
@@ -90,12 +91,13 @@ def test_env_actions_and_uniform_plan_follow_the_rule(branches):
                            bn_recal_batches=0, episode_length=1, min_keep=rule.min_keep, round_to=rule.round_to,
                            exact_budget=False)  # the raw action: no projection onto a MACs budget
     for k, rate in enumerate(GRID):
-        want = {name: _expected(w, rate, rule) for name, w in env.widths.items()}
-        assert {name: env.keep_count(name, rate) for name in env.layer_names} == want
+        want = {name: _expected(w, rate, rule) for name, w in env.plan.widths.items()}
+        assert {name: keep_count(env, name, rate) for name in env.layer_names} == want
+        assert [keep_count(env, i, rate) for i in range(len(env.layer_names))] == list(want.values())
         env.reset(seed=0)
         env.step({a: k for a in env.agents})
         assert env.plan.keep_counts() == want, rate
-        assert env.uniform_plan(rate) == env.plan  # the DSFP-uniform plan is the network one step makes
+        assert uniform_plan(env, rate) == env.plan  # the DSFP-uniform plan is the network one step makes
 
 
 @pytest.mark.long
@@ -113,5 +115,5 @@ def test_prune_cli_makes_the_envs_uniform_plan(branches, tmp_path, capsys):
                            "0", "--eval-limit", "64", "--device", "cpu", "--no-progress", "--out", str(out)])
         assert code == 0
         report = json.loads(out.with_suffix(".json").read_text())
-        assert {n: v["kept"] for n, v in report["layers"].items()} == env.uniform_plan(rate).keep_counts(), rate
+        assert {n: v["kept"] for n, v in report["layers"].items()} == uniform_plan(env, rate).keep_counts(), rate
     capsys.readouterr()

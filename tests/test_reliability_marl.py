@@ -12,7 +12,7 @@ from pruning_env.cli import marl
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.models import build
 
-FAST = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--algo", "dsfp-uniform", "--plans", "6",
+FAST = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--algo", "dsfp-uniform", "--plans", "6",
         "--latency-repeats", "0", "--no-progress", "--device", "cpu"]
 
 
@@ -104,8 +104,8 @@ def test_a_locked_logdir_is_refused(done, tmp_path, capsys, flags):
 
 
 def test_result_does_not_depend_on_the_baseline_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # Tiny-v0's baseline is trained here
-    args = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--latency-repeats", "0", "--no-progress",
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "fresh-cache"))  # Tiny-v1's baseline is trained here
+    args = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--latency-repeats", "0", "--no-progress",
             "--device", "cpu", "--plans", "8"]
     assert marl.main([*args, "--logdir", str(tmp_path / "trained")]) == 0
     assert marl.main([*args, "--logdir", str(tmp_path / "cached")]) == 0
@@ -155,7 +155,7 @@ def test_every_algorithms_search_state_loads_weights_only_and_resumes(algo):
     from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
 
     def search():
-        env = pruning_env.make("pruning_env/Tiny-v0")
+        env = pruning_env.make("pruning_env/Tiny-v1")
         cls = agents.get_algorithm(algo)
         cfg = SearchConfig(plans=8, eval_every=2,
                            algo_config='{"amc": {"warmup_episodes": 1, "batch_size": 4}}' if algo == "amc" else None)

@@ -109,7 +109,7 @@ import json  # noqa: E402
 import agents  # noqa: E402
 from benchmarks import marl as marl_bench  # noqa: E402
 
-MARL = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--plans", "6", "--latency-repeats", "0",
+MARL = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--plans", "6", "--latency-repeats", "0",
         "--no-progress", "--device", "cpu"]
 
 
@@ -175,7 +175,7 @@ def test_the_defaults_of_every_algorithm_pass_their_own_limits():
 
 def test_the_benchmark_refuses_an_algo_config_of_an_algorithm_it_does_not_compare(capsys, tmp_path):
     with pytest.raises(SystemExit) as exc:
-        marl_bench.main(["--env", "pruning_env/Tiny-v0", "--algos", "qmix", "random", "--out-dir", str(tmp_path),
+        marl_bench.main(["--env", "pruning_env/Tiny-v1", "--algos", "qmix", "random", "--out-dir", str(tmp_path),
                          "--algo-config", '{"amc": {"tau": 0.1}}'])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "'amc' is not an algorithm this run runs" in err and "qmix, random" in err

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pruning_env.core.data import batches
 from pruning_env.engine.surgery import apply
+from pruning_env.envs.plans import objective_of, uniform_plan
 from pruning_env.training.proxy import RewardImages, Signals, kd_steps
 
 
@@ -49,7 +50,7 @@ def test_kl_and_ce_proxies_reward_the_documented_quality(tiny_env_factory):
     _, _, _, _, acc_infos = _one_step(acc_env)
     kl_env = tiny_env_factory(max_cycles=1, proxy="kl")
     _, rewards, _, _, infos = _one_step(kl_env)
-    kl, ce = _kl_and_ce(kl_env, kl_env.pruned_model())
+    kl, ce = _kl_and_ce(kl_env, kl_env.build_network(kl_env.plan))
     assert kl > 0
     assert infos["layer_0"]["quality"] == pytest.approx(math.exp(-kl), rel=1e-4)
     assert rewards["layer_0"] == pytest.approx(math.exp(-kl) - kl_env.j0, rel=1e-3)
@@ -83,7 +84,7 @@ def test_kd_steps_change_the_reward_deterministically(tiny_env_factory):
 
 def test_kd_checkpoints_equal_separate_runs(tiny_env_factory):
     env = tiny_env_factory()
-    plan = env.uniform_plan(0.5)
+    plan = uniform_plan(env, 0.5)
     images = RewardImages(env.base_model, env.splits.val, mean=env.splits.mean, std=env.splits.std, limit=128)
     seen: dict[int, Signals] = {}
     def fresh():
@@ -114,10 +115,10 @@ def test_a_network_built_elsewhere_is_measured_like_a_plan(tiny_env_factory):
     for proxy, steps in (("kl", 0), ("acc", 3)):
         env = tiny_env_factory(max_cycles=1, proxy=proxy, proxy_kd_steps=steps)
         _, _, _, _, infos = _one_step(env, action=5)
-        model = env.pruned_model()  # BN re-estimated as the env does
+        model = env.build_network(env.plan)  # BN re-estimated as the env does
         before = {k: v.clone() for k, v in model.state_dict().items()}
         measured = env.measure_network(model)
-        assert measured["acc"] == infos["layer_0"]["acc"] and measured["quality"] == infos["layer_0"]["quality"]
+        assert measured.to_dict() == env.measure(env.plan).to_dict()  # every metric, the objective included
+        assert measured.info() == {k: v for k, v in infos["layer_0"].items() if k != "rate"}
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # KD ran on a copy
-        macs = env.evaluate_plan(env.plan)["macs"]
-        assert env.objective_of(measured["acc"], macs, quality=measured["quality"]) == infos["layer_0"]["objective"]
+        assert objective_of(env, measured.acc, measured.macs, quality=measured.quality) == measured.objective

@@ -19,6 +19,7 @@ import pytest
 from conftest import interrupt_training
 
 from pruning_env.core.config import SettingError
+from pruning_env.envs.plans import uniform_plan
 from pruning_env.search import Search, SearchConfig, algorithm_env
 from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, scale_out
 
@@ -46,7 +47,7 @@ def test_bad_workers_settings_are_refused(kwargs, message):
 def test_bad_workers_flag_fails_before_any_work(tmp_path, script):
     cmd = [sys.executable, "train_marl.py", "--preset", "smoke", "--logdir", str(tmp_path / "x")] \
         if script == "train_marl.py" else [sys.executable, "-m", "benchmarks.marl", "--out-dir", str(tmp_path / "x")]
-    out = subprocess.run([*cmd, "--env", "pruning_env/Tiny-v0", "--workers", "0"], capture_output=True, text=True,
+    out = subprocess.run([*cmd, "--env", "pruning_env/Tiny-v1", "--workers", "0"], capture_output=True, text=True,
                          cwd=ROOT)
     assert out.returncode == 2 and "--workers" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
@@ -85,7 +86,7 @@ def test_a_policy_snapshot_is_fixed_for_its_episodes(tiny_env_factory):
 def _run(tmp_path, *extra):
     from pruning_env.cli import marl as train_marl
 
-    argv = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--logdir", str(tmp_path), "--no-progress",
+    argv = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--logdir", str(tmp_path), "--no-progress",
             "--algo", "random", "--plans", "12", "--latency-repeats", "0", *extra]
     return train_marl.main(argv)
 
@@ -130,7 +131,7 @@ def test_benchmark_marl_starts_its_workers_once_and_equals_a_serial_run(tmp_path
     from benchmarks import marl
 
     def searches(out: Path, *extra: str) -> dict:
-        argv = ["--env", "pruning_env/Tiny-v0", "--plans", "12", "--finetune-epochs", "0", "--seeds", "0", "1",
+        argv = ["--env", "pruning_env/Tiny-v1", "--plans", "12", "--finetune-epochs", "0", "--seeds", "0", "1",
                 "--algos", "random", "dsfp-uniform", "--out-dir", str(out), "--no-progress", *extra]
         assert marl.main(argv) == 0
         runs = json.loads((out / "marl.json").read_text())["runs"]
@@ -157,7 +158,7 @@ def test_benchmark_marl_starts_its_workers_once_and_equals_a_serial_run(tmp_path
 
 @needs_ray
 def test_a_cluster_that_cannot_be_joined_fails_before_any_work(tmp_path):
-    out = subprocess.run([sys.executable, "train_marl.py", "--env", "pruning_env/Tiny-v0", "--preset", "smoke",
+    out = subprocess.run([sys.executable, "train_marl.py", "--env", "pruning_env/Tiny-v1", "--preset", "smoke",
                           "--logdir", str(tmp_path / "x"), "--workers", "2", "--ray-address", "auto"],
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
     assert out.returncode == 2 and "cannot join the Ray cluster at --ray-address auto" in out.stderr, out.stderr
@@ -178,7 +179,7 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def evaluator(local_ray, tiny_env_factory):
-    """Two Tiny-v0 workers shared by the tests below (their store serves every Tiny-v0 env of the default config)."""
+    """Two Tiny-v1 workers shared by the tests below (their store serves every Tiny-v1 env of the default config)."""
     with PlanEvaluator(tiny_env_factory(), 2) as ev:
         yield ev
 
@@ -202,28 +203,28 @@ def _result(search: Search) -> dict:
 
 def _from_workers(env, evaluator) -> bool:
     """Whether every plan the env holds, but the unpruned one (measured by the env itself), is in the workers' store."""
-    return all(evaluator.source(m["plan"]) is not None for m in env.measured_plans() if m["macs"] < env.base_macs)
+    return all(evaluator.source(m.plan) is not None for m in env.measured_plans() if m.macs < env.base_macs)
 
 
 def _worker_share(env, evaluator) -> float:
     """The share of the env's plans (but the unpruned one) that came from the workers' store."""
-    plans = [m for m in env.measured_plans() if m["macs"] < env.base_macs]
-    return sum(evaluator.source(m["plan"]) is not None for m in plans) / max(len(plans), 1)
+    plans = [m for m in env.measured_plans() if m.macs < env.base_macs]
+    return sum(evaluator.source(m.plan) is not None for m in plans) / max(len(plans), 1)
 
 
 def test_evaluator_measures_each_plan_once_in_submission_order(evaluator, tiny_env_factory):
     import torch
 
     serial = tiny_env_factory()
-    plans = [serial.uniform_plan(r) for r in (0.5, 0.2, 0.7, 0.2, 0.9, 0.5)]  # two repeats
+    plans = [uniform_plan(serial, r) for r in (0.5, 0.2, 0.7, 0.2, 0.9, 0.5)]  # two repeats
     before = evaluator.measured
     records = evaluator.measure(plans)
     assert evaluator.measured - before == 4
     for plan, record in zip(plans, records):
-        expected = serial.measurement(plan)
-        assert {k: record[k] for k in ("acc", "macs", "params")} == {k: expected[k] for k in ("acc", "macs", "params")}
-        assert all(torch.equal(record["scores"][n], expected["scores"][n]) for n in expected["scores"])
-        assert (record["features"] == expected["features"]).all()
+        expected = serial.measure(plan)
+        assert record.to_dict() == expected.to_dict()
+        assert all(torch.equal(record.scores[n], expected.scores[n]) for n in expected.scores)
+        assert all((record.features[k] == expected.features[k]).all() for k in expected.features)
     assert evaluator.measure(plans[:3]) == records[:3] and evaluator.measured - before == 4  # the shared cache
 
 
@@ -274,5 +275,5 @@ def test_a_killed_worker_costs_time_not_results(evaluator, local_ray, tiny_env_f
     assert killed and evaluator.requeued > requeued
     assert victim not in evaluator.worker_pids()  # restarted in a new process
     assert _result(search) == _result(reference)
-    keys = [m["key"] for m in env.measured_plans()]
+    keys = [m.plan.key() for m in env.measured_plans()]
     assert len(keys) == len(set(keys)) and search.plans_used == len({json.dumps(p) for p in search.points})

@@ -1,4 +1,4 @@
-"""train_marl.py end to end on Tiny-v0 (smoke preset): every algorithm, outputs, resume, bad flags."""
+"""train_marl.py end to end on Tiny-v1 (smoke preset): every algorithm, outputs, resume, bad flags."""
 
 import dataclasses
 import json
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(tmp_path, *extra):
-    argv = ["--env", "pruning_env/Tiny-v0", "--preset", "smoke", "--logdir", str(tmp_path), "--no-progress", *extra]
+    argv = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--logdir", str(tmp_path), "--no-progress", *extra]
     return train_marl.main(argv)
 
 
@@ -57,7 +57,8 @@ def test_interrupted_search_resumes_to_the_same_plan(tmp_path, monkeypatch, tiny
     (["--algo", "nope"], "unknown algorithm 'nope'"),
     (["--dataset", "imagenet-nope"], "unknown data set 'imagenet-nope'"),
     (["--reward", "budget", "--macs-target", "0.001"], "cannot be met"),
-    (["--env", "pruning_env/Nope-v0"], "unknown env id"),
+    (["--env", "pruning_env/Nope-v1"], "unknown env id"),
+    (["--env", "pruning_env/Tiny-v0"], "was removed: use 'pruning_env/Tiny-v1'"),  # the removed version
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, flags, message):
     out = subprocess.run([sys.executable, str(ROOT / "train_marl.py"), "--preset", "smoke", "--logdir",
@@ -94,7 +95,7 @@ def test_unreachable_target_is_judged_with_the_runs_class_count():
     for dataset, refused in (("cifar10", False), ("cifar100", True)):
         cfg = train_marl.RunConfig(net="vgg11", dataset=dataset, width=0.125, problem=problem, device="cpu")
         assert _refused(cfg) is refused, dataset
-        env_id = f"pruning_env/VGG11-{dataset.upper()}-v0"
+        env_id = f"pruning_env/VGG11-{dataset.upper()}-v1"
         assert _refused(train_marl.RunConfig(env=env_id, width=0.125, problem=problem, device="cpu")) is refused
     # the soft budget (--no-exact-budget) allows any target, as the env does
     soft = EnvConfig(macs_target=0.001, exact_budget=False)
@@ -129,5 +130,5 @@ def test_the_cli_and_the_env_refuse_the_same_targets(tiny_env_factory):
             env_refused = False
         except ValueError:
             env_refused = True
-        cli = train_marl.RunConfig(env="pruning_env/Tiny-v0", problem=EnvConfig(macs_target=target), device="cpu")
+        cli = train_marl.RunConfig(env="pruning_env/Tiny-v1", problem=EnvConfig(macs_target=target), device="cpu")
         assert _refused(cli) is env_refused is (target < floor)

@@ -6,6 +6,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import pruning_env  # noqa: F401  (registers the Gymnasium ids)
+from pruning_env.envs.plans import keep_count
 from pruning_env.envs.registry import make_benchmark_env
 from pruning_env.envs.views import JointPruningEnv, SequentialDiscretePruningEnv, SequentialPruningEnv
 
@@ -42,7 +43,7 @@ def test_sequential_view_walks_the_layers_and_returns_the_team_reward(tiny_env_f
     assert steps == 4 * 3  # layers x multi-agent steps
     assert info["rate"] == pytest.approx(0.4, abs=0.05)  # keep 0.55 -> rate 0.45 -> nearest grid rate 0.4
     # the same fixed keys on every step (the plan is env.env.plan, not an info)
-    assert "plan" not in info and info["macs_ratio"] == pytest.approx(env.env.evaluate_plan(env.env.plan)["macs_ratio"])
+    assert "plan" not in info and info["macs_ratio"] == pytest.approx(env.env.measure(env.env.plan).macs_ratio)
     with pytest.raises(RuntimeError, match="reset"):
         env.step(np.array([0.5], np.float32))
 
@@ -62,7 +63,7 @@ def test_sequential_discrete_view_takes_rate_indices(tiny_env_factory):
     assert r == rewards["layer_0"] and env.env.plan == par.plan
     assert {k: v for k, v in info.items() if k != "plan"} == infos["layer_0"]
     assert [1.0 - env.env.plan.keep_ratio(n) for n in env.env.layer_names] == pytest.approx(
-        [1.0 - par.keep_count(i, par.config.rates[a]) / par.widths[n]
+        [1.0 - keep_count(par, i, par.config.rates[a]) / par.plan.widths[n]
          for i, (n, a) in enumerate(zip(par.layer_names, actions))])
     with pytest.raises(ValueError, match="rate index"):
         env.step(10)
@@ -71,12 +72,12 @@ def test_sequential_discrete_view_takes_rate_indices(tiny_env_factory):
 
 
 def test_gymnasium_registry_makes_the_views():
-    env = gymnasium.make("pruning_env/Tiny-Joint-v0")
+    env = gymnasium.make("pruning_env/Tiny-Joint-v1")
     obs, _ = env.reset(seed=0)
     assert obs.shape == env.observation_space.shape
-    env = gymnasium.make("pruning_env/Tiny-Sequential-v0")
+    env = gymnasium.make("pruning_env/Tiny-Sequential-v1")
     assert env.reset(seed=0)[0].shape == (11,)
-    env = gymnasium.make("pruning_env/Tiny-SequentialDiscrete-v0")
+    env = gymnasium.make("pruning_env/Tiny-SequentialDiscrete-v1")
     assert env.action_space == gymnasium.spaces.Discrete(10)
 
 
@@ -85,7 +86,7 @@ def test_gymnasium_make_with_the_module_prefix_needs_no_import():
     import subprocess
     import sys
 
-    code = ("import gymnasium; env = gymnasium.make('pruning_env:pruning_env/Tiny-Joint-v0'); "
+    code = ("import gymnasium; env = gymnasium.make('pruning_env:pruning_env/Tiny-Joint-v1'); "
             "print(env.reset(seed=0)[0].shape == env.observation_space.shape)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -1,7 +1,7 @@
 """Learn a per-layer pruning policy with multi-agent RL, prune, fine-tune, report (``python train_marl.py``).
 
     python train_marl.py --net vgg16                      # preset "cpu" without a GPU, "paper" with one
-    python train_marl.py --env pruning_env/Tiny-v0 --preset smoke --algo qmix
+    python train_marl.py --env pruning_env/Tiny-v1 --preset smoke --algo qmix
 
 Steps: (1) load the trained baseline (``--checkpoint``, else the cache, else train
 it), (2) search with the algorithm on the pruning env (:class:`pruning_env.search.Search`:
@@ -65,7 +65,7 @@ from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.registry import make_benchmark_env, parse_env_id
+from pruning_env.envs.registry import TINY_ID, check_env_id, make_benchmark_env, parse_env_id
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, check_algo_config, pareto_front
 from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize, latency
@@ -74,7 +74,7 @@ from pruning_env.training.finetune import FinetuneConfig
 __all__ = ["PRESETS", "RunConfig", "main", "make_env", "make_search", "resolve"]
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # seconds: for tests and a first look (use with --env pruning_env/Tiny-v0)
+    # seconds: for tests and a first look (use with --env pruning_env/Tiny-v1)
     "smoke": dict(plans=24, eval_every=4, finetune_epochs=1, latency_repeats=3, width=0.125, eval_size=200,
                   calib_size=64, baseline_epochs=1),
     # a machine without a GPU: VGG-16 at width 0.25, about an hour with a cached baseline
@@ -96,7 +96,7 @@ class RunConfig:
     data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
     width: float = option(0.25, "channel width of the baseline (preset: smoke 0.125, cpu 0.25, paper 1)",
                           min=0, min_exclusive=True)
-    env: str | None = option(None, "a registered env id (e.g. pruning_env/Tiny-v0) instead of --net/--dataset")
+    env: str | None = option(None, "a registered env id (e.g. pruning_env/Tiny-v1) instead of --net/--dataset")
     algo: str = option("qmix", "algorithm: qmix, vdn, iql, amc, random, dsfp-uniform or module:name "
                        "(a module registering an agents.Algorithm subclass, see agents/base.py)")
     problem: EnvConfig = nested(EnvConfig, "the pruning env (every setting of pruning_env.EnvConfig)")
@@ -141,8 +141,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
     except TypeError as exc:  # e.g. a plug-in class that breaks the Algorithm contract (agents/base.py)
         raise ValueError(f"--algo {cfg.algo}: {exc}") from None
     check_algo_config(cfg.search, {cfg.algo: algorithm}, cfg.problem.episode_length)
-    if cfg.env is not None and cfg.env not in pruning_env.list_envs():
-        raise ValueError(f"unknown env id {cfg.env!r}; registered: {', '.join(pruning_env.list_envs())}")
+    if cfg.env is not None:
+        check_env_id(cfg.env)  # unknown, or a removed -v0 id (named with its -v1 id)
     if cfg.env is None and cfg.dataset not in ("cifar10", "cifar100"):
         root = data_dir(cfg.data_dir)
         if not ((root / cfg.dataset / "train").is_dir() or (root / "train").is_dir()):
@@ -192,7 +192,7 @@ def make_env(cfg: RunConfig) -> FilterPruningEnv:
     """The pruning env of this run (registered id or net/dataset with its baseline)."""
     settings = changed_settings(cfg.problem)
     if cfg.env is not None:
-        if cfg.env != "pruning_env/Tiny-v0":
+        if cfg.env != TINY_ID:
             settings.update(device=cfg.device, width=cfg.width, baseline_epochs=cfg.baseline_epochs,
                             data_dir=cfg.data_dir)
             if cfg.checkpoint:

@@ -46,7 +46,7 @@ VGG_CONFIGS: dict[str, list[int | str]] = {
     ],
 }
 ALEXNET_CONFIG: list[int | str] = [64, "M", 192, "M", 384, 256, 256, "M"]
-# A 4-conv network for tests and tutorials (the Tiny-v0 env): seconds to train on CPU.
+# A 4-conv network for tests and tutorials (the Tiny-v1 env): seconds to train on CPU.
 TINY_CONFIG: list[int | str] = [16, "M", 32, "M", 32, 64, "M"]
 TINY_HIDDEN = [32]
 ALEXNET_HIDDEN = [1024, 512]

@@ -18,7 +18,7 @@ class ScoringConfig:
 
     criterion: str = option("dsfp", "filter ranking (see pruning_env.criteria)", choices=list_criteria)
     direction: str = option("low", "dsfp: which end of the fused score is pruned (low: the paper's code; "
-                            "benchmarks/results/criteria.md found no significant difference)", choices=["low", "high"])
+                            "both compared: benchmarks/results/criteria.md)", choices=["low", "high"])
     kl: str = option("exact", "KL mode of the kl and dsfp criteria", choices=KL_MODES)
     calibration: CalibrationConfig = nested(CalibrationConfig, "the calibration batch")
 

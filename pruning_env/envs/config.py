@@ -75,7 +75,7 @@ def changed_settings(cfg: EnvConfig) -> dict[str, Any]:
     """``{flat name: value}`` of the settings where ``cfg`` differs from :class:`EnvConfig`'s defaults.
 
     What a script passes to a registered env id, so that id keeps its own defaults for the rest
-    (e.g. ``Tiny-v0``'s small evaluation subset).
+    (e.g. ``Tiny-v1``'s small evaluation subset).
     """
     default = flat_dict(EnvConfig())
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in flat_dict(cfg).items() if v != default[k]}

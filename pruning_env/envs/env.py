@@ -1,4 +1,8 @@
-"""The multi-agent filter-pruning environment (a PettingZoo ``ParallelEnv``)."""
+"""The multi-agent filter-pruning environment (a PettingZoo ``ParallelEnv``).
+
+Helpers computed from its public surface (a layer's kept filters at a rate, the DSFP-uniform plan, the
+objective of an outside network) are functions in :mod:`pruning_env.envs.plans`.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +24,28 @@ from pruning_env.core.data import Splits
 from pruning_env.core.models import check_classes, check_float32
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.budget import budget_keep_counts, check_reachable
+from pruning_env.engine.flops import count
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan, top_k_indices
 from pruning_env.envs.config import EnvConfig
-from pruning_env.envs.features import GLOBAL_FEATURES, OBSERVATION_FEATURES, STATIC_FEATURES, static_features
-from pruning_env.envs.measure import Measured, PlanMeter
-from pruning_env.envs.objective import objective
+from pruning_env.envs.features import (
+    FEATURES,
+    GLOBAL_FEATURES,
+    assemble,
+    observation_features,
+    observation_table,
+    rst_table,
+    static_features,
+)
+from pruning_env.envs.measure import Measurement, PlanMeter
+from pruning_env.envs.plans import REMOVED_FROM_ENV
 
 __all__ = ["INFO_KEYS", "FilterPruningEnv"]
 
-#: The keys of every agent's info (each a float; see ``FilterPruningEnv``'s "Infos").
-INFO_KEYS = ("acc", "acc_ratio", "quality", "macs_ratio", "params_ratio", "mmacs", "mparams", "objective", "rate")
+#: The keys of every agent's info (each a float; see ``FilterPruningEnv``'s "Infos"): the
+#: :class:`~pruning_env.envs.measure.Measurement`'s info keys and the agent's layer ``rate``.
+INFO_KEYS = (*Measurement.info_keys(), "rate")
 
 
 class FilterPruningEnv(ParallelEnv):
@@ -56,35 +70,14 @@ class FilterPruningEnv(ParallelEnv):
 
     Observation Space
     -----------------
-    ``Box(0, 1, (28 + K,), float32)``, the same layout for every agent:
+    ``Box(0, 1, (<F> + K,), float32)``, the same layout for every agent, assembled by name from the declared
+    list :data:`pruning_env.envs.features.FEATURES` (``observation_features(K)`` gives the names in column
+    order, so ``observation_features(K).index("macs_target")`` finds a column):
 
-    ====  ====================  ==========================================================
-    idx   feature               meaning (all in [0, 1])
-    ====  ====================  ==========================================================
-    0     depth                 layer index / (L - 1)
-    1     in_channels           original input channels / widest layer
-    2     out_channels          original filters / widest layer
-    3     kernel_area           k_h * k_w / 25 (clipped)
-    4     stride                stride / 2 (clipped)
-    5     fmap_size             output height / input height
-    6     macs_share            layer's share of the unpruned MACs
-    7     params_share          layer's share of the unpruned parameters
-    8     keep_ratio            current / original filters of this layer
-    9     input_keep_ratio      the same for the prunable layer feeding it (1 if none)
-    10    macs_ratio            current / unpruned MACs of the whole network
-    11    acc_ratio             last measured accuracy / unpruned (clipped to 1)
-    12    progress              step / T
-    13    macs_target           the exact budget's target MACs ratio (0 without one)
-    14    macs_to_cut           max(0, macs_ratio - macs_target): what the budget still asks (0 without one)
-    15-18 fused_{mean,std,min,max}  log(DSFP fused score) / 2.5 of the current filters
-    19-24 {grad,taylor,kl}_{mean,std}  min-max normalised DSFP components
-    25-27 {grad,taylor,kl}_share    the layer's share of the network's raw component mass
-    28+k  removed_mass[k]       share of the layer's sensitivity (mean of the normalised
-                                components) that pruning to grid rate k would remove now
-    ====  ====================  ==========================================================
+<observation table>
 
     ``state()``: all observations concatenated (agent order) plus
-    ``[macs_ratio, params_ratio, acc_ratio, progress]``; ``Box(0, 1, (L * (28 + K) + 4,))``.
+    ``[macs_ratio, params_ratio, acc_ratio, progress]``; ``Box(0, 1, (L * (<F> + K) + 4,))``.
 
     Action Space
     ------------
@@ -97,8 +90,8 @@ class FilterPruningEnv(ParallelEnv):
     action is a *proposal*. :func:`pruning_env.engine.budget.budget_keep_counts` moves all
     proposed rates together, in the agents' proportions, so that the final step's network is at
     or just below ``macs_target`` and no earlier step goes below it. The agents still choose
-    the allocation (which layers prune more); observation features 13-14 show the target and
-    what remains to cut. The ``rate`` info is the rate the layer actually got.
+    the allocation (which layers prune more); the observation features ``macs_target`` and
+    ``macs_to_cut`` show the target and what remains to cut. The ``rate`` info is the rate the layer actually got.
 
     Rewards
     -------
@@ -108,10 +101,9 @@ class FilterPruningEnv(ParallelEnv):
     reaches; ``amc``: ``-error * log(MACs)``). The quality is the reward proxy's signal on an
     accuracy-ratio scale (``config.proxy``, :mod:`pruning_env.training.proxy`): by default
     ``exp(-KL)`` of the pruned network's outputs (after the BN re-estimation, on the reward images)
-    from the unpruned network's, which ranks plans like a fine-tune about as well as the accuracy
-    ratio (``proxy="acc"``, the default before the reward revision) at the same cost (better at MACs
-    0.5, worse at 0.3: ``benchmarks/results/reward_fidelity.md``); optionally after a few KD steps
-    (``proxy_kd_steps``; ``acc`` after 5 steps ranks better at both targets for 1.6-1.8x the cost).
+    from the unpruned network's; the accuracy ratio (``proxy="acc"``, the default before the reward revision)
+    is the alternative; optionally after a few KD steps (``proxy_kd_steps``). How well each ranks plans like a
+    fine-tune, and at what cost: README "Results" and ``benchmarks/results/reward_fidelity.md``.
     So an episode's return is ``J(final) - J(unpruned)``.
     Learners that sum per-agent rewards (epymarl) see ``L`` times this; learners
     that average them (BenchMARL) see it as is.
@@ -130,14 +122,15 @@ class FilterPruningEnv(ParallelEnv):
     -----
     The same keys at ``reset`` and at every step, each a Python ``float`` that survives a
     float32 cast (learners such as TorchRL and Tianshou stack infos into fixed-shape
-    float32 buffers): :data:`INFO_KEYS` = ``acc`` (percent on the validation subset),
-    ``acc_ratio``, ``quality`` (the reward proxy's signal, see Rewards), ``macs_ratio``,
-    ``params_ratio`` (current / unpruned), ``mmacs`` and
-    ``mparams`` (MACs per image and parameters in millions), ``objective`` (J of the
-    current network) and ``rate`` (this layer's current pruning rate). Deterministic
-    values only. The plan (kept filter indices per layer) is :attr:`plan`; the exact
-    integer MACs and parameters of every measured plan are in :meth:`measured_plans` /
-    :meth:`evaluate_plan`. ``plan_info=True`` adds ``plan`` (``PruningPlan.to_dict()``,
+    float32 buffers): :data:`INFO_KEYS`, the info form of the plan's
+    :class:`~pruning_env.envs.measure.Measurement` (:meth:`~pruning_env.envs.measure.Measurement.info`)
+    and the agent's layer ``rate``:
+
+<info table>
+
+    Deterministic values only. The plan (kept filter indices per layer) is :attr:`plan`; the exact
+    integer MACs and parameters of any plan are in :meth:`measure` / :meth:`measured_plans`.
+    ``plan_info=True`` adds ``plan`` (``PruningPlan.to_dict()``,
     lists that shrink as layers are pruned) to every info: off by default, and unsafe
     for learners that stack infos.
 
@@ -151,16 +144,39 @@ class FilterPruningEnv(ParallelEnv):
     in eval mode or not on ``device`` is copied first: the caller's module keeps its mode and
     device); ``plan_info`` (see Infos).
 
+    Surface
+    -------
+    Besides the PettingZoo API (``possible_agents``, ``agents``, the spaces, ``reset``, ``step``, ``state``,
+    ``render``, ``close``): the settings and data (``config``, ``splits``, ``device``, ``input_shape``,
+    ``plan_info``); the unpruned network (:attr:`base_model`, :attr:`layers`, :attr:`layer_names`,
+    :attr:`base_macs`, :attr:`base_params`, :attr:`macs_model`, ``baseline_acc``, :attr:`static_features`,
+    :attr:`calibration_batch`); the episode (:attr:`plan`, :attr:`current_step`); plans of this network
+    (:meth:`measure` -> :class:`~pruning_env.envs.measure.Measurement`, :meth:`measured_plans`,
+    :meth:`plan_from_rates`, :meth:`build_network`, :meth:`measure_network`); accounting and the replica hook
+    (``num_evaluations``, ``timings``, ``measurement_source``). More helpers, computed from these:
+    :mod:`pruning_env.envs.plans`.
+
     Version History
     ---------------
-    * v0: initial release.
+    * v1 (issue 25): the current behaviour, released under new ids (``pruning_env/Tiny-v1``,
+      ``...-CIFAR10-v1``, ``...-Joint-v1``, ``filter_pruning_v1``) because the revisions below changed it under
+      the ``-v0`` ids. The ``-v0`` ids are removed: making one raises an error naming its ``-v1`` id and what
+      changed. The surface: one measurement record (:meth:`measure` returns a
+      :class:`~pruning_env.envs.measure.Measurement`, the shape infos, search points and parallel workers
+      share; ``evaluate_plan`` and ``measurement`` became :meth:`measure`, :meth:`measured_plans` lists
+      Measurements); ``pruned_model()`` is ``build_network(env.plan)``, ``widths`` is ``plan.widths``;
+      ``keep_count``, ``uniform_plan`` and ``objective_of`` are functions of :mod:`pruning_env.envs.plans`
+      (the removed names raise an ``AttributeError`` naming their replacement). Observations (assembled by
+      name), rewards and infos are the same as the last ``-v0`` revision's, value for value.
+    * v0: initial release (default reward ``linear``; observations of 26 + K features; infos with the
+      plan and integer ``macs`` / ``params``), then changed under the same id by:
     * v0, architecture revision: a layer's kept filters at a rate follow the engine's one rule
       (:func:`~pruning_env.engine.plan.keep_count_for_rate`: ``floor(rate * C)`` filters removed;
       before, the env rounded the kept count, e.g. 11 instead of 12 of 16 at rate 0.3); the
       calibration batch is :func:`~pruning_env.core.data.calibration_batch` (seed 0), the same
       images ``prune --seed 0`` scores; the default reward is ``budget`` (was ``linear``), the
-      default of ``train_marl.py`` and the benchmarks. The ids stay ``-v0``: results measured
-      before this revision say so in ``benchmarks/results/``.
+      default of ``train_marl.py`` and the benchmarks. Results measured before this revision say so
+      in ``benchmarks/results/``.
     * v0, reward revision (issue 16): exact MACs budgets by default with the budget reward (the
       joint action is projected onto the target; ``exact_budget=False`` restores the soft
       penalty); observations gained ``macs_target`` and ``macs_to_cut`` (28 + K features);
@@ -174,7 +190,7 @@ class FilterPruningEnv(ParallelEnv):
       ``render()`` before ``reset()`` renders the unpruned network.
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"name": "filter_pruning_v0", "render_modes": ["ansi", "human"],
+    metadata: ClassVar[dict[str, Any]] = {"name": "filter_pruning_v1", "render_modes": ["ansi", "human"],
                                           "is_parallelizable": True}
 
     def __init__(
@@ -227,12 +243,12 @@ class FilterPruningEnv(ParallelEnv):
         ]
         self._rates = np.asarray(cfg.rates, dtype=np.float64)
         # Fixed calibration batch (train split) and reward images (validation split): see envs.measure.
-        self._meter = PlanMeter(self._base, self._layers, splits, cfg, self.keep_count, self.device)
+        self._meter = PlanMeter(self._base, self._layers, splits, cfg, self._keep_count, self.device)
         self._macs_model = self._meter.macs_model
-        self._cache: OrderedDict[bytes, Measured] = OrderedDict()
+        self._cache: OrderedDict[str, Measurement] = OrderedDict()
         #: On a cache miss, ``measurement_source(plan)`` may return another same-model/data/config env's
-        #: :meth:`measurement` of it (a parallel worker's: :mod:`pruning_env.search.parallel`); None: measure here.
-        self.measurement_source: Callable[[PruningPlan], dict[str, Any] | None] | None = None
+        #: :meth:`measure` of it (a parallel worker's: :mod:`pruning_env.search.parallel`); None: measure here.
+        self.measurement_source: Callable[[PruningPlan], Measurement | None] | None = None
         self.num_evaluations = 0  # plans measured (cache misses): the budget unit of a search
         # Seconds spent per phase of plan measurement (for benchmarks/env_step.py; never in infos).
         self.timings = self._meter.timings
@@ -244,7 +260,8 @@ class FilterPruningEnv(ParallelEnv):
         self._static = static_features(self._base, self._layers, self.input_shape, self._base_macs, self._base_params)
         base = self._measure(full)
         self.baseline_acc = base.acc
-        self._obs_dim = len(OBSERVATION_FEATURES) + len(self._rates)
+        self._feature_names = observation_features(len(self._rates))  # the observation's columns, in order
+        self._obs_dim = len(self._feature_names)
         obs_space = spaces.Box(0.0, 1.0, (self._obs_dim,), np.float32)
         if cfg.continuous:
             act_space: spaces.Space = spaces.Box(0.0, float(self._rates.max()), (1,), np.float32)
@@ -287,12 +304,12 @@ class FilterPruningEnv(ParallelEnv):
             raise RuntimeError("the episode is over (all agents terminated); call reset() before step()")
         targets = self._parse_actions(actions)
         before = self._measure(self._plan)
-        j_before = self._objective(before)
+        j_before = before.objective
         final = self._step + 1 >= self.config.episode_length
         self._plan = self._next_plan(self._plan, before, targets, final=final)
         after = self._measure(self._plan)
         self._step += 1
-        reward = self._objective(after) - j_before
+        reward = after.objective - j_before
         self._last_reward = reward
         obs = self._observations(after)
         infos = self._infos(after)
@@ -310,12 +327,10 @@ class FilterPruningEnv(ParallelEnv):
     def state(self) -> np.ndarray:
         measured = self._measure(self._plan)
         obs = self._observation_matrix(measured)
-        glob = np.array(
-            [measured.macs / self._base_macs, measured.params / self._base_params,
-             min(1.0, measured.acc / max(self.baseline_acc, 1e-9)), self._step / self.config.episode_length],
-            dtype=np.float32,
-        )
-        return np.clip(np.concatenate([obs.reshape(-1), glob]), 0.0, 1.0).astype(np.float32)
+        whole = {"macs_ratio": measured.macs_ratio, "params_ratio": measured.params_ratio,
+                 "acc_ratio": min(1.0, measured.acc_ratio), "progress": self._step / self.config.episode_length}
+        glob = assemble({k: np.array([v]) for k, v in whole.items()}, GLOBAL_FEATURES)[0]
+        return np.concatenate([obs.reshape(-1), glob]).astype(np.float32)
 
     def render(self) -> str | None:
         """A text table of per-layer rates and kept filters, MACs and the last reward."""
@@ -358,11 +373,6 @@ class FilterPruningEnv(ParallelEnv):
         return list(self._layers)
 
     @property
-    def widths(self) -> dict[str, int]:
-        """``{layer name: filters of the unpruned layer}``."""
-        return dict(self._widths)
-
-    @property
     def current_step(self) -> int:
         """Steps taken in the current episode (0 after ``reset``, ``episode_length`` at its end)."""
         return self._step
@@ -370,8 +380,8 @@ class FilterPruningEnv(ParallelEnv):
     @property
     def static_features(self) -> dict[str, np.ndarray]:
         """The unpruned network's per-layer facts by name (:data:`~pruning_env.envs.features.STATIC_FEATURES`):
-        ``{feature: (L,) float32 array in [0, 1]}``, agent order (columns 0-7 of every observation)."""
-        return {name: self._static[:, j].copy() for j, name in enumerate(STATIC_FEATURES)}
+        ``{feature: (L,) float32 array in [0, 1]}``, agent order (the same columns of every observation)."""
+        return {name: column.copy() for name, column in self._static.items()}
 
     @property
     def calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,18 +404,6 @@ class FilterPruningEnv(ParallelEnv):
         """Parameters of the unpruned network."""
         return int(self._base_params)
 
-    def keep_count(self, layer: int | str, rate: float) -> int:
-        """Filters ``layer`` (agent index or conv name) keeps at pruning ``rate``: the engine's one rate rule
-        (:func:`pruning_env.engine.plan.keep_count_for_rate` with this env's ``min_keep`` / ``round_to``)."""
-        i = layer if isinstance(layer, int) else self._names.index(layer)
-        return self.config.rule.keep_count(int(self._orig[i]), float(rate))
-
-    def uniform_plan(self, rate: float) -> PruningPlan:
-        """The plan one step at ``rate`` on every layer gives from the unpruned network (DSFP-uniform at
-        ``rate``): each layer keeps ``keep_count(layer, rate)`` filters, lowest transition scores pruned.
-        Never projected onto a budget (see :meth:`plan_from_rates` for that)."""
-        return self.plan_from_rates([rate] * len(self._names), budget=False)
-
     def plan_from_rates(self, rates: Any, *, budget: bool = True) -> PruningPlan:
         """The plan ONE step proposing per-layer ``rates`` (``(L,)``, agent order) gives from the unpruned
         network: with ``budget`` and an exact budget (:attr:`EnvConfig.budget_target`) the rates are first
@@ -419,50 +417,42 @@ class FilterPruningEnv(ParallelEnv):
         full = self._full_plan()
         return self._next_plan(full, self._measure(full), rates.tolist(), final=True, budget=budget)
 
-    def objective_of(self, acc: float, macs: float, quality: float | None = None) -> float:
-        """The objective J of a network with validation accuracy ``acc`` (percent, on the env's reward images),
-        ``macs`` MACs per image and the reward proxy's ``quality`` (None: the accuracy ratio, i.e. J under
-        ``proxy="acc"``), under this env's reward settings."""
-        q = acc / max(self.baseline_acc, 1e-9) if quality is None else quality
-        return objective(self.config, q, macs / self._base_macs, acc, macs)
+    def measure(self, plan: PruningPlan) -> Measurement:
+        """The :class:`~pruning_env.envs.measure.Measurement` of any ``plan`` of this env's network: measured now
+        unless cached (like env steps; a new plan counts in :attr:`num_evaluations`); the env's state is not
+        touched."""
+        return self._measure(plan)
 
-    def measure_network(self, model: nn.Module) -> dict[str, float]:
-        """The env's reward measurement of a network built elsewhere (e.g. by another pruning library), taken as
-        it is (re-estimate its BN first, as the env does): ``acc`` (percent) and ``quality`` on the reward
-        images, after the proxy's KD steps if any (on a copy: ``model`` is not changed)."""
+    def measured_plans(self) -> list[Measurement]:
+        """The measurement of every plan measured and still cached, oldest first (each with its ``plan``)."""
+        return list(self._cache.values())
+
+    def measure_network(self, model: nn.Module) -> Measurement:
+        """The env's measurement of a network built elsewhere (e.g. by another pruning library), taken as it is
+        (re-estimate its BN first, as the env does): accuracy and quality on the reward images after the proxy's
+        KD steps if any (on a copy: ``model`` is not changed), its exact MACs and parameters, the ratios and the
+        objective; ``plan`` None. Not cached, not counted."""
         signals = self._meter.network_signals(model)
-        return {"acc": signals.acc, "quality": signals.quality(self.config.proxy.proxy, self._meter.base_signals)}
-
-    def pruned_model(self) -> nn.Module:
-        """A new, physically pruned copy of the current network (BN recalibrated as in the env)."""
-        return self._meter.build(self._plan)
+        report = count(model, self.input_shape)
+        return self._meter.record(None, signals.acc, signals.quality(self.config.proxy.proxy,
+                                  self._meter.base_signals), report.macs, report.params, signals=signals)
 
     def build_network(self, plan: PruningPlan, *, bn: BNRecalConfig | None = None) -> nn.Module:
         """A new, physically pruned network of any ``plan`` of this env's network, with BN re-estimated as the env
         does (or as ``bn`` says, e.g. on more batches); the env's state is not touched."""
         return self._meter.build(plan, bn)
 
-    def measured_plans(self) -> list[dict[str, Any]]:
-        """Every plan measured and still cached, oldest first: its summary (``acc``, the ratios, the exact integer
-        ``macs`` and ``params``, ``objective``), ``plan`` (a :class:`PruningPlan`) and ``key`` (``plan.key()``)."""
-        return [{**self._summary(m), "plan": m.plan, "key": key} for key, m in self._cache.items()]
-
-    def evaluate_plan(self, plan: PruningPlan) -> dict[str, float]:
-        """Accuracy, MACs and objective of any plan (cached like env steps)."""
-        m = self._measure(plan)
-        return self._summary(m)
-
-    def measurement(self, plan: PruningPlan) -> dict[str, Any]:
-        """Everything this env measured for ``plan`` (measured now if not cached), as plain picklable values:
-        ``acc`` (percent), ``quality`` (the reward proxy's), exact ``macs`` and ``params``, ``signals``,
-        ``scores`` (``{layer: (kept,) tensor}``, the next step's pruning order) and ``features`` (``(L, F)``
-        array). Another env of the same model, data and config accepts it from its :attr:`measurement_source`
-        as its own measurement."""
-        m = self._measure(plan)
-        return {"acc": m.acc, "quality": m.quality, "macs": m.macs, "params": m.params, "signals": m.signals,
-                "scores": dict(m.scores), "features": m.features}
+    def __getattr__(self, name: str) -> Any:  # only reached for names the env does not have
+        if name in REMOVED_FROM_ENV:
+            raise AttributeError(f"FilterPruningEnv.{name} was removed in v1; use {REMOVED_FROM_ENV[name]} (see the "
+                                 "env's Version History)")
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ internals
+
+    def _keep_count(self, layer: int, rate: float) -> int:
+        """Filters agent ``layer`` keeps at pruning ``rate`` (the engine's one rate rule, this env's settings)."""
+        return self.config.rule.keep_count(int(self._orig[layer]), float(rate))
 
     def _full_plan(self) -> PruningPlan:
         return PruningPlan.full(self._layers)
@@ -470,14 +460,14 @@ class FilterPruningEnv(ParallelEnv):
     def _keep_counts(self, plan: PruningPlan) -> dict[str, int]:
         return {n: len(plan.keep[n]) for n in self._names}
 
-    def _next_plan(self, plan: PruningPlan, measured: Measured, targets: list[float], *, final: bool,
+    def _next_plan(self, plan: PruningPlan, measured: Measurement, targets: list[float], *, final: bool,
                    budget: bool = True) -> PruningPlan:
         """The transition: each layer keeps ``keep_count(targets)`` filters (never more than now; projected
         onto the exact budget, if any), the lowest-scoring current filters pruned."""
         current = np.array([len(plan.keep[n]) for n in self._names])
         target = self.config.budget_target if budget else None
         if target is None:
-            counts = np.minimum(current, [self.keep_count(i, r) for i, r in enumerate(targets)])
+            counts = np.minimum(current, [self._keep_count(i, r) for i, r in enumerate(targets)])
         else:
             counts = budget_keep_counts(self._macs_model, self.config.rule, current, targets,
                                         target * self._base_macs, final=final, max_rate=float(self._rates.max()))
@@ -517,65 +507,46 @@ class FilterPruningEnv(ParallelEnv):
                 rates.append(float(self._rates[int(a)]))
         return rates
 
-    def _objective(self, m: Measured) -> float:
-        return objective(self.config, m.quality, m.macs / self._base_macs, m.acc, m.macs)
-
-    def _summary(self, m: Measured) -> dict[str, float]:
-        return {
-            "acc": m.acc,
-            "acc_ratio": m.acc / max(self.baseline_acc, 1e-9),
-            "quality": m.quality,
-            "macs_ratio": m.macs / self._base_macs,
-            "params_ratio": m.params / self._base_params,
-            "macs": int(m.macs),
-            "params": int(m.params),
-            "objective": self._objective(m),
-        }
-
-    def _measure(self, plan: PruningPlan) -> Measured:
-        """Accuracy, quality, MACs and next-step scores of ``plan``'s network, cached by plan."""
+    def _measure(self, plan: PruningPlan) -> Measurement:
+        """The measurement of ``plan``'s network, cached by plan."""
         key = plan.key()
         hit = self._cache.get(key)
         if hit is not None:
             self._cache.move_to_end(key)
             return hit
         provided = self.measurement_source(plan) if self.measurement_source is not None else None
-        if provided is not None:
-            return self._remember(key, Measured(**provided, plan=plan))
+        if provided is not None:  # a replica's: the ratios and the objective are derived here, as for our own
+            return self._remember(key, self._meter.record(plan, provided.acc, provided.quality, provided.macs,
+                                                          provided.params, signals=provided.signals,
+                                                          scores=provided.scores, features=provided.features))
         return self._remember(key, self._meter.measure(plan))
 
-    def _remember(self, key: bytes, measured: Measured) -> Measured:
+    def _remember(self, key: str, measured: Measurement) -> Measurement:
         self.num_evaluations += 1
         self._cache[key] = measured
         if len(self._cache) > self.config.cache_size:
             self._cache.popitem(last=False)
         return measured
 
-    def _observation_matrix(self, m: Measured) -> np.ndarray:
+    def _observation_matrix(self, m: Measurement) -> np.ndarray:
+        """``(L, F + K)``: every agent's observation, assembled by feature name (see Observation Space)."""
         keep = np.array([len(self._plan.keep[n]) for n in self._names]) / self._orig
         target = self.config.budget_target
         target = 0.0 if target is None else float(target)
-        to_cut = max(0.0, m.macs / self._base_macs - target) if target else 0.0
-        input_keep = np.array([keep[j] if j >= 0 else 1.0 for j in self._input_layer])
-        dyn = np.stack([
-            keep, input_keep, np.full(len(keep), m.macs / self._base_macs),
-            np.full(len(keep), min(1.0, m.acc / max(self.baseline_acc, 1e-9))),
-            np.full(len(keep), self._step / self.config.episode_length),
-            np.full(len(keep), target), np.full(len(keep), to_cut),
-        ], axis=1)
-        mat = np.concatenate([self._static, dyn.astype(np.float32), m.features], axis=1)
-        return np.clip(mat, 0.0, 1.0).astype(np.float32)
+        whole = {"macs_ratio": m.macs_ratio, "acc_ratio": min(1.0, m.acc_ratio),
+                 "progress": self._step / self.config.episode_length, "macs_target": target,
+                 "macs_to_cut": max(0.0, m.macs_ratio - target) if target else 0.0}
+        dynamic = {"keep_ratio": keep, "input_keep_ratio": np.array([keep[j] if j >= 0 else 1.0
+                                                                      for j in self._input_layer]),
+                   **{k: np.full(len(keep), v) for k, v in whole.items()}}
+        return assemble({**self._static, **dynamic, **m.features}, self._feature_names)
 
-    def _observations(self, m: Measured) -> dict[str, np.ndarray]:
+    def _observations(self, m: Measurement) -> dict[str, np.ndarray]:
         mat = self._observation_matrix(m)
         return {a: mat[self._agent_index[a]] for a in self.possible_agents}
 
-    def _infos(self, m: Measured) -> dict[str, dict[str, Any]]:
-        s = self._summary(m)
-        shared = {"acc": float(s["acc"]), "acc_ratio": float(s["acc_ratio"]), "quality": float(s["quality"]),
-                  "macs_ratio": float(s["macs_ratio"]),
-                  "params_ratio": float(s["params_ratio"]), "mmacs": s["macs"] / 1e6, "mparams": s["params"] / 1e6,
-                  "objective": float(s["objective"])}
+    def _infos(self, m: Measurement) -> dict[str, dict[str, Any]]:
+        shared = m.info()
         extra = {"plan": self._plan.to_dict()} if self.plan_info else {}
         return {a: {**shared, "rate": 1.0 - len(self._plan.keep[self._names[i]]) / float(self._orig[i]), **extra}
                 for i, a in enumerate(self.possible_agents)}
@@ -591,3 +562,10 @@ def _private_eval_copy(model: nn.Module, device: torch.device) -> nn.Module:
     if not any(m.training for m in model.modules()) and all(on(t) for t in tensors):
         return model
     return copy.deepcopy(model).to(device).eval()
+
+
+if FilterPruningEnv.__doc__:  # the tables are generated from the declarations, so they cannot go stale
+    _INFO_ROWS = [*Measurement.meanings().items(), ("rate", "this layer's current pruning rate (1 - kept / original)")]
+    FilterPruningEnv.__doc__ = (FilterPruningEnv.__doc__.replace("<F>", str(len(FEATURES)))
+                                .replace("<observation table>", observation_table())
+                                .replace("<info table>", rst_table(("key", "meaning"), _INFO_ROWS)))

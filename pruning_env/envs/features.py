@@ -1,8 +1,17 @@
-"""The env's observation features: their names (the documented table) and how they are computed."""
+"""The env's observation features: one declared list of named columns, and how each is computed.
+
+Every observation is assembled BY NAME from this list (:func:`assemble`): the column order is the
+declaration order (:data:`FEATURES`, then one ``removed_mass_<k>`` per grid rate k), the env's
+documented observation table is generated from it (:func:`observation_table`), and a feature is found
+by name with ``observation_features(K).index(name)``. Adding a feature is declaring it here and
+computing it under that name; :func:`assemble` refuses a computed set that differs from the declared one.
+"""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,58 +24,136 @@ from pruning_env.engine.graph import PrunableLayer
 __all__ = [
     "DSFP_FEATURES",
     "DYNAMIC_FEATURES",
+    "FEATURES",
     "GLOBAL_FEATURES",
     "OBSERVATION_FEATURES",
+    "REMOVED_MASS",
     "STATIC_FEATURES",
+    "Feature",
+    "assemble",
     "dsfp_features",
+    "observation_features",
+    "observation_table",
+    "removed_mass",
+    "rst_table",
     "static_features",
 ]
 
 LOG_FUSED_MAX = 2.5  # log of the largest possible DSFP fused score: |g-t|+|t-k|+0.5|g-k| <= 2.5
 
-STATIC_FEATURES = (
-    "depth",  # layer index / (L - 1)
-    "in_channels",  # original input channels / widest layer of the network
-    "out_channels",  # original filters / widest layer of the network
-    "kernel_area",  # k_h * k_w / 25, clipped to 1
-    "stride",  # stride / 2, clipped to 1
-    "fmap_size",  # output height / input height
-    "macs_share",  # the layer's share of the unpruned network's MACs
-    "params_share",  # the layer's share of the unpruned network's parameters
+
+@dataclass(frozen=True)
+class Feature:
+    """One observation column (every value in [0, 1]).
+
+    Attributes:
+        name: its name (unique; the column is found by it).
+        group: ``static`` (the unpruned network's, computed once), ``dynamic`` (the episode's state) or
+            ``dsfp`` (from the current network's DSFP components, measured with the plan).
+        meaning: what it is, with its normalisation.
+    """
+
+    name: str
+    group: str
+    meaning: str
+
+
+FEATURES: tuple[Feature, ...] = (
+    Feature("depth", "static", "layer index / (L - 1)"),
+    Feature("in_channels", "static", "original input channels / widest layer of the network"),
+    Feature("out_channels", "static", "original filters / widest layer of the network"),
+    Feature("kernel_area", "static", "k_h * k_w / 25 (clipped)"),
+    Feature("stride", "static", "stride / 2 (clipped)"),
+    Feature("fmap_size", "static", "output height / input height"),
+    Feature("macs_share", "static", "the layer's share of the unpruned network's MACs"),
+    Feature("params_share", "static", "the layer's share of the unpruned network's parameters"),
+    Feature("keep_ratio", "dynamic", "current / original filters of this layer"),
+    Feature("input_keep_ratio", "dynamic", "the same for the prunable layer feeding it (1 if none)"),
+    Feature("macs_ratio", "dynamic", "current / unpruned MACs of the whole network"),
+    Feature("acc_ratio", "dynamic", "last measured accuracy / unpruned (clipped to 1)"),
+    Feature("progress", "dynamic", "step / T"),
+    Feature("macs_target", "dynamic", "the exact budget's target MACs ratio (0 without one)"),
+    Feature("macs_to_cut", "dynamic", "max(0, macs_ratio - macs_target): what the budget still asks (0 without one)"),
+    *(Feature(f"fused_{s}", "dsfp", f"{s} of log(DSFP fused score) / 2.5 over the current filters")
+      for s in ("mean", "std", "min", "max")),
+    *(Feature(f"{c}_{s}", "dsfp", f"{s} of the min-max normalised DSFP {c} component")
+      for c in ("grad", "taylor", "kl") for s in ("mean", "std")),
+    *(Feature(f"{c}_share", "dsfp", f"the layer's share of the network's raw {c} component mass")
+      for c in ("grad", "taylor", "kl")),
 )
-DYNAMIC_FEATURES = (
-    "keep_ratio",  # current filters / original filters of this layer
-    "input_keep_ratio",  # same for the prunable layer feeding it (1 if none)
-    "macs_ratio",  # MACs of the current network / unpruned
-    "acc_ratio",  # last measured validation accuracy / unpruned, clipped to [0, 1]
-    "progress",  # steps taken / episode length
-    "macs_target",  # the exact MACs budget (target MACs ratio; 0 without one)
-    "macs_to_cut",  # MACs ratio still above that budget: max(0, macs_ratio - macs_target) (0 without one)
-)
-DSFP_FEATURES = (
-    "fused_mean", "fused_std", "fused_min", "fused_max",  # log(DSFP fused score) / 2.5 over current filters
-    "grad_mean", "grad_std", "taylor_mean", "taylor_std", "kl_mean", "kl_std",  # min-max normalised components
-    "grad_share", "taylor_share", "kl_share",  # the layer's share of the network's raw component mass
-)
-OBSERVATION_FEATURES = STATIC_FEATURES + DYNAMIC_FEATURES + DSFP_FEATURES  # + one "removed_mass" per grid rate
+REMOVED_MASS = Feature("removed_mass_<k>", "dsfp", "share of the layer's sensitivity (mean of the normalised "
+                       "components) that pruning to grid rate k would remove now")
+
+
+def _names(group: str) -> tuple[str, ...]:
+    return tuple(f.name for f in FEATURES if f.group == group)
+
+
+STATIC_FEATURES = _names("static")
+DYNAMIC_FEATURES = _names("dynamic")
+DSFP_FEATURES = _names("dsfp")  # + one removed_mass_<k> per grid rate
+OBSERVATION_FEATURES = tuple(f.name for f in FEATURES)  # + one removed_mass_<k> per grid rate
+#: The columns ``state()`` appends to the concatenated observations (values of the whole network).
 GLOBAL_FEATURES = ("macs_ratio", "params_ratio", "acc_ratio", "progress")
 
 
+def removed_mass(k: int) -> str:
+    """The name of the ``removed_mass`` column of grid rate ``k`` (an index into ``config.rates``)."""
+    return f"removed_mass_{k}"
+
+
+def observation_features(num_rates: int) -> tuple[str, ...]:
+    """The names of an observation's columns, in order, for a grid of ``num_rates`` rates (K)."""
+    return OBSERVATION_FEATURES + tuple(removed_mass(k) for k in range(num_rates))
+
+
+def assemble(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """``(L, len(names))`` float32 in [0, 1]: the ``(L,)`` ``columns`` stacked in the order of ``names``.
+
+    ``ValueError`` when the computed columns are not exactly the declared ones (a feature computed but not
+    declared, or declared but not computed)."""
+    missing = [n for n in names if n not in columns]
+    undeclared = [n for n in columns if n not in set(names)]
+    if missing or undeclared:
+        raise ValueError(f"observation features: declared but not computed {missing}, computed but not declared "
+                         f"{undeclared} (declare each in pruning_env.envs.features.FEATURES and compute it by name)")
+    mat = np.stack([np.asarray(columns[n], dtype=np.float32) for n in names], axis=1)
+    return np.clip(mat, 0.0, 1.0)
+
+
+def observation_table() -> str:
+    """The observation layout as an RST table (index, name, meaning), generated from :data:`FEATURES`."""
+    rows = [(str(i), f.name, f.meaning) for i, f in enumerate(FEATURES)]
+    rows.append((f"{len(FEATURES)}+k", REMOVED_MASS.name, REMOVED_MASS.meaning))
+    return rst_table(("idx", "feature", "meaning (all in [0, 1])"), rows)
+
+
+def rst_table(head: tuple[str, ...], rows: Sequence[tuple[str, ...]], indent: int = 4) -> str:
+    """An RST simple table of ``head`` and ``rows`` (the last column may run long), indented for a docstring."""
+    widths = [max(len(r[c]) for r in (head, *rows)) for c in range(len(head) - 1)] + [60]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, *("  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in (head,)), rule,
+             *("  ".join(f"{cell:<{w}}" for cell, w in zip(r, widths)).rstrip() for r in rows), rule]
+    return textwrap.indent("\n".join(lines), " " * indent)
+
+
 def static_features(model: nn.Module, layers: Sequence[PrunableLayer], input_shape: tuple[int, int, int],
-                    base_macs: int, base_params: int) -> np.ndarray:
-    """``(L, len(STATIC_FEATURES))`` float32 in [0, 1]: the unpruned network's facts per layer."""
+                    base_macs: int, base_params: int) -> dict[str, np.ndarray]:
+    """The unpruned network's facts per layer: ``{name: (L,) float32 in [0, 1]}`` for :data:`STATIC_FEATURES`."""
     report = count(model, input_shape)
     widest = max(max(layer.in_channels, layer.out_channels) for layer in layers)
     n = len(layers)
-    rows = []
-    for i, layer in enumerate(layers):
-        kh, kw = layer.kernel_size
-        rows.append([
-            i / max(n - 1, 1), layer.in_channels / widest, layer.out_channels / widest, min(1.0, kh * kw / 25),
-            min(1.0, layer.stride[0] / 2), layer.out_hw[0] / input_shape[1],
-            report.per_layer_macs[layer.name] / base_macs, report.per_layer_params[layer.name] / base_params,
-        ])
-    return np.clip(np.asarray(rows, dtype=np.float32), 0.0, 1.0)
+    rows = [{
+        "depth": i / max(n - 1, 1),
+        "in_channels": layer.in_channels / widest,
+        "out_channels": layer.out_channels / widest,
+        "kernel_area": min(1.0, layer.kernel_size[0] * layer.kernel_size[1] / 25),
+        "stride": min(1.0, layer.stride[0] / 2),
+        "fmap_size": layer.out_hw[0] / input_shape[1],
+        "macs_share": report.per_layer_macs[layer.name] / base_macs,
+        "params_share": report.per_layer_params[layer.name] / base_params,
+    } for i, layer in enumerate(layers)]
+    return _columns(rows)
 
 
 def dsfp_features(
@@ -78,8 +165,9 @@ def dsfp_features(
     order: Mapping[str, torch.Tensor],
     rates: Sequence[float],
     keep_count: Callable[[int, float], int],
-) -> np.ndarray:
-    """``(L, len(DSFP_FEATURES) + K)`` float32 in [0, 1]: the DSFP features of the CURRENT filters.
+) -> dict[str, np.ndarray]:
+    """The DSFP features of the CURRENT filters: ``{name: (L,) float32 in [0, 1]}`` for :data:`DSFP_FEATURES`
+    and ``removed_mass_<k>`` of every grid rate k.
 
     Args:
         names: the prunable layers, in agent order.
@@ -89,30 +177,36 @@ def dsfp_features(
         rates: the action grid (K rates).
         keep_count: ``keep_count(agent index, rate)`` -> filters kept at that rate (the env's rule).
 
-    The last K columns are ``removed_mass[k]``: the share of the layer's sensitivity (mean of
-    the min-max normalised components) that pruning to grid rate k would remove now.
+    ``removed_mass_<k>``: the share of the layer's sensitivity (mean of the min-max normalised
+    components) that pruning to grid rate k would remove now.
     """
     rows = []
-    mass = {c: sum(float(d[n].sum()) for n in names) or 1.0 for c, d in (("g", grad), ("t", taylor), ("k", kl))}
+    components = {"grad": grad, "taylor": taylor, "kl": kl}
+    mass = {c: sum(float(d[n].sum()) for n in names) or 1.0 for c, d in components.items()}
     for i, n in enumerate(names):
-        comps = [minmax(d[n].double()) for d in (grad, taylor, kl)]
+        comps = {c: minmax(d[n].double()) for c, d in components.items()}
         log_f = torch.log(fused[n].double()) / LOG_FUSED_MAX
-        sens = (comps[0] + comps[1] + comps[2]) / 3.0
+        sens = (comps["grad"] + comps["taylor"] + comps["kl"]) / 3.0
         total = float(sens.sum())
         ranked = sens[torch.argsort(order[n], stable=True)]
         cum = torch.cat([torch.zeros(1, dtype=ranked.dtype), torch.cumsum(ranked, 0)])
         current = len(ranked)
-        removed = []
-        for rate in rates:
+        row = {"fused_mean": float(log_f.mean()), "fused_std": _std(log_f), "fused_min": float(log_f.min()),
+               "fused_max": float(log_f.max())}
+        for c, values in comps.items():
+            row[f"{c}_mean"], row[f"{c}_std"] = float(values.mean()), _std(values)
+        for c, d in components.items():
+            row[f"{c}_share"] = float(d[n].sum()) / mass[c]
+        for k, rate in enumerate(rates):
             n_prune = max(0, current - keep_count(i, float(rate)))
-            removed.append(float(cum[n_prune]) / total if total > 0 else n_prune / max(current, 1))
-        rows.append([
-            float(log_f.mean()), _std(log_f), float(log_f.min()), float(log_f.max()),
-            *[v for c in comps for v in (float(c.mean()), _std(c))],
-            float(grad[n].sum()) / mass["g"], float(taylor[n].sum()) / mass["t"], float(kl[n].sum()) / mass["k"],
-            *removed,
-        ])
-    return np.clip(np.asarray(rows, dtype=np.float32), 0.0, 1.0)
+            row[removed_mass(k)] = float(cum[n_prune]) / total if total > 0 else n_prune / max(current, 1)
+        rows.append(row)
+    return _columns(rows)
+
+
+def _columns(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
+    """Per-layer ``{feature: value}`` rows -> ``{feature: (L,) float32 column in [0, 1]}``."""
+    return {name: np.clip(np.asarray([row[name] for row in rows], dtype=np.float32), 0.0, 1.0) for name in rows[0]}
 
 
 def _std(x: torch.Tensor) -> float:

@@ -1,15 +1,18 @@
-"""How the env measures one plan: surgery, BN re-estimation, the transition's scores and the reward proxy.
+"""How the env measures one plan, and THE record of a measurement (:class:`Measurement`).
 
 :class:`PlanMeter` holds everything a measurement needs that does not change within an env (the unpruned
 network, its layers, the calibration batch, the reward images and the unpruned network's signals). The
-env caches its results by plan (:class:`Measured`); nothing here caches plans.
+env caches its results by plan; nothing here caches plans.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,34 +27,84 @@ from pruning_env.engine.plan import PruningPlan
 from pruning_env.engine.surgery import apply
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.features import dsfp_features
+from pruning_env.envs.objective import objective
 from pruning_env.training.proxy import RewardImages, Signals, kd_steps
 from pruning_env.training.teacher import TeacherCache
 
-__all__ = ["Measured", "PlanMeter"]
+__all__ = ["Measurement", "PlanMeter", "metric"]
 
 
-@dataclass
-class Measured:
-    """What the env knows about one plan.
+def metric(meaning: str, *, info: str | None = None, info_per: float = 1.0) -> Any:
+    """A measured quantity of :class:`Measurement`: ``meaning`` (with its unit); ``info``: its key in the env's
+    infos when that differs from the field's name, where its value is divided by ``info_per``."""
+    return field(metadata={"metric": meaning, "info": info, "info_per": info_per})
 
-    Attributes:
-        acc: validation accuracy in percent on the reward images (after the proxy's KD steps, if any).
-        quality: the reward proxy's signal on an accuracy-ratio scale (1 = unpruned; see
-            :meth:`~pruning_env.training.proxy.Signals.quality`).
-        macs, params: MACs per image and parameters of the pruned network.
-        signals: accuracy, KL and cross-entropy on the reward images.
-        scores: per layer, the pruning order of the current filters (low = prune first).
-        features: ``(L, n_dsfp_features + K)`` DSFP observation features.
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the env measured for one plan: THE record of a measurement (``env.measure(plan)``).
+
+    Its *metrics* are the fields made with :func:`metric`, in this order; every other shape of a
+    measurement is derived from them, so adding a metric is adding one field here:
+
+    * :meth:`to_dict`: ``{metric: value}`` (``float``, or ``int`` for the exact counts); a search point
+      (:class:`pruning_env.search.Search`) carries these keys;
+    * :meth:`info`: the env's infos (every value a ``float`` that survives a float32 cast: the integer counts
+      in millions, ``mmacs`` and ``mparams``), to which the env adds the agent's layer ``rate``.
+
+    The other attributes are what an env needs to continue from the plan (not metrics, not compared):
+    ``plan``; ``signals`` (accuracy, KL and cross-entropy on the reward images); ``scores`` (per layer, the
+    ``(C_current,)`` pruning order of the current filters for the next step, low = pruned first); ``features``
+    (the DSFP observation features, ``{name: (L,) array}``). The record is picklable: another env of the same
+    model, data and config takes it as its own (its :attr:`~pruning_env.envs.env.FilterPruningEnv.measurement_source`).
     """
 
-    acc: float
-    quality: float
-    macs: int
-    params: int
-    signals: Signals
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)
-    features: np.ndarray | None = None
-    plan: PruningPlan | None = None
+    acc: float = metric("validation accuracy in percent on the env's reward images (after the proxy's KD steps, "
+                        "if any)")
+    acc_ratio: float = metric("acc / the unpruned network's")
+    quality: float = metric("the reward proxy's signal on an accuracy-ratio scale (1 = unpruned; see Rewards)")
+    macs_ratio: float = metric("MACs / the unpruned network's")
+    params_ratio: float = metric("parameters / the unpruned network's")
+    macs: int = metric("MACs per image (an exact integer; in infos mmacs, millions)", info="mmacs", info_per=1e6)
+    params: int = metric("parameters (an exact integer; in infos mparams, millions)", info="mparams", info_per=1e6)
+    objective: float = metric("J of the network under the env's reward settings (see Rewards)")
+    # not metrics (keyword-only, so a metric declared in a subclass may follow them)
+    plan: PruningPlan | None = field(default=None, compare=False, repr=False, kw_only=True)
+    signals: Signals | None = field(default=None, compare=False, repr=False, kw_only=True)
+    scores: Mapping[str, torch.Tensor] = field(default_factory=dict, compare=False, repr=False, kw_only=True)
+    features: Mapping[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False, kw_only=True)
+
+    @classmethod
+    def metrics(cls) -> tuple[str, ...]:
+        """The names of the metrics, in order (the keys of :meth:`to_dict`)."""
+        return tuple(f.name for f in _metric_fields(cls))
+
+    @classmethod
+    def info_keys(cls) -> tuple[str, ...]:
+        """The keys of :meth:`info`, in order (the env's infos add ``rate``)."""
+        return tuple(f.metadata["info"] or f.name for f in _metric_fields(cls))
+
+    @classmethod
+    def meanings(cls) -> dict[str, str]:
+        """``{info key: meaning}`` of every metric (the env's documented infos)."""
+        return {f.metadata["info"] or f.name: f.metadata["metric"] for f in _metric_fields(cls)}
+
+    def to_dict(self) -> dict[str, float | int]:
+        """The metrics as plain Python numbers: ``int`` for the exact counts, ``float`` for the rest."""
+        return {f.name: (int if f.type in ("int", int) else float)(getattr(self, f.name))
+                for f in _metric_fields(type(self))}
+
+    def info(self) -> dict[str, float]:
+        """The metrics in the env's info form: every value a ``float`` (counts divided by their ``info_per``)."""
+        out = {}
+        for f in _metric_fields(type(self)):
+            value, per = getattr(self, f.name), f.metadata["info_per"]
+            out[f.metadata["info"] or f.name] = value / per if per != 1.0 else float(value)
+        return out
+
+
+def _metric_fields(cls: type) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if "metric" in f.metadata]
 
 
 class PlanMeter:
@@ -94,8 +147,8 @@ class PlanMeter:
         (self.cfg.bn if bn is None else bn).apply(model, self.splits, seed=0, device=self.device)
         return model
 
-    def measure(self, plan: PruningPlan) -> Measured:
-        """Accuracy, quality, MACs and next-step scores of ``plan``'s network."""
+    def measure(self, plan: PruningPlan) -> Measurement:
+        """The measurement of ``plan``'s network: accuracy, quality, MACs, objective and next-step scores."""
         cfg, clock = self.cfg, time.perf_counter
         t0 = clock()
         macs, params = self.macs_model.predict(plan.keep_counts())
@@ -118,8 +171,19 @@ class PlanMeter:
                                ("proxy_kd", t4 - t3), ("evaluation", t5 - t4)):
             self.timings[phase] = self.timings.get(phase, 0.0) + seconds
         quality = signals.quality(cfg.proxy.proxy, self.base_signals)
-        return Measured(acc=signals.acc, quality=quality, macs=int(macs), params=int(params), signals=signals,
-                        scores=scores, features=features, plan=plan)
+        return self.record(plan, signals.acc, quality, int(macs), int(params), signals=signals, scores=scores,
+                           features=features)
+
+    def record(self, plan: PruningPlan | None, acc: float, quality: float, macs: int, params: int,
+               **rest: Any) -> Measurement:
+        """The :class:`Measurement` of measured ``acc``, ``quality``, ``macs`` and ``params``: the ratios to the
+        unpruned network and the objective are derived here, in one place (``rest``: its other attributes)."""
+        base_macs, base_params = self.macs_model.base_macs, self.macs_model.base_params
+        macs_ratio = macs / base_macs
+        return Measurement(acc=acc, acc_ratio=acc / max(self.base_signals.acc, 1e-9), quality=quality,
+                           macs_ratio=macs_ratio, params_ratio=params / base_params, macs=int(macs),
+                           params=int(params), objective=objective(self.cfg, quality, macs_ratio, acc, macs),
+                           plan=plan, **rest)
 
     def network_signals(self, model: nn.Module) -> Signals:
         """The reward images' signals of any network (the proxy's KD steps, if any, run on a copy)."""
@@ -131,7 +195,7 @@ class PlanMeter:
                      teacher_cache=self.teacher)
         return self.reward_images.measure(model)
 
-    def _score(self, model: nn.Module, plan: PruningPlan, is_base: bool) -> tuple[dict, np.ndarray]:
+    def _score(self, model: nn.Module, plan: PruningPlan, is_base: bool) -> tuple[dict, dict[str, np.ndarray]]:
         """Per-layer pruning order of the current filters and the DSFP observation features."""
         cfg, names = self.cfg, self.names
         if self._base_kl is None:

@@ -1,17 +1,24 @@
 """Registered environments: PettingZoo 1.27 registry ids and Gymnasium single-agent views.
 
-Ids (namespace ``pruning_env``)::
+Ids (namespace ``pruning_env``, version :data:`VERSION`)::
 
-    pruning_env/Tiny-v0                          4-layer CNN on seeded synthetic data (tests, tutorials)
-    pruning_env/{VGG11,VGG13,VGG16,VGG19,AlexNet,ResNet56}-{CIFAR10,CIFAR100}-v0
+    pruning_env/Tiny-v1                          4-layer CNN on seeded synthetic data (tests, tutorials)
+    pruning_env/{VGG11,VGG13,VGG16,VGG19,AlexNet,ResNet56}-{CIFAR10,CIFAR100}-v1
 
 PettingZoo (``ParallelEnv``): ``pettingzoo.make("parallel", id, **kwargs)`` or
 ``pruning_env.make(id, **kwargs)``. Gymnasium single-agent views of the same
-problem: ``gymnasium.make(id.replace("-v0", "-Joint-v0"))`` (one joint action for
-all layers), ``...-Sequential-v0`` (AMC-style, one layer per step, a keep ratio) and
-``...-SequentialDiscrete-v0`` (the same with a ``Discrete(K)`` rate-grid action, for DQN).
+problem: ``gymnasium.make(id.replace("-v1", "-Joint-v1"))`` (one joint action for
+all layers), ``...-Sequential-v1`` (AMC-style, one layer per step, a keep ratio) and
+``...-SequentialDiscrete-v1`` (the same with a ``Discrete(K)`` rate-grid action, for DQN).
 Gymnasium finds a namespace only once its package is imported; without an import, name the
-module: ``gymnasium.make("pruning_env:pruning_env/Tiny-Joint-v0")``.
+module: ``gymnasium.make("pruning_env:pruning_env/Tiny-Joint-v1")``.
+
+Versions (``FilterPruningEnv``'s "Version History", README "Version history"): ``-v0`` ids are
+removed, as Gymnasium and PettingZoo do with an outdated version: their behaviour changed under
+the same id and was released as ``-v1``. ``pruning_env.make`` of a ``-v0`` id raises a
+``ValueError`` naming its ``-v1`` id and what changed (:func:`check_env_id`);
+``pettingzoo.make`` / ``gymnasium.make`` raise their own "version not found" / "deprecated"
+errors, which name ``v1``.
 
 A CIFAR env needs a trained baseline: pass ``model=`` (an ``nn.Module``) or
 ``checkpoint=`` (a path); otherwise it is looked up in the cache
@@ -36,21 +43,33 @@ from pruning_env.core.data import CIFAR_SOURCES, Splits, load_splits, make_synth
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 
-__all__ = ["EnvIdParts", "baseline_model", "list_envs", "make", "make_benchmark_env", "make_tiny_env", "parse_env_id",
-           "register_all"]
+__all__ = ["TINY_ID", "VERSION", "EnvIdParts", "baseline_model", "check_env_id", "list_envs", "make",
+           "make_benchmark_env", "make_tiny_env", "parse_env_id", "register_all"]
 
 NAMESPACE = "pruning_env"
+#: The version of every registered id (``-v1``); bumped whenever the env's behaviour changes.
+VERSION = 1
+#: Removed versions and what changed since (said in the error an id of that version raises).
+REMOVED_VERSIONS = {
+    0: "the env changed under the -v0 ids (the default reward became budget with an exact MACs budget, "
+       "observations grew to 28 + K features, infos became fixed-shape floats: INFO_KEYS) and that behaviour is "
+       "released as -v1; the -v0 behaviour is not available (see the README's 'Version history')",
+}
 NETWORK_NAMES = {"vgg11": "VGG11", "vgg13": "VGG13", "vgg16": "VGG16", "vgg19": "VGG19", "alexnet": "AlexNet",
          "resnet56": "ResNet56"}
 _DATASETS = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 TINY_ENV_DEFAULTS = dict(calib_size=64, eval_size=256, eval_batch_size=256, bn_recal_batches=1,
                          bn_recal_batch_size=128)
-TINY_NUM_CLASSES = 4  # the classes of Tiny-v0's synthetic data
+TINY_NUM_CLASSES = 4  # the classes of Tiny-v1's synthetic data
 _registered = False
 
 
 def _env_id(net: str, dataset: str) -> str:
-    return f"{NAMESPACE}/{NETWORK_NAMES[net]}-{_DATASETS[dataset]}-v0"
+    return f"{NAMESPACE}/{NETWORK_NAMES[net]}-{_DATASETS[dataset]}-v{VERSION}"
+
+
+#: The id of the tiny problem (tests, tutorials, smoke runs).
+TINY_ID = f"{NAMESPACE}/Tiny-v{VERSION}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,16 +82,17 @@ class EnvIdParts:
     num_classes: int
 
 
-_ID_PATTERN = re.compile(rf"{NAMESPACE}/(?:(?P<tiny>Tiny)|(?P<net>[A-Za-z0-9]+)-(?P<data>[A-Za-z0-9]+))-v\d+")
+_ID_PATTERN = re.compile(rf"{NAMESPACE}/(?:(?P<tiny>Tiny)|(?P<net>[A-Za-z0-9]+)-(?P<data>[A-Za-z0-9]+))-v{VERSION}")
 
 
 def parse_env_id(env_id: str) -> EnvIdParts:
-    """The network, data set and class count of a pruning env id (``pruning_env/VGG16-CIFAR100-v0`` ->
+    """The network, data set and class count of a pruning env id (``pruning_env/VGG16-CIFAR100-v1`` ->
     ``vgg16``, ``cifar100``, 100), the one reading of ids for every script; the inverse of the registration.
 
     Raises:
         ValueError: for a string that is not a pruning env id, naming the registered ones.
     """
+    check_env_id(env_id)  # an unknown id, or a removed version (named with the current one)
     match = _ID_PATTERN.fullmatch(env_id)
     nets = {label: net for net, label in NETWORK_NAMES.items()}
     datasets = {label: name for name, label in _DATASETS.items()}
@@ -159,7 +179,7 @@ def _tiny_splits() -> Splits:
 
 
 def _tiny_baseline() -> nn.Module:
-    """The Tiny-v0 baseline: a 4-conv CNN trained for a few seconds on synthetic data, cached."""
+    """The Tiny-v1 baseline: a 4-conv CNN trained for a few seconds on synthetic data, cached."""
     from pruning_env.core.checkpoint import load, run_lock
     from pruning_env.core.config import seed_everything
     from pruning_env.core.models import build
@@ -167,7 +187,7 @@ def _tiny_baseline() -> nn.Module:
 
     path = default_checkpoint_path("tiny", "synthetic", 1.0, TINY_NUM_CLASSES)
     # locked while read or trained: a process training it meanwhile is waited for, and its result used
-    with run_lock(path, "the Tiny-v0 baseline cache", file=True, wait=True):
+    with run_lock(path, "the Tiny-v1 baseline cache", file=True, wait=True):
         if path.is_file():
             try:
                 return load(path).model
@@ -182,7 +202,7 @@ def _tiny_baseline() -> nn.Module:
 
 
 def make_tiny_env(*, max_cycles: int | None = None, device: str = "cpu", **env_kwargs: Any) -> FilterPruningEnv:
-    """``pruning_env/Tiny-v0``: a tiny CNN on seeded synthetic data; episodes take well under a second."""
+    """``pruning_env/Tiny-v1``: a tiny CNN on seeded synthetic data; episodes take well under a second."""
     kwargs = {**TINY_ENV_DEFAULTS, **env_kwargs}
     return FilterPruningEnv(_tiny_baseline(), _tiny_splits(), EnvConfig(), max_cycles=max_cycles,
                             device=torch.device(device), **kwargs)
@@ -193,12 +213,22 @@ def list_envs() -> list[str]:
     return sorted(k for k in pettingzoo.parallel_registry if k.startswith(f"{NAMESPACE}/"))
 
 
-def make(env_id: str, **kwargs: Any) -> FilterPruningEnv:
-    """``pettingzoo.make("parallel", env_id, **kwargs)`` with a helpful error for unknown ids."""
+def check_env_id(env_id: str) -> str:
+    """``env_id`` if it is registered; else ``ValueError``: for a removed ``-v0`` id, naming its ``-v1`` id and
+    what changed, for any other, listing the registered ids."""
     register_all()
-    if env_id not in pettingzoo.parallel_registry:
-        raise ValueError(f"unknown env id {env_id!r}; registered: {', '.join(list_envs())}")
-    return pettingzoo.make("parallel", env_id, **kwargs)
+    if env_id in pettingzoo.parallel_registry:
+        return env_id
+    stem, _, version = env_id.rpartition("-v")
+    current = f"{stem}-v{VERSION}"
+    if version.isdigit() and int(version) in REMOVED_VERSIONS and current in pettingzoo.parallel_registry:
+        raise ValueError(f"env id {env_id!r} was removed: use {current!r}; {REMOVED_VERSIONS[int(version)]}")
+    raise ValueError(f"unknown env id {env_id!r}; registered: {', '.join(list_envs())}")
+
+
+def make(env_id: str, **kwargs: Any) -> FilterPruningEnv:
+    """``pettingzoo.make("parallel", env_id, **kwargs)`` with a helpful error for unknown or removed ids."""
+    return pettingzoo.make("parallel", check_env_id(env_id), **kwargs)
 
 
 def _joint(env_id: str, **kwargs: Any) -> gymnasium.Env:
@@ -228,13 +258,13 @@ def register_all() -> None:
     if _registered:
         return
     _registered = True
-    ids = {f"{NAMESPACE}/Tiny-v0": (make_tiny_env, {})}
+    ids = {TINY_ID: (make_tiny_env, {})}
     for net in NETWORK_NAMES:
         for dataset in _DATASETS:
             ids[_env_id(net, dataset)] = (make_benchmark_env, {"net": net, "dataset": dataset})
     for env_id, (entry, kwargs) in ids.items():
         pettingzoo.register("parallel", env_id, entry, kwargs=kwargs)
         for view, creator in VIEWS.items():
-            gym_id = env_id.replace("-v0", f"-{view}-v0")
+            gym_id = env_id.replace(f"-v{VERSION}", f"-{view}-v{VERSION}")
             if gym_id not in gymnasium.registry:
                 gymnasium.register(gym_id, entry_point=creator, kwargs={"env_id": env_id})

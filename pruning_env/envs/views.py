@@ -29,6 +29,7 @@ import numpy as np
 from gymnasium import spaces
 
 from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.features import assemble
 
 __all__ = ["AMC_FEATURES", "JointPruningEnv", "SequentialDiscretePruningEnv", "SequentialPruningEnv"]
 
@@ -105,9 +106,10 @@ class SequentialPruningEnv(gymnasium.Env):
         self._discrete = isinstance(env.action_space(env.possible_agents[0]), spaces.Discrete)
         self._rates = np.asarray(env.config.rates)
         static = env.static_features
-        # The static part of AMC's state, per layer, in AMC_FEATURES order.
-        self._static = np.stack([static[k] for k in ("depth", "in_channels", "out_channels", "stride",
-                                                     "kernel_area", "fmap_size")], axis=1)
+        # The static part of AMC's state, per layer, by AMC feature name (from the env's static features).
+        self._static = {"layer_index": static["depth"], **{k: static[k] for k in ("in_channels", "out_channels",
+                                                                                 "stride", "kernel_area",
+                                                                                 "fmap_size")}}
         self._layer_macs = static["macs_share"].astype(np.float64)
         self._rest = np.array([self._layer_macs[i + 1 :].sum() for i in range(self._n)])
         self._pending: dict[str, Any] = {}
@@ -118,9 +120,11 @@ class SequentialPruningEnv(gymnasium.Env):
         self._done = True
 
     def _obs(self) -> np.ndarray:
-        feats = [*self._static[self._layer], self._layer_macs[self._layer], self._reduced,
-                 self._rest[self._layer], self._prev, self.env.current_step / self.env.config.episode_length]
-        return np.clip(np.asarray(feats, dtype=np.float32), 0.0, 1.0)
+        i = self._layer
+        feats = {**{k: v[i] for k, v in self._static.items()}, "layer_macs": self._layer_macs[i],
+                 "reduced_macs": self._reduced, "rest_macs": self._rest[i], "previous_action": self._prev,
+                 "progress": self.env.current_step / self.env.config.episode_length}
+        return assemble({k: np.array([v]) for k, v in feats.items()}, AMC_FEATURES)[0]
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)

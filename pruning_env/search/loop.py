@@ -6,10 +6,12 @@
 plans seen before do not). An episode is never cut, so a search may end up to
 ``episode_length - 1`` plans over its budget; the exact figure is reported.
 
-Every plan measured is a point of the accuracy-vs-MACs picture (:func:`pareto_front`);
-the *best plan* is the final plan of a training or greedy episode with the highest
-validation objective. TensorBoard scalars use plans measured as the global step, so
-algorithms with different episode lengths (AMC: one layer per step) compare directly:
+Every plan measured is a point of the accuracy-vs-MACs picture (:func:`pareto_front`): the metrics of
+its :class:`~pruning_env.envs.measure.Measurement` (:func:`search_point`), so a metric added to the
+record is in every point. The *best plan* is the final plan of a training or greedy episode with the
+highest validation objective (its metrics, episode, source and plan). TensorBoard scalars use plans
+measured as the global step, so algorithms with different episode lengths (AMC: one layer per step)
+compare directly:
 ``charts/`` (return, objective, accuracy and MACs ratios, best objective), ``losses/``
 (the algorithm's metrics whose names end in ``loss``), ``train/`` (its other metrics:
 epsilon, buffer size, gradient steps, noise...) and ``eval/`` (greedy evaluations).
@@ -32,11 +34,11 @@ from tqdm import tqdm
 
 from pruning_env.core.config import SettingError, check_settings, option
 from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.measure import Measurement
 from pruning_env.envs.views import SequentialPruningEnv
 
-__all__ = ["Search", "SearchConfig", "algorithm_env", "algorithm_overrides", "check_algo_config", "pareto_front"]
-
-_POINT_KEYS = ("acc_ratio", "macs_ratio", "params_ratio", "objective")
+__all__ = ["Search", "SearchConfig", "algorithm_env", "algorithm_overrides", "check_algo_config", "pareto_front",
+           "search_point"]
 
 
 @dataclass
@@ -200,6 +202,11 @@ def check_algo_config(cfg: SearchConfig, algorithms: dict[str, type[_Algorithm]]
                          f"settings would be ignored; entries must name one of: {', '.join(algorithms)}")
     for name, cls in algorithms.items():
         algorithm_overrides(cls, name, cfg, episode_length)
+def search_point(measurement: Measurement, order: int) -> dict[str, Any]:
+    """A search point: the measurement's metrics (floats rounded to 6 digits, far below the measurement noise,
+    to keep results files small; the exact counts as they are) and ``order``, its rank among the points."""
+    values = {k: round(v, 6) if isinstance(v, float) else v for k, v in measurement.to_dict().items()}
+    return {**values, "order": order}
 
 
 def pareto_front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -239,7 +246,7 @@ class Search:
         self.best: dict[str, Any] | None = None
         self.points: list[dict[str, Any]] = []  # every plan measured, in the order found
         self.curve: list[dict[str, Any]] = []  # one entry per episode (training or greedy)
-        self.seen: set[str] = {m["key"] for m in env.measured_plans()}  # the unpruned network is no candidate
+        self.seen: set[str] = {m.plan.key() for m in env.measured_plans()}  # the unpruned network is no candidate
 
     # ------------------------------------------------------------------ state
     @property
@@ -308,14 +315,13 @@ class Search:
     def _record(self, log: Any, source: str, seconds: float) -> None:
         env = self.env
         for m in env.measured_plans():
-            if m["key"] not in self.seen:
-                self.seen.add(m["key"])
-                # rounded: keeps results files small; 1e-6 is far below the measurement noise
-                self.points.append({**{k: round(float(m[k]), 6) for k in _POINT_KEYS}, "order": len(self.points)})
+            if m.plan.key() not in self.seen:
+                self.seen.add(m.plan.key())
+                self.points.append(search_point(m, len(self.points)))
         self.seconds += seconds
-        final = env.evaluate_plan(env.plan)  # the episode's final plan (cached: costs nothing)
-        cand = {k: float(final[k]) for k in ("objective", "acc", "acc_ratio", "macs_ratio", "params_ratio")}
-        cand.update(episode=self.episodes, source=source, plans_used=self.plans_used)
+        final = env.measure(env.plan)  # the episode's final plan (cached: costs nothing)
+        cand: dict[str, Any] = {**final.to_dict(), "episode": self.episodes, "source": source,
+                                "plans_used": self.plans_used}
         if self.best is None or cand["objective"] > self.best["objective"]:
             self.best = {**cand, "plan": env.plan.to_dict()}
         entry = {"plans": self.plans_used, "episode": self.episodes, "source": source,

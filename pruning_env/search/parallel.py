@@ -54,6 +54,7 @@ from pruning_env.core.config import check_settings, option
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.measure import Measurement
 
 if TYPE_CHECKING:
     from pruning_env.search.loop import _Algorithm
@@ -160,10 +161,10 @@ class _Worker:
         torch.set_num_threads(threads)
         self.env = FilterPruningEnv(model, splits, config)
 
-    def measure(self, plan: PruningPlan) -> tuple[dict[str, Any], float]:
-        """``(env.measurement(plan), seconds it took here)``."""
+    def measure(self, plan: PruningPlan) -> tuple[Measurement, float]:
+        """``(env.measure(plan), seconds it took here)``."""
         t0 = time.perf_counter()
-        record = self.env.measurement(plan)
+        record = self.env.measure(plan)
         return record, time.perf_counter() - t0
 
     def pid(self) -> int:
@@ -207,7 +208,7 @@ class PlanEvaluator:
         self.measured = 0
         self.worker_seconds = 0.0
         self.requeued = 0
-        self._store: dict[bytes, dict[str, Any]] = {}
+        self._store: dict[str, Measurement] = {}
         deadline = time.monotonic() + cpu_wait
         while (free := ray.available_resources().get("CPU", 0.0)) < workers and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -228,23 +229,23 @@ class PlanEvaluator:
     def __len__(self) -> int:
         return len(self.actors)
 
-    def source(self, plan: PruningPlan) -> dict[str, Any] | None:
+    def source(self, plan: PruningPlan) -> Measurement | None:
         """The stored measurement of ``plan`` or None: an env's ``measurement_source``."""
         return self._store.get(plan.key())
 
-    def measure(self, plans: list[PruningPlan]) -> list[dict[str, Any]]:
-        """Measurements of ``plans`` (``FilterPruningEnv.measurement`` dicts) in submission order; plans measured
+    def measure(self, plans: list[PruningPlan]) -> list[Measurement]:
+        """Measurements of ``plans`` (``FilterPruningEnv.measure`` records) in submission order; plans measured
         before, or twice in the batch, are measured once."""
         ray = self._ray
         keys = [p.key() for p in plans]
-        todo: dict[bytes, PruningPlan] = {}
+        todo: dict[str, PruningPlan] = {}
         for key, plan in zip(keys, plans):
             if key not in self._store:
                 todo.setdefault(key, plan)
         queue = deque((key, plan, 0) for key, plan in todo.items())
         # one slot per plan an actor may hold; interleaved, so a small batch spreads over all workers
         idle = deque(w for _ in range(self.inflight_per_worker) for w in range(len(self.actors)))
-        inflight: dict[Any, tuple[bytes, PruningPlan, int, int]] = {}
+        inflight: dict[Any, tuple[str, PruningPlan, int, int]] = {}
         while queue or inflight:
             while queue and idle:
                 key, plan, tries = queue.popleft()
@@ -359,7 +360,7 @@ class Prefetcher:
         plans in one batch)."""
         pending, rounds = list(episodes), 0
         while pending:
-            missing: dict[bytes, PruningPlan] = {}
+            missing: dict[str, PruningPlan] = {}
             waiting = []
             for actions in pending:
                 plan = self._first_missing(actions)
@@ -391,7 +392,7 @@ class Prefetcher:
             return None
         return None
 
-    def _probe_source(self, plan: PruningPlan) -> dict[str, Any]:
+    def _probe_source(self, plan: PruningPlan) -> Measurement:
         record = self.evaluator.source(plan)
         if record is None:
             raise _Unmeasured(plan)

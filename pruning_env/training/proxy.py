@@ -44,10 +44,8 @@ class ProxyConfig:
     """What the env's reward measures on a pruned network (after its BN re-estimation)."""
 
     proxy: str = option("kl", "reward signal on the reward images: kl (KL divergence from the unpruned network's "
-                        "outputs; the default: it ranks plans like a fine-tune about as well as accuracy at the same "
-                        "cost, better at MACs 0.5 and worse at 0.3; with --proxy-kd-steps 5, acc ranks better at "
-                        "both for 1.6-1.8x the cost: benchmarks/results/reward_fidelity.md), acc (accuracy) or ce "
-                        "(cross-entropy)",
+                        "outputs, the default), acc (accuracy) or ce (cross-entropy); how well each ranks plans like "
+                        "a fine-tune, and at what cost: README 'Results', benchmarks/results/reward_fidelity.md",
                         choices=list(PROXY_SIGNALS))
     proxy_kd_steps: int = option(0, "knowledge-distillation steps on training batches before the signal is "
                                  "measured (0: none)", min=0)

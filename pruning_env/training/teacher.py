@@ -13,7 +13,7 @@ augmentation or batch size simply misses. The teacher's weights are fingerprinte
 they change, the cache empties itself. On CPU a cached output is bit-identical to a fresh one
 (same input, same weights, eval mode, same autocast state and torch thread count); the tests
 check that fine-tunes with and without the cache end with identical weights. Hashing costs
-about 1 % of a teacher forward.
+a small share of a teacher forward (the measured cost and gain: ``benchmarks/results/teacher_cache.md``).
 
 Only CPU inputs are cached: on CUDA the teacher is cheap, and hashing would copy each batch to
 the host and break the loops' sync-free fast path, so the cache calls the teacher directly there.

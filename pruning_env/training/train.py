@@ -96,7 +96,8 @@ class TrainConfig:
     resume: bool = option(False, "continue from the checkpoint at --out after an interruption", run_only=True)
     overwrite: bool = option(False, "replace an existing --out (without it an existing --out is refused)",
                              run_only=True)
-    channels_last: bool = option(True, "train in channels-last memory format (about 1.3x faster on CPU)", run_only=True)
+    channels_last: bool = option(True, "train in channels-last memory format (faster convolutions on CPU)",
+                                 run_only=True)
     amp: bool = option(True, "CUDA: bf16 autocast of forward and backward (weights, optimiser, BN statistics and "
                        "every evaluation stay float32); ignored on CPU")
     device_data: bool = option(True, "CUDA: keep the data set on the GPU and augment it there (no per-batch host "

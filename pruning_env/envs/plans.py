@@ -1,0 +1,63 @@
+"""Helpers around a :class:`~pruning_env.envs.env.FilterPruningEnv`, computed from its documented surface.
+
+The env itself keeps the PettingZoo API and the few methods that need its state (``measure``,
+``measured_plans``, ``plan_from_rates``, ``build_network``, ``measure_network``); what can be derived from
+those lives here, as functions taking the env:
+
+* :func:`keep_count`: the filters a layer keeps at a pruning rate (the engine's one rate rule, the env's
+  ``min_keep`` / ``round_to``);
+* :func:`uniform_plan`: the DSFP-uniform plan (one step at one rate on every layer);
+* :func:`objective_of`: the objective J of a network known by its accuracy, MACs and quality.
+
+:data:`REMOVED_FROM_ENV` names what replaces each env method that v1 removed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pruning_env.engine.plan import PruningPlan
+from pruning_env.envs.objective import objective
+
+if TYPE_CHECKING:
+    from pruning_env.envs.env import FilterPruningEnv
+
+__all__ = ["REMOVED_FROM_ENV", "keep_count", "objective_of", "uniform_plan"]
+
+#: Public names the -v0 env had and v1 removed, and what replaces each (its ``AttributeError`` says so).
+REMOVED_FROM_ENV = {
+    "evaluate_plan": "env.measure(plan) (a Measurement; .to_dict() gives the old dict)",
+    "measurement": "env.measure(plan) (a Measurement: metrics, signals, scores and features)",
+    "pruned_model": "env.build_network(env.plan)",
+    "widths": "env.plan.widths",
+    "keep_count": "pruning_env.envs.plans.keep_count(env, layer, rate)",
+    "uniform_plan": "pruning_env.envs.plans.uniform_plan(env, rate)",
+    "objective_of": "pruning_env.envs.plans.objective_of(env, acc, macs, quality)",
+}
+
+
+def keep_count(env: FilterPruningEnv, layer: int | str, rate: float) -> int:
+    """Filters ``layer`` (agent index or conv name) of ``env`` keeps at pruning ``rate``: the engine's one rate
+    rule (:func:`pruning_env.engine.plan.keep_count_for_rate`) with the env's ``min_keep`` / ``round_to``."""
+    names = env.layer_names
+    if isinstance(layer, str) and layer not in names:
+        raise ValueError(f"unknown layer {layer!r}; the env's layers are {names}")
+    if isinstance(layer, int) and not 0 <= layer < len(names):
+        raise ValueError(f"layer index {layer} out of range: the env has {len(names)} layers")
+    lay = env.layers[layer if isinstance(layer, int) else names.index(layer)]
+    return env.config.rule.keep_count(lay.out_channels, float(rate))
+
+
+def uniform_plan(env: FilterPruningEnv, rate: float) -> PruningPlan:
+    """The plan one step at ``rate`` on every layer gives from the unpruned network (DSFP-uniform at ``rate``):
+    each layer keeps ``keep_count(env, layer, rate)`` filters, the lowest transition scores pruned. Never
+    projected onto a budget (``env.plan_from_rates(rates)`` is)."""
+    return env.plan_from_rates([rate] * len(env.layer_names), budget=False)
+
+
+def objective_of(env: FilterPruningEnv, acc: float, macs: float, quality: float | None = None) -> float:
+    """The objective J of a network with validation accuracy ``acc`` (percent, on the env's reward images),
+    ``macs`` MACs per image and the reward proxy's ``quality`` (None: the accuracy ratio, i.e. J under
+    ``proxy="acc"``), under ``env``'s reward settings (what ``env.measure(plan).objective`` is for a plan)."""
+    q = acc / max(env.baseline_acc, 1e-9) if quality is None else quality
+    return objective(env.config, q, macs / env.base_macs, acc, macs)
