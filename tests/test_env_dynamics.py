@@ -162,19 +162,21 @@ def test_the_envs_dsfp_ranking_is_the_criterions_in_both_directions(tiny_env_fac
     from pruning_env.core.data import calibration_batch
     from pruning_env.criteria import score
     from pruning_env.engine.plan import plan_top_k
+    from pruning_env.envs.plans import keep_count, uniform_plan
 
     env = tiny_env_factory(criterion="dsfp", direction=direction)
     x, y = calibration_batch(env.splits, env.config.scoring.calib_size, seed=0)
     scores = score(env.base_model, x, y, "dsfp", layers=env.layer_names, direction=direction,
                    kl=env.config.scoring.kl)
-    counts = {name: env.keep_count(name, 0.5) for name in env.layer_names}
-    assert env.uniform_plan(0.5) == plan_top_k(scores, counts)
+    counts = {name: keep_count(env, name, 0.5) for name in env.layer_names}
+    assert uniform_plan(env, 0.5) == plan_top_k(scores, counts)
 
 
 def test_the_envs_transition_breaks_ties_as_every_plan_does(tiny_env_factory):
     """Equal scores: each step prunes the lower indices of the filters still there (engine.plan.top_k_indices)."""
     from pruning_env.criteria import Criterion, register_criterion, unregister_criterion
     from pruning_env.engine.plan import PruningPlan, top_k_indices
+    from pruning_env.envs.plans import keep_count
 
     @register_criterion("test_all_equal")
     class AllEqual(Criterion):
@@ -191,8 +193,8 @@ def test_the_envs_transition_breaks_ties_as_every_plan_does(tiny_env_factory):
         env.step({a: rates.index(0.3) for a in env.agents})
         env.step({a: rates.index(0.6) for a in env.agents})
         widths = {name: env.macs_model.widths[i] for i, name in enumerate(env.layer_names)}
-        first = {n: top_k_indices(torch.zeros(w), env.keep_count(n, 0.3)).tolist() for n, w in widths.items()}
-        second = {n: [first[n][i] for i in top_k_indices(torch.zeros(len(first[n])), env.keep_count(n, 0.6))]
+        first = {n: top_k_indices(torch.zeros(w), keep_count(env, n, 0.3)).tolist() for n, w in widths.items()}
+        second = {n: [first[n][i] for i in top_k_indices(torch.zeros(len(first[n])), keep_count(env, n, 0.6))]
                   for n in widths}
         assert env.plan == PruningPlan(second, widths)
         assert all(keep == list(range(widths[n] - len(keep), widths[n])) for n, keep in second.items())
