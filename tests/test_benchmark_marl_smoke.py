@@ -20,6 +20,7 @@ def _argv(out: Path) -> list[str]:
             "--algos", *ALGOS, "--out-dir", str(out), "--work-dir", str(out / "work"), "--no-progress"]
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory, monkeypatch):
     out = tmp_path / "marl"
     assert marl.main(_argv(out)) == 0
@@ -92,6 +93,7 @@ def test_other_settings_refuse_to_mix_with_recorded_results(marl, tmp_path):
     assert exc.value.code == 2
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_two_targets_share_a_work_dir_and_combine_into_one_report(marl, tmp_path, tiny_env_factory):
     from benchmarks import marl_report
 

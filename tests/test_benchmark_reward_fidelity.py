@@ -21,6 +21,7 @@ def run(tmp_path_factory):
     return root, argv, json.loads((root / "reward_fidelity.json").read_text())
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_every_plan_meets_its_target_and_the_profiles_differ(run):
     _, _, result = run
     records = result["records"]
@@ -33,6 +34,7 @@ def test_every_plan_meets_its_target_and_the_profiles_differ(run):
     assert sum("1" in r["truth"] for r in records) == 2  # one second-seed truth per target
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_report_schema_and_correlations(run):
     root, _, result = run
     assert result["default"] == "bn1_kl@256"  # Tiny-v1's env: 1 BN batch, 256 reward images, the KL proxy
@@ -53,6 +55,7 @@ def test_report_schema_and_correlations(run):
     assert "MACs target 0.35" in text and "Kendall tau" in text
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_rerun_needs_resume_and_resume_measures_nothing_again(run, capsys):
     root, argv, result = run
     assert reward_fidelity.main(argv) == 2
@@ -68,6 +71,7 @@ def test_rerun_needs_resume_and_resume_measures_nothing_again(run, capsys):
     assert "truth_epochs" in capsys.readouterr().err
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_resume_with_more_proxies_measures_only_those(run, tmp_path):
     root, _, result = run
     work = tmp_path / "work"

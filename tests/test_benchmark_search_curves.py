@@ -43,6 +43,7 @@ def runs(tmp_path_factory, tiny_env_factory):
     return _run(root / "uniform", 0), _run(root / "radius1", 1, seeds=("0",))
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_report_compares_an_ablation_on_real_runs(runs, tmp_path):
     uniform, radius1 = runs
     out = tmp_path / "exploration.md"
@@ -72,6 +73,7 @@ def test_report_compares_an_ablation_on_real_runs(runs, tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_runs_measuring_another_objective_are_refused(runs, tmp_path, capsys):
     uniform, _ = runs
     other = _run(tmp_path / "acc", 0, seeds=("0",), extra=["--proxy", "acc"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import write_image_folder
 
 from pruning_env.cli import marl as train_marl
@@ -20,6 +21,7 @@ from pruning_env.core import checkpoint as ckpt
 VGG16_WIDTHS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 
 
+@pytest.mark.long  # an end-to-end run at full width (.ci/run runs it)
 def test_the_paper_preset_runs_end_to_end_at_full_width(tmp_path):
     root = write_image_folder(tmp_path / "data" / "tinyimg", classes=3, per_class=8).parent
     logdir = tmp_path / "run"

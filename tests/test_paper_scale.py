@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("baseline", "criteria", "search", "finals")
 
 
+@pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_dry_run_then_smoke_run_then_resume(tmp_path, capsys):
     out = tmp_path / "ps.md"
     common = ["--smoke", "--device", "cpu", "--out", str(out), "--work-dir", str(tmp_path / "work"), "--no-progress"]
