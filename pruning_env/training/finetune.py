@@ -158,8 +158,14 @@ def finetune(
     plan: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     teacher_cache: TeacherCache | None = None,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``student`` in place; it ends with its best-validation weights.
+
+    With ``stop_after`` the run pauses after that many epochs of ITS schedule (the cosine decay still spans
+    ``cfg.epochs``): the student keeps its current weights and ``out`` the full state, so a later call with
+    ``resume=True`` (and a larger or no ``stop_after``) continues the same run to the same result. Only epoch
+    boundaries are checkpointed, so a run cannot pause inside an epoch.
 
     Args:
         student: the (pruned) network; trained in place on ``cfg.device``.
@@ -173,13 +179,19 @@ def finetune(
         teacher_cache: a :class:`~pruning_env.training.teacher.TeacherCache` of ``teacher`` shared by runs
             that replay the same batches (same seed and recipe): the teacher's outputs are computed once
             (CPU only; the result is unchanged).
+        stop_after: pause after this many epochs (``None`` or ``>= cfg.epochs``: run to the end); needs ``out``.
 
     Returns:
         ``{"val_acc" (best, percent), "initial_val_acc", "best_epoch" (0 = the
         starting weights), "epochs", "history" (per epoch: train_loss, val_acc,
-        alpha, lr, seconds), "seconds"}``.
+        alpha, lr, seconds), "seconds"}``; a paused run's summary has ``"paused": True``, ``"epoch"`` (epochs
+        done) and ``"last_val_acc"`` (the current weights', percent).
     """
     cfg.check()
+    if stop_after is not None and (stop_after < 1 or out is None):
+        raise ValueError(f"stop_after must be at least 1 and needs out= (the state to continue from), got "
+                         f"stop_after={stop_after}, out={out}")
+    pause = stop_after is not None and stop_after < cfg.epochs
     if cfg.kd and teacher is None:
         raise ValueError("kd=True needs the unpruned teacher network (teacher=...)")
     teach = teacher_fn(teacher, teacher_cache) if teacher is not None and cfg.kd else None
@@ -266,7 +278,7 @@ def finetune(
         m.to(memory_format=torch.channels_last)
     hint = "lower --finetune-lr (or --finetune-temperature) and fine-tune afresh"
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        for epoch in range(start_epoch, stop_after if pause else cfg.epochs):  # type: ignore[arg-type]
             t0 = time.time()
             alpha = alpha_at(epoch, cfg)
             student.train()
@@ -311,6 +323,12 @@ def finetune(
             m.to(memory_format=torch.contiguous_format)
         if teacher is not None and cfg.kd:
             teacher.train(teacher_training)
+    if pause:
+        student.eval()
+        last = history[-1]["val_acc"] if history else initial_val
+        return {"paused": True, "epoch": len(history), "last_val_acc": last, "val_acc": best_val,
+                "initial_val_acc": initial_val, "best_epoch": best_epoch, "epochs": cfg.epochs,
+                "history": list(history), "seconds": round(time.time() - t_start, 1)}
     student.load_state_dict(best_state)
     student.eval()
     summary = {"val_acc": best_val, "initial_val_acc": initial_val, "best_epoch": best_epoch,
