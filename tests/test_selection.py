@@ -89,6 +89,13 @@ def test_every_candidate_is_at_the_budget(env, tmp_path):
     assert search.top[0]["objective"] == search.best["objective"]
     assert [t["objective"] for t in search.top] == sorted((t["objective"] for t in search.top), reverse=True)
     assert len({PruningPlan.from_dict(t["plan"]).key() for t in search.top}) == len(search.top)
+    state = search.state_dict()  # the top plans are part of the resumable state; an older state knows its best
+    again = Search(agents.make_algorithm("random", env, seed=0), env, SearchConfig(plans=12, eval_every=4),
+                   progress=False, keep_top=4)
+    again.load_state_dict(state)
+    assert again.top == search.top
+    again.load_state_dict({k: v for k, v in state.items() if k != "top"})
+    assert again.top == [search.best]
     cands = selection_candidates(search.top, reference_plans(env), k=4)
     assert {c.source for c in cands} >= {"search", "uniform", "global"}
     target = env.config.budget_target

@@ -83,6 +83,7 @@ from pruning_env.training.selection import (
     select_and_finalize,
     selection_candidates,
 )
+from pruning_env.training.selection import check_finetune as check_selection_finetune
 
 __all__ = ["PRESETS", "RunConfig", "main", "make_env", "make_search", "resolve"]
 
@@ -164,9 +165,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
             raise ValueError(f"unknown data set {cfg.dataset!r}: not cifar10/cifar100 and no image folder "
                              f"{root / cfg.dataset}/train/<class>/ (set --data-dir or PRUNING_ENV_DATA)")
     cfg.finetune.check()
-    if cfg.selection.enabled and cfg.finetune.epochs < 1:
-        raise ValueError("the final selection judges plans by fine-tuning them: give --finetune-epochs >= 1, or "
-                         "--no-selection to finalize the search's best plan without fine-tuning")
+    if cfg.selection.enabled:
+        check_selection_finetune(cfg.finetune)
     cfg.parallel.check()
     baseline = _check_checkpoint(cfg) if cfg.checkpoint else None
     problem = cfg.problem

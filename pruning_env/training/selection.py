@@ -53,8 +53,8 @@ from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig, finetune
 from pruning_env.training.teacher import TeacherCache
 
-__all__ = ["MACS_SLACK", "SOURCES", "Candidate", "SelectionConfig", "markdown_table", "select", "select_and_finalize",
-           "selection_candidates"]
+__all__ = ["MACS_SLACK", "SOURCES", "Candidate", "SelectionConfig", "check_finetune", "markdown_table", "select",
+           "select_and_finalize", "selection_candidates"]
 
 SOURCES = ("search", "uniform", "global")
 """Where a candidate comes from: the search's best plans, or a reference plan at the same budget."""
@@ -94,6 +94,13 @@ class Candidate:
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"candidate source must be one of {SOURCES}, got {self.source!r}")
+
+
+def check_finetune(finetune_cfg: FinetuneConfig) -> None:
+    """Raise ``ValueError`` unless the recipe fine-tunes (the selection judges candidates by fine-tuning them)."""
+    if finetune_cfg.epochs == 0:
+        raise ValueError("the final selection judges plans by fine-tuning them: give --finetune-epochs >= 1, or "
+                         "--no-selection to finalize the search's best plan without fine-tuning")
 
 
 def selection_candidates(top: Sequence[Mapping[str, Any]], references: Mapping[str, PruningPlan] | None,
@@ -181,9 +188,7 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
     bn = bn if bn is not None else BNRecalConfig()
     ft = finetune_cfg
     ft.check()
-    if ft.epochs < 1:
-        raise ValueError("the selection judges candidates by fine-tuning them: it needs --finetune-epochs >= 1 "
-                         "(or pass --no-selection)")
+    check_finetune(ft)
     if not candidates:
         raise ValueError("the selection needs at least one candidate")
     device = next(base.parameters()).device
