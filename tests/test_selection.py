@@ -101,6 +101,8 @@ def test_every_candidate_is_at_the_budget(env, tmp_path):
     target = env.config.budget_target
     for c in cands:
         assert env.macs_model.predict_plan(c.plan)[0] / env.base_macs <= target + MACS_SLACK, c.source
+    # the uniform reference is the env's own exact-budget rule applied to one shared rate
+    assert reference_plans(env)["uniform"] == env.plan_from_rates([0.0] * len(env.layer_names))
     for ratio in (0.3, 0.7):  # the references follow any budget given
         for source, plan in reference_plans(env, ratio).items():
             assert env.macs_model.predict_plan(plan)[0] / env.base_macs <= ratio, source
