@@ -106,6 +106,9 @@ def test_every_candidate_is_at_the_budget(env, tmp_path):
     for ratio in (0.3, 0.7):  # the references follow any budget given
         for source, plan in reference_plans(env, ratio).items():
             assert env.macs_model.predict_plan(plan)[0] / env.base_macs <= ratio, source
+    over = {"plan": PruningPlan.full(env.layers).to_dict(), "objective": 9.0, "macs_ratio": 1.0}  # a soft budget's
+    kept = selection_candidates([over, *search.top], None, k=4, max_macs_ratio=target + MACS_SLACK)
+    assert [c.plan for c in kept] == [c.plan for c in cands if c.source == "search"]
     full = Candidate(PruningPlan.full(env.layers), "search", 0.0)
     with pytest.raises(ValueError, match="above the MACs budget"):
         select(env.base_model, env.splits, [*cands, full], SelectionConfig(), _ft(), out_dir=tmp_path,
@@ -217,6 +220,18 @@ def test_train_marl_runs_the_selection_by_default_and_names_the_winner(tmp_path,
     resumed = json.loads((cut / "report.json").read_text())
     assert resumed["selection"] == sel and resumed["plan"] == report["plan"]
     assert resumed["test_acc"] == report["test_acc"]
+
+
+@pytest.mark.parametrize("flags,budget", [(["--no-exact-budget"], 0.5), (["--reward", "linear"], None)])
+def test_without_an_exact_budget_candidates_share_one_budget(tmp_path, tiny_env_factory, flags, budget):
+    """A soft budget's search plans above the target and, without a target, plans of other MACs than the best
+    one never enter: validation accuracy compares networks of one cost."""
+    argv = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--no-progress", "--logdir", str(tmp_path), *flags]
+    assert train_marl.main(argv) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    limit = (budget if budget is not None else report["search"]["best_macs_ratio"]) + MACS_SLACK
+    assert {"uniform", "global"} <= {c["source"] for c in report["selection"]["candidates"]}
+    assert all(c["macs_ratio"] <= limit for c in report["selection"]["candidates"])
 
 
 def test_selection_needs_fine_tuning_and_can_be_turned_off(tmp_path, tiny_env_factory, capsys):

@@ -284,11 +284,12 @@ def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path, 
     base, splits, shape = env.base_model, env.splits, env.input_shape
     ft_cfg = dataclasses.replace(cfg.finetune, seed=cfg.seed, device=str(device), progress=cfg.progress)
     if cfg.selection.enabled:
-        budget = env.config.budget_target
-        refs = reference_plans(env, budget if budget is not None else search.best["macs_ratio"]) \
-            if cfg.selection.references else None
-        candidates = selection_candidates(search.top or [search.best], refs, cfg.selection.k)
-        limit = (budget if budget is not None else search.best["macs_ratio"]) + MACS_SLACK
+        # The budget: the budget reward's MACs target (exact or soft), else (linear, amc) the best plan's MACs, so
+        # that validation accuracy compares networks of one cost (it would always favour the largest).
+        budget = cfg.problem.macs_target if cfg.problem.reward == "budget" else search.best["macs_ratio"]
+        refs = reference_plans(env, budget) if cfg.selection.references else None
+        candidates = selection_candidates(search.top, refs, cfg.selection.k, max_macs_ratio=budget + MACS_SLACK)
+        limit = budget + MACS_SLACK
         pruned, result = select_and_finalize(base, splits, candidates, cfg.selection, ft_cfg,
                                              out_dir=logdir / "selection", bn=env.config.bn, layers=env.layers,
                                              resume=cfg.resume, max_macs_ratio=limit, writer=writer,

@@ -104,13 +104,16 @@ def check_finetune(finetune_cfg: FinetuneConfig) -> None:
 
 
 def selection_candidates(top: Sequence[Mapping[str, Any]], references: Mapping[str, PruningPlan] | None,
-                         k: int) -> list[Candidate]:
+                         k: int, *, max_macs_ratio: float | None = None) -> list[Candidate]:
     """The candidates: the first ``k`` distinct plans of ``top`` (the search's best first: dicts with ``plan``, a
-    plan dict, and ``objective``), then each reference plan (``{source: plan}``) not already among them."""
+    plan dict, ``objective`` and ``macs_ratio``) at most ``max_macs_ratio`` (a soft budget's search may end above
+    it), then each reference plan (``{source: plan}``) not already among them."""
     out: list[Candidate] = []
     keys: set[str] = set()
     for entry in top:
         plan = PruningPlan.from_dict(entry["plan"])
+        if max_macs_ratio is not None and entry["macs_ratio"] > max_macs_ratio:
+            continue
         if len(out) < k and plan.key() not in keys:
             keys.add(plan.key())
             out.append(Candidate(plan, "search", float(entry["objective"])))
@@ -119,7 +122,8 @@ def selection_candidates(top: Sequence[Mapping[str, Any]], references: Mapping[s
             keys.add(plan.key())
             out.append(Candidate(plan, source))
     if not out:
-        raise ValueError("the selection has no candidate: the search found no plan and no reference was given")
+        raise ValueError("the selection has no candidate: no plan of the search is within the MACs budget and the "
+                         "references are off; pass --selection-references (or --no-selection)")
     return out
 
 
