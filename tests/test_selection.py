@@ -71,11 +71,10 @@ def test_the_known_best_candidate_wins_and_the_damaged_one_is_halved_away(env, t
     assert 0 not in record["rungs"][0]["kept"]  # the damaged plan (listed first, objective 1.0) goes at rung 1
     assert scores[0]["1"] < min(scores[1]["1"], scores[2]["1"])
     assert record["winner"] in (1, 2) and record["winner_source"] == cands[record["winner"]].source
-    best_at_last = max(record["rungs"][-1]["candidates"], key=lambda i: (scores[i][str(record["rungs"][-1]["epochs"])],
-                                                                         -i))
-    assert record["winner"] == best_at_last
+    last = record["rungs"][-1]
+    assert record["winner"] == max(last["candidates"], key=lambda i: (scores[i][last["epochs"]], -i))
     # 3 candidates at rung 1 (1 epoch each), 2 at rung 2 (1 more each): one left, its fine-tune goes on later
-    assert [r["epochs"] for r in record["rungs"]] == [1, 2] and record["cost_epochs"] == 3 + 2
+    assert [r["epochs"] for r in record["rungs"]] == ["1", "2"] and record["cost_epochs"] == 3 + 2
     assert json.loads((tmp_path / "selection.json").read_text())["winner"] == record["winner"]
 
 
@@ -133,14 +132,15 @@ def test_same_seed_same_winner_and_the_winner_continues_its_own_fine_tune(env, t
     cands = _candidates(env)
     runs = []
     for name in ("a", "b"):
-        model, report = select_and_finalize(env.base_model, env.splits, cands, SelectionConfig(rung_epochs=1),
-                                            _ft(), out_dir=tmp_path / name, bn=env.config.bn, layers=env.layers)
+        model, report = select_and_finalize(env.base_model, env.splits, cands, SelectionConfig(), _ft(),
+                                            out_dir=tmp_path / name, bn=env.config.bn, layers=env.layers)
         runs.append((report, _weights(model)))
     (ra, wa), (rb, wb) = runs
     strip = lambda r: {k: v for k, v in r.items() if k != "checkpoint"}
     assert strip(ra["selection"]) == strip(rb["selection"])
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # the winner's rung epochs were continued, not restarted: the same network as one uninterrupted fine-tune
+    assert [r["epochs"] for r in ra["selection"]["rungs"]] == ["0.25", "0.5"]  # rungs of a quarter epoch
+    # the winner's rungs were continued, not restarted: the same network as one uninterrupted fine-tune
     winner = cands[ra["selection"]["winner"]]
     plain, plain_report = finalize(env.base_model, env.splits, plan=winner.plan, bn=env.config.bn,
                                    finetune_cfg=_ft(), layers=env.layers)
@@ -157,7 +157,7 @@ def test_an_interrupted_stage_resumes_to_the_same_winner_and_weights(env, tmp_pa
                                            out_dir=tmp_path / "full", **args)
     real_evaluate, calls = finetune_mod.evaluate, {"n": 0}
 
-    def evaluate(*a, **k):  # Ctrl-C at the 7th validation: inside rung 2's first fine-tune, its epoch unsaved
+    def evaluate(*a, **k):  # Ctrl-C at the 7th validation: rung 2's first fine-tune, its quarter epoch unsaved
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt
@@ -171,14 +171,15 @@ def test_an_interrupted_stage_resumes_to_the_same_winner_and_weights(env, tmp_pa
     saved = json.loads((tmp_path / "cut" / "selection.json").read_text())
     for path in (tmp_path / "cut").glob("candidate_*.pt"):  # tensors and plain values only: safe to load
         assert isinstance(torch.load(path, weights_only=True), dict)
-    assert saved["winner"] is None and all("1" in c["scores"] for c in saved["candidates"])
+    assert saved["winner"] is None and all("0.25" in c["scores"] for c in saved["candidates"])
     calls["n"] = -10**9  # count the validations of the resumed stage (never interrupting again)
     with monkeypatch.context() as patch:
         patch.setattr(finetune_mod, "evaluate", evaluate)
         model, resumed = select_and_finalize(env.base_model, env.splits, cands, SelectionConfig(), _ft(),
                                              out_dir=tmp_path / "cut", resume=True, **args)
-    # continued, not redone: rung 2's two fine-tunes resume after epoch 1 (one epoch each), the winner's 3rd epoch
-    assert calls["n"] + 10**9 == 3
+    # continued, not redone: rung 2's two fine-tunes resume from rung 1 (one validation each at their pause), then
+    # the winner's three epoch ends
+    assert calls["n"] + 10**9 == 2 + 3
     assert resumed["selection"]["winner"] == full["selection"]["winner"]
     assert resumed["selection"]["candidates"] == full["selection"]["candidates"]
     assert resumed["selection"]["cost_epochs"] == full["selection"]["cost_epochs"]

@@ -19,9 +19,10 @@ by a real, if short, knowledge-distillation fine-tune of several candidates:
 
 Cost, in fine-tuning epochs, for ``n`` candidates, rung ``R`` and ``E`` epochs: ``R * (n + ceil(n/2) +
 ceil(n/4) + ...)`` over the rungs until one candidate is left (at most ``E`` epochs each), plus the winner's
-remaining epochs; e.g. ``n = 8`` (k = 6 and two references), ``R = 1``, ``E = 8``: ``8 + 4 + 2 + 5 = 19``
-epochs instead of 8. The record's ``cost_epochs`` gives the figure of a run. Fine-tuning checkpoints only at
-epoch boundaries, so a rung is a whole number of epochs.
+remaining epochs; e.g. ``n = 8`` (k = 6 and two references), ``R = 0.25`` (the default), ``E = 8``:
+``0.25 * (8 + 4 + 2) + (8 - 0.75) = 10.75`` epochs instead of 8 (``R = 1``: 19). The record's ``cost_epochs``
+gives the rungs' share of a run. A rung may end inside an epoch (:func:`~pruning_env.training.finetune.finetune`'s
+``stop_after``), plus one validation pass per candidate and rung.
 
 State: ``selection.json`` (candidates, scores per rung, winner; rewritten atomically after every candidate's
 rung) and one fine-tuning checkpoint per candidate (``candidate_<i>.pt``, :mod:`pruning_env.core.checkpoint`)
@@ -74,8 +75,9 @@ class SelectionConfig:
                            aliases=("selection",))
     k: int = option(6, "search plans entering the selection: the k best distinct final plans by the validation "
                     "objective", min=1)
-    rung_epochs: int = option(1, "fine-tuning epochs per rung of successive halving (of the run's own schedule; "
-                              "the better half goes on each rung)", min=1)
+    rung_epochs: float = option(0.25, "fine-tuning epochs per rung of successive halving, fractions allowed (of "
+                                "the run's own schedule; the better half goes on each rung)", min=0,
+                                min_exclusive=True)
     references: bool = option(True, "add the uniform plan and the global-L1 plan at the same MACs budget as "
                               "candidates")
 
@@ -179,7 +181,7 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
         layers: ``base``'s prunable layers if known.
         resume: continue the stage saved in ``out_dir`` (else its earlier files are replaced).
         max_macs_ratio: refuse (``ValueError``, before any work) a candidate whose MACs ratio exceeds this.
-        writer: a TensorBoard ``SummaryWriter``: ``selection/val_acc/<index>_<source>`` per rung (x: epochs),
+        writer: a TensorBoard ``SummaryWriter``: ``selection/val_acc/<index>_<source>`` per rung (x: the rung),
             ``selection/winner`` and a ``selection`` text table.
         bn_seed, teacher_cache: as for :func:`finalize`.
 
@@ -221,24 +223,25 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
     alive, rung = list(range(len(candidates))), 0
     while True:
         stop = min((rung + 1) * cfg.rung_epochs, ft.epochs)
+        key = _epochs_key(stop)
         for i in alive:
-            if str(stop) in entries[i]["scores"]:  # done before an interruption
+            if key in entries[i]["scores"]:  # done before an interruption
                 continue
             model = _build(base, splits, candidates[i].plan, bn, layers, bn_seed, device)
             summary = finetune(model, splits, ft, teacher=teacher, out=path_of(i), resume=True,
                                plan=candidates[i].plan.to_dict(), meta={"selection_candidate": i},
                                teacher_cache=teacher_cache if ft.kd else None, stop_after=stop)
             score = summary["last_val_acc"] if summary.get("paused") else summary["val_acc"]
-            entries[i]["scores"][str(stop)] = score
-            record["cost_epochs"] += stop - rung * cfg.rung_epochs
+            entries[i]["scores"][key] = score
+            record["cost_epochs"] = round(record["cost_epochs"] + stop - rung * cfg.rung_epochs, 6)
             save()
             if writer is not None:
-                writer.add_scalar(f"selection/val_acc/{i}_{candidates[i].source}", score, stop)
-        ranked = sorted(alive, key=lambda i: (-entries[i]["scores"][str(stop)], i))
+                writer.add_scalar(f"selection/val_acc/{i}_{candidates[i].source}", score, rung)
+        ranked = sorted(alive, key=lambda i: (-entries[i]["scores"][key], i))
         last = stop >= ft.epochs or len(alive) == 1
         kept = ranked[:1] if last else ranked[:math.ceil(len(alive) / 2)]
         if len(record["rungs"]) <= rung:
-            record["rungs"].append({"epochs": stop, "candidates": list(alive), "kept": sorted(kept)})
+            record["rungs"].append({"epochs": key, "candidates": list(alive), "kept": sorted(kept)})
         if last or len(kept) == 1:  # the winner: its fine-tune goes on in finalize()
             break
         alive, rung = sorted(kept), rung + 1
@@ -252,6 +255,11 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
     return record
 
 
+def _epochs_key(epochs: float) -> str:
+    """A rung's end as the record's key: fine-tuning epochs, e.g. ``"0.25"``, ``"1"``."""
+    return f"{round(epochs, 6):g}"
+
+
 def markdown_table(record: Mapping[str, Any]) -> str:
     """The record as a markdown table: one row per candidate, its validation accuracy per rung, the winner."""
     epochs = [r["epochs"] for r in record["rungs"]]
@@ -259,7 +267,7 @@ def markdown_table(record: Mapping[str, Any]) -> str:
     rows = [head, "|" + "---|" * (4 + len(epochs))]
     for c in record["candidates"]:
         obj = "-" if c["search_objective"] is None else f"{c['search_objective']:.4f}"
-        scores = " | ".join(f"{c['scores'][str(e)]:.2f}" if str(e) in c["scores"] else "-" for e in epochs)
+        scores = " | ".join(f"{c['scores'][e]:.2f}" if e in c["scores"] else "-" for e in epochs)
         mark = " **winner**" if c["index"] == record["winner"] else ""
         rows.append(f"| {c['index']}{mark} | {c['source']} | {obj} | {c['macs_ratio']:.4f} | {scores} |")
     return "\n".join(rows)
