@@ -107,6 +107,29 @@ def test_bn_recalibration_changes_statistics_deterministically(splits, trained):
     assert any(not torch.equal(after_a[k], c.state_dict()[k]) for k in bn_before)
 
 
+def test_a_paused_finetuning_continues_to_the_uninterrupted_result(splits, trained, tmp_path):
+    """stop_after (the selection's rungs): pauses inside an epoch and at its end, then the finish, give one
+    uninterrupted run of 3 epochs (same losses, accuracies and weights)."""
+    cfg = _cfg(epochs=3, kd=True)
+    ref, plan = _pruned(trained, rate=0.6)
+    reference = finetune(ref, splits, cfg, teacher=trained, plan=plan.to_dict())
+    with pytest.raises(ValueError, match="needs out="):
+        finetune(_pruned(trained, rate=0.6)[0], splits, cfg, teacher=trained, stop_after=1)
+    for stop in (0.25, 0.5, 1, 1.75, 2):
+        student, _ = _pruned(trained, rate=0.6)  # rebuilt from the plan each time, as the selection does
+        paused = finetune(student, splits, cfg, teacher=trained, out=tmp_path / "p.pt", resume=True,
+                          plan=plan.to_dict(), stop_after=stop)
+        assert paused["paused"] and paused["epoch"] == pytest.approx(stop, abs=0.5 / 8)
+        if stop == int(stop):
+            assert paused["last_val_acc"] == reference["history"][int(stop) - 1]["val_acc"]
+    student, _ = _pruned(trained, rate=0.6)
+    done = finetune(student, splits, cfg, teacher=trained, out=tmp_path / "p.pt", resume=True, plan=plan.to_dict())
+    assert "paused" not in done and [h["val_acc"] for h in done["history"]] == \
+        [h["val_acc"] for h in reference["history"]]
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, student.state_dict()[k]), k
+
+
 def test_interrupted_finetuning_resumes_to_the_same_result(splits, trained, tmp_path, monkeypatch):
     cfg = _cfg(epochs=3, kd=True)
     ref, plan = _pruned(trained, rate=0.6)

@@ -84,12 +84,13 @@ def test_checkpoint_of_another_net_is_refused(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
-def test_ctrl_c_during_final_finetuning_says_how_to_resume(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("stage,flags", [("select_and_finalize", []), ("finalize", ["--no-selection"])])
+def test_ctrl_c_during_final_finetuning_says_how_to_resume(tmp_path, monkeypatch, capsys, stage, flags):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(marl, "finalize", interrupted)
-    assert marl.main([*FAST, "--logdir", str(tmp_path / "r")]) == 130
+    monkeypatch.setattr(marl, stage, interrupted)
+    assert marl.main([*FAST, *flags, "--logdir", str(tmp_path / "r")]) == 130
     err = capsys.readouterr().err
     assert "interrupted during the final fine-tuning" in err and "--resume" in err
 

@@ -7,14 +7,19 @@ Steps: (1) load the trained baseline (``--checkpoint``, else the cache, else tra
 it), (2) search with the algorithm on the pruning env (:class:`pruning_env.search.Search`:
 a budget of ``--plans`` measured plans, greedy evaluations every ``--eval-every``
 episodes, TensorBoard logs under ``--logdir`` with plans measured as the x axis),
-keeping the best plan by the VALIDATION objective and the accuracy-vs-MACs Pareto
-front of every plan measured, (3) finalize the best plan
-(:func:`pruning_env.training.finalize.finalize`: surgery, BN re-estimated as the env
+keeping the best plans by the VALIDATION objective and the accuracy-vs-MACs Pareto
+front of every plan measured, (3) select and finalize a plan: by default the final selection
+(:mod:`pruning_env.training.selection`, ``--selection-*``: the ``--selection-k`` best distinct plans
+of the search plus the uniform and global-L1 plans at the same MACs budget, short KD fine-tunes with
+successive halving judged on VALIDATION accuracy, the winner's fine-tune continued to the full budget;
+``--no-selection``: the search's best plan), through
+:func:`pruning_env.training.finalize.finalize` (surgery, BN re-estimated as the env
 does, fine-tuning with knowledge distillation from the unpruned network by default)
 and (4) report on the TEST split: accuracy, retention, MACs / params and their
 reductions, CPU latency. Outputs under ``--logdir``: report.json, report.md,
 pareto.png, learning_curve.png, pruned_model.pt, plan.json, train_state.pt (for
---resume) and TensorBoard events.
+--resume), selection/ (the selection's state: selection.json, one fine-tuning checkpoint per
+candidate) and TensorBoard events.
 
 Every setting of the env (:class:`pruning_env.EnvConfig`), of the search
 (:class:`pruning_env.search.SearchConfig`) and of the fine-tuning
@@ -65,18 +70,27 @@ from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings
 from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.plans import reference_plans
 from pruning_env.envs.registry import TINY_ID, check_env_id, make_benchmark_env, parse_env_id
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, check_algo_config, pareto_front
 from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize, latency
 from pruning_env.training.finetune import FinetuneConfig
+from pruning_env.training.selection import (
+    MACS_SLACK,
+    SelectionConfig,
+    markdown_table,
+    select_and_finalize,
+    selection_candidates,
+)
+from pruning_env.training.selection import check_finetune as check_selection_finetune
 
 __all__ = ["PRESETS", "RunConfig", "main", "make_env", "make_search", "resolve"]
 
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds: for tests and a first look (use with --env pruning_env/Tiny-v1)
     "smoke": dict(plans=24, eval_every=4, finetune_epochs=1, latency_repeats=3, width=0.125, eval_size=200,
-                  calib_size=64, baseline_epochs=1),
+                  calib_size=64, baseline_epochs=1, selection_k=2),
     # a machine without a GPU: VGG-16 at width 0.25, about an hour with a cached baseline
     "cpu": dict(plans=1200, eval_every=20, finetune_epochs=8, latency_repeats=30, width=0.25, eval_size=1000,
                 calib_size=128, baseline_epochs=30),
@@ -104,6 +118,8 @@ class RunConfig:
                                   "eval_every 4 / 20 / 50)")
     finetune: FinetuneConfig = nested(FinetuneConfig, "fine-tuning of the best plan (preset: epochs smoke 1, cpu 8, "
                                       "paper 60)", prefix="finetune")
+    selection: SelectionConfig = nested(SelectionConfig, "the final selection among the search's best plans and "
+                                        "the reference plans (preset: k smoke 2)", prefix="selection")
     parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers, --ray-address)")
     seed: int = option(0, "seed of everything (env, agents, fine-tuning)", min=0)
     device: str = option("auto", "auto (CUDA if present), cpu, cuda, cuda:N: env, agents and fine-tuning",
@@ -149,6 +165,8 @@ def resolve(cfg: RunConfig) -> RunConfig:
             raise ValueError(f"unknown data set {cfg.dataset!r}: not cifar10/cifar100 and no image folder "
                              f"{root / cfg.dataset}/train/<class>/ (set --data-dir or PRUNING_ENV_DATA)")
     cfg.finetune.check()
+    if cfg.selection.enabled:
+        check_selection_finetune(cfg.finetune)
     cfg.parallel.check()
     baseline = _check_checkpoint(cfg) if cfg.checkpoint else None
     problem = cfg.problem
@@ -209,7 +227,8 @@ def make_search(cfg: RunConfig, env: FilterPruningEnv, writer: Any = None) -> Se
     over = algorithm_overrides(cls, cfg.algo, cfg.search, cfg.problem.episode_length)
     algo = agents.make_algorithm(cfg.algo, algorithm_env(cls, env), seed=cfg.seed,
                                  device=resolve_device(cfg.device), **over)
-    return Search(algo, env, cfg.search, writer=writer, progress=cfg.progress, desc=f"{cfg.algo} search")
+    return Search(algo, env, cfg.search, writer=writer, progress=cfg.progress, desc=f"{cfg.algo} search",
+                  keep_top=cfg.selection.k)
 
 
 def _markdown_table(d: dict[str, Any]) -> str:
@@ -258,15 +277,28 @@ def _plots(search: Search, algo: str, logdir: Path, baseline_acc: float) -> None
     plt.close(fig)
 
 
-def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path) -> dict[str, Any]:
-    """Finalize the best plan (surgery, BN as the env, fine-tuning), test it and write the report."""
+def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path, writer: Any = None) -> dict[str, Any]:
+    """Select (by default) and finalize a plan (surgery, BN as the env, fine-tuning), test it, write the report."""
     assert search.best is not None
     device = resolve_device(cfg.device)
-    plan = PruningPlan.from_dict(search.best["plan"])
     base, splits, shape = env.base_model, env.splits, env.input_shape
     ft_cfg = dataclasses.replace(cfg.finetune, seed=cfg.seed, device=str(device), progress=cfg.progress)
-    pruned, result = finalize(base, splits, plan=plan, bn=env.config.bn, finetune_cfg=ft_cfg, layers=env.layers,
-                              out=logdir / "finetune.pt", resume=cfg.resume, meta={"algorithm": cfg.algo})
+    if cfg.selection.enabled:
+        # The budget: the budget reward's MACs target (exact or soft), else (linear, amc) the best plan's MACs, so
+        # that validation accuracy compares networks of one cost (it would always favour the largest).
+        budget = cfg.problem.macs_target if cfg.problem.reward == "budget" else search.best["macs_ratio"]
+        refs = reference_plans(env, budget) if cfg.selection.references else None
+        candidates = selection_candidates(search.top, refs, cfg.selection.k, max_macs_ratio=budget + MACS_SLACK)
+        limit = budget + MACS_SLACK
+        pruned, result = select_and_finalize(base, splits, candidates, cfg.selection, ft_cfg,
+                                             out_dir=logdir / "selection", bn=env.config.bn, layers=env.layers,
+                                             resume=cfg.resume, max_macs_ratio=limit, writer=writer,
+                                             meta={"algorithm": cfg.algo})
+        plan = candidates[result["selection"]["winner"]].plan
+    else:
+        plan = PruningPlan.from_dict(search.best["plan"])
+        pruned, result = finalize(base, splits, plan=plan, bn=env.config.bn, finetune_cfg=ft_cfg, layers=env.layers,
+                                  out=logdir / "finetune.pt", resume=cfg.resume, meta={"algorithm": cfg.algo})
     stages = result["accuracy"]
     before = (stages["after_bn_recal"] or stages["after_pruning"])["test"]
     lat_pruned = latency(pruned, shape, cfg.latency_repeats) or {}
@@ -293,6 +325,7 @@ def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path) 
                    "macs_target": cfg.problem.macs_target, "lam": cfg.problem.lam},
         "finetune": {"epochs": cfg.finetune.epochs, "kd": cfg.finetune.kd,
                      **{k: v for k, v in ft.items() if k in ("val_acc", "initial_val_acc", "best_epoch", "seconds")}},
+        "selection": _selection_summary(result.get("selection")),
         "keep_ratios": plan.keep_ratios(),
         "plan": plan.to_dict(),
         "config": flat_dict(cfg),
@@ -319,9 +352,30 @@ def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path) 
           f"{search.best['objective']:.4f} (acc ratio {search.best['acc_ratio']:.4f}, MACs ratio "
           f"{search.best['macs_ratio']:.4f}).", "",
           "Kept filters per layer: " + ", ".join(f"{n} {len(k)}/{plan.widths[n]}" for n, k in plan.keep.items()),
-          "", "![Pareto](pareto.png) ![learning curve](learning_curve.png)", ""]
+          "", *_selection_markdown(result.get("selection")),
+          "![Pareto](pareto.png) ![learning curve](learning_curve.png)", ""]
     ckpt.atomic_write_text(logdir / "report.md", "\n".join(md))
     return report
+
+
+def _selection_summary(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The report's ``selection``: every candidate (source, search objective, MACs ratio, validation accuracy per
+    rung), the rungs and the winner; ``None`` with --no-selection."""
+    if record is None:
+        return None
+    cands = [{k: c[k] for k in ("index", "source", "search_objective", "macs_ratio", "scores")}
+             for c in record["candidates"]]
+    return {"winner": record["winner"], "winner_source": record["winner_source"], "candidates": cands,
+            "rungs": record["rungs"], "cost_epochs": record["cost_epochs"]}
+
+
+def _selection_markdown(record: dict[str, Any] | None) -> list[str]:
+    if record is None:
+        return ["Final selection: off (--no-selection): the search's best plan was finalized.", ""]
+    return [f"## Final selection: winner #{record['winner']} ({record['winner_source']})", "",
+            f"Validation accuracy (%) of each candidate after each rung of short KD fine-tuning; "
+            f"{record['cost_epochs']} candidate fine-tuning epochs spent in the rungs.", "",
+            markdown_table(record), ""]
 
 
 def _config(argv: list[str] | None, parser: argparse.ArgumentParser) -> RunConfig:
@@ -332,8 +386,8 @@ def _config(argv: list[str] | None, parser: argparse.ArgumentParser) -> RunConfi
 
 
 # What a run writes into --logdir (an earlier run's outputs: refused without --resume or --overwrite).
-_OUTPUTS = (STATE_FILE, "finetune.pt", "report.json", "report.md", "pareto.png", "learning_curve.png", "plan.json",
-            "pruned_model.pt", "tb")
+_OUTPUTS = (STATE_FILE, "finetune.pt", "selection", "report.json", "report.md", "pareto.png", "learning_curve.png",
+            "plan.json", "pruned_model.pt", "tb")
 
 
 def _earlier_outputs(logdir: Path) -> list[str]:
@@ -430,11 +484,13 @@ def _run(cfg: RunConfig, logdir: Path) -> dict[str, Any] | int:
         evaluator.close()  # frees the workers' CPUs for the fine-tuning
     save()
     try:
-        return finish(cfg, env, search, logdir)
+        return finish(cfg, env, search, logdir, writer)
     except KeyboardInterrupt:
-        done = "finished fine-tuning epochs are saved in " + str(logdir / "finetune.pt") \
-            if (logdir / "finetune.pt").is_file() else "no fine-tuning epoch had finished"
-        print(f"\ninterrupted during the final fine-tuning: the search is saved in {state_file}, {done}; "
+        saved = logdir / "selection" if cfg.selection.enabled else logdir / "finetune.pt"
+        done = "finished fine-tuning epochs are saved in " + str(saved) if saved.exists() \
+            else "no fine-tuning epoch had finished"
+        stage = " (the selection stage)" if cfg.selection.enabled else ""
+        print(f"\ninterrupted during the final fine-tuning{stage}: the search is saved in {state_file}, {done}; "
               "rerun with --resume to continue", file=sys.stderr)
         return 130
 

@@ -7,7 +7,9 @@ those lives here, as functions taking the env:
 * :func:`keep_count`: the filters a layer keeps at a pruning rate (the engine's one rate rule, the env's
   ``min_keep`` / ``round_to``);
 * :func:`uniform_plan`: the DSFP-uniform plan (one step at one rate on every layer);
-* :func:`objective_of`: the objective J of a network known by its accuracy, MACs and quality.
+* :func:`objective_of`: the objective J of a network known by its accuracy, MACs and quality;
+* :func:`reference_plans`: the uniform and the global-ranking plan at a MACs budget (the reference
+  candidates of the final selection, :mod:`pruning_env.training.selection`).
 
 :data:`REMOVED_FROM_ENV` names what replaces each env method that v1 removed.
 """
@@ -16,13 +18,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pruning_env.engine.plan import PruningPlan
+import numpy as np
+
+from pruning_env.criteria import score
+from pruning_env.engine.budget import budget_keep_counts, global_plan_at_macs
+from pruning_env.engine.plan import PruningPlan, plan_top_k
 from pruning_env.envs.objective import objective
 
 if TYPE_CHECKING:
     from pruning_env.envs.env import FilterPruningEnv
 
-__all__ = ["REMOVED_FROM_ENV", "keep_count", "objective_of", "uniform_plan"]
+__all__ = ["REFERENCES", "REMOVED_FROM_ENV", "keep_count", "objective_of", "reference_plans", "uniform_plan"]
 
 #: Public names the -v0 env had and v1 removed, and what replaces each (its ``AttributeError`` says so).
 REMOVED_FROM_ENV = {
@@ -61,3 +67,41 @@ def objective_of(env: FilterPruningEnv, acc: float, macs: float, quality: float 
     ``proxy="acc"``), under ``env``'s reward settings (what ``env.measure(plan).objective`` is for a plan)."""
     q = acc / max(env.baseline_acc, 1e-9) if quality is None else quality
     return objective(env.config, q, macs / env.base_macs, acc, macs)
+
+
+REFERENCES = ("uniform", "global")
+"""The reference candidates of :func:`reference_plans`, by source name."""
+
+
+def reference_plans(env: FilterPruningEnv, macs_ratio: float | None = None, *,
+                    global_criterion: str = "l1") -> dict[str, PruningPlan]:
+    """The non-learned plans at a MACs budget, ``{source: plan}`` for :data:`REFERENCES`:
+
+    * ``"uniform"``: every layer at one rate, the env's exact-budget rule
+      (:func:`~pruning_env.engine.budget.budget_keep_counts` from an all-zero proposal: the rate every layer
+      shares rises until the network is within the budget, then filters are given back one at a time), the
+      lowest transition scores pruned: DSFP-uniform at the budget;
+    * ``"global"``: filters ranked across layers by ``global_criterion`` (L1 norms: Torch-Pruning's global L1),
+      the fewest pruned that meet the budget (:func:`~pruning_env.engine.budget.global_plan_at_macs`).
+
+    Args:
+        env: the pruning env (its network, rate rule and transition scores).
+        macs_ratio: the budget as pruned / unpruned MACs (default: the env's exact budget,
+            :attr:`EnvConfig.budget_target`).
+
+    Raises:
+        ValueError: no budget (``macs_ratio`` None and the env has no exact budget), or one out of (0, 1].
+    """
+    ratio = env.config.budget_target if macs_ratio is None else float(macs_ratio)
+    if ratio is None or not 0.0 < ratio <= 1.0:
+        raise ValueError(f"reference plans need a MACs budget in (0, 1] (the env's --macs-target with the budget "
+                         f"reward, or macs_ratio=); got {ratio}")
+    target = ratio * env.base_macs
+    full = PruningPlan.full(env.layers)
+    widths = np.asarray([full.widths[n] for n in env.layer_names])
+    counts = budget_keep_counts(env.macs_model, env.config.rule, widths, [0.0] * len(widths), target, final=True,
+                                max_rate=max(float(r) for r in env.config.rates))
+    transition = env.measure(full).scores  # the unpruned network's transition scores (cached)
+    uniform = plan_top_k(transition, {n: int(c) for n, c in zip(env.layer_names, counts)})
+    ranked = score(env.base_model, None, None, global_criterion, layers=env.layer_names)
+    return {"uniform": uniform, "global": global_plan_at_macs(ranked, env.macs_model, target, rule=env.config.rule)}

@@ -9,7 +9,9 @@ plans seen before do not). An episode is never cut, so a search may end up to
 Every plan measured is a point of the accuracy-vs-MACs picture (:func:`pareto_front`): the metrics of
 its :class:`~pruning_env.envs.measure.Measurement` (:func:`search_point`), so a metric added to the
 record is in every point. The *best plan* is the final plan of a training or greedy episode with the
-highest validation objective (its metrics, episode, source and plan). TensorBoard scalars use plans
+highest validation objective (its metrics, episode, source and plan); :attr:`Search.top` keeps the
+``keep_top`` best DISTINCT such plans, best first (the final selection's candidates,
+:mod:`pruning_env.training.selection`). TensorBoard scalars use plans
 measured as the global step, so algorithms with different episode lengths (AMC: one layer per step)
 compare directly:
 ``charts/`` (return, objective, accuracy and MACs ratios, best objective), ``losses/``
@@ -33,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pruning_env.core.config import SettingError, check_settings, option
+from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.measure import Measurement
 from pruning_env.envs.views import SequentialPruningEnv
@@ -228,13 +231,18 @@ class Search:
         writer: a TensorBoard ``SummaryWriter`` (optional).
         progress: show a progress bar (unit: plans).
         desc: the progress bar's label.
+        keep_top: how many of the best distinct final plans :attr:`top` keeps (with their plans).
         prefetch: called with the algorithm before every training episode, e.g. a
             :class:`pruning_env.search.parallel.Prefetcher` measuring its next episodes' plans on parallel
             workers (a speed-up only: the search's results are the same without it).
     """
 
     def __init__(self, algorithm: _Algorithm, env: FilterPruningEnv, cfg: SearchConfig, *, writer: Any = None,
-                 progress: bool = True, desc: str = "search", prefetch: Callable[[Any], None] | None = None) -> None:
+                 progress: bool = True, desc: str = "search", prefetch: Callable[[Any], None] | None = None,
+                 keep_top: int = 1) -> None:
+        if isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 1:
+            raise ValueError(f"keep_top must be an integer >= 1 (best plans kept), got {keep_top!r}")
+        self.keep_top = keep_top
         self.algorithm, self.env, self.cfg = algorithm, env, cfg
         self.prefetch = prefetch
         self.writer, self.progress, self.desc = writer, progress, desc
@@ -244,6 +252,7 @@ class Search:
         self.exhausted = False
         self.seconds = 0.0
         self.best: dict[str, Any] | None = None
+        self.top: list[dict[str, Any]] = []  # the keep_top best distinct final plans, best first (with "plan")
         self.points: list[dict[str, Any]] = []  # every plan measured, in the order found
         self.curve: list[dict[str, Any]] = []  # one entry per episode (training or greedy)
         self.seen: set[str] = {m.plan.key() for m in env.measured_plans()}  # the unpruned network is no candidate
@@ -264,7 +273,7 @@ class Search:
         """Everything needed to continue exactly (the algorithm's state included)."""
         return {"algorithm": self.algorithm.state_dict(), "episodes": self.episodes,
                 "greedy_evaluations": self.greedy_evaluations, "stall": self.stall, "exhausted": self.exhausted,
-                "seconds": self.seconds, "best": self.best, "points": self.points, "curve": self.curve,
+                "seconds": self.seconds, "best": self.best, "top": self.top, "points": self.points, "curve": self.curve,
                 "seen": sorted(self.seen)}
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
@@ -272,6 +281,8 @@ class Search:
         self.episodes, self.greedy_evaluations, self.stall = d["episodes"], d["greedy_evaluations"], d["stall"]
         self.exhausted, self.seconds, self.best = d["exhausted"], d["seconds"], d["best"]
         self.points, self.curve, self.seen = list(d["points"]), list(d["curve"]), set(d["seen"])
+        # a state saved before the top plans were kept knows its best one only
+        self.top = list(d.get("top", [self.best] if self.best is not None else []))[:self.keep_top]
 
     def result(self) -> dict[str, Any]:
         """The search's record: budget spent, best plan (with its plan dict), every point and the curve."""
@@ -324,11 +335,23 @@ class Search:
                                 "plans_used": self.plans_used}
         if self.best is None or cand["objective"] > self.best["objective"]:
             self.best = {**cand, "plan": env.plan.to_dict()}
+        self._keep_top(cand, env.plan.key(), env.plan.to_dict())
         entry = {"plans": self.plans_used, "episode": self.episodes, "source": source,
                  "objective": cand["objective"], "best": self.best["objective"], "return": float(log.episode_return),
                  "acc_ratio": cand["acc_ratio"], "macs_ratio": cand["macs_ratio"]}
         self.curve.append(entry)
         self._log(log, entry, seconds)
+
+    def _keep_top(self, cand: dict[str, Any], key: str, plan: dict[str, Any]) -> None:
+        """Insert a final plan into :attr:`top` unless already there (its measurement is cached: same objective);
+        ties keep the plan found first, so the list depends only on the search."""
+        if any(PruningPlan.from_dict(t["plan"]).key() == key for t in self.top):
+            return
+        if len(self.top) >= self.keep_top and cand["objective"] <= self.top[-1]["objective"]:
+            return
+        self.top.append({**cand, "plan": plan})
+        self.top.sort(key=lambda t: -t["objective"])  # stable: among equals the earlier stays first
+        del self.top[self.keep_top:]
 
     def _log(self, log: Any, entry: dict[str, Any], seconds: float) -> None:
         w, step = self.writer, self.plans_used

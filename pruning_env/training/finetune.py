@@ -53,6 +53,7 @@ from pruning_env.core.config import (
     config_mismatch,
     mismatch_message,
     option,
+    preserved_rng,
     resolve_device,
     seed_everything,
 )
@@ -158,8 +159,16 @@ def finetune(
     plan: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
     teacher_cache: TeacherCache | None = None,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``student`` in place; it ends with its best-validation weights.
+
+    With ``stop_after`` the run pauses after that many epochs of ITS schedule (the cosine decay still spans
+    ``cfg.epochs``; a fraction such as 0.25 pauses after that share of an epoch's steps): the student keeps its
+    current weights and ``out`` the full state, so a later call with ``resume=True`` (and a larger or no
+    ``stop_after``) continues the same run to the same result. A pause inside an epoch records the epoch's
+    starting generator state and the steps done; the continuation replays the epoch's batch draws up to there
+    (without training on them), so it sees the same batches as an uninterrupted run.
 
     Args:
         student: the (pruned) network; trained in place on ``cfg.device``.
@@ -173,13 +182,19 @@ def finetune(
         teacher_cache: a :class:`~pruning_env.training.teacher.TeacherCache` of ``teacher`` shared by runs
             that replay the same batches (same seed and recipe): the teacher's outputs are computed once
             (CPU only; the result is unchanged).
+        stop_after: pause after this many epochs, > 0, fractions allowed (``None`` or ``>= cfg.epochs``: run to
+            the end; at least one step is trained); needs ``out``.
 
     Returns:
         ``{"val_acc" (best, percent), "initial_val_acc", "best_epoch" (0 = the
         starting weights), "epochs", "history" (per epoch: train_loss, val_acc,
-        alpha, lr, seconds), "seconds"}``.
+        alpha, lr, seconds), "seconds"}``; a paused run's summary has ``"paused": True``, ``"epoch"`` (epochs
+        done, a fraction inside an epoch) and ``"last_val_acc"`` (the current weights', percent).
     """
     cfg.check()
+    if stop_after is not None and (not stop_after > 0 or out is None):
+        raise ValueError(f"stop_after must be a positive number of epochs and needs out= (the state to continue "
+                         f"from), got stop_after={stop_after}, out={out}")
     if cfg.kd and teacher is None:
         raise ValueError("kd=True needs the unpruned teacher network (teacher=...)")
     teach = teacher_fn(teacher, teacher_cache) if teacher is not None and cfg.kd else None
@@ -202,6 +217,10 @@ def finetune(
     else:
         opt = torch.optim.Adam(groups, lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.epochs * steps_per_epoch))
+    total_steps = cfg.epochs * steps_per_epoch
+    pause_step = None if stop_after is None else max(1, round(stop_after * steps_per_epoch))
+    pause = pause_step is not None and pause_step < total_steps
+    start_step, meter_state, last_val = 0, (0.0, 0), None
 
     state: dict[str, Any] | None = None
     if resume and out is not None and out.is_file():
@@ -234,6 +253,8 @@ def finetune(
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         start_epoch = state["epoch"]
+        start_step = state.get("step", 0)  # > 0: paused inside epoch start_epoch + 1 (generator: its start)
+        meter_state, last_val = tuple(state.get("meter", (0.0, 0))), state.get("last_val_acc")
         best_val, best_epoch, best_state = state["best_val"], state["best_epoch"], state["best_state_dict"]
         initial_val = state["initial_val_acc"]
         if cfg.progress:
@@ -243,20 +264,27 @@ def finetune(
         history, start_epoch = [], 0
         best_val, best_epoch, best_state = initial_val, 0, _state_copy(student)
 
-    def save(finished: bool, summary: dict[str, Any] | None = None) -> None:
+    def save(finished: bool, summary: dict[str, Any] | None = None, *, step: int = 0,
+             epoch_generator: torch.Tensor | None = None, meter: tuple[float, int] = (0.0, 0)) -> None:
         if out is None:
             return
         train_state: dict[str, Any] = {"epoch": len(history), "history": history, "best_val": best_val,
                                        "best_epoch": best_epoch, "initial_val_acc": initial_val,
-                                       "finished": finished, "config": dataclasses.asdict(cfg)}
+                                       "finished": finished, "config": dataclasses.asdict(cfg),
+                                       "last_val_acc": last_val}
         if finished:
             train_state["summary"] = summary
         else:
-            train_state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(), generator=gen.get_state(),
-                               torch_rng=torch.get_rng_state(), best_state_dict=best_state)
+            train_state.update(optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                               generator=gen.get_state() if epoch_generator is None else epoch_generator,
+                               torch_rng=torch.get_rng_state(), best_state_dict=best_state, step=step,
+                               meter=meter)
         ckpt.save(out, student, input_shape=splits.input_shape, dataset=splits.name, classes=splits.classes,
-                  metrics={"val_acc": best_val if finished else history[-1]["val_acc"]}, plan=plan,
+                  metrics={"val_acc": best_val if finished else last_val}, plan=plan,
                   extra={**(meta or {}), "train_state": train_state})
+
+    def progress() -> int:  # optimiser steps done
+        return len(history) * steps_per_epoch + start_step
 
     path = device_path(device, amp=cfg.amp, device_data=cfg.device_data)
     # channels-last on the fast path only (the CPU loop is the one it always was); undone in the finally
@@ -267,16 +295,22 @@ def finetune(
     hint = "lower --finetune-lr (or --finetune-temperature) and fine-tune afresh"
     try:
         for epoch in range(start_epoch, cfg.epochs):
+            if pause and progress() >= pause_step:  # type: ignore[operator]
+                break
             t0 = time.time()
             alpha = alpha_at(epoch, cfg)
             student.train()
             meter = LossMeter(sync_each_step=not path.sync_free)
+            meter.total, meter.seen = meter_state
+            skip, epoch_generator, paused = start_step, gen.get_state(), False
             it = batches(splits.train, cfg.batch_size, mean=splits.mean, std=splits.std, shuffle=True,
                          augment_data=cfg.augment, generator=gen, device=device, resident=path.resident)
             bar = tqdm(it, total=steps_per_epoch, desc=f"finetune {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not cfg.progress, file=sys.stderr)
             with path.kernels():
-                for x, y in bar:
+                for i, (x, y) in enumerate(bar):
+                    if i < skip:  # done before the pause: the draws are replayed, the step is not
+                        continue
                     if formatted:
                         x = x.contiguous(memory_format=torch.channels_last)
                     with path.autocast():
@@ -295,11 +329,23 @@ def finetune(
                     running = meter.mean()  # None on the fast path: reading the loss would wait for the GPU
                     if running is not None:
                         bar.set_postfix(loss=f"{running:.3f}")
+                    if pause and epoch * steps_per_epoch + i + 1 == pause_step and i + 1 < steps_per_epoch:
+                        paused = True
+                        break
+            if paused:  # inside the epoch: its start generator, the steps done and the loss so far are kept
+                with preserved_rng():  # a validation the uninterrupted run does not make: it draws nothing
+                    last_val = evaluate(student, splits.val, mean=splits.mean, std=splits.std, device=device)
+                save(finished=False, step=i + 1, epoch_generator=epoch_generator,
+                     meter=(float(meter.total), meter.seen))
+                start_step = i + 1
+                break
+            start_step, meter_state = 0, (0.0, 0)
             train_loss = meter.finish(where=f"fine-tuning epoch {epoch + 1}", hint=hint)
             val_acc = evaluate(student, splits.val, mean=splits.mean, std=splits.std, device=device)
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val_acc,
                             "alpha": alpha if cfg.kd else 0.0, "lr": sched.get_last_lr()[0],
                             "seconds": time.time() - t0})
+            last_val = val_acc
             if val_acc > best_val:
                 best_val, best_epoch, best_state = val_acc, epoch + 1, _state_copy(student)
             if cfg.progress:
@@ -311,6 +357,12 @@ def finetune(
             m.to(memory_format=torch.contiguous_format)
         if teacher is not None and cfg.kd:
             teacher.train(teacher_training)
+    if pause:
+        student.eval()
+        last = last_val if last_val is not None else initial_val
+        return {"paused": True, "epoch": progress() / steps_per_epoch, "last_val_acc": last, "val_acc": best_val,
+                "initial_val_acc": initial_val, "best_epoch": best_epoch, "epochs": cfg.epochs,
+                "history": list(history), "seconds": round(time.time() - t_start, 1)}
     student.load_state_dict(best_state)
     student.eval()
     summary = {"val_acc": best_val, "initial_val_acc": initial_val, "best_epoch": best_epoch,
