@@ -36,9 +36,25 @@ Outputs in ``--out-dir``:
   TEST accuracy before/after fine-tuning, validation objective, MACs and params ratios, wall
   time; and a summary paragraph written from the numbers.
 
-Resumable with ``--resume``: every finished search and every finished fine-tune is written
+The final selection (:mod:`pruning_env.training.selection`, ``--selection-*``), the same for every search:
+each method and seed is finalized in every mode of ``--selections``:
+
+* ``none``: the search's best plan fine-tuned (above; Torch-Pruning's network is compared as it is, in this mode
+  only);
+* ``own``: successive halving of short KD fine-tunes over the method's own ``--selection-k`` best distinct plans,
+  judged on VALIDATION accuracy, the winner's fine-tune continued to the full budget;
+* ``own+reference``: the same over those plans plus the reference plans at the same MACs budget
+  (:func:`pruning_env.envs.plans.reference_plans`: ``uniform`` and ``global``, the same for every method).
+
+The flat ``rows`` of ``marl.json`` hold one entry per (target, method, seed, selection) with the winner's source
+(``search``, ``uniform``, ``global``; ``torch-pruning`` for its network). Long runs may be staged: e.g.
+``--selections none`` first, then ``--selections own own+reference --resume`` into the same folders.
+
+Resumable with ``--resume``: every finished search, fine-tune and selection is written
 to ``marl.json`` at once and skipped on a rerun with the same settings; an interrupted
-fine-tune continues from its per-epoch checkpoint under ``--work-dir``.
+fine-tune continues from its per-epoch checkpoint under ``--work-dir``, an interrupted selection from its stage
+state there (``seed<s>/<method>-<selection>/``). Changing only ``--selection-*`` keeps the searches and the
+``none`` fine-tunes.
 
     python -m benchmarks.marl --data-dir /path/to/data --macs-target 0.3   # VGG-16 w0.25, CIFAR-10, 3 seeds
     python -m benchmarks.marl --seeds 0 --plans 300 --finetune-epochs 2 --finetune-train-limit 10000
@@ -68,7 +84,16 @@ from torch import nn
 import agents
 import pruning_env
 from benchmarks.common import hold_outputs, require_torch_pruning
-from benchmarks.marl_report import ALGOS, STATE_FILE, TP_NAME, plots, result_rows, summary, write_report
+from benchmarks.marl_report import (
+    ALGOS,
+    SELECTIONS,
+    STATE_FILE,
+    TP_NAME,
+    plots,
+    result_rows,
+    summary,
+    write_report,
+)
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import (
@@ -87,12 +112,20 @@ from pruning_env.engine.flops import count
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.plans import objective_of
+from pruning_env.envs.plans import objective_of, reference_plans
 from pruning_env.envs.registry import NETWORK_NAMES, TINY_ID, check_env_id, make_benchmark_env, parse_env_id
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides, check_algo_config
 from pruning_env.search.parallel import PlanEvaluator, WorkersConfig, ray_session, scale_out
 from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig
+from pruning_env.training.selection import (
+    MACS_SLACK,
+    SelectionConfig,
+    check_finetune,
+    select_and_finalize,
+    selection_budget,
+    selection_candidates,
+)
 from pruning_env.training.teacher import TeacherCache
 from pruning_env.training.train import default_checkpoint_path
 
@@ -120,6 +153,11 @@ class BenchConfig:
     finetune: FinetuneConfig = nested(FinetuneConfig, "identical fine-tuning of every best plan and of "
                                       "Torch-Pruning's network (2 epochs here)", prefix="finetune",
                                       default=FinetuneConfig(epochs=2))
+    selection: SelectionConfig = nested(SelectionConfig, "the final selection of the own and own+reference modes "
+                                        "(the same for every method)", prefix="selection")
+    selections: list[str] = option(list(SELECTIONS), "selection modes to run: none (the search's best plan), own "
+                                   "(the selection over the method's own best plans), own+reference (those plus the "
+                                   "uniform and global plans at the budget)", run_only=True)
     parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers, --ray-address)")
     tp_target: str = option("target", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "
                             "the same seed (qmix; falls back to --macs-target without QMIX) or --macs-target "
@@ -151,6 +189,15 @@ def _check(cfg: BenchConfig) -> BenchConfig:
     require_torch_pruning("the Torch-Pruning row of every seed (global L1 pruning to the same MACs)")
     cfg.finetune.check()
     cfg.parallel.check()
+    bad = [m for m in cfg.selections if m not in SELECTIONS]
+    if bad or not cfg.selections or len(set(cfg.selections)) != len(cfg.selections):
+        raise ValueError(f"--selections must list distinct modes among {', '.join(SELECTIONS)}, got "
+                         f"{' '.join(cfg.selections) or 'none at all'}")
+    if not (cfg.selection.enabled and cfg.selection.references):
+        raise ValueError("benchmarks.marl chooses the selection modes with --selections (none, own, own+reference); "
+                         "--no-selection and --no-selection-references are train_marl.py's flags")
+    if set(cfg.selections) - {"none"}:
+        check_finetune(cfg.finetune)
     if cfg.env is not None:
         pruning_env.register_all()
         check_env_id(cfg.env)  # unknown, or a removed -v0 id (named with its -v1 id)
@@ -201,6 +248,7 @@ class Context:
         self._splits = None
         self._env: FilterPruningEnv | None = None
         self._teacher: TeacherCache | None = None
+        self._references: dict[float, dict[str, PruningPlan]] = {}
         # One set of plan-measuring workers (--workers > 1) for every search of the run: the envs share the problem,
         # so its store serves them all and no search waits for new workers (each env still counts its own plans).
         self.evaluator: PlanEvaluator | None = None
@@ -211,6 +259,12 @@ class Context:
         if self._teacher is None:
             self._teacher = TeacherCache(self.env.base_model)
         return self._teacher
+
+    def references(self, macs_ratio: float) -> dict[str, PruningPlan]:
+        """The reference plans at a MACs budget (computed once per budget: every method gets the same)."""
+        if macs_ratio not in self._references:
+            self._references[macs_ratio] = reference_plans(self.env, macs_ratio)
+        return self._references[macs_ratio]
 
     def make_env(self) -> FilterPruningEnv:
         """A fresh env of the benchmark's problem (its plan cache empty)."""
@@ -248,11 +302,14 @@ def run_search(cfg: BenchConfig, ctx: Context, name: str, seed: int) -> dict[str
     cls = agents.get_algorithm(name)
     overrides = algorithm_overrides(cls, name, cfg.search, env.config.episode_length)
     algo = agents.make_algorithm(name, algorithm_env(cls, env), seed=seed, device=ctx.device, **overrides)
-    search = Search(algo, env, cfg.search, progress=cfg.progress, desc=f"seed {seed} {name}")
+    search = Search(algo, env, cfg.search, progress=cfg.progress, desc=f"seed {seed} {name}",
+                    keep_top=cfg.selection.k)
     ctx.evaluator = scale_out(search, cfg.parallel, ctx.evaluator)  # None with --workers 1
     search.run()
     # points: every plan measured, in the order they were found; curve: one entry per episode
-    return {"algorithm": name, "seed": seed, **search.result(), "env_setup_seconds": round(env_seconds, 2),
+    # top: the k best distinct final plans (the selection's own candidates)
+    return {"algorithm": name, "seed": seed, **search.result(), "top": search.top, "keep_top": search.keep_top,
+            "env_setup_seconds": round(env_seconds, 2),
             "config_overrides": overrides, "baseline_val_acc": env.baseline_acc}
 
 
@@ -343,6 +400,51 @@ def run_finetune(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: d
     }
 
 
+def run_selection(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: dict[str, Any], mode: str,
+                  baseline: dict[str, Any]) -> dict[str, Any]:
+    """The final selection of one method and seed in ``mode`` (``own`` or ``own+reference``), then the winner's
+    fine-tune continued to the full budget and tested, as :func:`run_finetune` tests the search's best plan.
+
+    The own candidates are the search's recorded ``top`` plans (a search recorded before they were kept knows its
+    best plan only); the references are the same for every method (:meth:`Context.references`)."""
+    env, device = ctx.env, ctx.device
+    t0 = time.perf_counter()
+    budget = selection_budget(cfg.problem.reward, cfg.problem.macs_target, search["best"]["macs_ratio"])
+    top = search.get("top") or [search["best"]]
+    if search.get("keep_top", 1) < cfg.selection.k:
+        print(f"marl: seed {seed} {name}: the recorded search kept {len(top)} best plans, fewer than "
+              f"--selection-k {cfg.selection.k}: its selection has only those (rerun the search without --resume "
+              "for more)", file=sys.stderr)
+    refs = ctx.references(budget) if mode == "own+reference" else None
+    limit = budget + MACS_SLACK
+    candidates = selection_candidates(top, refs, cfg.selection.k, max_macs_ratio=limit)
+    out = finetune_dir(cfg.work_dir, cfg.problem.macs_target) / f"seed{seed}" / f"{name}-{mode}"
+    ft_cfg = dataclasses.replace(cfg.finetune, seed=seed, device=str(device), progress=cfg.progress)
+    _, result = select_and_finalize(env.base_model, env.splits, candidates, cfg.selection, ft_cfg, out_dir=out,
+                                    bn=env.config.bn, layers=env.layers, resume=cfg.resume, max_macs_ratio=limit,
+                                    teacher_cache=ctx.teacher_cache,
+                                    meta={"algorithm": name, "benchmark": "marl", "selection": mode})
+    record = result["selection"]
+    plan = candidates[record["winner"]].plan
+    measured = env.measure(plan)  # the winner's validation objective before fine-tuning, as the search sees a plan
+    before = result["accuracy"]["after_bn_recal"] or result["accuracy"]["after_pruning"]
+    ft = result["finetune"] or {}
+    return {
+        "algorithm": name, "seed": seed, "selection": mode, "winner": record["winner"],
+        "winner_source": record["winner_source"],
+        "candidates": [{k: c[k] for k in ("index", "source", "search_objective", "macs_ratio", "scores")}
+                       for c in record["candidates"]],
+        "rungs": record["rungs"], "cost_epochs": record["cost_epochs"],
+        "val_objective": measured.objective,
+        "macs_ratio": result["macs"] / baseline["macs"], "params_ratio": result["params"] / baseline["params"],
+        "macs": result["macs"], "params": result["params"],
+        "test_acc_before_finetune": before["test"], "test_acc": result["test_acc"],
+        "retention": result["test_acc"] / baseline["test_acc"] if baseline["test_acc"] > 0 else None,
+        "val_acc_after_finetune": ft.get("val_acc"), "seconds": round(time.perf_counter() - t0, 2),
+        "keep": plan.keep_counts(),
+    }
+
+
 # ----------------------------------------------------------------------------- bookkeeping
 
 
@@ -352,20 +454,24 @@ def finetune_dir(work_dir: str, macs_target: float) -> Path:
     return Path(work_dir) / f"target-{macs_target:g}"
 
 
-def _keys(cfg: BenchConfig) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The settings that define the searches' results, and those that define the fine-tunes'."""
+def _keys(cfg: BenchConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The settings that define the searches' results, those that define the fine-tunes', and those that define
+    the selections' (which depend on the fine-tunes' too)."""
     flat = without_run_only(BenchConfig, flat_dict(cfg))
     ft = {k: v for k, v in flat.items() if k.startswith("finetune_") or k in _FINETUNE_KEYS}
-    search = {k: v for k, v in flat.items() if k not in ft}
-    return json.loads(json.dumps(search)), json.loads(json.dumps(ft))
+    sel = {k: v for k, v in flat.items() if k.startswith("selection_")}
+    search = {k: v for k, v in flat.items() if k not in ft and k not in sel}
+    return json.loads(json.dumps(search)), json.loads(json.dumps(ft)), json.loads(json.dumps(sel))
 
 
-def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool]:
-    """The recorded results to resume from (empty when starting over), and whether fine-tunes may resume."""
-    search_cfg, ft_cfg = _keys(cfg)
-    fresh = {"benchmark": "marl", "search_config": search_cfg, "finetune_config": ft_cfg, "runs": {}}
+def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool, bool]:
+    """The recorded results to resume from (empty when starting over), whether fine-tunes may resume, and whether
+    selections may (their stage states under --work-dir)."""
+    search_cfg, ft_cfg, sel_cfg = _keys(cfg)
+    fresh = {"benchmark": "marl", "search_config": search_cfg, "finetune_config": ft_cfg,
+             "selection_config": sel_cfg, "runs": {}}
     if not (cfg.resume and path.is_file()):
-        return fresh, False
+        return fresh, False, False
     state = json.loads(path.read_text())
     old = without_run_only(BenchConfig, state.get("search_config", {}))
     if search_cfg != old:
@@ -376,10 +482,18 @@ def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool]:
         # The searches stay valid; the fine-tunes (and their checkpoints) do not.
         print("marl: fine-tuning settings changed: recorded fine-tunes are discarded, searches kept", file=sys.stderr)
         for run in state["runs"].values():
-            run["finetune"] = {}
-        state["finetune_config"] = ft_cfg
-        return state, False
-    return state, True
+            run["finetune"], run["selection"] = {}, {}
+        state["finetune_config"], state["selection_config"] = ft_cfg, sel_cfg
+        return state, False, False
+    # A run recorded before the selection modes existed has no selection settings: it has no selection either.
+    if state.setdefault("selection_config", sel_cfg) != sel_cfg:
+        print("marl: selection settings changed: recorded selections are discarded, searches and fine-tunes kept",
+              file=sys.stderr)
+        for run in state["runs"].values():
+            run["selection"] = {}
+        state["selection_config"] = sel_cfg
+        return state, True, False
+    return state, True, True
 
 
 def _jsonable(x: Any) -> Any:
@@ -413,13 +527,13 @@ def main(argv: list[str] | None = None) -> int:
     work = finetune_dir(cfg.work_dir, cfg.problem.macs_target)
     with hold_outputs("marl", files=[("--out-dir", out_dir / STATE_FILE)], folders=[("--work-dir", work)]):
         try:
-            state, ft_resume = _load_state(out_dir / STATE_FILE, cfg)
+            state, ft_resume, sel_resume = _load_state(out_dir / STATE_FILE, cfg)
         except (ValueError, TypeError) as exc:
             parser.exit(2, f"error: {exc}\n")
-        return _main(cfg, argv_list, state, ft_resume)
+        return _main(cfg, argv_list, state, ft_resume, sel_resume)
 
 
-def _main(cfg: BenchConfig, argv_list: list[str], state: dict[str, Any], ft_resume: bool) -> int:
+def _main(cfg: BenchConfig, argv_list: list[str], state: dict[str, Any], ft_resume: bool, sel_resume: bool) -> int:
     out_dir = Path(cfg.out_dir)
     json_path = out_dir / STATE_FILE
     if cfg.threads:
@@ -431,6 +545,7 @@ def _main(cfg: BenchConfig, argv_list: list[str], state: dict[str, Any], ft_resu
     ctx = Context(cfg)
     # A fine-tune checkpoint may be continued only when its recorded settings still hold.
     cfg_ft = dataclasses.replace(cfg, resume=ft_resume)
+    cfg_sel = dataclasses.replace(cfg, resume=sel_resume)  # a selection's stage state: only of the same settings
     reused = 0
     try:
         # 1. The searches: every algorithm, every seed, a fresh env each (Ray only while they run, --workers > 1).
@@ -462,7 +577,8 @@ def _main(cfg: BenchConfig, argv_list: list[str], state: dict[str, Any], ft_resu
             _save_state(json_path, state)
         for seed in cfg.seeds:
             run = state["runs"][str(seed)]
-            for name in [*cfg.algos, TP_NAME]:  # TP last: its target may be QMIX's measured MACs
+            # selection "none": the searches' best plans (when asked for) and Torch-Pruning's network (always)
+            for name in [*(cfg.algos if "none" in cfg.selections else []), TP_NAME]:  # TP last: QMIX's MACs
                 if name in run["finetune"]:
                     reused += 1
                     continue
@@ -474,6 +590,15 @@ def _main(cfg: BenchConfig, argv_list: list[str], state: dict[str, Any], ft_resu
                 run["finetune"][name] = run_finetune(cfg_ft, ctx, name, seed, run["search"].get(name), target,
                                                      state["baseline"])
                 _save_state(json_path, state)
+            for mode in [m for m in SELECTIONS if m != "none" and m in cfg.selections]:
+                done = run.setdefault("selection", {}).setdefault(mode, {})
+                for name in cfg.algos:
+                    if name in done:
+                        reused += 1
+                        continue
+                    print(f"marl: seed {seed} {name}: selection {mode}", file=sys.stderr)
+                    done[name] = run_selection(cfg_sel, ctx, name, seed, run["search"][name], mode, state["baseline"])
+                    _save_state(json_path, state)
     except KeyboardInterrupt:
         _save_state(json_path, state)
         print(f"\ninterrupted: finished parts are in {json_path}; rerun the same command with --resume to continue",

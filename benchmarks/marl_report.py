@@ -35,11 +35,15 @@ from benchmarks.common import (
 from pruning_env.core.config import option
 from pruning_env.search import pareto_front
 
-__all__ = ["ALGOS", "LABELS", "TP_NAME", "best_so_far", "curve_band", "headline", "load_run", "plan_placement",
-           "plots", "result_rows", "summary", "write_report", "write_targets_report"]
+__all__ = ["ALGOS", "LABELS", "SELECTIONS", "TP_NAME", "best_so_far", "curve_band", "headline", "load_run",
+           "plan_placement", "plots", "result_rows", "row_selection", "selection_table", "summary", "write_report",
+           "write_targets_report"]
 
 ALGOS = ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"]
 TP_NAME = "torch-pruning"
+SELECTIONS = ("none", "own", "own+reference")
+"""How a method's final network is chosen: its search's best plan (``none``), the final selection over its own best
+plans (``own``), or over those and the reference plans at the same budget (``own+reference``)."""
 LABELS = {"qmix": "QMIX", "vdn": "VDN", "iql": "IQL", "amc": "AMC (DDPG)", "random": "random search",
           "dsfp-uniform": "DSFP-uniform", TP_NAME: "Torch-Pruning global L1"}
 
@@ -319,6 +323,17 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
                       "test_acc": 2, "retention": 4, "seconds": 1}
             md.append(f"| {LABELS[a]} | {len(rs)} | "
                       + " | ".join(common.fmt_values([r[k] for r in rs], d) for k, d in digits.items()) + " |")
+    rows = result_rows(state, cfg.macs_target)
+    if any(row_selection(r) != "none" for r in rows):
+        k, rung = getattr(cfg, "selection_k", "k"), getattr(cfg, "selection_rung_epochs", "R")
+        md += ["", "## Final selection: each method with its own candidates, and with the references added", "",
+               f"`none`: the search's best plan, fine-tuned as above. `own`: successive halving of short KD "
+               f"fine-tunes ({rung} epoch per rung, the better half by VALIDATION accuracy goes on) over the "
+               f"method's own {k} best distinct plans, the winner's fine-tune continued to the full budget. "
+               "`own+reference`: the same with the uniform and the global-L1 plans at the same MACs budget added "
+               "(the same references for every method). Torch-Pruning's network is compared as it is. TEST "
+               "accuracy after the fine-tune, mean ± std over seeds (n = seeds); winners: the source of the "
+               "selected network per seed (search = one of the method's own plans).", "", *selection_table(rows)]
     md += ["", "## Per seed", "",
            "| seed | method | plans used | best val objective | MACs ratio | test before FT (%) | test after FT (%) "
            "| search wall (s) | FT wall (s) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -355,21 +370,54 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
 
 
 def result_rows(state: dict[str, Any], target: float) -> list[dict[str, Any]]:
-    """One flat row per (target, method, seed) of the finished fine-tunes (method names as in ``--algos``, plus
-    ``torch-pruning``): MACs ratio, validation objective and TEST accuracy before / after the fine-tune."""
+    """One flat row per (target, method, seed, selection) of the finished fine-tunes and selections (method names
+    as in ``--algos``, plus ``torch-pruning``; ``selection`` one of :data:`SELECTIONS`): MACs ratio, validation
+    objective and TEST accuracy before / after the fine-tune, and the source of the network (``winner_source``:
+    ``search``, ``uniform`` or ``global``; ``torch-pruning`` for its network)."""
     rows = []
     for seed, run in sorted(state["runs"].items(), key=lambda kv: int(kv[0])):
-        for method, ft in run["finetune"].items():
-            rows.append({"target": target, "method": method, "seed": int(seed), "macs_ratio": ft["macs_ratio"],
-                         "val_objective": ft["val_objective"], "test_acc_before_ft": ft["test_acc_before_finetune"],
-                         "test_acc_after_ft": ft["test_acc"]})
+        done = [("none", method, ft) for method, ft in run["finetune"].items()]
+        done += [(mode, method, r) for mode in SELECTIONS[1:] for method, r in run.get("selection", {}).get(mode,
+                                                                                                       {}).items()]
+        for mode, method, r in done:
+            source = r.get("winner_source", TP_NAME if method == TP_NAME else "search")
+            rows.append({"target": target, "method": method, "seed": int(seed), "selection": mode,
+                         "macs_ratio": r["macs_ratio"], "val_objective": r["val_objective"],
+                         "test_acc_before_ft": r["test_acc_before_finetune"], "test_acc_after_ft": r["test_acc"],
+                         "winner_source": source})
     return rows
+
+
+def row_selection(row: dict[str, Any]) -> str:
+    """A row's selection mode: rows recorded before the modes existed are the search's best plan (``none``)."""
+    return row.get("selection", "none")
+
+
+def selection_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The markdown table of one target's rows: per method, the TEST accuracy after the fine-tune in each selection
+    mode (mean ± std over seeds) and the sources of the winners (``source count``, over seeds)."""
+    methods = [m for m in [*ALGOS, TP_NAME] if any(r["method"] == m for r in rows)]
+    md = ["| method | " + " | ".join(f"test acc, {m} (%)" for m in SELECTIONS) + " | "
+          + " | ".join(f"winners, {m}" for m in SELECTIONS[1:]) + " |", "|---|" + "---|" * (2 * len(SELECTIONS) - 1)]
+    for method in methods:
+        by_mode = {m: [r for r in rows if r["method"] == method and row_selection(r) == m] for m in SELECTIONS}
+        accs = [common.fmt(*common.mean_std([r["test_acc_after_ft"] for r in by_mode[m]]), 2)
+                + (f" (n={len(by_mode[m])})" if by_mode[m] else "") for m in SELECTIONS]
+        sources = []
+        for m in SELECTIONS[1:]:
+            counts = {}
+            for r in by_mode[m]:
+                counts[r["winner_source"]] = counts.get(r["winner_source"], 0) + 1
+            sources.append(", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
+        md.append(f"| {LABELS[method]} | " + " | ".join(accs + sources) + " |")
+    return md
 
 
 def state_settings(state: dict[str, Any]) -> SimpleNamespace:
     """The flat settings of a recorded run (as :func:`summary` and :func:`write_report` take them)."""
     algos = [a for a in ALGOS if any(a in r["search"] for r in state["runs"].values())]
-    return SimpleNamespace(**state["search_config"], **state["finetune_config"], algos=algos)
+    return SimpleNamespace(**state["search_config"], **state["finetune_config"], **state.get("selection_config", {}),
+                           algos=algos)
 
 
 MACS_SLACK = 0.005
@@ -400,7 +448,8 @@ def headline(states: list[dict[str, Any]], goal: float = 1.0) -> list[dict[str, 
 def _check_comparable(states: list[dict[str, Any]]) -> None:
     """Refuse runs that differ in anything but the MACs target (they would be reported as one benchmark)."""
     def key(st: dict[str, Any]) -> dict[str, Any]:
-        return {**{k: v for k, v in st["search_config"].items() if k != "macs_target"}, **st["finetune_config"]}
+        return {**{k: v for k, v in st["search_config"].items() if k != "macs_target"}, **st["finetune_config"],
+                **st.get("selection_config", {})}
     first = key(states[0])
     for st in states[1:]:
         other = key(st)
@@ -442,20 +491,23 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
     if any(h["seeds"] < 3 for h in head):
         md += ["", "Fewer than 3 seeds at some target (0: QMIX or DSFP-uniform not fine-tuned yet): no statistical "
                "claim; a ± is a standard deviation over seeds, shown from 2 seeds on."]
-    methods = [m for m in [*ALGOS, TP_NAME] if any(r["method"] == m for r in rows)]
-    md += ["", "## Every method at every target (TEST accuracy after the fine-tune, mean ± std over seeds)", "",
+    plain = [r for r in rows if row_selection(r) == "none"]
+    methods = [m for m in [*ALGOS, TP_NAME] if any(r["method"] == m for r in plain)]
+    md += ["", "## Every method at every target (the search's best plan: TEST accuracy after the fine-tune, mean ± "
+           "std over seeds)", "",
            "| method | " + " | ".join(f"MACs ratio @{t:g} (max) | test acc @{t:g} (%)" for t in targets) + " |",
            "|---|" + "---|---|" * len(targets)]
     for m in methods:
         cells = []
         for t in targets:
-            rs = [r for r in rows if r["method"] == m and r["target"] == t]
+            rs = [r for r in plain if r["method"] == m and r["target"] == t]
             cells += [f"{max(r['macs_ratio'] for r in rs):.4f}" if rs else "-",
                       common.fmt_values([r["test_acc_after_ft"] for r in rs], 2)]
         md.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     md += ["", (f"Every final network is at or below its target + {MACS_SLACK} MACs ratio." if not over else
                 f"**{len(over)} final networks exceed their target + {MACS_SLACK}**: "
-                + ", ".join(f"{r['method']} seed {r['seed']} @{r['target']:g} ({r['macs_ratio']:.4f})"
+                + ", ".join(f"{r['method']} ({row_selection(r)}) seed {r['seed']} @{r['target']:g} "
+                            f"({r['macs_ratio']:.4f})"
                             for r in over) + "."), ""]
     out_dir.mkdir(parents=True, exist_ok=True)
     for st, t in zip(states, targets):

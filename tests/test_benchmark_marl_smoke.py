@@ -1,4 +1,4 @@
-"""benchmarks/marl.py end to end on Tiny-v1 with a tiny budget: outputs, one row per method, resume."""
+"""benchmarks/marl.py end to end on Tiny-v1 with a tiny budget: outputs, one row per (method, selection), resume."""
 
 import json
 from pathlib import Path
@@ -8,6 +8,9 @@ import pytest
 from benchmarks import marl as marl_module
 
 ALGOS = ["qmix", "random", "dsfp-uniform"]
+SELECTIONS = ("none", "own", "own+reference")
+ROW_KEYS = {"target", "method", "seed", "selection", "macs_ratio", "val_objective", "test_acc_before_ft",
+            "test_acc_after_ft", "winner_source"}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +26,18 @@ def _argv(out: Path) -> list[str]:
 @pytest.mark.long  # an end-to-end run of the benchmark (.ci/run runs it)
 def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory, monkeypatch):
     out = tmp_path / "marl"
-    assert marl.main(_argv(out)) == 0
+    # staged: the searches and their best plans first, then the selections of the same run with --resume
+    assert marl.main([*_argv(out), "--selections", "none"]) == 0
+    first = json.loads((out / "marl.json").read_text())
+    assert {r["selection"] for r in first["rows"]} == {"none"} and "selection" not in first["runs"]["0"]
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a recorded search or fine-tune was run again")
+
+    with monkeypatch.context() as m:
+        m.setattr(marl, "run_search", must_not_run)
+        m.setattr(marl, "run_finetune", must_not_run)
+        assert marl.main([*_argv(out), "--resume"]) == 0  # default --selections: all three
     for name in ("marl.md", "marl.json", "marl_curves.png", "marl_pareto.png"):
         assert (out / name).stat().st_size > 0, name
 
@@ -47,25 +61,46 @@ def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory,
     tp = run["finetune"]["torch-pruning"]
     assert tp["macs_ratio"] <= 0.5 + 1e-9  # pruned down to the MACs target (--tp-target target)
     assert tp["other_layers_pruned"] == []
-    # the flat rows: one per (target, method, seed), every final network at the exact budget
-    assert sorted(r["method"] for r in state["rows"]) == sorted([*ALGOS, "torch-pruning"])
+    assert run["search"] == first["runs"]["0"]["search"] and run["finetune"] == first["runs"]["0"]["finetune"]
+    # the flat rows: one per (target, method, seed, selection), every final network at the exact budget;
+    # Torch-Pruning's network is compared as it is (selection "none" only)
+    keys = sorted((r["method"], r["selection"]) for r in state["rows"])
+    assert keys == sorted([*((a, m) for a in ALGOS for m in SELECTIONS), ("torch-pruning", "none")])
     for row in state["rows"]:
-        assert set(row) == {"target", "method", "seed", "macs_ratio", "val_objective", "test_acc_before_ft",
-                            "test_acc_after_ft"}
+        assert set(row) == ROW_KEYS, row
         assert row["target"] == 0.5 and row["seed"] == 0 and row["macs_ratio"] <= 0.5 + 0.005, row
+        expected = {"none": {"torch-pruning"} if row["method"] == "torch-pruning" else {"search"},
+                    "own": {"search"}, "own+reference": {"search", "uniform", "global"}}[row["selection"]]
+        assert row["winner_source"] in expected, row
+    for mode in ("own", "own+reference"):
+        for name in ALGOS:
+            sel = run["selection"][mode][name]
+            sources = [c["source"] for c in sel["candidates"]]
+            # own: only the method's own best distinct plans (at most k = 6, all at the budget)
+            own = run["search"][name]["top"]
+            assert sources.count("search") == min(6, len(own)), (mode, name)
+            assert all(c["macs_ratio"] <= 0.5 + 0.005 for c in sel["candidates"]), (mode, name)
+            if mode == "own":
+                assert set(sources) == {"search"}, name
+            else:  # the references are added unless they repeat one of the method's plans
+                assert set(sources) <= {"search", "uniform", "global"}, name
+            assert sel["candidates"][sel["winner"]]["source"] == sel["winner_source"]
+    # every method got the same references: qmix's list shows both (its plans repeat neither here)
+    assert {"uniform", "global"} <= {c["source"] for c in run["selection"]["own+reference"]["qmix"]["candidates"]}
 
     md = (out / "marl.md").read_text()
     for label in ("QMIX", "random search", "DSFP-uniform", "Torch-Pruning global L1"):
         rows = [line for line in md.splitlines() if line.startswith(f"| {label} |")]
         assert rows, label
     assert "## Summary" in md and "QMIX" in state["summary"] and "Command: `python -m benchmarks.marl" in md
+    table = md.split("## Final selection")[1].split("## Per seed")[0]
+    qmix_line = next(line for line in table.splitlines() if line.startswith("| QMIX |"))
+    assert qmix_line.count("(n=1)") == 3 and "search 1" in qmix_line
 
     # A rerun with --resume and the same settings reuses everything recorded and changes nothing.
-    def must_not_run(*args, **kwargs):
-        raise AssertionError("a recorded search or fine-tune was run again")
-
     monkeypatch.setattr(marl, "run_search", must_not_run)
     monkeypatch.setattr(marl, "run_finetune", must_not_run)
+    monkeypatch.setattr(marl, "run_selection", must_not_run)
     assert marl.main([*_argv(out), "--resume"]) == 0
     assert json.loads((out / "marl.json").read_text())["runs"] == state["runs"]
 
@@ -101,8 +136,8 @@ def test_two_targets_share_a_work_dir_and_combine_into_one_report(marl, tmp_path
     for t in ("0.5", "0.3"):
         outs[t] = tmp_path / f"target-{t}"
         argv = ["--env", "pruning_env/Tiny-v1", "--plans", "6", "--finetune-epochs", "1", "--seeds", "0",
-                "--algos", "qmix", "dsfp-uniform", "--macs-target", t, "--out-dir", str(outs[t]),
-                "--work-dir", str(work), "--no-progress"]
+                "--algos", "qmix", "dsfp-uniform", "--macs-target", t, "--selections", "none",
+                "--out-dir", str(outs[t]), "--work-dir", str(work), "--no-progress"]
         assert marl.main(argv) == 0
     assert {p.parent.parent.name for p in work.rglob("*-finetune.pt")} == {"target-0.5", "target-0.3"}
     combined = tmp_path / "combined"
@@ -149,3 +184,36 @@ def test_combining_refuses_runs_of_other_settings(tmp_path):
         write_targets_report([a, c], tmp_path, "cmd", "commit")
     with pytest.raises(ValueError, match="no runs"):
         write_targets_report([], tmp_path, "cmd", "commit")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--selections", "best"], "--selections must list distinct modes"),
+    (["--selections", "own", "own"], "--selections must list distinct modes"),
+    (["--no-selection"], "chooses the selection modes with --selections"),
+    (["--selections", "own", "--finetune-epochs", "0"], "--finetune-epochs >= 1"),
+])
+def test_bad_selection_flags_are_refused_before_any_work(marl, tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exc:
+        marl.main([*_argv(tmp_path / "marl"), *flags])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "marl").exists()
+
+
+def test_committed_results_without_selection_modes_still_combine(tmp_path, monkeypatch):
+    """benchmarks/results/marl.json was recorded before the selection modes: its rows count as "none"."""
+    from benchmarks import marl_report
+
+    committed = json.loads((Path(marl_report.__file__).parent / "results" / "marl.json").read_text())
+    monkeypatch.setattr(marl_report, "plots", lambda *a, **k: None)  # the figures are not this test's business
+    states = list(committed["targets"].values())
+    result = marl_report.write_targets_report(states, tmp_path, "cmd", "commit")
+    assert result["rows"] and all(set(r) == ROW_KEYS for r in result["rows"])
+    assert {r["selection"] for r in result["rows"]} == {"none"}
+    assert {r["winner_source"] for r in result["rows"] if r["method"] == "torch-pruning"} == {"torch-pruning"}
+    assert {r["winner_source"] for r in result["rows"] if r["method"] != "torch-pruning"} == {"search"}
+    old_rows = committed["rows"]  # as stored, without the key
+    assert all("selection" not in r for r in old_rows)
+    assert {marl_report.row_selection(r) for r in old_rows} == {"none"}
+    assert "## Final selection" not in (tmp_path / "marl.md").read_text()  # no selection recorded: no table

@@ -127,7 +127,7 @@ def test_benchmark_results_keys_leave_out_exactly_the_run_only_settings():
 
 def test_a_setting_marked_run_only_later_keeps_stored_results_resumable(tmp_path):
     cfg = dataclasses.replace(bench_marl.BenchConfig(), resume=True)
-    search, ft = bench_marl._keys(cfg)
+    search, ft, _ = bench_marl._keys(cfg)
     path = tmp_path / "marl.json"  # written when finetune_device_data was still part of the key
     path.write_text(json.dumps({"benchmark": "marl", "search_config": {**search, "workers": 1},
                                 "finetune_config": {**ft, "finetune_device_data": True}, "runs": {}}))

@@ -81,6 +81,7 @@ from pruning_env.training.selection import (
     SelectionConfig,
     markdown_table,
     select_and_finalize,
+    selection_budget,
     selection_candidates,
 )
 from pruning_env.training.selection import check_finetune as check_selection_finetune
@@ -284,9 +285,7 @@ def finish(cfg: RunConfig, env: FilterPruningEnv, search: Search, logdir: Path, 
     base, splits, shape = env.base_model, env.splits, env.input_shape
     ft_cfg = dataclasses.replace(cfg.finetune, seed=cfg.seed, device=str(device), progress=cfg.progress)
     if cfg.selection.enabled:
-        # The budget: the budget reward's MACs target (exact or soft), else (linear, amc) the best plan's MACs, so
-        # that validation accuracy compares networks of one cost (it would always favour the largest).
-        budget = cfg.problem.macs_target if cfg.problem.reward == "budget" else search.best["macs_ratio"]
+        budget = selection_budget(cfg.problem.reward, cfg.problem.macs_target, search.best["macs_ratio"])
         refs = reference_plans(env, budget) if cfg.selection.references else None
         candidates = selection_candidates(search.top, refs, cfg.selection.k, max_macs_ratio=budget + MACS_SLACK)
         limit = budget + MACS_SLACK

@@ -55,7 +55,7 @@ from pruning_env.training.finetune import FinetuneConfig, finetune
 from pruning_env.training.teacher import TeacherCache
 
 __all__ = ["MACS_SLACK", "SOURCES", "Candidate", "SelectionConfig", "check_finetune", "markdown_table", "select",
-           "select_and_finalize", "selection_candidates"]
+           "select_and_finalize", "selection_budget", "selection_candidates"]
 
 SOURCES = ("search", "uniform", "global")
 """Where a candidate comes from: the search's best plans, or a reference plan at the same budget."""
@@ -103,6 +103,13 @@ def check_finetune(finetune_cfg: FinetuneConfig) -> None:
     if finetune_cfg.epochs == 0:
         raise ValueError("the final selection judges plans by fine-tuning them: give --finetune-epochs >= 1, or "
                          "--no-selection to finalize the search's best plan without fine-tuning")
+
+
+def selection_budget(reward: str, macs_target: float, best_macs_ratio: float) -> float:
+    """The MACs ratio every candidate must meet: the budget reward's ``macs_target`` (exact or soft), else
+    (``linear``, ``amc``) the search's best plan's ratio, so that validation accuracy compares networks of one cost
+    (it would always favour the largest)."""
+    return float(macs_target) if reward == "budget" else float(best_macs_ratio)
 
 
 def selection_candidates(top: Sequence[Mapping[str, Any]], references: Mapping[str, PruningPlan] | None,
