@@ -65,7 +65,6 @@ state there (``seed<s>/<method>-<selection>/``). Changing only ``--selection-*``
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import datetime as dt
 import json
@@ -94,6 +93,7 @@ from benchmarks.marl_report import (
     summary,
     write_report,
 )
+from benchmarks.torch_pruning_baseline import torch_pruning_model
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import (
@@ -121,7 +121,6 @@ from pruning_env.training.finetune import FinetuneConfig
 from pruning_env.training.selection import (
     MACS_SLACK,
     SelectionConfig,
-    check_finetune,
     select_and_finalize,
     selection_budget,
     selection_candidates,
@@ -155,9 +154,10 @@ class BenchConfig:
                                       default=FinetuneConfig(epochs=2))
     selection: SelectionConfig = nested(SelectionConfig, "the final selection of the own and own+reference modes "
                                         "(the same for every method)", prefix="selection")
-    selections: list[str] = option(list(SELECTIONS), "selection modes to run: none (the search's best plan), own "
-                                   "(the selection over the method's own best plans), own+reference (those plus the "
-                                   "uniform and global plans at the budget)", run_only=True)
+    selections: list[str] | None = option(None, "selection modes to run: none (the search's best plan), own (the "
+                                          "selection over the method's own best plans), own+reference (those plus "
+                                          "the uniform and global plans at the budget); default: all three, or none "
+                                          "alone with --finetune-epochs 0 (a search-only run)", run_only=True)
     parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers, --ray-address)")
     tp_target: str = option("target", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "
                             "the same seed (qmix; falls back to --macs-target without QMIX) or --macs-target "
@@ -189,6 +189,8 @@ def _check(cfg: BenchConfig) -> BenchConfig:
     require_torch_pruning("the Torch-Pruning row of every seed (global L1 pruning to the same MACs)")
     cfg.finetune.check()
     cfg.parallel.check()
+    if cfg.selections is None:  # the selection judges plans by fine-tuning them: none without fine-tuning
+        cfg = dataclasses.replace(cfg, selections=list(SELECTIONS) if cfg.finetune.epochs > 0 else ["none"])
     bad = [m for m in cfg.selections if m not in SELECTIONS]
     if bad or not cfg.selections or len(set(cfg.selections)) != len(cfg.selections):
         raise ValueError(f"--selections must list distinct modes among {', '.join(SELECTIONS)}, got "
@@ -196,8 +198,9 @@ def _check(cfg: BenchConfig) -> BenchConfig:
     if not (cfg.selection.enabled and cfg.selection.references):
         raise ValueError("benchmarks.marl chooses the selection modes with --selections (none, own, own+reference); "
                          "--no-selection and --no-selection-references are train_marl.py's flags")
-    if set(cfg.selections) - {"none"}:
-        check_finetune(cfg.finetune)
+    if set(cfg.selections) - {"none"} and cfg.finetune.epochs == 0:
+        raise ValueError("the selection modes own and own+reference judge plans by fine-tuning them: give "
+                         "--finetune-epochs >= 1, or --selections none for a search-only run")
     if cfg.env is not None:
         pruning_env.register_all()
         check_env_id(cfg.env)  # unknown, or a removed -v0 id (named with its -v1 id)
@@ -311,45 +314,6 @@ def run_search(cfg: BenchConfig, ctx: Context, name: str, seed: int) -> dict[str
     return {"algorithm": name, "seed": seed, **search.result(), "top": search.top, "keep_top": search.keep_top,
             "env_setup_seconds": round(env_seconds, 2),
             "config_overrides": overrides, "baseline_val_acc": env.baseline_acc}
-
-
-# ----------------------------------------------------------------------------- Torch-Pruning
-
-
-def torch_pruning_model(base: nn.Module, env: FilterPruningEnv, target_ratio: float,
-                        steps: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Global L1-magnitude pruning of the env's prunable convs with Torch-Pruning, step by step until the MACs
-    ratio is <= ``target_ratio``. Every other conv and every Linear is ignored (as the env does); no layer loses
-    more than the env's largest rate."""
-    import torch_pruning as tp
-
-    model = copy.deepcopy(base).cpu().eval()
-    names = set(env.layer_names)
-    ignored = [m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in names]
-
-    def out_widths(net: nn.Module) -> dict[str, int]:
-        return {n: m.out_channels if isinstance(m, nn.Conv2d) else m.out_features for n, m in net.named_modules()
-                if isinstance(m, (nn.Conv2d, nn.Linear))}
-
-    widths_before = out_widths(model)
-    max_rate = float(max(env.config.rates))
-    pruner = tp.pruner.MagnitudePruner(
-        model, example_inputs=torch.zeros(1, *env.input_shape), importance=tp.importance.MagnitudeImportance(p=1),
-        global_pruning=True, pruning_ratio=max_rate, max_pruning_ratio=max_rate, iterative_steps=steps,
-        ignored_layers=ignored)
-    base_macs = count(base, env.input_shape).macs
-    ratio, done = 1.0, 0
-    while done < steps:
-        done += 1
-        pruner.step()
-        ratio = count(model, env.input_shape).macs / base_macs
-        if ratio <= target_ratio:
-            break
-    touched = [n for n, w in out_widths(model).items() if n not in names and w != widths_before[n]]
-    info = {"target_macs_ratio": target_ratio, "reached": ratio <= target_ratio + 1e-12, "steps": done,
-            "global_channel_ratio": max_rate * done / steps, "other_layers_pruned": touched,
-            "keep": {n: m.out_channels for n, m in model.named_modules() if n in names}}
-    return model, info
 
 
 # ----------------------------------------------------------------------------- fine-tuning

@@ -190,7 +190,7 @@ def test_combining_refuses_runs_of_other_settings(tmp_path):
     (["--selections", "best"], "--selections must list distinct modes"),
     (["--selections", "own", "own"], "--selections must list distinct modes"),
     (["--no-selection"], "chooses the selection modes with --selections"),
-    (["--selections", "own", "--finetune-epochs", "0"], "--finetune-epochs >= 1"),
+    (["--selections", "own", "--finetune-epochs", "0"], "--finetune-epochs >= 1, or --selections none"),
 ])
 def test_bad_selection_flags_are_refused_before_any_work(marl, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as exc:
@@ -217,3 +217,67 @@ def test_committed_results_without_selection_modes_still_combine(tmp_path, monke
     assert all("selection" not in r for r in old_rows)
     assert {marl_report.row_selection(r) for r in old_rows} == {"none"}
     assert "## Final selection" not in (tmp_path / "marl.md").read_text()  # no selection recorded: no table
+
+
+def test_selection_settings_are_keyed_apart_from_searches_and_fine_tunes(marl, tmp_path):
+    """Changing --selection-* keeps the (hours of) searches and "none" fine-tunes; only the selections restart."""
+    import dataclasses
+
+    cfg = dataclasses.replace(marl.BenchConfig(), resume=True)
+    search, ft, sel = marl._keys(cfg)
+    assert sel and all(k.startswith("selection_") for k in sel) and not (sel.keys() & (search.keys() | ft.keys()))
+    path = tmp_path / "marl.json"
+    runs = {"0": {"search": {"qmix": {"x": 1}}, "finetune": {"qmix": {"y": 2}}, "selection": {"own": {"qmix": {}}}}}
+    # recorded before the selection modes: no selection settings, no selections; everything else resumes
+    path.write_text(json.dumps({"benchmark": "marl", "search_config": search, "finetune_config": ft,
+                                "runs": {"0": {k: v for k, v in runs["0"].items() if k != "selection"}}}))
+    state, ft_resume, sel_resume = marl._load_state(path, cfg)
+    assert ft_resume and sel_resume and state["selection_config"] == sel
+    path.write_text(json.dumps({"benchmark": "marl", "search_config": search, "finetune_config": ft,
+                                "selection_config": sel, "runs": runs}))
+    other = dataclasses.replace(cfg, selection=dataclasses.replace(cfg.selection, k=3))
+    state, ft_resume, sel_resume = marl._load_state(path, other)
+    assert ft_resume and not sel_resume
+    assert state["runs"]["0"]["search"] == {"qmix": {"x": 1}} and state["runs"]["0"]["finetune"] == {"qmix": {"y": 2}}
+    assert state["runs"]["0"]["selection"] == {} and state["selection_config"]["selection_k"] == 3
+
+
+def test_an_interrupted_selection_continues_its_stage_on_resume(marl, tmp_path, tiny_env_factory, monkeypatch):
+    from pruning_env.training import selection as selection_module
+
+    out = tmp_path / "marl"
+    argv = ["--env", "pruning_env/Tiny-v1", "--plans", "6", "--finetune-epochs", "1", "--seeds", "0", "--algos",
+            "qmix", "--selections", "own", "--out-dir", str(out), "--work-dir", str(out / "work"), "--no-progress"]
+    real, calls = selection_module.finetune, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the second candidate's first rung
+        calls.append(kwargs["stop_after"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(selection_module, "finetune", interrupted)
+    assert marl.main(argv) == 130
+    stage = out / "work" / "target-0.5" / "seed0" / "qmix-own" / "selection.json"
+    saved = json.loads(stage.read_text())
+    assert [bool(c["scores"]) for c in saved["candidates"]][:2] == [True, False]  # the first candidate's rung kept
+    first_score = saved["candidates"][0]["scores"]
+    calls.clear()
+    monkeypatch.setattr(selection_module, "finetune", lambda *a, **k: (calls.append(k["stop_after"]), real(*a, **k))[1])
+    assert marl.main([*argv, "--resume"]) == 0
+    done = json.loads(stage.read_text())
+    assert done["winner"] is not None and done["candidates"][0]["scores"]["0.25"] == first_score["0.25"]
+    n = len(done["candidates"])
+    # the first candidate's first rung was not redone: n - 1 first rungs, then the later rungs
+    assert calls.count(0.25) == n - 1
+    rows = json.loads((out / "marl.json").read_text())["rows"]
+    assert [(r["method"], r["selection"]) for r in rows if r["method"] == "qmix"] == [("qmix", "own")]
+
+
+def test_default_selections_are_all_modes_or_none_alone_without_fine_tuning(marl):
+    import dataclasses
+
+    cfg = dataclasses.replace(marl.BenchConfig(), env="pruning_env/Tiny-v1")
+    assert marl._check(cfg).selections == list(SELECTIONS)
+    search_only = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=0))
+    assert marl._check(search_only).selections == ["none"]  # a search-only run (e.g. benchmarks.search_curves)

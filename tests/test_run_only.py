@@ -131,5 +131,5 @@ def test_a_setting_marked_run_only_later_keeps_stored_results_resumable(tmp_path
     path = tmp_path / "marl.json"  # written when finetune_device_data was still part of the key
     path.write_text(json.dumps({"benchmark": "marl", "search_config": {**search, "workers": 1},
                                 "finetune_config": {**ft, "finetune_device_data": True}, "runs": {}}))
-    state, finetunes_resume = bench_marl._load_state(path, cfg)
+    state, finetunes_resume, _ = bench_marl._load_state(path, cfg)
     assert finetunes_resume and state["search_config"]["workers"] == 1
