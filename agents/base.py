@@ -83,6 +83,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import dataclasses
+import inspect
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -301,6 +302,15 @@ class Algorithm(abc.ABC):
         """
         check_budget(plans, episode_length)
         return {}
+
+    @classmethod
+    def option_names(cls) -> tuple[frozenset[str], frozenset[str]]:
+        """The options a caller may set: ``(config fields, keyword-only constructor options)`` (``seed`` and
+        ``device`` are set separately); :func:`agents.make_algorithm` and ``--algo-config`` checks read it."""
+        fields = frozenset(f.name for f in dataclasses.fields(cls.config_cls))
+        init = frozenset(p.name for p in inspect.signature(cls.__init__).parameters.values()
+                         if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("seed", "device"))
+        return fields, init
 
     @classmethod
     def check_config(cls, config: Any) -> None:

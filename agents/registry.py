@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -86,12 +85,7 @@ def make_algorithm(
     valid ones.
     """
     cls = get_algorithm(name)
-    config_fields = {f.name for f in dataclasses.fields(cls.config_cls)}
-    init_params = {
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("seed", "device")
-    }
+    config_fields, init_params = cls.option_names()
     unknown = set(overrides) - config_fields - init_params
     if unknown:
         raise TypeError(

@@ -21,8 +21,6 @@ epsilon, buffer size, gradient steps, noise...) and ``eval/`` (greedy evaluation
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import json
 import math
 import sys
@@ -107,6 +105,11 @@ class _Algorithm(Protocol):
         ...
 
     @classmethod
+    def option_names(cls) -> tuple[frozenset[str], frozenset[str]]:
+        """``(config fields, keyword-only constructor options)``: the keys an ``--algo-config`` entry may set."""
+        ...
+
+    @classmethod
     def check_config(cls, config: Any) -> None:
         """Raise ``ValueError``/``TypeError`` for a config the algorithm cannot run that field limits allow."""
         ...
@@ -178,10 +181,7 @@ def _check_algorithm_config(algorithm_cls: type[_Algorithm], name: str, hints: d
     would be built with (``hints`` then ``user``), then by the class's own ``check_config`` (what field limits
     cannot say, e.g. a mixer's keyword arguments).
     """
-    config_cls = algorithm_cls.config_cls
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    init = {p.name for p in inspect.signature(algorithm_cls.__init__).parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ("seed", "device")}
+    fields, init = algorithm_cls.option_names()
     unknown = sorted(set(user) - fields - init)
     if unknown:
         raise ValueError(f"--algo-config: {name} has no setting {', '.join(unknown)}; its settings: "
