@@ -491,6 +491,12 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
     if any(h["seeds"] < 3 for h in head):
         md += ["", "Fewer than 3 seeds at some target (0: QMIX or DSFP-uniform not fine-tuned yet): no statistical "
                "claim; a ± is a standard deviation over seeds, shown from 2 seeds on."]
+    from benchmarks.marl_stats import interval_section  # it reads this module's rows and labels
+    stats_md, stats = interval_section(rows, targets, LABELS)
+    md += ["", *stats_md, "Each target's unpruned baseline (one run per target; a digest differs when the cached "
+           "baseline was retrained, e.g. on another CPU): " + "; ".join(
+               f"{t:g}: test {st['baseline']['test_acc']:.2f} %, weights {st.get('baseline_digest') or 'not recorded'}"
+               for st, t in zip(states, targets) if "baseline" in st) + ".", ""]
     plain = [r for r in rows if row_selection(r) == "none"]
     methods = [m for m in [*ALGOS, TP_NAME] if any(r["method"] == m for r in plain)]
     md += ["", "## Every method at every target (the search's best plan: TEST accuracy after the fine-tune, mean ± "
@@ -517,7 +523,7 @@ def write_targets_report(states: list[dict[str, Any]], out_dir: Path, command: s
         text = write_report(st, cfg, None, st["header"], suffix)
         md += [f"## MACs target {t:g}", ""] + ["#" + line if line.startswith("#") else line
                                                for line in text.splitlines()[1:]]
-    result = {"benchmark": "marl", "command": command, "commit": commit, "rows": rows, "headline": head,
+    result = {"benchmark": "marl", "command": command, "commit": commit, "rows": rows, "headline": head, **stats,
               "macs_slack": MACS_SLACK, "rows_over_target": over, "targets": {f"{t:g}": st for st, t in
                                                                                zip(states, targets)}}
     write_markdown(out_dir / "marl.md", "\n".join(md))
