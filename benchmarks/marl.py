@@ -432,11 +432,17 @@ def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool, boo
     """The recorded results to resume from (empty when starting over), whether fine-tunes may resume, and whether
     selections may (their stage states under --work-dir)."""
     search_cfg, ft_cfg, sel_cfg = _keys(cfg)
+    digest = None if cfg.checkpoint is None else ckpt.weights_digest(ckpt.load(cfg.checkpoint).model)
     fresh = {"benchmark": "marl", "search_config": search_cfg, "finetune_config": ft_cfg,
-             "selection_config": sel_cfg, "runs": {}}
+             "selection_config": sel_cfg, "baseline_digest": digest, "runs": {}}
     if not (cfg.resume and path.is_file()):
         return fresh, False, False
     state = json.loads(path.read_text())
+    recorded = state.setdefault("baseline_digest", digest)  # runs recorded before the digest: taken as this one
+    if recorded != digest:
+        raise ValueError(f"{path} holds results measured on another baseline (weights digest {recorded}; "
+                         f"{cfg.checkpoint} is {digest}, e.g. retrained on another machine): resume only on the "
+                         "same baseline (--checkpoint), or pass another --out-dir")
     old = without_run_only(BenchConfig, state.get("search_config", {}))
     if search_cfg != old:
         diff = sorted(k for k in set(search_cfg) | set(old) if search_cfg.get(k) != old.get(k))

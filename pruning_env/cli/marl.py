@@ -459,6 +459,11 @@ def _run(cfg: RunConfig, logdir: Path) -> dict[str, Any] | int:
     # Seeded again after the env: training an uncached baseline draws from the global RNG, and a run's
     # result must not depend on what the cache held.
     seed_everything(cfg.seed)
+    digest = ckpt.weights_digest(env.base_model)
+    if state is not None and state.get("baseline_digest", digest) != digest:  # states before the digest: unchecked
+        raise ValueError(f"--resume: the search in {state_file} ran on another baseline (weights digest "
+                         f"{state['baseline_digest']}, this one's is {digest}; e.g. the cached baseline was retrained "
+                         "on another machine): pass its --checkpoint, or --overwrite to start afresh")
     writer = SummaryWriter(str(logdir / "tb"))
     search = make_search(cfg, env, writer)
     evaluator = scale_out(search, cfg.parallel)  # None with --workers 1: the search runs as it always did
@@ -471,7 +476,8 @@ def _run(cfg: RunConfig, logdir: Path) -> dict[str, Any] | int:
         print(f"resuming the search after episode {search.episodes} ({search.plans_used} plans)", file=sys.stderr)
     else:
         writer.add_text("hparams", _markdown_table(flat_dict(cfg)), 0)
-    save = lambda: ckpt.atomic_save({**search.state_dict(), "run_config": flat_dict(cfg)}, state_file)
+    save = lambda: ckpt.atomic_save({**search.state_dict(), "run_config": flat_dict(cfg), "baseline_digest": digest},
+                                    state_file)
     try:
         # Saved after every finished episode: a Ctrl-C (or a kill) mid-episode resumes from there,
         # never from a half-updated learner.

@@ -27,6 +27,7 @@ leaves a truncated checkpoint behind and two processes saving the same path neve
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -45,7 +46,7 @@ from torch import nn
 from pruning_env.core.models import ModelSpec, build_from_spec, channel_spec, list_models
 
 __all__ = ["FORMAT_VERSION", "Checkpoint", "CheckpointError", "RunLockedError", "atomic_save", "atomic_write_text",
-           "check_writable", "load", "run_lock", "save"]
+           "check_writable", "load", "run_lock", "save", "weights_digest"]
 
 FORMAT_VERSION = 1
 
@@ -70,6 +71,21 @@ class Checkpoint:
     @property
     def arch(self) -> str:
         return getattr(self.model, "arch", type(self.model).__name__)
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 (hex, first 16 digits) of a model's weights and buffers: every tensor's name, dtype, shape and bytes.
+
+    Equal digests mean bit-identical networks; a checkpoint re-saved (other metrics, date) keeps its digest. Results
+    measured on one baseline record it, so that a run resumed on another baseline (e.g. retrained on another CPU) is
+    refused instead of silently mixing the two.
+    """
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _atomic_write(path: str | os.PathLike, write: Any) -> None:
