@@ -205,17 +205,7 @@ class FilterPruningEnv(ParallelEnv):
         plan_info: bool = False,
         **overrides: Any,
     ) -> None:
-        try:
-            cfg = with_overrides(config or EnvConfig(), **overrides)
-        except TypeError as exc:  # an unknown keyword: say which settings exist
-            raise TypeError(f"FilterPruningEnv: {exc}") from None
-        if max_cycles is not None:
-            cfg = with_overrides(cfg, episode_length=int(max_cycles))
-        self.config = cfg
-        if render_mode not in (None, "ansi", "human"):
-            raise ValueError(f"render_mode must be None, 'ansi' or 'human', got {render_mode!r}")
-        self.render_mode = render_mode
-        self.device = torch.device(device)
+        cfg = self._init_settings(config, max_cycles, render_mode, device, plan_info, overrides)
         if isinstance(model, (str, Path)):
             model = ckpt.load(model, map_location=self.device).model
         if not isinstance(model, nn.Module):
@@ -225,12 +215,37 @@ class FilterPruningEnv(ParallelEnv):
             raise TypeError("splits must be a pruning_env.Splits (e.g. from pruning_env.load_splits)")
         self.splits = splits
         self.input_shape = splits.input_shape
-        self.plan_info = bool(plan_info)
         self._base = _private_eval_copy(model, self.device)  # never modified: every network is a new pruned copy
         check_classes(self._base, self.input_shape, splits.num_classes)
-        self._layers = prunable_layers(self._base, self.input_shape)
-        if not self._layers:
+        layers = prunable_layers(self._base, self.input_shape)
+        # Fixed calibration batch (train split) and reward images (validation split): see envs.measure.
+        self._init_problem(self._base, layers, lambda: PlanMeter(self._base, layers, splits, cfg, self._keep_count,
+                                                                 self.device))
+
+    def _init_settings(self, config: EnvConfig | None, max_cycles: int | None, render_mode: str | None,
+                       device: str | torch.device, plan_info: bool, overrides: dict[str, Any]) -> EnvConfig:
+        """The settings of ``__init__`` (shared with envs made another way, e.g. the surrogate's)."""
+        try:
+            cfg = with_overrides(config or EnvConfig(), **overrides)
+        except TypeError as exc:  # an unknown keyword: say which settings exist
+            raise TypeError(f"{type(self).__name__}: {exc}") from None
+        if max_cycles is not None:
+            cfg = with_overrides(cfg, episode_length=int(max_cycles))
+        self.config = cfg
+        if render_mode not in (None, "ansi", "human"):
+            raise ValueError(f"render_mode must be None, 'ansi' or 'human', got {render_mode!r}")
+        self.render_mode = render_mode
+        self.device = torch.device(device)
+        self.plan_info = bool(plan_info)
+        return cfg
+
+    def _init_problem(self, model: nn.Module, layers: list[PrunableLayer], make_meter: Callable[[], PlanMeter]) -> None:
+        """The agents, spaces, meter and the unpruned network's measurement of ``model``'s prunable ``layers``
+        (``make_meter()`` measures plans; called once the rate rule can be: it may take ``self._keep_count``)."""
+        cfg = self.config
+        if not layers:
             raise ValueError("the model has no prunable conv layer (see pruning_env.engine.graph for the policy)")
+        self._layers = layers
         self._names = [layer.name for layer in self._layers]
         self._orig = np.array([layer.out_channels for layer in self._layers])
         self._widths = {layer.name: layer.out_channels for layer in self._layers}
@@ -242,8 +257,7 @@ class FilterPruningEnv(ParallelEnv):
             self._names.index(producer[layer.name][0]) if layer.name in producer else -1 for layer in self._layers
         ]
         self._rates = np.asarray(cfg.rates, dtype=np.float64)
-        # Fixed calibration batch (train split) and reward images (validation split): see envs.measure.
-        self._meter = PlanMeter(self._base, self._layers, splits, cfg, self._keep_count, self.device)
+        self._meter = make_meter()
         self._macs_model = self._meter.macs_model
         self._cache: OrderedDict[str, Measurement] = OrderedDict()
         #: On a cache miss, ``measurement_source(plan)`` may return another same-model/data/config env's
@@ -257,7 +271,7 @@ class FilterPruningEnv(ParallelEnv):
         target = cfg.budget_target
         if target is not None:
             check_reachable(self._macs_model, cfg.rule, float(self._rates.max()), target)
-        self._static = static_features(self._base, self._layers, self.input_shape, self._base_macs, self._base_params)
+        self._static = static_features(model, self._layers, self.input_shape, self._base_macs, self._base_params)
         base = self._measure(full)
         self.baseline_acc = base.acc
         self._feature_names = observation_features(len(self._rates))  # the observation's columns, in order
@@ -388,6 +402,12 @@ class FilterPruningEnv(ParallelEnv):
         """The fixed calibration batch of the sensitivity scores: normalised ``(N, C, H, W)`` float images
         and ``(N,)`` int64 labels from the TRAINING split, on the env's device (do not modify)."""
         return self._meter.calib_x, self._meter.calib_y
+
+    @property
+    def base_sensitivities(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The unpruned network's DSFP components on the calibration batch: ``{"grad" | "taylor" | "kl": {layer:
+        (C,) tensor}}`` (what ``dynamic=False`` scores every plan's surviving filters by)."""
+        return self._meter.sensitivities()
 
     @property
     def macs_model(self) -> MacsModel:

@@ -31,7 +31,7 @@ from pruning_env.envs.objective import objective
 from pruning_env.training.proxy import RewardImages, Signals, kd_steps
 from pruning_env.training.teacher import TeacherCache
 
-__all__ = ["Measurement", "PlanMeter", "metric"]
+__all__ = ["Measurement", "PlanMeter", "dsfp_order_and_features", "metric", "surviving"]
 
 
 def metric(meaning: str, *, info: str | None = None, info_per: float = 1.0) -> Any:
@@ -207,16 +207,36 @@ class PlanMeter:
             grad, taylor = comp.grad, comp.taylor
             kl = comp.kl if comp.kl is not None else {n: self._base_kl[n][plan.indices(n)] for n in names}
         else:  # static sensitivity: the unpruned network's scores of the surviving filters
-            grad = {n: self._base_components["grad"][n][plan.indices(n)] for n in names}
-            taylor = {n: self._base_components["taylor"][n][plan.indices(n)] for n in names}
-            kl = {n: self._base_kl[n][plan.indices(n)] for n in names}
+            grad, taylor, kl = surviving(self.sensitivities(), plan, names)
         if is_base:
             self._base_components = {"grad": grad, "taylor": taylor}
-        fused = fuse(grad, taylor, kl)
         sc = cfg.scoring
-        if sc.criterion == "dsfp":  # the fused score is at hand already: no second gradient pass
-            order = apply_direction(fused, sc.direction)
-        else:
+        order = None
+        if sc.criterion != "dsfp":  # with DSFP the fused score is the order: no second gradient pass
             order = score(model, self.calib_x, self.calib_y, sc.criterion, layers=names, **sc.options(seed=0))
-        feats = dsfp_features(names, grad, taylor, kl, fused, order, self.rates, self.keep_count)
-        return order, feats
+        return dsfp_order_and_features(names, grad, taylor, kl, sc.direction, self.rates, self.keep_count, order)
+
+    def sensitivities(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The unpruned network's DSFP components on the calibration batch: ``{"grad" | "taylor" | "kl": {layer:
+        (C,) tensor}}`` (computed with its first measurement)."""
+        if not self._base_components or self._base_kl is None:
+            raise RuntimeError("the unpruned network has not been measured yet")
+        return {**self._base_components, "kl": self._base_kl}
+
+
+def surviving(base: Mapping[str, Mapping[str, torch.Tensor]], plan: PruningPlan,
+              names: list[str]) -> tuple[dict[str, torch.Tensor], ...]:
+    """``(grad, taylor, kl)`` of the filters ``plan`` keeps, from the unpruned network's (``base``, as
+    :meth:`PlanMeter.sensitivities` gives them): the static sensitivity of ``dynamic=False``."""
+    return tuple({n: base[c][n][plan.indices(n)] for n in names} for c in ("grad", "taylor", "kl"))
+
+
+def dsfp_order_and_features(names: list[str], grad: Mapping[str, torch.Tensor], taylor: Mapping[str, torch.Tensor],
+                            kl: Mapping[str, torch.Tensor], direction: str, rates: list[float], keep_count: Any,
+                            order: Mapping[str, torch.Tensor] | None = None) -> tuple[Any, dict[str, np.ndarray]]:
+    """The transition's pruning order of the current filters (the DSFP fusion in ``direction``, unless another
+    criterion's ``order`` is given) and the DSFP observation features, from the current filters' components."""
+    fused = fuse(grad, taylor, kl)
+    if order is None:
+        order = apply_direction(fused, direction)
+    return order, dsfp_features(names, grad, taylor, kl, fused, order, rates, keep_count)

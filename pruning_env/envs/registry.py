@@ -44,7 +44,7 @@ from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 
 __all__ = ["TINY_ID", "VERSION", "EnvIdParts", "baseline_model", "check_env_id", "list_envs", "make",
-           "make_benchmark_env", "make_tiny_env", "parse_env_id", "register_all"]
+           "make_benchmark_env", "make_surrogate_env", "make_tiny_env", "parse_env_id", "register_all"]
 
 NAMESPACE = "pruning_env"
 #: The version of every registered id (``-v1``); bumped whenever the env's behaviour changes.
@@ -93,6 +93,9 @@ def parse_env_id(env_id: str) -> EnvIdParts:
         ValueError: for a string that is not a pruning env id, naming the registered ones.
     """
     check_env_id(env_id)  # an unknown id, or a removed version (named with the current one)
+    if "-Surrogate-" in env_id:
+        raise ValueError(f"{env_id} is a surrogate env: it predicts measurements and has no network to prune, "
+                         f"fine-tune or score; use the real env {env_id.replace('-Surrogate', '')} here")
     match = _ID_PATTERN.fullmatch(env_id)
     nets = {label: net for net, label in NETWORK_NAMES.items()}
     datasets = {label: name for name, label in _DATASETS.items()}
@@ -208,6 +211,13 @@ def make_tiny_env(*, max_cycles: int | None = None, device: str = "cpu", **env_k
                             device=torch.device(device), **kwargs)
 
 
+def make_surrogate_env(data: str, *, max_cycles: int | None = None, **env_kwargs: Any) -> FilterPruningEnv:
+    """A surrogate env (:class:`pruning_env.envs.surrogate.SurrogatePruningEnv`) of a data set file."""
+    from pruning_env.envs.surrogate import SurrogatePruningEnv
+
+    return SurrogatePruningEnv(data, max_cycles=max_cycles, **env_kwargs)
+
+
 def list_envs() -> list[str]:
     """Ids of the registered pruning environments."""
     return sorted(k for k in pettingzoo.parallel_registry if k.startswith(f"{NAMESPACE}/"))
@@ -223,7 +233,13 @@ def check_env_id(env_id: str) -> str:
     current = f"{stem}-v{VERSION}"
     if version.isdigit() and int(version) in REMOVED_VERSIONS and current in pettingzoo.parallel_registry:
         raise ValueError(f"env id {env_id!r} was removed: use {current!r}; {REMOVED_VERSIONS[int(version)]}")
-    raise ValueError(f"unknown env id {env_id!r}; registered: {', '.join(list_envs())}")
+    hint = ""
+    if "-Surrogate-" in env_id:  # a surrogate of a network without shipped data
+        from pruning_env.envs.surrogate import data_command
+
+        hint = (f". No surrogate data is shipped for it: measure it on the real env ({data_command('NET', 'DATA', 1)}"
+                ") and pass the file to pruning_env.envs.surrogate.SurrogatePruningEnv")
+    raise ValueError(f"unknown env id {env_id!r}; registered: {', '.join(list_envs())}{hint}")
 
 
 def make(env_id: str, **kwargs: Any) -> FilterPruningEnv:
@@ -262,6 +278,10 @@ def register_all() -> None:
     for net in NETWORK_NAMES:
         for dataset in _DATASETS:
             ids[_env_id(net, dataset)] = (make_benchmark_env, {"net": net, "dataset": dataset})
+    from pruning_env.envs.surrogate import shipped_data
+
+    for env_id, path in shipped_data().items():  # one surrogate env per shipped data set
+        ids[env_id] = (make_surrogate_env, {"data": str(path)})
     for env_id, (entry, kwargs) in ids.items():
         pettingzoo.register("parallel", env_id, entry, kwargs=kwargs)
         for view, creator in VIEWS.items():
