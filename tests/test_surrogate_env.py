@@ -99,6 +99,7 @@ def test_same_agents_spaces_transition_and_infos_as_the_real_env(model, data):
             _, r_real, _, _, i_real = real.step(actions)
             _, r_sur, _, _, i_sur = sur.step(actions)
             assert set(i_sur["layer_0"]) == set(i_real["layer_0"]) == set(INFO_KEYS)
+            assert set(r_sur) == set(r_real) and len(set(r_sur.values())) == 1  # one team reward
             # the transition is the real one: the same keep counts, hence the same exact MACs
             assert sur.plan.keep_counts() == real.plan.keep_counts()
             assert i_sur["layer_0"]["mmacs"] == i_real["layer_0"]["mmacs"]
