@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -117,3 +118,19 @@ def test_prune_cli_makes_the_envs_uniform_plan(branches, tmp_path, capsys):
         report = json.loads(out.with_suffix(".json").read_text())
         assert {n: v["kept"] for n, v in report["layers"].items()} == uniform_plan(env, rate).keep_counts(), rate
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("min_keep,round_to", [(1, 1), (3, 1), (1, 8), (5, 4)])
+def test_the_vectorised_rule_is_the_rule(min_keep, round_to):
+    """keep_counts_for_rates (the exact budget's bisection) equals keep_count_for_rate layer by layer."""
+    from pruning_env.engine.plan import PlanError, keep_count_for_rate, keep_counts_for_rates
+
+    rng = np.random.default_rng(0)
+    widths = rng.integers(1, 520, size=4000)
+    rates = np.concatenate([rng.uniform(0, 1, 3000), np.round(rng.uniform(0, 0.9, 1000), 1)])
+    rates = np.minimum(rates, np.nextafter(1.0, 0.0))
+    got = keep_counts_for_rates(widths, rates, min_keep=min_keep, round_to=round_to)
+    want = [keep_count_for_rate(int(w), float(r), min_keep=min_keep, round_to=round_to) for w, r in zip(widths, rates)]
+    assert got.dtype == np.int64 and got.tolist() == want
+    with pytest.raises(PlanError, match="rates"):
+        keep_counts_for_rates([4], [1.0])

@@ -55,8 +55,7 @@ def _keep_at(s: float, widths: np.ndarray, current: np.ndarray, proposed: np.nda
     else:
         rates = current_rate + (1.0 + s) * (proposed - current_rate)
     rates = np.clip(rates, 0.0, np.nextafter(1.0, 0.0))
-    keep = np.array([rule.keep_count(int(w), float(r)) for w, r in zip(widths, rates)], dtype=np.int64)
-    return np.minimum(keep, current)
+    return np.minimum(rule.keep_counts(widths, rates), current)
 
 
 def _fill(macs, under: np.ndarray, over: np.ndarray, target_macs: float) -> np.ndarray:

@@ -309,12 +309,19 @@ def _check_ints(min_keep: int, round_to: int) -> None:
         raise PlanError(f"round_to must be an integer >= 1, got {round_to!r}")
 
 
-def _adjust_count(k: int, width: int, min_keep: int, round_to: int) -> int:
-    """Round ``k`` to a multiple of ``round_to`` (>= one multiple, <= width), then enforce ``min_keep``."""
+def _adjust_count(k: Any, width: Any, min_keep: int, round_to: int) -> Any:
+    """Round ``k`` to a multiple of ``round_to`` (>= one multiple, <= width), then enforce ``min_keep`` (numbers, or
+    numpy arrays of many layers at once)."""
     if round_to > 1:
-        k = round_to * max(1, math.floor(k / round_to + 0.5))
-    k = min(k, width)
-    return max(k, min(min_keep, width))
+        k = round_to * np.maximum(1, np.floor(k / round_to + 0.5))
+    k = np.minimum(k, width)
+    return np.maximum(k, np.minimum(min_keep, width))
+
+
+def _kept(width: Any, rate: Any, min_keep: int, round_to: int) -> Any:
+    """THE arithmetic of the rate rule, for one layer (numbers) or many at once (numpy arrays): ``floor(rate *
+    width)`` filters removed, then :func:`_adjust_count`."""
+    return _adjust_count(width - np.floor(rate * width + 1e-9), width, min_keep, round_to)
 
 
 def keep_count_for_rate(width: int, rate: float, *, min_keep: int = 1, round_to: int = 1) -> int:
@@ -328,7 +335,19 @@ def keep_count_for_rate(width: int, rate: float, *, min_keep: int = 1, round_to:
     _check_ints(min_keep, round_to)
     if isinstance(width, bool) or not isinstance(width, (int, np.integer)) or width < 1:
         raise PlanError(f"width must be an integer >= 1 (filters of the unpruned layer), got {width!r}")
-    return _adjust_count(width - math.floor(rate * width + 1e-9), int(width), min_keep, round_to)
+    return int(_kept(int(width), rate, min_keep, round_to))
+
+
+def keep_counts_for_rates(widths: Any, rates: Any, *, min_keep: int = 1, round_to: int = 1) -> np.ndarray:
+    """:func:`keep_count_for_rate` of many layers at once: ``(L,)`` int64 kept filters of ``(L,)`` ``widths`` at
+    ``(L,)`` ``rates`` (the same arithmetic, vectorised; the exact budget's bisection calls it)."""
+    _check_ints(min_keep, round_to)
+    w, r = np.asarray(widths), np.asarray(rates, dtype=np.float64)
+    if w.shape != r.shape or w.ndim != 1 or not np.issubdtype(w.dtype, np.integer) or (w < 1).any():
+        raise PlanError(f"widths must be integers >= 1 with one rate each, got {widths!r} and {rates!r}")
+    if not (np.isfinite(r).all() and (r >= 0).all() and (r < 1).all()):
+        raise PlanError(f"rates must be numbers in [0, 1) (the fraction of filters to remove), got {rates!r}")
+    return _kept(w.astype(np.int64), r, min_keep, round_to).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -344,6 +363,10 @@ class RateRule:
     def keep_count(self, width: int, rate: float) -> int:
         """Filters a ``width``-filter layer keeps at pruning ``rate`` in [0, 1)."""
         return keep_count_for_rate(width, rate, min_keep=self.min_keep, round_to=self.round_to)
+
+    def keep_counts(self, widths: Any, rates: Any) -> np.ndarray:
+        """:meth:`keep_count` of many layers at once (``(L,)`` arrays in, ``(L,)`` int64 out)."""
+        return keep_counts_for_rates(widths, rates, min_keep=self.min_keep, round_to=self.round_to)
 
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -425,5 +448,5 @@ def plan_global(scores: Mapping[str, Any], rate: float, *, min_keep: int = 1, ro
     n_prune = min(math.floor(r * all_scores.numel() + 1e-9), int(all_cand.sum()))
     order = torch.sort(all_scores[all_cand], stable=True).indices[:n_prune]
     pruned_per_layer = torch.bincount(all_owner[all_cand][order], minlength=len(names)).tolist()
-    counts = {n: _adjust_count(w - p, w, min_keep, round_to) for n, w, p in zip(names, widths, pruned_per_layer)}
+    counts = {n: int(_adjust_count(w - p, w, min_keep, round_to)) for n, w, p in zip(names, widths, pruned_per_layer)}
     return plan_top_k(s, counts)
