@@ -90,13 +90,34 @@ def _check(cfg: SurrogateDataConfig) -> None:
         raise ValueError(f"--env must be {TINY_ID} (or use --net / --width / --dataset)")
 
 
-def _env(cfg: SurrogateDataConfig, target: float, splits: Any) -> FilterPruningEnv:
+def real_env(cfg: Any, target: float, splits: Any, cache_size: int = 100_000) -> FilterPruningEnv:
+    """A fresh real env of the surrogate's settings at MACs ``target`` (``cfg``: the problem fields of
+    :class:`SurrogateDataConfig`: ``net``, ``dataset``, ``width``, ``env``, ``checkpoint``, ``data_dir``,
+    ``problem``)."""
     settings = {**changed_settings(cfg.problem), "dynamic": False, "macs_target": target, "reward": "budget",
-                "exact_budget": True, "cache_size": 10 * max(cfg.search.plans, cfg.allocations, 100)}
+                "exact_budget": True, "cache_size": cache_size}
     if cfg.env == TINY_ID:
         return pruning_env.make(TINY_ID, **settings)
     return make_benchmark_env(cfg.net, cfg.dataset, width=cfg.width, checkpoint=cfg.checkpoint, splits=splits,
                               data_dir=cfg.data_dir, **settings)
+
+
+def run_search(env: FilterPruningEnv, algo_name: str, seed: int, search_cfg: SearchConfig,
+               parallel: WorkersConfig) -> Search:
+    """One search of ``algo_name`` with ``seed`` on ``env``, run to its budget (plans measured on Ray workers
+    with ``parallel.workers > 1``)."""
+    seed_everything(seed)
+    cls = agents.get_algorithm(algo_name)
+    overrides = algorithm_overrides(cls, algo_name, search_cfg, env.config.episode_length)
+    algo = agents.make_algorithm(algo_name, algorithm_env(cls, env), seed=seed, device="cpu", **overrides)
+    search = Search(algo, env, search_cfg, progress=False, desc=f"{algo_name} seed {seed}")
+    evaluator = scale_out(search, parallel)
+    try:
+        search.run()
+    finally:
+        if evaluator is not None:
+            evaluator.close()
+    return search
 
 
 def _units(cfg: SurrogateDataConfig) -> list[dict[str, Any]]:
@@ -132,22 +153,12 @@ def _run_unit(cfg: SurrogateDataConfig, unit: dict[str, Any], env: FilterPruning
         for rates in _rates(env, unit["kind"], cfg.allocations, rng):
             env.measure(env.plan_from_rates(np.minimum(rates, 0.999)))
     else:
-        seed_everything(unit["seed"])
-        cls = agents.get_algorithm(unit["algo"])
-        overrides = algorithm_overrides(cls, unit["algo"], cfg.search, env.config.episode_length)
-        algo = agents.make_algorithm(unit["algo"], algorithm_env(cls, env), seed=unit["seed"], device="cpu",
-                                     **overrides)
-        search = Search(algo, env, cfg.search, progress=False, desc=unit["name"])
-        evaluator = scale_out(search, cfg.parallel)
-        try:
-            search.run()
-        finally:
-            if evaluator is not None:
-                evaluator.close()
+        run_search(env, unit["algo"], unit["seed"], cfg.search, cfg.parallel)
     return [m for m in env.measured_plans() if m.plan is not None]
 
 
-def _records(ms: list[Measurement], layers: list[str]) -> dict[str, np.ndarray]:
+def records(ms: list[Measurement], layers: list[str]) -> dict[str, np.ndarray]:
+    """``keep`` ``(N, L)``, the signals, ``macs`` and ``params`` of measurements (the data set's columns)."""
     keep = np.array([[m.plan.keep_count(n) for n in layers] for m in ms], dtype=np.int64)
     return {"keep": keep.reshape(-1, len(layers)),
             **{s: np.array([getattr(m.signals, s) for m in ms], dtype=np.float64) for s in SIGNALS},
@@ -177,7 +188,7 @@ def run(cfg: SurrogateDataConfig, argv: list[str] | None) -> dict[str, Any]:
 
         splits = load_splits(cfg.dataset, cfg.data_dir)
     t0 = time.perf_counter()
-    first = _env(cfg, cfg.targets[0], splits)
+    first = real_env(cfg, cfg.targets[0], splits)
     layers, base = first.layer_names, first.measure(first.plan)
     units = _units(cfg)
     seen: set[tuple[int, ...]] = set()
@@ -194,7 +205,7 @@ def run(cfg: SurrogateDataConfig, argv: list[str] | None) -> dict[str, Any]:
             unit = units[i]
             path = work / (unit["name"].replace(":", "_").replace("@", "_at_") + ".npz")
             if not path.is_file():
-                rec = _records(_run_unit(cfg, unit, _env(cfg, unit["target"], splits)), layers)
+                rec = records(_run_unit(cfg, unit, real_env(cfg, unit["target"], splits)), layers)
                 tmp = path.with_name(path.name + ".tmp.npz")
                 np.savez_compressed(tmp, **rec)
                 tmp.replace(path)

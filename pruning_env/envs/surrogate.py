@@ -121,7 +121,7 @@ class SurrogateData:
         arrays = {"meta": np.array(json.dumps({**self.meta, "format": FORMAT}, sort_keys=True)),
                   "keep": self.keep.astype(np.int16), "macs": self.macs.astype(np.int64),
                   "params": self.params.astype(np.int64), "source": self.source.astype(np.int16),
-                  "seed": self.seed.astype(np.int16), "target": self.target.astype(np.float32),
+                  "seed": self.seed.astype(np.int16), "target": self.target.astype(np.float64),
                   **{f"signal_{s}": self.signals[s].astype(np.float64) for s in SIGNALS},
                   **{f"base_{c}": np.concatenate([self.sensitivities[c][n].numpy() for n in self.layers])
                      .astype(np.float32) for c in ("grad", "taylor", "kl")}}

@@ -1,0 +1,317 @@
+"""Validate a surrogate data set and its env against the real env: ``surrogate.md`` / ``surrogate.json``.
+
+1. **Held-out plans.** A fixed random ``--heldout-fraction`` of the data's plans is left out of a fit; per MACs
+   target, Kendall tau and R^2 of the predicted against the measured reward signal (``quality``, the env's
+   ``exp(-KL)``) and accuracy. Also the plans that searches with seeds absent from the data visit on the real
+   env (part 2), which the shipped model never saw. A learning curve (tau at shares of the training plans) shows
+   how the error shrinks with more data, and other regressors (scikit-learn's histogram gradient boosting, when
+   installed) are compared with LightGBM on the same split.
+2. **Searches on both envs.** Every ``--algos`` method, ``--seeds`` (not the data's search seeds) x ``--plans``,
+   per target, on the real env and on the surrogate env (same settings, same seeds). The methods are ranked by the
+   best REAL objective they found: on the real env as measured, on the surrogate by measuring its best plan on the
+   real env. Kendall tau between the two rankings, and the surrogate's predicted objective of its best plans
+   against their real measurement (and the real objective's seed-to-seed spread).
+3. **Speed.** Steps per second of both envs (random joint actions, new plans), measured side by side in one run.
+
+Each search is written to ``--work-dir`` when done (``--resume`` continues).
+
+    python -m benchmarks.surrogate_validation --data-dir ../shared/data     # VGG-16 w0.25: hours (real searches)
+    python -m benchmarks.surrogate_validation --env pruning_env/Tiny-v1 \\
+        --data pruning_env/envs/surrogate_data/Tiny.npz --plans 60 --out-dir /tmp/sv   # minutes
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import kendalltau
+
+from benchmarks.common import RESULTS, command_line, commit, hold_outputs, machine, parse_config, write_markdown
+from benchmarks.surrogate_data import SEARCH_ALGOS, real_env, run_search
+from pruning_env.cli.options import print_json
+from pruning_env.core import checkpoint as ckpt
+from pruning_env.core.config import flat_dict, nested, option, without_run_only
+from pruning_env.envs.config import EnvConfig
+from pruning_env.envs.env import FilterPruningEnv
+from pruning_env.envs.registry import NETWORK_NAMES, TINY_ID
+from pruning_env.envs.surrogate import DATA_DIR, SurrogateData, SurrogateModel, SurrogatePruningEnv
+from pruning_env.search import SearchConfig
+from pruning_env.search.parallel import WorkersConfig, ray_session
+
+
+@dataclass
+class ValidationConfig:
+    """Every flag of ``python -m benchmarks.surrogate_validation``."""
+
+    data: str = option(str(DATA_DIR / "VGG16-CIFAR10.npz"), "the surrogate data set (.npz) to validate")
+    net: str = option("vgg16", "the real env's network (with --width, --dataset; ignored with --env)",
+                      choices=sorted(NETWORK_NAMES))
+    width: float = option(0.25, "channel width of the cached baseline", min=0, min_exclusive=True)
+    dataset: str = option("cifar10", "data set of the baseline", choices=["cifar10", "cifar100"])
+    env: str | None = option(None, f"{TINY_ID} instead of --net")
+    checkpoint: str | None = option(None, "trained baseline (default: the cached one); must be the data's")
+    data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
+    targets: list[float] = option([0.5, 0.3, 0.2], "MACs targets", min=0, max=1, min_exclusive=True)
+    algos: list[str] = option(list(SEARCH_ALGOS), "search methods compared on both envs")
+    seeds: list[int] = option([2, 3, 4], "search seeds (not among the data's, so their plans are held out)")
+    search: SearchConfig = nested(SearchConfig, "the budget of every search", prefix="search",
+                                  default=SearchConfig(plans=300))
+    problem: EnvConfig = nested(EnvConfig, "the real env (dynamic off, budget reward at each target)")
+    parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement of the real searches (--workers)")
+    heldout_fraction: float = option(0.1, "share of the data's plans left out of the held-out fit", min=0.01,
+                                     max=0.5)
+    speed_steps: int = option(200, "env steps per env in the speed measurement", min=10)
+    out_dir: str = option(str(RESULTS), "folder of surrogate.md / surrogate.json", run_only=True)
+    work_dir: str = option("runs/surrogate_validation", "folder of the finished searches (for --resume)",
+                           run_only=True)
+    resume: bool = option(False, "reuse the searches in --work-dir (same settings)", run_only=True)
+    threads: int | None = option(None, "torch CPU threads (default: torch's choice)", run_only=True)
+    progress: bool = option(True, "show progress", run_only=True)
+
+
+def _scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    r2 = 1.0 - float(np.sum((true - pred) ** 2)) / max(float(np.sum((true - true.mean()) ** 2)), 1e-12)
+    return {"kendall_tau": float(kendalltau(pred, true).statistic), "r2": r2, "plans": int(true.size)}
+
+
+def _quality(signals: dict[str, np.ndarray]) -> np.ndarray:
+    return np.exp(-signals["kl"])
+
+
+def heldout(data: SurrogateData, cfg: ValidationConfig) -> dict[str, Any]:
+    """Part 1 on the data: per target, tau / R^2 of quality and accuracy on a random held-out share."""
+    rng = np.random.default_rng(0)
+    test = rng.random(len(data)) < cfg.heldout_fraction
+    train, held = data.subset(~test), data.subset(test)
+    model = SurrogateModel.fit(train)
+    pred = model.predict(held.keep, held.macs, held.params)
+    rows = []
+    for t in cfg.targets:
+        m = np.isclose(held.target, t)
+        if m.sum() >= 3:
+            rows.append({"target": t, "set": "random held-out", **_scores(_quality(pred)[m], _quality(held.signals)[m]),
+                         "acc": _scores(pred["acc"][m], held.signals["acc"][m])})
+    curve = []
+    for share in (0.1, 0.25, 0.5, 1.0):
+        sub = train.subset(np.random.default_rng(1).random(len(train)) < share) if share < 1 else train
+        if len(sub) < 20:  # too few to fit
+            continue
+        p = SurrogateModel.fit(sub).predict(held.keep, held.macs, held.params)
+        curve.append({"train_plans": len(sub), **_scores(_quality(p), _quality(held.signals))})
+    others = {"lightgbm": _scores(_quality(pred), _quality(held.signals))}
+    try:
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        x_tr = SurrogateModel.features(train.keep, train.widths, train.macs / model.base_macs,
+                                       train.params / model.base_params)
+        x_te = SurrogateModel.features(held.keep, held.widths, held.macs / model.base_macs,
+                                       held.params / model.base_params)
+        hgb = HistGradientBoostingRegressor(max_iter=800, learning_rate=0.05, random_state=0)
+        hgb.fit(x_tr, np.log(train.signals["kl"] + SurrogateModel.EPS))
+        kl = np.maximum(np.exp(hgb.predict(x_te)) - SurrogateModel.EPS, 0.0)
+        others["sklearn_hist_gradient_boosting"] = _scores(np.exp(-kl), _quality(held.signals))
+    except ImportError:
+        pass
+    return {"rows": rows, "learning_curve": curve, "regressors": others}
+
+
+def _search_record(env: FilterPruningEnv, search: Any) -> dict[str, Any]:
+    ms = [m for m in env.measured_plans() if m.plan is not None]
+    return {"best_objective": search.best["objective"], "best_plan": search.best["plan"],
+            "keep": [[m.plan.keep_count(n) for n in env.layer_names] for m in ms],
+            "kl": [m.signals.kl for m in ms], "acc": [m.signals.acc for m in ms], "macs": [m.macs for m in ms],
+            "params": [m.params for m in ms]}
+
+
+def searches(cfg: ValidationConfig, data: SurrogateData, model: SurrogateModel, splits: Any) -> dict[str, Any]:
+    """Part 2: every (target, method, seed) on both envs; the surrogate's best plan measured for real."""
+    from pruning_env.engine.plan import PruningPlan
+
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {}
+    with ray_session(cfg.parallel):
+        for t in cfg.targets:
+            for algo in cfg.algos:
+                for seed in cfg.seeds:
+                    path = work / f"{algo}-s{seed}-t{t:g}.json"
+                    if path.is_file():
+                        out[path.stem] = json.loads(path.read_text())
+                        continue
+                    env = real_env(cfg, t, splits)
+                    real = _search_record(env, run_search(env, algo, seed, cfg.search, cfg.parallel))
+                    sur_env = SurrogatePruningEnv(data, model=model, **_free_settings(cfg, t))
+                    sur_search = run_search(sur_env, algo, seed, cfg.search, WorkersConfig())
+                    plan = PruningPlan.from_dict(sur_search.best["plan"])
+                    rec = {"target": t, "algo": algo, "seed": seed, "real": real,
+                           "surrogate": {"best_objective": sur_search.best["objective"],
+                                         "best_real_objective": env.measure(plan).objective}}
+                    ckpt.atomic_write_text(path, json.dumps(rec))
+                    out[path.stem] = rec
+    return out
+
+
+def _free_settings(cfg: ValidationConfig, target: float) -> dict[str, Any]:
+    """The real env's settings a surrogate env takes (its measurement settings are the data's)."""
+    from pruning_env.envs.config import changed_settings
+    from pruning_env.envs.surrogate import MEASURED_SETTINGS
+
+    kept = {k: v for k, v in changed_settings(cfg.problem).items() if k not in MEASURED_SETTINGS}
+    return {**kept, "macs_target": target, "reward": "budget", "exact_budget": True}
+
+
+def ranking(runs: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
+    """Methods ranked by their mean best real objective over seeds, on each env; tau between the rankings."""
+    per = {}
+    for side, key in (("real", lambda r: r["real"]["best_objective"]),
+                      ("surrogate", lambda r: r["surrogate"]["best_real_objective"])):
+        means = {a: float(np.mean([key(r) for r in runs.values() if r["algo"] == a])) for a in cfg.algos}
+        per[side] = sorted(means, key=lambda a: -means[a])
+        per[f"{side}_means"] = means
+    real_rank = [per["real"].index(a) for a in cfg.algos]
+    sur_rank = [per["surrogate"].index(a) for a in cfg.algos]
+    per["kendall_tau"] = float(kendalltau(real_rank, sur_rank).statistic)
+    gaps = [r["surrogate"]["best_objective"] - r["surrogate"]["best_real_objective"] for r in runs.values()]
+    spread = [float(np.std([r["real"]["best_objective"] for r in runs.values() if r["algo"] == a
+                            and r["target"] == t], ddof=1)) for a in cfg.algos for t in cfg.targets
+              if sum(r["algo"] == a and r["target"] == t for r in runs.values()) > 1]
+    per["predicted_minus_real_best"] = {"mean": float(np.mean(gaps)), "max_abs": float(np.max(np.abs(gaps)))}
+    per["real_seed_spread"] = float(np.mean(spread)) if spread else None
+    return per
+
+
+def search_heldout(runs: dict[str, Any], data: SurrogateData, model: SurrogateModel,
+                   targets: list[float]) -> list[dict[str, Any]]:
+    """Part 1 on the real searches' plans that the data lacks (seeds absent from it)."""
+    known = {tuple(k) for k in data.keep.tolist()}
+    rows = []
+    for t in targets:
+        keep, kl, macs, params = [], [], [], []
+        for r in runs.values():
+            if r["target"] != t:
+                continue
+            for k, q, m, p in zip(r["real"]["keep"], r["real"]["kl"], r["real"]["macs"], r["real"]["params"]):
+                if tuple(k) not in known:
+                    known.add(tuple(k))
+                    keep.append(k), kl.append(q), macs.append(m), params.append(p)
+        if len(keep) >= 3:
+            pred = model.predict(np.array(keep), np.array(macs), np.array(params))
+            rows.append({"target": t, "set": "search seeds absent from the data",
+                         **_scores(np.exp(-pred["kl"]), np.exp(-np.array(kl)))})
+    return rows
+
+
+def speed(cfg: ValidationConfig, data: SurrogateData, model: SurrogateModel, splits: Any) -> dict[str, float]:
+    """Steps per second of both envs, alternating blocks of random episodes in one run."""
+    t = cfg.targets[0]
+    envs = {"real": real_env(cfg, t, splits), "surrogate": SurrogatePruningEnv(data, model=model,
+                                                                              **_free_settings(cfg, t))}
+    seconds, steps = dict.fromkeys(envs, 0.0), dict.fromkeys(envs, 0)
+    rng = np.random.default_rng(0)
+    for block in range(4):
+        for name, env in envs.items():
+            n = cfg.speed_steps // 4 if name == "real" else 25 * cfg.speed_steps // 4
+            t0 = time.perf_counter()
+            while steps[name] < (block + 1) * n:
+                env.reset(seed=int(rng.integers(2**31)))
+                while env.agents:
+                    env.step({a: env.action_space(a).sample() for a in env.agents})
+                    steps[name] += 1
+            seconds[name] += time.perf_counter() - t0
+    return {name: steps[name] / seconds[name] for name in envs}
+
+
+def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
+    data = SurrogateData.load(cfg.data)
+    overlap = sorted(set(cfg.seeds) & {int(s) for s in np.unique(data.seed) if s >= 0})
+    if overlap:
+        raise ValueError(f"--seeds {overlap} are search seeds of the data: their plans are not held out")
+    key = without_run_only(ValidationConfig, flat_dict(cfg))
+    key_file = Path(cfg.work_dir) / "settings.json"
+    if key_file.is_file() and json.loads(key_file.read_text()) != key and cfg.resume:
+        raise ValueError(f"--work-dir {cfg.work_dir} holds searches of other settings: pass another --work-dir")
+    if key_file.is_file() and not cfg.resume:
+        raise ValueError(f"--work-dir {cfg.work_dir} holds an earlier run: pass --resume or another --work-dir")
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(key_file, json.dumps(key))
+    splits = None
+    if cfg.env is None:
+        from pruning_env.core.data import load_splits
+
+        splits = load_splits(cfg.dataset, cfg.data_dir)
+    t0 = time.perf_counter()
+    model = SurrogateModel.load_or_fit(data)
+    probe = real_env(cfg, cfg.targets[0], splits)
+    digest = ckpt.weights_digest(probe.base_model)
+    if digest != data.meta["provenance"].get("baseline_digest"):
+        raise ValueError(f"the real env's baseline (weights digest {digest}) is not the data's "
+                         f"({data.meta['provenance'].get('baseline_digest')}): pass the data's --checkpoint")
+    result: dict[str, Any] = {"benchmark": "surrogate_validation", "command": command_line("surrogate_validation",
+                                                                                             argv),
+                              "commit": commit(), "machine": machine(), "data": Path(cfg.data).name,
+                              "data_plans": len(data)}
+    result["steps_per_s"] = speed(cfg, data, model, splits)
+    part1 = heldout(data, cfg)
+    runs = searches(cfg, data, model, splits)
+    result["heldout"] = part1["rows"] + search_heldout(runs, data, model, cfg.targets)
+    result["learning_curve"], result["regressors"] = part1["learning_curve"], part1["regressors"]
+    result["ranking"] = ranking(runs, cfg)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(out / "surrogate.json", json.dumps(result, indent=1))
+    write_markdown(out / "surrogate.md", report(result))
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    sp = r["steps_per_s"]
+    rk = r["ranking"]
+    md = [f"# Surrogate env validation ({r['data']}, {r['data_plans']} plans)", "",
+          f"`{r['command']}` at commit {r['commit']}; {r['machine']}; {r['seconds']} s.", "",
+          f"**Speed** (random episodes, side by side): real env {sp['real']:.2f} steps/s, surrogate "
+          f"{sp['surrogate']:.1f} steps/s: **{sp['surrogate'] / sp['real']:.0f}x** (goal: 1,000x).", "",
+          "## Held-out plans: predicted against measured reward signal (quality = exp(-KL))", "",
+          "| MACs target | held-out set | plans | Kendall tau | R^2 |", "|---|---|---|---|---|"]
+    md += [f"| {h['target']:g} | {h['set']} | {h['plans']} | {h['kendall_tau']:.3f} | {h['r2']:.3f} |"
+           for h in r["heldout"]]
+    md += ["", "Goal: tau >= 0.9 at every target.", "", "Learning curve (random held-out set, all targets):", "",
+           "| training plans | Kendall tau | R^2 |", "|---|---|---|"]
+    md += [f"| {c['train_plans']} | {c['kendall_tau']:.3f} | {c['r2']:.3f} |" for c in r["learning_curve"]]
+    md += ["", "Regressors on the same split: " + ", ".join(f"{k} tau {v['kendall_tau']:.3f} / R^2 {v['r2']:.3f}"
+                                                         for k, v in r["regressors"].items()) + ".", "",
+           "## The methods ranked on both envs (mean best REAL objective over seeds)", "",
+           f"Real env: {' > '.join(rk['real'])}; surrogate: {' > '.join(rk['surrogate'])}; Kendall tau "
+           f"{rk['kendall_tau']:.2f} (goal: same ranking, or tau >= 0.8).", "",
+           f"Predicted minus real objective of the surrogate's best plans: mean "
+           f"{rk['predicted_minus_real_best']['mean']:+.4f}, largest {rk['predicted_minus_real_best']['max_abs']:.4f};"
+           f" the real best objective's seed-to-seed standard deviation: "
+           + (f"{rk['real_seed_spread']:.4f}." if rk["real_seed_spread"] is not None else "-."), ""]
+    return "\n".join(md)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ValidationConfig, argv, "surrogate_validation", __doc__)
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    outs = [("--out-dir", Path(cfg.out_dir) / "surrogate.json")]
+    with hold_outputs("surrogate_validation", files=outs, folders=[("--work-dir", Path(cfg.work_dir))]):
+        try:
+            result = run(cfg, argv)
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    print_json({k: result[k] for k in ("steps_per_s", "heldout", "ranking")})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""benchmarks.surrogate_data and benchmarks.surrogate_validation end to end on Tiny-v1 (tiny budgets)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import surrogate_data, surrogate_validation
+from pruning_env.envs.surrogate import SurrogateData, SurrogatePruningEnv
+
+pytestmark = pytest.mark.long  # end-to-end runs of the benchmarks (.ci/run runs them)
+
+DATA_ARGS = ["--env", "pruning_env/Tiny-v1", "--targets", "0.5", "0.3", "--plans", "60", "--allocations", "6",
+             "--search-algos", "random", "qmix", "--search-seeds", "0", "--search-plans", "9", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("surrogate")
+    out, work = root / "Tiny.npz", root / "work"
+    assert surrogate_data.main([*DATA_ARGS, "--out", str(out), "--work-dir", str(work)]) == 0
+    return out, work
+
+
+def test_the_data_set_has_every_source_and_resumes(made, capsys):
+    out, work = made
+    data = SurrogateData.load(out)
+    names = {data.meta["sources"][i] for i in np.unique(data.source)}
+    assert {"uniform", "profile", "allocation", "search:random", "search:qmix"} <= names
+    assert len(data) >= 60 and len({tuple(k) for k in data.keep.tolist()}) == len(data)
+    assert set(np.unique(data.target)) == {0.5, 0.3}
+    # a plan measured for a 0.5 budget's final step sits at or below it
+    finals = data.source == data.meta["sources"].index("allocation")
+    assert (data.macs[finals & (data.target == 0.5)] <= 0.5 * data.meta["base"]["macs"]).all()
+    # every unit is on disk: a resumed run measures nothing and writes the same data
+    before = {p.name: p.stat().st_mtime_ns for p in work.glob("*.npz")}
+    again = out.with_name("again.npz")
+    assert surrogate_data.main([*DATA_ARGS, "--out", str(again), "--work-dir", str(work), "--resume"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in work.glob("*.npz")} == before
+    assert np.array_equal(SurrogateData.load(again).keep, data.keep)
+    assert surrogate_data.main([*DATA_ARGS, "--out", str(again), "--work-dir", str(work)]) == 2  # no --resume
+    assert "--resume" in capsys.readouterr().err
+    SurrogatePruningEnv(out).reset(seed=0)  # the data set makes an env
+
+
+def test_validation_writes_the_acceptance_fields(made, tmp_path):
+    out, _ = made
+    args = ["--env", "pruning_env/Tiny-v1", "--data", str(out), "--targets", "0.5", "--algos", "random", "qmix",
+            "--seeds", "2", "3", "--search-plans", "9", "--speed-steps", "12", "--heldout-fraction", "0.3",
+            "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--no-progress"]
+    assert surrogate_validation.main(args) == 0
+    r = json.loads((tmp_path / "surrogate.json").read_text())
+    assert set(r["steps_per_s"]) == {"surrogate", "real"} and min(r["steps_per_s"].values()) > 0
+    assert {h["set"] for h in r["heldout"]} == {"random held-out", "search seeds absent from the data"}
+    assert all({"target", "kendall_tau", "r2", "plans"} <= set(h) for h in r["heldout"])
+    assert sorted(r["ranking"]["real"]) == sorted(r["ranking"]["surrogate"]) == ["qmix", "random"]
+    assert -1.0 <= r["ranking"]["kendall_tau"] <= 1.0 and r["command"] and r["commit"] and r["machine"]
+    assert "steps/s" in (tmp_path / "surrogate.md").read_text()
+    assert surrogate_validation.main([*args[:-5], "--seeds", "0", "--out-dir", str(tmp_path / "x"),
+                                      "--work-dir", str(tmp_path / "w2"), "--no-progress"]) == 2  # a data seed
