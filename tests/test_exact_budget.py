@@ -132,3 +132,64 @@ def test_plan_from_rates_and_the_amc_view_meet_the_budget(tiny_env_factory):
     while not done:
         _, _, done, _, info = view.step(np.array([0.95], np.float32))  # keep 95 %: far above the budget
     assert info["macs_ratio"] <= 0.45 + 1e-12
+
+
+def _plain_bisection(macs_model, rule, current, proposed_rates, target_macs, *, final, max_rate):
+    """The rule as first written: one scalar s at a time, 48 halvings (the oracle of the many-points search)."""
+    widths = np.asarray(macs_model.widths, dtype=np.int64)
+    cur = np.asarray(current, dtype=np.int64)
+    current_rate = 1.0 - cur / widths
+    proposed = np.maximum(np.asarray(proposed_rates, dtype=np.float64), current_rate)
+    r_max = np.maximum(float(max_rate), proposed)
+
+    def keep(s):
+        rates = proposed + s * (r_max - proposed) if s >= 0 else current_rate + (1.0 + s) * (proposed - current_rate)
+        rates = np.clip(rates, 0.0, np.nextafter(1.0, 0.0))
+        return np.minimum([rule.keep_count(int(w), float(r)) for w, r in zip(widths, rates)], cur)
+
+    def macs(k):
+        return macs_model.predict_array(k)[0]
+
+    if final:
+        if macs(keep(-1.0)) <= target_macs or macs(keep(1.0)) > target_macs:
+            return keep(-1.0) if macs(keep(-1.0)) <= target_macs else keep(1.0)
+        lo, hi = -1.0, 1.0
+        for _ in range(48):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if macs(keep(mid)) <= target_macs else (mid, hi)
+        from pruning_env.engine.budget import _fill
+
+        return _fill(macs, keep(hi), keep(lo), target_macs)
+    as_proposed = keep(0.0)
+    if macs(as_proposed) >= target_macs or macs(keep(-1.0)) < target_macs:
+        return as_proposed if macs(as_proposed) >= target_macs else keep(-1.0)
+    lo, hi = -1.0, 0.0
+    for _ in range(48):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if macs(keep(mid)) >= target_macs else (lo, mid)
+    return keep(lo)
+
+
+@pytest.mark.parametrize("rule", [RateRule(), RateRule(min_keep=2, round_to=4)])
+def test_the_many_points_search_is_the_plain_bisection(macs_model, rule):
+    """budget_keep_counts searches 63 points at a time on the same dyadic grid: the same keep counts as 48 plain
+    halvings, on 300 random proposals from random current states, final and earlier steps."""
+    rng = np.random.default_rng(0)
+    widths = macs_model.widths
+    for k in range(300):
+        current = np.maximum(1, (widths * rng.uniform(0.3, 1.0, size=widths.size)).astype(np.int64))
+        if k % 3 == 0:
+            current = widths.copy()
+        proposed = rng.uniform(0.0, 0.9, size=widths.size)
+        target = rng.uniform(0.15, 0.8) * macs_model.base_macs
+        for final in (True, False):
+            got = budget_keep_counts(macs_model, rule, current, proposed, target, final=final, max_rate=0.9)
+            want = _plain_bisection(macs_model, rule, current, proposed, target, final=final, max_rate=0.9)
+            assert got.tolist() == np.asarray(want).tolist(), (k, final)
+
+
+def test_predict_batch_is_predict_array(macs_model):
+    rng = np.random.default_rng(1)
+    keep = np.maximum(1, (macs_model.widths * rng.uniform(0.05, 1.0, size=(50, macs_model.widths.size))).astype(int))
+    macs, params = macs_model.predict_batch(keep)
+    assert [(int(m), int(p)) for m, p in zip(macs, params)] == [macs_model.predict_array(k) for k in keep]

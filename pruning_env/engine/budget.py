@@ -46,16 +46,32 @@ from pruning_env.engine.plan import PruningPlan, RateRule, plan_global
 __all__ = ["budget_keep_counts", "check_reachable", "global_plan_at_macs", "reachable_macs"]
 
 _BISECTION_STEPS = 48  # s is resolved to 2 / 2**48: far below one filter of any layer
+_WAYS_LOG2 = 6  # the search evaluates 2**6 - 1 points at once: six bisection halvings per round
 
 
-def _keep_at(s: float, widths: np.ndarray, current: np.ndarray, proposed: np.ndarray, current_rate: np.ndarray,
+def _keep_at(s: np.ndarray, widths: np.ndarray, current: np.ndarray, proposed: np.ndarray, current_rate: np.ndarray,
              r_max: np.ndarray, rule: RateRule) -> np.ndarray:
-    if s >= 0.0:
-        rates = proposed + s * (r_max - proposed)
-    else:
-        rates = current_rate + (1.0 + s) * (proposed - current_rate)
+    """``(N, L)`` keep counts at the ``(N,)`` values ``s`` of the rule's scalar (see the module docstring)."""
+    s = np.asarray(s, dtype=np.float64).reshape(-1, 1)
+    rates = np.where(s >= 0.0, proposed + s * (r_max - proposed), current_rate + (1.0 + s) * (proposed - current_rate))
     rates = np.clip(rates, 0.0, np.nextafter(1.0, 0.0))
-    return np.minimum(rule.keep_counts(widths, rates), current)
+    keep = rule.keep_counts(np.broadcast_to(widths, rates.shape).ravel(), rates.ravel()).reshape(rates.shape)
+    return np.minimum(keep, current)
+
+
+def _bisect(first_true, lo: float, hi: float) -> tuple[float, float]:
+    """The ``(lo, hi)`` that :data:`_BISECTION_STEPS` halvings of ``[lo, hi]`` reach for a monotone predicate (False
+    at ``lo``, True at ``hi``): the adjacent points of the same dyadic grid, found ``2**_WAYS_LOG2 - 1`` points at a
+    time. ``first_true(points)`` gives the index of the first point where the predicate holds (``len``: none).
+    Every point is exact (dyadic), so the result is the plain bisection's, bit for bit."""
+    steps = _BISECTION_STEPS
+    while steps > 0:
+        ways = 2 ** min(_WAYS_LOG2, steps)
+        points = lo + (hi - lo) * np.arange(1, ways) / ways
+        j = first_true(points)
+        lo, hi = (float(points[j - 1]) if j > 0 else lo), (float(points[j]) if j < len(points) else hi)
+        steps -= min(_WAYS_LOG2, steps)
+    return lo, hi
 
 
 def _fill(macs, under: np.ndarray, over: np.ndarray, target_macs: float) -> np.ndarray:
@@ -137,36 +153,32 @@ def budget_keep_counts(
     proposed = np.maximum(np.asarray(proposed_rates, dtype=np.float64), current_rate)
     r_max = np.maximum(float(max_rate), proposed)
 
-    def keep(s: float) -> np.ndarray:
+    def keeps(s: np.ndarray) -> np.ndarray:
         return _keep_at(s, widths, cur, proposed, current_rate, r_max, rule)
+
+    def keep(s: float) -> np.ndarray:
+        return keeps(np.array([s]))[0]
 
     def macs(k: np.ndarray) -> int:
         return macs_model.predict_array(k)[0]
 
+    def first(points: np.ndarray, holds) -> int:  # index of the first point whose network satisfies ``holds``
+        ok = holds(macs_model.predict_batch(keeps(points))[0])
+        return int(np.argmax(ok)) if ok.any() else len(points)
+
     if final:
         if macs(keep(-1.0)) <= target_macs:
             return keep(-1.0)
-        hi = 1.0
-        if macs(keep(hi)) > target_macs:  # unreachable: prune as far as allowed
-            return keep(hi)
-        lo = -1.0  # invariant: macs(lo) > target >= macs(hi)
-        for _ in range(_BISECTION_STEPS):
-            mid = 0.5 * (lo + hi)
-            if macs(keep(mid)) <= target_macs:
-                hi = mid
-            else:
-                lo = mid
+        if macs(keep(1.0)) > target_macs:  # unreachable: prune as far as allowed
+            return keep(1.0)
+        # invariant: macs(lo) > target >= macs(hi)
+        lo, hi = _bisect(lambda p: first(p, lambda m: m <= target_macs), -1.0, 1.0)
         return _fill(macs, keep(hi), keep(lo), target_macs)
     as_proposed = keep(0.0)
     if macs(as_proposed) >= target_macs or macs(keep(-1.0)) < target_macs:
         return as_proposed if macs(as_proposed) >= target_macs else keep(-1.0)
-    lo, hi = -1.0, 0.0  # invariant: macs(lo) >= target > macs(hi)
-    for _ in range(_BISECTION_STEPS):
-        mid = 0.5 * (lo + hi)
-        if macs(keep(mid)) >= target_macs:
-            lo = mid
-        else:
-            hi = mid
+    # invariant: macs(lo) >= target > macs(hi)
+    lo, _ = _bisect(lambda p: first(p, lambda m: m < target_macs), -1.0, 0.0)
     return keep(lo)
 
 

@@ -101,6 +101,20 @@ class MacsModel:
         params = int((t[:, 9:13] * basis).sum()) + self._const_params
         return macs, params
 
+    def predict_batch(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(macs, params)``, each ``(N,)`` int64, for ``(N, L)`` keep counts (:meth:`predict_array` of every row)."""
+        k = np.asarray(keep, dtype=np.int64).reshape(-1, len(self.widths))
+        t = self._terms
+        n = k.shape[0]
+        if t.shape[0] == 0:
+            return np.full(n, self._const_macs, dtype=np.int64), np.full(n, self._const_params, dtype=np.int64)
+        o = np.where(t[:, 0] >= 0, k[:, np.maximum(t[:, 0], 0)], t[:, 1])  # (N, terms)
+        i = np.where(t[:, 2] >= 0, k[:, np.maximum(t[:, 2], 0)] * t[:, 3], t[:, 4])
+        basis = np.stack([o * i, o, i, np.ones_like(o)], axis=2)  # (N, terms, 4)
+        macs = (basis * t[None, :, 5:9]).sum(axis=(1, 2)) + self._const_macs
+        params = (basis * t[None, :, 9:13]).sum(axis=(1, 2)) + self._const_params
+        return macs, params
+
     def predict(self, keep_counts: Mapping[str, int]) -> tuple[int, int]:
         """``(macs per image, params)`` of the model whose layers keep ``keep_counts``
         filters (``{layer: count}``; missing layers keep all)."""
