@@ -150,6 +150,7 @@ class FilterPruningEnv(ParallelEnv):
     ``render``, ``close``): the settings and data (``config``, ``splits``, ``device``, ``input_shape``,
     ``plan_info``); the unpruned network (:attr:`base_model`, :attr:`layers`, :attr:`layer_names`,
     :attr:`base_macs`, :attr:`base_params`, :attr:`macs_model`, ``baseline_acc``, :attr:`static_features`,
+    :attr:`base_sensitivities`,
     :attr:`calibration_batch`); the episode (:attr:`plan`, :attr:`current_step`); plans of this network
     (:meth:`measure` -> :class:`~pruning_env.envs.measure.Measurement`, :meth:`measured_plans`,
     :meth:`plan_from_rates`, :meth:`build_network`, :meth:`measure_network`); accounting and the replica hook
