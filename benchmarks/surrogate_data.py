@@ -62,7 +62,8 @@ class SurrogateDataConfig:
     data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
     targets: list[float] = option([0.5, 0.3, 0.2], "MACs targets (exact budgets) the plans are made for", min=0,
                                   max=1, min_exclusive=True)
-    plans: int = option(20000, "distinct plans to measure in all (random searches fill up to it)", min=20)
+    plans: int = option(20000, "distinct plans to measure in all (random searches fill up to it; a larger value "
+                        "continues a finished run with --resume)", min=20, run_only=True)
     allocations: int = option(1000, "random per-layer allocations per target", min=0)
     search_algos: list[str] = option(list(SEARCH_ALGOS), "search methods whose visited plans are recorded")
     search_seeds: list[int] = option([0, 1], "seeds of those searches (others stay out, for held-out validation)")
@@ -76,6 +77,8 @@ class SurrogateDataConfig:
     out: str = option(str(DATA_DIR / "VGG16-CIFAR10.npz"), "the data set file to write (.npz)", run_only=True)
     work_dir: str = option("runs/surrogate_data", "folder of the finished units (for --resume)", run_only=True)
     resume: bool = option(False, "continue the units in --work-dir (same settings)", run_only=True)
+    finished_only: bool = option(False, "write --out from the units finished in --work-dir, measuring nothing "
+                                 "(e.g. of an interrupted run)", run_only=True)
     progress: bool = option(True, "show progress", run_only=True)
 
 
@@ -121,14 +124,16 @@ def run_search(env: FilterPruningEnv, algo_name: str, seed: int, search_cfg: Sea
 
 
 def _units(cfg: SurrogateDataConfig) -> list[dict[str, Any]]:
+    """The units in the order they run: every target's uniform, profile and allocation units, then the searches
+    seed by seed, each over every method and target (a partial run covers every target and method)."""
     units = []
     for t in cfg.targets:
         units += [{"name": f"uniform@{t:g}", "kind": "uniform", "target": t},
                   {"name": f"profile@{t:g}", "kind": "profile", "target": t}]
         if cfg.allocations:
             units.append({"name": f"allocation@{t:g}", "kind": "allocation", "target": t})
-        units += [{"name": f"search:{a}:s{s}@{t:g}", "kind": "search", "algo": a, "seed": s, "target": t}
-                  for a in cfg.search_algos for s in cfg.search_seeds]
+    units += [{"name": f"search:{a}:s{s}@{t:g}", "kind": "search", "algo": a, "seed": s, "target": t}
+              for s in cfg.search_seeds for a in cfg.search_algos for t in cfg.targets]
     return units
 
 
@@ -172,7 +177,7 @@ def run(cfg: SurrogateDataConfig, argv: list[str] | None) -> dict[str, Any]:
     settings = without_run_only(SurrogateDataConfig, flat_dict(cfg))
     key_file = work / "settings.json"
     if work.exists() and any(work.glob("*.npz")):
-        if not cfg.resume:
+        if not (cfg.resume or cfg.finished_only):
             raise ValueError(f"--work-dir {work} holds units of an earlier run: pass --resume to continue it, or "
                              "another --work-dir")
         old = json.loads(key_file.read_text()) if key_file.is_file() else None
@@ -180,6 +185,8 @@ def run(cfg: SurrogateDataConfig, argv: list[str] | None) -> dict[str, Any]:
             diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != settings.get(k))
             raise ValueError(f"--work-dir {work} holds units of other settings ({', '.join(diff)}): pass another "
                              "--work-dir")
+    elif cfg.finished_only:
+        raise ValueError(f"--finished-only: --work-dir {work} holds no finished unit")
     work.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(key_file, json.dumps(settings, indent=1))
     splits = None
@@ -200,10 +207,15 @@ def run(cfg: SurrogateDataConfig, argv: list[str] | None) -> dict[str, Any]:
             if i >= len(units):  # fill up with random searches of new seeds
                 t = cfg.targets[fill_seed % len(cfg.targets)]
                 units.append({"name": f"search:random:s{fill_seed}@{t:g}", "kind": "search", "algo": "random",
-                              "seed": fill_seed, "target": t})
+                              "seed": fill_seed, "target": t, "fill": True})
                 fill_seed += 1
             unit = units[i]
             path = work / (unit["name"].replace(":", "_").replace("@", "_at_") + ".npz")
+            if not path.is_file() and cfg.finished_only:
+                units.pop(i)
+                if unit.get("fill"):  # the fill-up searches run in seed order: none further is finished
+                    break
+                continue
             if not path.is_file():
                 rec = records(_run_unit(cfg, unit, real_env(cfg, unit["target"], splits)), layers)
                 tmp = path.with_name(path.name + ".tmp.npz")
@@ -216,6 +228,8 @@ def run(cfg: SurrogateDataConfig, argv: list[str] | None) -> dict[str, Any]:
             bar.update(min(len(new), max(0, cfg.plans - bar.n)))
             i += 1
     bar.close()
+    if not units:
+        raise ValueError(f"--work-dir {work} holds no finished unit of these settings")
     data = _merge(cfg, units, layers, first, base, argv, time.perf_counter() - t0)
     data.save(cfg.out)
     return {"out": cfg.out, "plans": len(data), "units": len(units), "layers": len(layers)}

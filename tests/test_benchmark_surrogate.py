@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -43,6 +44,28 @@ def test_the_data_set_has_every_source_and_resumes(made, capsys):
     assert surrogate_data.main([*DATA_ARGS, "--out", str(again), "--work-dir", str(work)]) == 2  # no --resume
     assert "--resume" in capsys.readouterr().err
     SurrogatePruningEnv(out).reset(seed=0)  # the data set makes an env
+
+
+def test_finished_units_make_a_data_set_and_a_larger_plans_continues(made, tmp_path, capsys):
+    _, work = made
+    part = tmp_path / "work"
+    shutil.copytree(work, part)
+    for p in part.glob("search_qmix*.npz"):  # as if interrupted before the QMIX searches
+        p.unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in part.glob("*.npz")}
+    partial = tmp_path / "partial.npz"
+    assert surrogate_data.main([*DATA_ARGS, "--out", str(partial), "--work-dir", str(part), "--finished-only"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in part.glob("*.npz")} == before  # nothing measured
+    data = SurrogateData.load(partial)
+    assert {data.meta["sources"][i] for i in np.unique(data.source)} == {"uniform", "profile", "allocation",
+                                                                          "search:random"}
+    more = [a if a != "60" else "90" for a in DATA_ARGS]
+    bigger = tmp_path / "bigger.npz"
+    assert surrogate_data.main([*more, "--out", str(bigger), "--work-dir", str(part), "--resume"]) == 0
+    assert len(SurrogateData.load(bigger)) >= 90
+    empty = tmp_path / "empty"
+    assert surrogate_data.main([*DATA_ARGS, "--out", str(partial), "--work-dir", str(empty), "--finished-only"]) == 2
+    assert "no finished unit" in capsys.readouterr().err
 
 
 def test_validation_writes_the_acceptance_fields(made, tmp_path):
