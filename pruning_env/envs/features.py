@@ -30,8 +30,12 @@ __all__ = [
     "REMOVED_MASS",
     "STATIC_FEATURES",
     "Feature",
+    "LayerDsfp",
     "assemble",
+    "combine_dsfp",
     "dsfp_features",
+    "kept_table",
+    "layer_dsfp",
     "observation_features",
     "observation_table",
     "removed_mass",
@@ -156,6 +160,55 @@ def static_features(model: nn.Module, layers: Sequence[PrunableLayer], input_sha
     return _columns(rows)
 
 
+@dataclass(frozen=True)
+class LayerDsfp:
+    """One layer's DSFP statistics of its current filters: what :func:`combine_dsfp` needs from it.
+
+    Attributes:
+        row: ``fused_{mean,std,min,max}`` and ``<component>_{mean,std}`` of :data:`DSFP_FEATURES`.
+        sums: the raw ``(grad, taylor, kl)`` sums over the layer's filters (for the ``_share`` features).
+        cum: ``(C + 1,)`` float64, the cumulative normalised sensitivity of the filters in pruning order.
+        total: the layer's normalised sensitivity (the sum of the filters').
+    """
+
+    row: dict[str, float]
+    sums: tuple[float, float, float]
+    cum: np.ndarray
+    total: float
+
+
+def layer_dsfp(grad: torch.Tensor, taylor: torch.Tensor, kl: torch.Tensor, fused: torch.Tensor,
+               order: torch.Tensor) -> LayerDsfp:
+    """The statistics of one layer's ``(C,)`` components, their fusion and the pruning ``order`` (low first)."""
+    comps = {"grad": minmax(grad.double()), "taylor": minmax(taylor.double()), "kl": minmax(kl.double())}
+    log_f = torch.log(fused.double()) / LOG_FUSED_MAX
+    sens = (comps["grad"] + comps["taylor"] + comps["kl"]) / 3.0
+    ranked = sens[torch.argsort(order, stable=True)]
+    cum = np.concatenate([[0.0], torch.cumsum(ranked, 0).numpy()])
+    row = {"fused_mean": float(log_f.mean()), "fused_std": _std(log_f), "fused_min": float(log_f.min()),
+           "fused_max": float(log_f.max())}
+    for c, values in comps.items():
+        row[f"{c}_mean"], row[f"{c}_std"] = float(values.mean()), _std(values)
+    return LayerDsfp(row, (float(grad.sum()), float(taylor.sum()), float(kl.sum())), cum, float(sens.sum()))
+
+
+def combine_dsfp(layers: Sequence[LayerDsfp], kept: np.ndarray) -> dict[str, np.ndarray]:
+    """The DSFP features of every layer (:func:`dsfp_features`) from the layers' statistics and ``kept``, the
+    ``(L, K)`` filters each layer keeps at each grid rate (the env's rate rule)."""
+    mass = [sum(layer.sums[j] for layer in layers) or 1.0 for j in range(3)]
+    rows = []
+    for i, layer in enumerate(layers):
+        row = dict(layer.row)
+        for j, c in enumerate(("grad", "taylor", "kl")):
+            row[f"{c}_share"] = layer.sums[j] / mass[j]
+        current, total = len(layer.cum) - 1, layer.total
+        for k in range(kept.shape[1]):
+            n_prune = max(0, current - int(kept[i, k]))
+            row[removed_mass(k)] = float(layer.cum[n_prune]) / total if total > 0 else n_prune / max(current, 1)
+        rows.append(row)
+    return _columns(rows)
+
+
 def dsfp_features(
     names: Sequence[str],
     grad: Mapping[str, torch.Tensor],
@@ -180,28 +233,14 @@ def dsfp_features(
     ``removed_mass_<k>``: the share of the layer's sensitivity (mean of the min-max normalised
     components) that pruning to grid rate k would remove now.
     """
-    rows = []
-    components = {"grad": grad, "taylor": taylor, "kl": kl}
-    mass = {c: sum(float(d[n].sum()) for n in names) or 1.0 for c, d in components.items()}
-    for i, n in enumerate(names):
-        comps = {c: minmax(d[n].double()) for c, d in components.items()}
-        log_f = torch.log(fused[n].double()) / LOG_FUSED_MAX
-        sens = (comps["grad"] + comps["taylor"] + comps["kl"]) / 3.0
-        total = float(sens.sum())
-        ranked = sens[torch.argsort(order[n], stable=True)]
-        cum = torch.cat([torch.zeros(1, dtype=ranked.dtype), torch.cumsum(ranked, 0)])
-        current = len(ranked)
-        row = {"fused_mean": float(log_f.mean()), "fused_std": _std(log_f), "fused_min": float(log_f.min()),
-               "fused_max": float(log_f.max())}
-        for c, values in comps.items():
-            row[f"{c}_mean"], row[f"{c}_std"] = float(values.mean()), _std(values)
-        for c, d in components.items():
-            row[f"{c}_share"] = float(d[n].sum()) / mass[c]
-        for k, rate in enumerate(rates):
-            n_prune = max(0, current - keep_count(i, float(rate)))
-            row[removed_mass(k)] = float(cum[n_prune]) / total if total > 0 else n_prune / max(current, 1)
-        rows.append(row)
-    return _columns(rows)
+    return combine_dsfp([layer_dsfp(grad[n], taylor[n], kl[n], fused[n], order[n]) for n in names],
+                        kept_table(len(names), rates, keep_count))
+
+
+def kept_table(layers: int, rates: Sequence[float], keep_count: Callable[[int, float], int]) -> np.ndarray:
+    """``(L, K)`` int: ``keep_count(layer, rate)`` of every layer at every grid rate."""
+    return np.array([[keep_count(i, float(r)) for r in rates] for i in range(layers)], dtype=np.int64).reshape(
+        layers, len(rates))
 
 
 def _columns(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:

@@ -26,12 +26,12 @@ from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.engine.surgery import apply
 from pruning_env.envs.config import EnvConfig
-from pruning_env.envs.features import dsfp_features
+from pruning_env.envs.features import LayerDsfp, combine_dsfp, dsfp_features, kept_table, layer_dsfp
 from pruning_env.envs.objective import objective
 from pruning_env.training.proxy import RewardImages, Signals, kd_steps
 from pruning_env.training.teacher import TeacherCache
 
-__all__ = ["Measurement", "PlanMeter", "dsfp_order_and_features", "metric", "surviving"]
+__all__ = ["Measurement", "PlanMeter", "StaticDsfp", "dsfp_order_and_features", "metric", "surviving"]
 
 
 def metric(meaning: str, *, info: str | None = None, info_per: float = 1.0) -> Any:
@@ -135,6 +135,7 @@ class PlanMeter:
         self.teacher = TeacherCache(base)
         self._base_kl: dict[str, torch.Tensor] | None = None
         self._base_components: dict[str, dict[str, torch.Tensor]] = {}
+        self._static: StaticDsfp | None = None  # dynamic=False with DSFP: the memoised static scores
 
     @property
     def base_signals(self) -> Signals:
@@ -206,7 +207,12 @@ class PlanMeter:
                                       kl=cfg.kl_per_step if (cfg.kl_per_step and not is_base) else None)
             grad, taylor = comp.grad, comp.taylor
             kl = comp.kl if comp.kl is not None else {n: self._base_kl[n][plan.indices(n)] for n in names}
-        else:  # static sensitivity: the unpruned network's scores of the surviving filters
+        elif cfg.scoring.criterion == "dsfp":  # static sensitivity: the unpruned network's, of the kept filters
+            if self._static is None:
+                self._static = StaticDsfp(self.sensitivities(), names, cfg.scoring.direction, self.rates,
+                                          self.keep_count)
+            return self._static(plan)
+        else:
             grad, taylor, kl = surviving(self.sensitivities(), plan, names)
         if is_base:
             self._base_components = {"grad": grad, "taylor": taylor}
@@ -240,3 +246,41 @@ def dsfp_order_and_features(names: list[str], grad: Mapping[str, torch.Tensor], 
     if order is None:
         order = apply_direction(fused, direction)
     return order, dsfp_features(names, grad, taylor, kl, fused, order, rates, keep_count)
+
+
+class StaticDsfp:
+    """:func:`dsfp_order_and_features` of ``dynamic=False`` for any plan, from the unpruned network's components
+    (``base``) of the filters the plan keeps, memoised per layer: a layer's order and statistics depend only on
+    which of its filters survive, so a kept-filter set met before costs a dictionary lookup.
+
+    Args:
+        base: ``{"grad" | "taylor" | "kl": {layer: (C,) tensor}}`` of the unpruned network.
+        names, direction, rates, keep_count: as :func:`dsfp_order_and_features`'s.
+        per_layer: kept-filter sets remembered per layer (the oldest is forgotten first).
+    """
+
+    def __init__(self, base: Mapping[str, Mapping[str, torch.Tensor]], names: list[str], direction: str,
+                 rates: list[float], keep_count: Any, per_layer: int = 2048) -> None:
+        self.base, self.names, self.direction, self.per_layer = base, names, direction, per_layer
+        self.kept = kept_table(len(names), rates, keep_count)
+        self._memo: list[dict[tuple[int, ...], tuple[torch.Tensor, LayerDsfp]]] = [{} for _ in names]
+
+    def _layer(self, i: int, plan: PruningPlan) -> tuple[torch.Tensor, LayerDsfp]:
+        n, memo = self.names[i], self._memo[i]
+        hit = memo.get(plan.keep[n])
+        if hit is None:
+            idx = plan.indices(n)
+            grad, taylor, kl = ({n: self.base[c][n][idx]} for c in ("grad", "taylor", "kl"))
+            fused = fuse(grad, taylor, kl)
+            order = apply_direction(fused, self.direction)[n]
+            hit = (order, layer_dsfp(grad[n], taylor[n], kl[n], fused[n], order))
+            if len(memo) >= self.per_layer:
+                memo.pop(next(iter(memo)))
+            memo[plan.keep[n]] = hit
+        return hit
+
+    def __call__(self, plan: PruningPlan) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+        """``(order, features)`` of ``plan``, exactly as :func:`dsfp_order_and_features` gives them."""
+        hits = [self._layer(i, plan) for i in range(len(self.names))]
+        return ({n: h[0].clone() for n, h in zip(self.names, hits)},
+                combine_dsfp([h[1] for h in hits], self.kept))

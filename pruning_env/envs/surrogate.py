@@ -53,7 +53,7 @@ from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
-from pruning_env.envs.measure import Measurement, PlanMeter, dsfp_order_and_features, surviving
+from pruning_env.envs.measure import Measurement, PlanMeter, StaticDsfp
 from pruning_env.training.proxy import Signals
 
 __all__ = ["DATA_DIR", "MEASURED_SETTINGS", "SIGNALS", "SurrogateData", "SurrogateModel", "SurrogatePruningEnv",
@@ -270,6 +270,7 @@ class SurrogateMeter(PlanMeter):
         self.rates = list(cfg.rates)
         self.timings: dict[str, float] = {}
         self.model, self._sens = model, data.sensitivities
+        self._static = StaticDsfp(self._sens, self.names, cfg.scoring.direction, self.rates, keep_count)
         base = data.meta["base"]
         self._base = Signals(acc=float(base["acc"]), kl=float(base["kl"]), ce=float(base["ce"]))
 
@@ -289,9 +290,7 @@ class SurrogateMeter(PlanMeter):
         else:
             pred = self.model.predict(counts[None, :], np.array([macs]), np.array([params]))
             signals = Signals(acc=float(pred["acc"][0]), kl=float(pred["kl"][0]), ce=float(pred["ce"][0]))
-        grad, taylor, kl = surviving(self._sens, plan, self.names)
-        order, feats = dsfp_order_and_features(self.names, grad, taylor, kl, self.cfg.scoring.direction, self.rates,
-                                               self.keep_count)
+        order, feats = self._static(plan)
         self.timings["surrogate"] = self.timings.get("surrogate", 0.0) + time.perf_counter() - t0
         return self.record(plan, signals.acc, signals.quality(self.cfg.proxy.proxy, self._base), int(macs),
                            int(params), signals=signals, scores=order, features=feats)
