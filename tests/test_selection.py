@@ -11,7 +11,6 @@ import torch
 import agents
 import pruning_env.cli.marl as train_marl
 import pruning_env.training.finetune as finetune_mod
-from pruning_env.engine.budget import global_plan_at_macs
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.plans import reference_plans
 from pruning_env.search import Search, SearchConfig
@@ -115,17 +114,13 @@ def test_every_candidate_is_at_the_budget(env, tmp_path):
     assert not (tmp_path / "selection.json").exists()
 
 
-def test_global_plan_prunes_the_fewest_filters_within_the_budget(env):
-    scores = {lay.name: torch.arange(lay.out_channels, dtype=torch.float32) for lay in env.layers}
-    target = 0.4 * env.base_macs
-    plan = global_plan_at_macs(scores, env.macs_model, target)
-    assert env.macs_model.predict_plan(plan)[0] <= target
-    kept = sum(plan.keep_counts().values())
-    from pruning_env.engine.plan import plan_global
+def test_the_global_reference_is_the_engines_torch_pruning_plan(env):
+    from pruning_env.engine.global_prune import iterative_global_plan
 
-    total = sum(lay.out_channels for lay in env.layers)
-    one_fewer = plan_global(scores, (total - kept - 1) / total)  # one filter more kept: over the budget
-    assert env.macs_model.predict_plan(one_fewer)[0] > target
+    for ratio in (0.3, 0.7):
+        expected = iterative_global_plan(env.base_model, env.layers, env.macs_model, ratio * env.base_macs,
+                                         max_rate=max(env.config.rates), min_keep=env.config.rule.min_keep)
+        assert reference_plans(env, ratio)["global"] == expected
 
 
 def test_same_seed_same_winner_and_the_winner_continues_its_own_fine_tune(env, tmp_path):

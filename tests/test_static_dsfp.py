@@ -8,6 +8,7 @@ import torch
 
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.measure import StaticDsfp, dsfp_order_and_features, surviving
+from pruning_env.envs.plans import keep_count
 
 
 def _plans(env, n, seed):
@@ -37,16 +38,18 @@ def test_memoised_scores_equal_the_direct_ones_on_hits_and_after_eviction(tiny_e
     env = tiny_env_factory(dynamic=False, direction=direction)
     env.reset(seed=0)
     base, names, rates = env.base_sensitivities, env.layer_names, list(env.config.rates)
-    keep_count = env._keep_count
-    static = StaticDsfp(base, names, direction, rates, keep_count, per_layer=3)  # small: evictions happen
+    def rule(i, rate):
+        return keep_count(env, i, rate)
+
+    static = StaticDsfp(base, names, direction, rates, rule, per_layer=3)  # small: evictions happen
     plans = _plans(env, 12, seed=1)
     for plan in plans + plans[::-1] + [env.plan]:  # first calls, memo hits (in reverse), the unpruned plan
-        direct = dsfp_order_and_features(names, *surviving(base, plan, names), direction, rates, keep_count)
+        direct = dsfp_order_and_features(names, *surviving(base, plan, names), direction, rates, rule)
         _same(static(plan), direct)
     # a caller changing the order it was given does not change the memo
     order, _ = static(plans[0])
     order[names[0]].add_(100.0)
-    direct = dsfp_order_and_features(names, *surviving(base, plans[0], names), direction, rates, keep_count)
+    direct = dsfp_order_and_features(names, *surviving(base, plans[0], names), direction, rates, rule)
     _same(static(plans[0]), direct)
 
 
@@ -58,6 +61,7 @@ def test_static_env_observations_are_those_of_the_direct_scores(tiny_env_factory
     names, base = env.layer_names, env.base_sensitivities
     plan = env.plan
     order, feats = dsfp_order_and_features(names, *surviving(base, plan, names), env.config.scoring.direction,
-                                           list(env.config.rates), env._keep_count)
+                                           list(env.config.rates),
+                                           lambda i, rate: keep_count(env, i, rate))
     measured = env.measure(plan)
     _same((dict(measured.scores), dict(measured.features)), (order, feats))

@@ -35,15 +35,14 @@ relative allocation the agents chose (which layers prune more than which) surviv
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 
 from pruning_env.engine.macs import MacsModel
-from pruning_env.engine.plan import PruningPlan, RateRule, plan_global
+from pruning_env.engine.plan import RateRule
 
-__all__ = ["budget_keep_counts", "check_reachable", "global_plan_at_macs", "reachable_macs"]
+__all__ = ["budget_keep_counts", "check_reachable", "reachable_macs"]
 
 _BISECTION_STEPS = 48  # s is resolved to 2 / 2**48: far below one filter of any layer
 _WAYS_LOG2 = 6  # the search evaluates 2**6 - 1 points at once: six bisection halvings per round
@@ -180,43 +179,3 @@ def budget_keep_counts(
     # invariant: macs(lo) >= target > macs(hi)
     lo, _ = _bisect(lambda p: first(p, lambda m: m < target_macs), -1.0, 0.0)
     return keep(lo)
-
-
-def global_plan_at_macs(scores: Mapping[str, Any], macs_model: MacsModel, target_macs: float, *,
-                        rule: RateRule | None = None) -> PruningPlan:
-    """The global-ranking plan (:func:`~pruning_env.engine.plan.plan_global`: filters ranked across all layers by
-    their scores, each layer's scores divided by their mean) that prunes the FEWEST filters while its MACs are at or
-    below ``target_macs``: Torch-Pruning's global pruning to a MACs target, built by our engine.
-
-    Args:
-        scores: ``{layer: (C_out,) scores}`` of every prunable layer of ``macs_model``, low = pruned first (e.g.
-            the ``l1`` criterion's).
-        macs_model: the unpruned network's MACs predictor.
-        target_macs: the budget in MACs per image.
-        rule: ``min_keep`` / ``round_to`` (default: the rate rule's defaults).
-
-    Raises:
-        ValueError: no global plan is within the budget (every layer down to ``min_keep``).
-    """
-    rule = rule or RateRule()
-    total = int(sum(int(w) for w in macs_model.widths))
-
-    def plan_at(n_prune: int) -> PruningPlan:
-        return plan_global(scores, n_prune / total, min_keep=rule.min_keep, round_to=rule.round_to)
-
-    def macs(n_prune: int) -> int:
-        return macs_model.predict_plan(plan_at(n_prune))[0]
-
-    lo, hi = 0, total - 1  # invariant once checked: macs(lo) > target >= macs(hi)
-    if macs(lo) <= target_macs:
-        return plan_at(lo)
-    if macs(hi) > target_macs:
-        raise ValueError(f"no global plan reaches {target_macs / macs_model.base_macs:.4f} of the MACs (every layer "
-                         f"at min_keep {rule.min_keep} keeps {macs(hi) / macs_model.base_macs:.4f})")
-    while hi - lo > 1:  # more filters pruned never adds MACs: the pruned sets grow along one global order
-        mid = (lo + hi) // 2
-        if macs(mid) <= target_macs:
-            hi = mid
-        else:
-            lo = mid
-    return plan_at(hi)

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pruning_env.criteria import score
-from pruning_env.engine.budget import budget_keep_counts, global_plan_at_macs
+from pruning_env.engine.budget import budget_keep_counts
+from pruning_env.engine.global_prune import iterative_global_plan
 from pruning_env.engine.plan import PruningPlan, plan_top_k
 from pruning_env.envs.objective import objective
 
@@ -74,20 +74,22 @@ REFERENCES = ("uniform", "global")
 
 
 def reference_plans(env: FilterPruningEnv, macs_ratio: float | None = None, *,
-                    global_criterion: str = "l1") -> dict[str, PruningPlan]:
+                    global_steps: int = 200) -> dict[str, PruningPlan]:
     """The non-learned plans at a MACs budget, ``{source: plan}`` for :data:`REFERENCES`:
 
     * ``"uniform"``: every layer at one rate, the env's exact-budget rule
       (:func:`~pruning_env.engine.budget.budget_keep_counts` from an all-zero proposal: the rate every layer
       shares rises until the network is within the budget, then filters are given back one at a time), the
       lowest transition scores pruned: DSFP-uniform at the budget;
-    * ``"global"``: filters ranked across layers by ``global_criterion`` (L1 norms: Torch-Pruning's global L1),
-      the fewest pruned that meet the budget (:func:`~pruning_env.engine.budget.global_plan_at_macs`).
+    * ``"global"``: Torch-Pruning's iterative global magnitude pruning (group L1 of each filter's coupled
+      tensors, ``global_steps`` steps up to the env's largest rate) to the budget, its last step's filters given
+      back while the budget holds (:func:`~pruning_env.engine.global_prune.iterative_global_plan`).
 
     Args:
         env: the pruning env (its network, rate rule and transition scores).
         macs_ratio: the budget as pruned / unpruned MACs (default: the env's exact budget,
             :attr:`EnvConfig.budget_target`).
+        global_steps: the global plan's schedule (Torch-Pruning's ``iterative_steps``).
 
     Raises:
         ValueError: no budget (``macs_ratio`` None and the env has no exact budget), or one out of (0, 1].
@@ -99,9 +101,11 @@ def reference_plans(env: FilterPruningEnv, macs_ratio: float | None = None, *,
     target = ratio * env.base_macs
     full = PruningPlan.full(env.layers)
     widths = np.asarray([full.widths[n] for n in env.layer_names])
+    max_rate = max(float(r) for r in env.config.rates)
     counts = budget_keep_counts(env.macs_model, env.config.rule, widths, [0.0] * len(widths), target, final=True,
-                                max_rate=max(float(r) for r in env.config.rates))
+                                max_rate=max_rate)
     transition = env.measure(full).scores  # the unpruned network's transition scores (cached)
     uniform = plan_top_k(transition, {n: int(c) for n, c in zip(env.layer_names, counts)})
-    ranked = score(env.base_model, None, None, global_criterion, layers=env.layer_names)
-    return {"uniform": uniform, "global": global_plan_at_macs(ranked, env.macs_model, target, rule=env.config.rule)}
+    glob = iterative_global_plan(env.base_model, env.layers, env.macs_model, target, max_rate=max_rate,
+                                 steps=global_steps, min_keep=env.config.rule.min_keep)
+    return {"uniform": uniform, "global": glob}

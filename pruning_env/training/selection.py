@@ -78,8 +78,8 @@ class SelectionConfig:
     rung_epochs: float = option(0.25, "fine-tuning epochs per rung of successive halving, fractions allowed (of "
                                 "the run's own schedule; the better half goes on each rung)", min=0,
                                 min_exclusive=True)
-    references: bool = option(True, "add the uniform plan and the global-L1 plan at the same MACs budget as "
-                              "candidates")
+    references: bool = option(True, "add the uniform plan and the global plan (Torch-Pruning's iterative "
+                              "global group-L1 pruning, by our engine) at the same MACs budget as candidates")
 
     def __post_init__(self) -> None:
         check_settings(self)
