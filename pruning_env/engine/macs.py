@@ -45,6 +45,14 @@ class MacsModel:
         self._terms = np.asarray(terms, dtype=np.int64).reshape(-1, 13)
         self._const_macs = int(const_macs)
         self._const_params = int(const_params)
+        t = self._terms  # the per-plan arithmetic's constant parts (predict_batch)
+        self._out_var, self._out_idx, self._out_fixed = t[:, 0] >= 0, np.maximum(t[:, 0], 0), t[:, 1]
+        self._in_var, self._in_idx = t[:, 2] >= 0, np.maximum(t[:, 2], 0)
+        self._in_block, self._in_fixed = t[:, 3], t[:, 4]
+        # rows: the O*I, O and I coefficients of every term; columns: MACs, params (the 1-terms go to _const)
+        self._coef = np.concatenate([t[:, [5, 9]], t[:, [6, 10]], t[:, [7, 11]]], axis=0)
+        self._const = np.array([self._const_macs + int(t[:, 8].sum()), self._const_params + int(t[:, 12].sum())],
+                               dtype=np.int64)
         self.base_macs, self.base_params = self.predict_array(self.widths)
 
     @classmethod
@@ -90,30 +98,17 @@ class MacsModel:
 
     def predict_array(self, keep: np.ndarray | Sequence[int]) -> tuple[int, int]:
         """``(macs, params)`` for keep counts given as an ``(L,)`` array in ``layer_names`` order."""
-        k = np.asarray(keep, dtype=np.int64)
-        t = self._terms
-        if t.shape[0] == 0:
-            return self._const_macs, self._const_params
-        o = np.where(t[:, 0] >= 0, k[t[:, 0]], t[:, 1])
-        i = np.where(t[:, 2] >= 0, k[t[:, 2]] * t[:, 3], t[:, 4])
-        basis = np.stack([o * i, o, i, np.ones_like(o)], axis=1)  # (terms, 4)
-        macs = int((t[:, 5:9] * basis).sum()) + self._const_macs
-        params = int((t[:, 9:13] * basis).sum()) + self._const_params
-        return macs, params
+        macs, params = self.predict_batch(np.asarray(keep, dtype=np.int64).reshape(1, -1))
+        return int(macs[0]), int(params[0])
 
     def predict_batch(self, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(macs, params)``, each ``(N,)`` int64, for ``(N, L)`` keep counts (:meth:`predict_array` of every row)."""
+        """``(macs, params)``, each ``(N,)`` int64, for ``(N, L)`` keep counts: per term, ``O`` and ``I`` from the
+        keep counts (or fixed), then ``[O*I, O, I] @ coefficients`` (exact integer arithmetic)."""
         k = np.asarray(keep, dtype=np.int64).reshape(-1, len(self.widths))
-        t = self._terms
-        n = k.shape[0]
-        if t.shape[0] == 0:
-            return np.full(n, self._const_macs, dtype=np.int64), np.full(n, self._const_params, dtype=np.int64)
-        o = np.where(t[:, 0] >= 0, k[:, np.maximum(t[:, 0], 0)], t[:, 1])  # (N, terms)
-        i = np.where(t[:, 2] >= 0, k[:, np.maximum(t[:, 2], 0)] * t[:, 3], t[:, 4])
-        basis = np.stack([o * i, o, i, np.ones_like(o)], axis=2)  # (N, terms, 4)
-        macs = (basis * t[None, :, 5:9]).sum(axis=(1, 2)) + self._const_macs
-        params = (basis * t[None, :, 9:13]).sum(axis=(1, 2)) + self._const_params
-        return macs, params
+        o = np.where(self._out_var, k[:, self._out_idx], self._out_fixed)  # (N, terms)
+        i = np.where(self._in_var, k[:, self._in_idx] * self._in_block, self._in_fixed)
+        both = np.concatenate([o * i, o, i], axis=1) @ self._coef + self._const  # (N, 2)
+        return both[:, 0], both[:, 1]
 
     def predict(self, keep_counts: Mapping[str, int]) -> tuple[int, int]:
         """``(macs per image, params)`` of the model whose layers keep ``keep_counts``

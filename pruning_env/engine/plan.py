@@ -85,12 +85,12 @@ class PruningPlan:
         kept: dict[str, tuple[int, ...]] = {}
         for name, idx in keep.items():
             if isinstance(idx, torch.Tensor):
-                if idx.dtype.is_floating_point or idx.dtype == torch.bool or idx.dim() > 1:
+                if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool or idx.dim() > 1:
                     raise PlanError(f"layer {name!r}: kept indices must be a 1-D integer tensor, got {idx.dtype} "
                                     f"of shape {tuple(idx.shape)}")
-                values = idx.tolist()
-            else:
-                values = list(idx)
+                kept[str(name)] = tuple(sorted(idx.tolist()))  # integers by its dtype
+                continue
+            values = list(idx)
             if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
                 raise PlanError(f"layer {name!r}: kept indices must be integers, got {values[:5]}...")
             kept[str(name)] = tuple(sorted(int(v) for v in values))
