@@ -83,16 +83,7 @@ from torch import nn
 import agents
 import pruning_env
 from benchmarks.common import hold_outputs, require_torch_pruning
-from benchmarks.marl_report import (
-    ALGOS,
-    SELECTIONS,
-    STATE_FILE,
-    TP_NAME,
-    plots,
-    result_rows,
-    summary,
-    write_report,
-)
+from benchmarks.marl_report import ALGOS, SELECTIONS, STATE_FILE, TP_NAME, plots, result_rows, summary, write_report
 from benchmarks.torch_pruning_baseline import torch_pruning_model
 from pruning_env.cli.options import add_config_args, config_from_args, print_json
 from pruning_env.core import checkpoint as ckpt
@@ -109,6 +100,7 @@ from pruning_env.core.data import load_splits
 from pruning_env.core.evaluation import evaluate
 from pruning_env.core.provenance import git_commit, machine_description
 from pruning_env.engine.flops import count
+from pruning_env.engine.global_prune import GLOBAL_STEPS
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.envs.config import EnvConfig, changed_settings, config_dict
 from pruning_env.envs.env import FilterPruningEnv
@@ -162,8 +154,8 @@ class BenchConfig:
     tp_target: str = option("target", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "
                             "the same seed (qmix; falls back to --macs-target without QMIX) or --macs-target "
                             "(target)", choices=["qmix", "target"])
-    tp_steps: int = option(200, "Torch-Pruning iterative steps from 0 to the largest rate (finer = closer MACs)",
-                           min=1)
+    tp_steps: int = option(GLOBAL_STEPS, "Torch-Pruning iterative steps from 0 to the largest rate (finer = closer "
+                           "MACs; the global reference plan's too)", min=1)
     device: str = option("auto", "device of the env, the agents and the fine-tuning: auto, cpu, cuda", run_only=True)
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", run_only=True)
     out_dir: str = option(str(ROOT / "benchmarks" / "results"), "folder of marl.md, marl.json and the plots",
@@ -266,7 +258,7 @@ class Context:
     def references(self, macs_ratio: float) -> dict[str, PruningPlan]:
         """The reference plans at a MACs budget (computed once per budget: every method gets the same)."""
         if macs_ratio not in self._references:
-            self._references[macs_ratio] = reference_plans(self.env, macs_ratio)
+            self._references[macs_ratio] = reference_plans(self.env, macs_ratio, global_steps=self.cfg.tp_steps)
         return self._references[macs_ratio]
 
     def make_env(self) -> FilterPruningEnv:

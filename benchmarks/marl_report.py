@@ -330,10 +330,12 @@ def write_report(state: dict[str, Any], cfg: Any, out_dir: Path | None, header: 
                f"`none`: the search's best plan, fine-tuned as above. `own`: successive halving of short KD "
                f"fine-tunes ({rung} epoch per rung, the better half by VALIDATION accuracy goes on) over the "
                f"method's own {k} best distinct plans, the winner's fine-tune continued to the full budget. "
-               "`own+reference`: the same with the uniform and the global-L1 plans at the same MACs budget added "
-               "(the same references for every method). Torch-Pruning's network is compared as it is. TEST "
-               "accuracy after the fine-tune, mean ± std over seeds (n = seeds); winners: the source of the "
-               "selected network per seed (search = one of the method's own plans).", "", *selection_table(rows)]
+               "`own+reference`: the same with the uniform plan and the global plan (Torch-Pruning's "
+               "iterative global group-L1 pruning rebuilt by our engine, its last step's filters given back "
+               "while the budget holds) at the same MACs budget added (the same references for every method). "
+               "Torch-Pruning's network is compared as it is. TEST accuracy after the fine-tune, mean ± std "
+               "over seeds (n = seeds); winners: the source of the selected network per seed (search = one of "
+               "the method's own plans).", "", *selection_table(rows)]
     md += ["", "## Per seed", "",
            "| seed | method | plans used | best val objective | MACs ratio | test before FT (%) | test after FT (%) "
            "| search wall (s) | FT wall (s) |", "|---|---|---|---|---|---|---|---|---|"]

@@ -100,3 +100,14 @@ def test_bad_settings_are_refused():
     macs = MacsModel.from_model(net, SHAPE, layers=layers)
     with pytest.raises(ValueError, match="max_rate"):
         iterative_global_plan(net, layers, macs, 0.5 * macs.base_macs, max_rate=1.0)
+
+
+def test_round_to_leaves_multiples_and_an_unreachable_budget_is_named():
+    net = _net("vgg16", 0.25)
+    layers = prunable_layers(net, SHAPE)
+    macs = MacsModel.from_model(net, SHAPE, layers=layers)
+    plan = iterative_global_plan(net, layers, macs, 0.4 * macs.base_macs, max_rate=0.9, round_to=4)
+    assert macs.predict_plan(plan)[0] <= 0.4 * macs.base_macs
+    assert all(plan.keep_count(lay.name) % 4 == 0 for lay in layers)
+    with pytest.raises(ValueError, match="above the budget"):
+        iterative_global_plan(net, layers, macs, 0.001 * macs.base_macs, max_rate=0.5, steps=20)

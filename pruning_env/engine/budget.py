@@ -165,17 +165,19 @@ def budget_keep_counts(
         ok = holds(macs_model.predict_batch(keeps(points))[0])
         return int(np.argmax(ok)) if ok.any() else len(points)
 
+    ends = keeps(np.array([-1.0, 0.0, 1.0]))  # the least pruning, the proposal as is, the most
+    least, as_proposed, most = ends
+    m_least, m_proposed, m_most = macs_model.predict_batch(ends)[0]
     if final:
-        if macs(keep(-1.0)) <= target_macs:
-            return keep(-1.0)
-        if macs(keep(1.0)) > target_macs:  # unreachable: prune as far as allowed
-            return keep(1.0)
+        if m_least <= target_macs:
+            return least
+        if m_most > target_macs:  # unreachable: prune as far as allowed
+            return most
         # invariant: macs(lo) > target >= macs(hi)
         lo, hi = _bisect(lambda p: first(p, lambda m: m <= target_macs), -1.0, 1.0)
         return _fill(macs, keep(hi), keep(lo), target_macs)
-    as_proposed = keep(0.0)
-    if macs(as_proposed) >= target_macs or macs(keep(-1.0)) < target_macs:
-        return as_proposed if macs(as_proposed) >= target_macs else keep(-1.0)
+    if m_proposed >= target_macs or m_least < target_macs:
+        return as_proposed if m_proposed >= target_macs else least
     # invariant: macs(lo) >= target > macs(hi)
     lo, _ = _bisect(lambda p: first(p, lambda m: m < target_macs), -1.0, 0.0)
     return keep(lo)

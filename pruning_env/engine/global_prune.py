@@ -28,7 +28,10 @@ from pruning_env.engine.graph import PrunableLayer
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 
-__all__ = ["group_magnitude", "iterative_global_plan"]
+__all__ = ["GLOBAL_STEPS", "group_magnitude", "iterative_global_plan"]
+
+GLOBAL_STEPS = 200
+"""Torch-Pruning's ``iterative_steps`` of the global reference plan and of the Torch-Pruning baseline."""
 
 
 def group_magnitude(model: nn.Module, layers: Sequence[PrunableLayer], plan: PruningPlan | None = None, *,
@@ -81,8 +84,8 @@ def _without(plan: PruningPlan, pruned: dict[str, set[int]]) -> PruningPlan:
 
 
 def iterative_global_plan(model: nn.Module, layers: Sequence[PrunableLayer], macs_model: MacsModel,
-                          target_macs: float, *, max_rate: float, steps: int = 200, min_keep: int = 1,
-                          p: int = 1, give_back: bool = True) -> PruningPlan:
+                          target_macs: float, *, max_rate: float, steps: int = GLOBAL_STEPS, min_keep: int = 1,
+                          round_to: int = 1, p: int = 1, give_back: bool = True) -> PruningPlan:
     """Torch-Pruning's iterative global magnitude pruning (the module docstring) down to ``target_macs``.
 
     Args:
@@ -92,14 +95,20 @@ def iterative_global_plan(model: nn.Module, layers: Sequence[PrunableLayer], mac
             the schedule runs from 0 to it, its ``pruning_ratio``).
         steps: Torch-Pruning's ``iterative_steps``.
         min_keep: filters every layer keeps at least (its best ones).
+        round_to: each step leaves every layer a multiple of this many filters (Torch-Pruning's ``round_to``:
+            the filters left are rounded down); with ``round_to > 1`` nothing is given back.
         give_back: give the last step's filters back while the budget holds (False: Torch-Pruning's plan).
 
     Returns:
         The plan of the first step within the budget, with that step's filters given back while the budget
-        holds; the last step's plan when no step reaches the budget (every layer at ``max_rate``).
+        holds.
+
+    Raises:
+        ValueError: bad settings, or no step of the schedule reaches the budget (naming the MACs ratio reached).
     """
-    if steps < 1 or not 0.0 < max_rate < 1.0:
-        raise ValueError(f"steps must be >= 1 and max_rate in (0, 1), got {steps} and {max_rate}")
+    if steps < 1 or not 0.0 < max_rate < 1.0 or min_keep < 1 or round_to < 1:
+        raise ValueError(f"steps, min_keep and round_to must be >= 1 and max_rate in (0, 1), got {steps}, "
+                         f"{min_keep}, {round_to} and {max_rate}")
     names = [layer.name for layer in layers]
     plan = PruningPlan.full(layers)
     floor = {layer.name: layer.out_channels * (1.0 - max_rate) for layer in layers}
@@ -124,15 +133,18 @@ def iterative_global_plan(model: nn.Module, layers: Sequence[PrunableLayer], mac
         thres = torch.topk(concat, k=min(n_pruned, len(concat)), largest=False).values[-1]
         ranked: list[tuple[float, str, int]] = []  # (normalised score, layer, filter) of this step's pruned
         for n in live:
-            below = (normed[n] <= thres).nonzero().view(-1)
-            cap = plan.keep_count(n) - min(min_keep, plan.keep_count(n))
-            below = below[torch.argsort(normed[n][below], stable=True)][:cap]
+            current = plan.keep_count(n)
+            left = current - int((normed[n] <= thres).sum())
+            left -= left % round_to  # Torch-Pruning's _round_to: the filters left rounded down to a multiple
+            left = max(left, min(current, -(-min_keep // round_to) * round_to))  # never under min_keep
+            n_below = current - left
+            below = torch.argsort(normed[n], stable=True)[:n_below]  # the filters at or under the threshold
             ranked += [(float(normed[n][j]), n, plan.keep[n][int(j)]) for j in below]
         if not ranked:
             continue
         ranked.sort(key=lambda r: r[0])
         pruned_plan = _without(plan, _as_sets(ranked))
-        if macs(pruned_plan) <= target_macs and not give_back:
+        if macs(pruned_plan) <= target_macs and (not give_back or round_to > 1):
             return pruned_plan
         if macs(pruned_plan) <= target_macs:  # give back the step's best filters while the budget holds
             lo, hi = 0, len(ranked)  # macs(first lo pruned) > target >= macs(first hi pruned)
@@ -144,7 +156,9 @@ def iterative_global_plan(model: nn.Module, layers: Sequence[PrunableLayer], mac
                     lo = mid
             return _without(plan, _as_sets(ranked[:hi]))
         plan = pruned_plan
-    return plan
+    raise ValueError(f"Torch-Pruning's schedule ({steps} steps up to rate {max_rate:g}) keeps "
+                     f"{macs(plan) / macs_model.base_macs:.4f} of the MACs, above the budget "
+                     f"{target_macs / macs_model.base_macs:.4f}: raise the budget or the largest rate")
 
 
 def _as_sets(ranked: list[tuple[float, str, int]]) -> dict[str, set[int]]:

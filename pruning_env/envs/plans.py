@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pruning_env.engine.budget import budget_keep_counts
-from pruning_env.engine.global_prune import iterative_global_plan
+from pruning_env.engine.global_prune import GLOBAL_STEPS, iterative_global_plan
 from pruning_env.engine.plan import PruningPlan, plan_top_k
 from pruning_env.envs.objective import objective
 
@@ -74,7 +74,7 @@ REFERENCES = ("uniform", "global")
 
 
 def reference_plans(env: FilterPruningEnv, macs_ratio: float | None = None, *,
-                    global_steps: int = 200) -> dict[str, PruningPlan]:
+                    global_steps: int = GLOBAL_STEPS) -> dict[str, PruningPlan]:
     """The non-learned plans at a MACs budget, ``{source: plan}`` for :data:`REFERENCES`:
 
     * ``"uniform"``: every layer at one rate, the env's exact-budget rule
@@ -107,5 +107,6 @@ def reference_plans(env: FilterPruningEnv, macs_ratio: float | None = None, *,
     transition = env.measure(full).scores  # the unpruned network's transition scores (cached)
     uniform = plan_top_k(transition, {n: int(c) for n, c in zip(env.layer_names, counts)})
     glob = iterative_global_plan(env.base_model, env.layers, env.macs_model, target, max_rate=max_rate,
-                                 steps=global_steps, min_keep=env.config.rule.min_keep)
+                                 steps=global_steps, min_keep=env.config.rule.min_keep,
+                                 round_to=env.config.rule.round_to)
     return {"uniform": uniform, "global": glob}

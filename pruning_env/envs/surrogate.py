@@ -384,6 +384,6 @@ class SurrogatePruningEnv(FilterPruningEnv):
 
 def predict_measurements(env: SurrogatePruningEnv, keep: Sequence[Sequence[int]]) -> dict[str, np.ndarray]:
     """The surrogate's signals of many plans at once: ``{acc | kl | ce: (N,)}`` for ``(N, L)`` keep counts."""
-    keep = np.asarray(keep, dtype=np.int64)
-    counts = np.array([env.macs_model.predict_array(k) for k in keep])
-    return env.surrogate_model.predict(keep, counts[:, 0], counts[:, 1])
+    keep = np.asarray(keep, dtype=np.int64).reshape(-1, len(env.layer_names))
+    macs, params = env.macs_model.predict_batch(keep)
+    return env.surrogate_model.predict(keep, macs, params)
