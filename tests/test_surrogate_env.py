@@ -9,6 +9,7 @@ from pettingzoo.utils.conversions import parallel_to_aec
 from scipy.stats import kendalltau
 
 import pruning_env
+from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import INFO_KEYS
 from pruning_env.envs.surrogate import (
     DATA_DIR,
@@ -122,6 +123,13 @@ def test_settings_that_change_measurements_are_refused(data, model):
         SurrogatePruningEnv(data, model=model, dynamic=True)
     env = SurrogatePruningEnv(data, model=model, reward="linear", lam=0.3, episode_length=2)  # reward settings: free
     assert env.config.episode_length == 2
+    # a whole config is checked as given, not overwritten by the data's settings
+    with pytest.raises(ValueError, match="dynamic=True"):
+        SurrogatePruningEnv(data, config=EnvConfig(), model=model)  # EnvConfig's default is dynamic=True
+    from pruning_env.core.config import with_overrides
+
+    agreeing = with_overrides(EnvConfig(), **data.meta["settings"], lam=0.3)
+    assert SurrogatePruningEnv(data, config=agreeing, model=model).config.lam == 0.3
 
 
 def test_what_needs_a_network_says_which_env_to_use(data, model):

@@ -329,8 +329,9 @@ class SurrogatePruningEnv(FilterPruningEnv):
 
     Args:
         data: a :class:`SurrogateData` or the path of its ``.npz``.
-        config, max_cycles, render_mode, plan_info, overrides: as :class:`FilterPruningEnv`'s; settings default
-            to the data's measurement settings (``dynamic=False`` among them) and may not contradict them.
+        config, max_cycles, render_mode, plan_info, overrides: as :class:`FilterPruningEnv`'s. Without
+            ``config`` the settings default to the data's measurement settings (``dynamic=False`` among them); a
+            ``config`` or override that contradicts them is an error.
         model: a fitted :class:`SurrogateModel` (default: the data's, from the cache or fitted now).
     """
 
@@ -342,8 +343,9 @@ class SurrogatePruningEnv(FilterPruningEnv):
         from pruning_env.core.config import with_overrides
 
         data = data if isinstance(data, SurrogateData) else SurrogateData.load(data)
-        cfg = self._init_settings(with_overrides(config or EnvConfig(), **data.meta["settings"]), max_cycles,
-                                  render_mode, "cpu", plan_info, overrides)
+        # the data's measurement settings are the defaults; a given config must agree with them (checked below)
+        base = config if config is not None else with_overrides(EnvConfig(), **data.meta["settings"])
+        cfg = self._init_settings(base, max_cycles, render_mode, "cpu", plan_info, overrides)
         data.check_config(cfg)
         meta = data.meta
         self.surrogate_data = data
