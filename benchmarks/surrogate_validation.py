@@ -1,11 +1,11 @@
 """Validate a surrogate data set and its env against the real env: ``surrogate.md`` / ``surrogate.json``.
 
 1. **Held-out plans.** A fixed random ``--heldout-fraction`` of the data's plans is left out of a fit; per MACs
-   target, Kendall tau and R^2 of the predicted against the measured reward signal (``quality``, the env's
-   ``exp(-KL)``) and accuracy. Also the plans that searches with seeds absent from the data visit on the real
-   env (part 2), which the shipped model never saw. A learning curve (tau at shares of the training plans) shows
-   how the error shrinks with more data, and other regressors (scikit-learn's histogram gradient boosting, when
-   installed) are compared with LightGBM on the same split.
+   target, Kendall tau and R^2 of the predicted against the measured reward signal (``quality``: the env's rule
+   for ``--proxy``, ``exp(-KL)`` by default) and accuracy. Also the plans that searches with seeds absent from the
+   data visit on the real env (part 2), which the shipped model never saw. A learning curve (tau at shares of the
+   training plans) shows how the error shrinks with more data, and other regressors (scikit-learn's histogram
+   gradient boosting, when installed) are compared with LightGBM on the same split.
 2. **Searches on both envs.** Every ``--algos`` method, ``--seeds`` (not the data's search seeds) x ``--plans``,
    per target, on the real env and on the surrogate env (same settings, same seeds). The methods are ranked by the
    best REAL objective they found: on the real env as measured, on the surrogate by measuring its best plan on the
@@ -43,6 +43,7 @@ from pruning_env.envs.registry import NETWORK_NAMES, TINY_ID
 from pruning_env.envs.surrogate import DATA_DIR, SurrogateData, SurrogateModel, SurrogatePruningEnv
 from pruning_env.search import SearchConfig
 from pruning_env.search.parallel import WorkersConfig, ray_session
+from pruning_env.training.proxy import Signals
 
 
 @dataclass
@@ -80,8 +81,15 @@ def _scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return {"kendall_tau": float(kendalltau(pred, true).statistic), "r2": r2, "plans": int(true.size)}
 
 
-def _quality(signals: dict[str, np.ndarray]) -> np.ndarray:
-    return np.exp(-signals["kl"])
+def _quality(signals: dict[str, Any], proxy: str, base: Signals) -> np.ndarray:
+    """The reward's quality signal (:meth:`Signals.quality`, the run's ``--proxy``) of every plan."""
+    return np.array([Signals(acc=float(a), kl=float(k), ce=float(c)).quality(proxy, base)
+                     for a, k, c in zip(signals["acc"], signals["kl"], signals["ce"])])
+
+
+def _base(data: SurrogateData) -> Signals:
+    b = data.meta["base"]
+    return Signals(acc=float(b["acc"]), kl=float(b["kl"]), ce=float(b["ce"]))
 
 
 def heldout(data: SurrogateData, cfg: ValidationConfig) -> dict[str, Any]:
@@ -91,11 +99,17 @@ def heldout(data: SurrogateData, cfg: ValidationConfig) -> dict[str, Any]:
     train, held = data.subset(~test), data.subset(test)
     model = SurrogateModel.fit(train)
     pred = model.predict(held.keep, held.macs, held.params)
+    proxy, base = cfg.problem.proxy.proxy, _base(data)
+
+    def quality(signals: dict[str, Any]) -> np.ndarray:
+        return _quality(signals, proxy, base)
+
+    truth = quality(held.signals)
     rows = []
     for t in cfg.targets:
         m = np.isclose(held.target, t)
         if m.sum() >= 3:
-            rows.append({"target": t, "set": "random held-out", **_scores(_quality(pred)[m], _quality(held.signals)[m]),
+            rows.append({"target": t, "set": "random held-out", **_scores(quality(pred)[m], truth[m]),
                          "acc": _scores(pred["acc"][m], held.signals["acc"][m])})
     curve = []
     for share in (0.1, 0.25, 0.5, 1.0):
@@ -103,8 +117,8 @@ def heldout(data: SurrogateData, cfg: ValidationConfig) -> dict[str, Any]:
         if len(sub) < 20:  # too few to fit
             continue
         p = SurrogateModel.fit(sub).predict(held.keep, held.macs, held.params)
-        curve.append({"train_plans": len(sub), **_scores(_quality(p), _quality(held.signals))})
-    others = {"lightgbm": _scores(_quality(pred), _quality(held.signals))}
+        curve.append({"train_plans": len(sub), **_scores(quality(p), truth)})
+    others = {"lightgbm": _scores(quality(pred), truth)}
     try:
         from sklearn.ensemble import HistGradientBoostingRegressor
 
@@ -113,9 +127,11 @@ def heldout(data: SurrogateData, cfg: ValidationConfig) -> dict[str, Any]:
         x_te = SurrogateModel.features(held.keep, held.widths, held.macs / model.base_macs,
                                        held.params / model.base_params)
         hgb = HistGradientBoostingRegressor(max_iter=800, learning_rate=0.05, random_state=0)
-        hgb.fit(x_tr, np.log(train.signals["kl"] + SurrogateModel.EPS))
-        kl = np.maximum(np.exp(hgb.predict(x_te)) - SurrogateModel.EPS, 0.0)
-        others["sklearn_hist_gradient_boosting"] = _scores(np.exp(-kl), _quality(held.signals))
+        y = train.signals[proxy]  # the proxy's signal, on the scale the LightGBM model fits it
+        hgb.fit(x_tr, y if proxy == "acc" else np.log(y + SurrogateModel.EPS))
+        out = hgb.predict(x_te)
+        out = out if proxy == "acc" else np.maximum(np.exp(out) - SurrogateModel.EPS, 0.0)
+        others["sklearn_hist_gradient_boosting"] = _scores(quality({**pred, proxy: out}), truth)
     except ImportError:
         pass
     return {"rows": rows, "learning_curve": curve, "regressors": others}
@@ -125,7 +141,8 @@ def _search_record(env: FilterPruningEnv, search: Any) -> dict[str, Any]:
     ms = [m for m in env.measured_plans() if m.plan is not None]
     return {"best_objective": search.best["objective"], "best_plan": search.best["plan"],
             "keep": [[m.plan.keep_count(n) for n in env.layer_names] for m in ms],
-            "kl": [m.signals.kl for m in ms], "acc": [m.signals.acc for m in ms], "macs": [m.macs for m in ms],
+            "kl": [m.signals.kl for m in ms], "acc": [m.signals.acc for m in ms], "ce": [m.signals.ce for m in ms],
+            "macs": [m.macs for m in ms],
             "params": [m.params for m in ms]}
 
 
@@ -187,23 +204,24 @@ def ranking(runs: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
 
 
 def search_heldout(runs: dict[str, Any], data: SurrogateData, model: SurrogateModel,
-                   targets: list[float]) -> list[dict[str, Any]]:
+                   targets: list[float], proxy: str) -> list[dict[str, Any]]:
     """Part 1 on the real searches' plans that the data lacks (seeds absent from it)."""
     known = {tuple(k) for k in data.keep.tolist()}
     rows = []
     for t in targets:
-        keep, kl, macs, params = [], [], [], []
+        cols: dict[str, list[Any]] = {c: [] for c in ("keep", "acc", "kl", "ce", "macs", "params")}
         for r in runs.values():
             if r["target"] != t:
                 continue
-            for k, q, m, p in zip(r["real"]["keep"], r["real"]["kl"], r["real"]["macs"], r["real"]["params"]):
+            for j, k in enumerate(r["real"]["keep"]):
                 if tuple(k) not in known:
                     known.add(tuple(k))
-                    keep.append(k), kl.append(q), macs.append(m), params.append(p)
-        if len(keep) >= 3:
-            pred = model.predict(np.array(keep), np.array(macs), np.array(params))
+                    for c in cols:
+                        cols[c].append(r["real"][c][j])
+        if len(cols["keep"]) >= 3:
+            pred = model.predict(np.array(cols["keep"]), np.array(cols["macs"]), np.array(cols["params"]))
             rows.append({"target": t, "set": "search seeds absent from the data",
-                         **_scores(np.exp(-pred["kl"]), np.exp(-np.array(kl)))})
+                         **_scores(_quality(pred, proxy, _base(data)), _quality(cols, proxy, _base(data)))})
     return rows
 
 
@@ -255,11 +273,11 @@ def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
     result: dict[str, Any] = {"benchmark": "surrogate_validation", "command": command_line("surrogate_validation",
                                                                                              argv),
                               "commit": commit(), "machine": machine(), "data": Path(cfg.data).name,
-                              "data_plans": len(data)}
+                              "data_plans": len(data), "proxy": cfg.problem.proxy.proxy}
     result["steps_per_s"] = speed(cfg, data, model, splits)
     part1 = heldout(data, cfg)
     runs = searches(cfg, data, model, splits)
-    result["heldout"] = part1["rows"] + search_heldout(runs, data, model, cfg.targets)
+    result["heldout"] = part1["rows"] + search_heldout(runs, data, model, cfg.targets, cfg.problem.proxy.proxy)
     result["learning_curve"], result["regressors"] = part1["learning_curve"], part1["regressors"]
     result["ranking"] = ranking(runs, cfg)
     result["seconds"] = round(time.perf_counter() - t0, 1)
@@ -277,7 +295,7 @@ def report(r: dict[str, Any]) -> str:
           f"`{r['command']}` at commit {r['commit']}; {r['machine']}; {r['seconds']} s.", "",
           f"**Speed** (random episodes, side by side): real env {sp['real']:.2f} steps/s, surrogate "
           f"{sp['surrogate']:.1f} steps/s: **{sp['surrogate'] / sp['real']:.0f}x** (goal: 1,000x).", "",
-          "## Held-out plans: predicted against measured reward signal (quality = exp(-KL))", "",
+          f"## Held-out plans: predicted against measured reward signal (quality of --proxy {r['proxy']})", "",
           "| MACs target | held-out set | plans | Kendall tau | R^2 |", "|---|---|---|---|---|"]
     md += [f"| {h['target']:g} | {h['set']} | {h['plans']} | {h['kendall_tau']:.3f} | {h['r2']:.3f} |"
            for h in r["heldout"]]
