@@ -42,8 +42,8 @@ from pruning_env.core.config import flat_dict, nested, option, seed_everything, 
 from pruning_env.envs.config import changed_settings
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.measure import Measurement
-from pruning_env.envs.registry import NETWORK_NAMES, TINY_ID, make_benchmark_env
-from pruning_env.envs.surrogate import DATA_DIR, MEASURED_SETTINGS, SIGNALS, SurrogateData
+from pruning_env.envs.registry import NETWORK_NAMES, TINY_ID, make_benchmark_env, real_env_id
+from pruning_env.envs.surrogate import DATA_DIR, MEASURED_SETTINGS, SIGNALS, SurrogateData, data_name
 from pruning_env.search import Search, SearchConfig, algorithm_env, algorithm_overrides
 from pruning_env.search.parallel import WorkersConfig, ray_session, scale_out
 
@@ -74,7 +74,8 @@ class SurrogateDataConfig:
     parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers)")
     seed: int = option(0, "seed of the random allocations (the fill-up searches use seeds 1000+)", min=0)
     threads: int | None = option(None, "torch CPU threads (default: torch's choice)", run_only=True)
-    out: str = option(str(DATA_DIR / "VGG16-CIFAR10.npz"), "the data set file to write (.npz)", run_only=True)
+    out: str | None = option(None, "the data set file to write (.npz; default: the package's "
+                             "surrogate_data/<data_name>.npz, e.g. VGG16-CIFAR10-w0.25.npz)", run_only=True)
     work_dir: str = option("runs/surrogate_data", "folder of the finished units (for --resume)", run_only=True)
     resume: bool = option(False, "continue the units in --work-dir (same settings)", run_only=True)
     finished_only: bool = option(False, "write --out from the units finished in --work-dir, measuring nothing "
@@ -248,7 +249,8 @@ def _merge(cfg: SurrogateDataConfig, units: list[dict[str, Any]], layers: list[s
                 rows[k] = (src, u, j)
     keys = list(rows)
     pick = lambda field: np.array([rows[k][1]["records"][field][rows[k][2]] for k in keys])
-    real = "pruning_env/Tiny-v1" if cfg.env else f"pruning_env/{NETWORK_NAMES[cfg.net]}-{cfg.dataset.upper()}-v1"
+    real = TINY_ID if cfg.env else f"{real_env_id(cfg.net, cfg.dataset)} (width {cfg.width:g}"
+    real = real if cfg.env else real + (f", checkpoint {Path(cfg.checkpoint).name})" if cfg.checkpoint else ")")
     flat = flat_dict(env.config)
     meta = {"net": "tiny" if cfg.env else cfg.net, "width": 1.0 if cfg.env else cfg.width,
             "dataset": "synthetic" if cfg.env else cfg.dataset, "num_classes": int(env.splits.num_classes),
@@ -270,8 +272,15 @@ def _merge(cfg: SurrogateDataConfig, units: list[dict[str, Any]], layers: list[s
                          sensitivities=env.base_sensitivities)
 
 
+def default_out(cfg: Any) -> Path:
+    """The package's data file of ``cfg``'s network (``--env``: ``Tiny.npz``): what the registry ships."""
+    return DATA_DIR / ("Tiny.npz" if cfg.env else f"{data_name(cfg.net, cfg.dataset, cfg.width)}.npz")
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SurrogateDataConfig, argv, "surrogate_data", __doc__)
+    if cfg.out is None:
+        cfg.out = str(default_out(cfg))
     if cfg.threads:
         import torch
 

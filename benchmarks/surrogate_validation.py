@@ -33,14 +33,14 @@ import numpy as np
 from scipy.stats import kendalltau
 
 from benchmarks.common import RESULTS, command_line, commit, hold_outputs, machine, parse_config, write_markdown
-from benchmarks.surrogate_data import SEARCH_ALGOS, real_env, run_search
+from benchmarks.surrogate_data import SEARCH_ALGOS, default_out, real_env, run_search
 from pruning_env.cli.options import print_json
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.config import flat_dict, nested, option, without_run_only
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, TINY_ID
-from pruning_env.envs.surrogate import DATA_DIR, SurrogateData, SurrogateModel, SurrogatePruningEnv
+from pruning_env.envs.surrogate import SurrogateData, SurrogateModel, SurrogatePruningEnv
 from pruning_env.search import SearchConfig
 from pruning_env.search.parallel import WorkersConfig, ray_session
 from pruning_env.training.proxy import Signals
@@ -50,7 +50,8 @@ from pruning_env.training.proxy import Signals
 class ValidationConfig:
     """Every flag of ``python -m benchmarks.surrogate_validation``."""
 
-    data: str = option(str(DATA_DIR / "VGG16-CIFAR10.npz"), "the surrogate data set (.npz) to validate")
+    data: str | None = option(None, "the surrogate data set (.npz) to validate (default: the package's of --net, "
+                              "--dataset, --width)")
     net: str = option("vgg16", "the real env's network (with --width, --dataset; ignored with --env)",
                       choices=sorted(NETWORK_NAMES))
     width: float = option(0.25, "channel width of the cached baseline", min=0, min_exclusive=True)
@@ -316,6 +317,8 @@ def report(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ValidationConfig, argv, "surrogate_validation", __doc__)
+    if cfg.data is None:
+        cfg.data = str(default_out(cfg))
     if cfg.threads:
         import torch
 

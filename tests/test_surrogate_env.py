@@ -16,6 +16,7 @@ from pruning_env.envs.surrogate import (
     SurrogateData,
     SurrogateModel,
     SurrogatePruningEnv,
+    data_name,
     find_data,
     predict_measurements,
 )
@@ -143,8 +144,12 @@ def test_what_needs_a_network_says_which_env_to_use(data, model):
 
 def test_networks_without_data_get_the_command_that_makes_it(tmp_path):
     assert find_data("tiny", "synthetic", 1.0) == DATA_DIR / "Tiny.npz"
-    with pytest.raises(ValueError, match="python -m benchmarks.surrogate_data --net vgg11 --dataset cifar100"):
+    with pytest.raises(ValueError, match=r"python -m benchmarks.surrogate_data --net vgg11 --dataset cifar100 "
+                       r"--width 0.5 --checkpoint YOUR.pt --out VGG11-CIFAR100-w0.5.npz"):
         find_data("vgg11", "cifar100", 0.5)
+    # the file stem (hence the env id) names the width unless it is 1
+    assert (data_name("vgg16", "cifar10", 0.25), data_name("resnet56", "cifar100", 1.0)) == (
+        "VGG16-CIFAR10-w0.25", "ResNet56-CIFAR100")
     with pytest.raises(ValueError, match="benchmarks.surrogate_data"):
         pruning_env.make("pruning_env/VGG11-CIFAR100-Surrogate-v1")
     bad = tmp_path / "x.npz"

@@ -43,8 +43,21 @@ from pruning_env.core.data import CIFAR_SOURCES, Splits, load_splits, make_synth
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 
-__all__ = ["TINY_ID", "VERSION", "EnvIdParts", "baseline_model", "check_env_id", "list_envs", "make",
-           "make_benchmark_env", "make_surrogate_env", "make_tiny_env", "parse_env_id", "register_all"]
+__all__ = [
+    "TINY_ID",
+    "VERSION",
+    "EnvIdParts",
+    "baseline_model",
+    "check_env_id",
+    "list_envs",
+    "make",
+    "make_benchmark_env",
+    "make_surrogate_env",
+    "make_tiny_env",
+    "parse_env_id",
+    "real_env_id",
+    "register_all",
+]
 
 NAMESPACE = "pruning_env"
 #: The version of every registered id (``-v1``); bumped whenever the env's behaviour changes.
@@ -64,7 +77,8 @@ TINY_NUM_CLASSES = 4  # the classes of Tiny-v1's synthetic data
 _registered = False
 
 
-def _env_id(net: str, dataset: str) -> str:
+def real_env_id(net: str, dataset: str) -> str:
+    """The registered id of a network's real env (``vgg16``, ``cifar10`` -> ``pruning_env/VGG16-CIFAR10-v1``)."""
     return f"{NAMESPACE}/{NETWORK_NAMES[net]}-{_DATASETS[dataset]}-v{VERSION}"
 
 
@@ -235,10 +249,10 @@ def check_env_id(env_id: str) -> str:
         raise ValueError(f"env id {env_id!r} was removed: use {current!r}; {REMOVED_VERSIONS[int(version)]}")
     hint = ""
     if "-Surrogate-" in env_id:  # a surrogate of a network without shipped data
-        from pruning_env.envs.surrogate import data_command
-
-        hint = (f". No surrogate data is shipped for it: measure it on the real env ({data_command('NET', 'DATA', 1)}"
-                ") and pass the file to pruning_env.envs.surrogate.SurrogatePruningEnv")
+        hint = (". No surrogate data is shipped for it: measure it on the real env (from a checkout of the "
+                "repository: python -m benchmarks.surrogate_data --net <net> --dataset <dataset> --width <width> "
+                "--checkpoint <your.pt> --out <file>.npz) and pass the file to "
+                "pruning_env.envs.surrogate.SurrogatePruningEnv")
     raise ValueError(f"unknown env id {env_id!r}; registered: {', '.join(list_envs())}{hint}")
 
 
@@ -277,7 +291,7 @@ def register_all() -> None:
     ids = {TINY_ID: (make_tiny_env, {})}
     for net in NETWORK_NAMES:
         for dataset in _DATASETS:
-            ids[_env_id(net, dataset)] = (make_benchmark_env, {"net": net, "dataset": dataset})
+            ids[real_env_id(net, dataset)] = (make_benchmark_env, {"net": net, "dataset": dataset})
     from pruning_env.envs.surrogate import shipped_data
 
     for env_id, path in shipped_data().items():  # one surrogate env per shipped data set

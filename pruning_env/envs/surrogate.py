@@ -57,10 +57,11 @@ from pruning_env.envs.measure import Measurement, PlanMeter, StaticDsfp
 from pruning_env.training.proxy import Signals
 
 __all__ = ["DATA_DIR", "MEASURED_SETTINGS", "SIGNALS", "SurrogateData", "SurrogateModel", "SurrogatePruningEnv",
-           "data_command", "find_data", "predict_measurements", "shipped_data"]
+           "data_command", "data_name", "find_data", "predict_measurements", "shipped_data"]
 
 DATA_DIR = Path(__file__).with_name("surrogate_data")
-"""Where the shipped surrogate data sets are (``<Problem>.npz``, e.g. ``Tiny.npz``, ``VGG16-CIFAR10.npz``)."""
+"""Where the shipped surrogate data sets are (``<Problem>.npz``, e.g. ``Tiny.npz``, ``VGG16-CIFAR10-w0.25.npz``;
+see :func:`data_name`)."""
 FORMAT = 1
 SIGNALS = ("acc", "kl", "ce")
 """What is measured per plan and predicted: accuracy (%), KL from the unpruned outputs (nats), cross-entropy."""
@@ -303,10 +304,19 @@ def shipped_data() -> dict[str, Path]:
     return {f"{NAMESPACE}/{p.stem}-Surrogate-v{VERSION}": p for p in sorted(DATA_DIR.glob("*.npz"))}
 
 
+def data_name(net: str, dataset: str, width: float) -> str:
+    """The file stem of a network's surrogate data set, hence its env id ``pruning_env/<stem>-Surrogate-v1``:
+    ``VGG16-CIFAR10-w0.25`` (the real env's id without its version, plus the width when it is not 1)."""
+    from pruning_env.envs.registry import real_env_id
+
+    stem = real_env_id(net, dataset).split("/", 1)[1].rsplit("-v", 1)[0]
+    return stem if float(width) == 1.0 else f"{stem}-w{width:g}"
+
+
 def data_command(net: str, dataset: str, width: float) -> str:
     """The command that measures a surrogate data set of a network (with its trained ``--checkpoint``)."""
     return (f"python -m benchmarks.surrogate_data --net {net} --dataset {dataset} --width {width:g} "
-            f"--checkpoint YOUR.pt --out {net}-{dataset}-w{width:g}.npz")
+            f"--checkpoint YOUR.pt --out {data_name(net, dataset, width)}.npz (from a checkout of the repository)")
 
 
 def find_data(net: str, dataset: str, width: float = 1.0) -> Path:
