@@ -39,6 +39,7 @@ __all__ = [
     "observation_features",
     "observation_table",
     "removed_mass",
+    "removed_masses",
     "rst_table",
     "static_features",
 ]
@@ -192,19 +193,27 @@ def layer_dsfp(grad: torch.Tensor, taylor: torch.Tensor, kl: torch.Tensor, fused
     return LayerDsfp(row, (float(grad.sum()), float(taylor.sum()), float(kl.sum())), cum, float(sens.sum()))
 
 
-def combine_dsfp(layers: Sequence[LayerDsfp], kept: np.ndarray) -> dict[str, np.ndarray]:
+def removed_masses(layer: LayerDsfp, kept: np.ndarray) -> np.ndarray:
+    """``(K,)``: the share of the layer's sensitivity that pruning to each grid rate would remove now (``kept``:
+    the ``(K,)`` filters the layer keeps at each rate); by filter count when the layer has no sensitivity."""
+    current = len(layer.cum) - 1
+    n_prune = np.maximum(0, current - np.asarray(kept, dtype=np.int64))
+    return layer.cum[n_prune] / layer.total if layer.total > 0 else n_prune / max(current, 1)
+
+
+def combine_dsfp(layers: Sequence[LayerDsfp], kept: np.ndarray,
+                 removed: Sequence[np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """The DSFP features of every layer (:func:`dsfp_features`) from the layers' statistics and ``kept``, the
-    ``(L, K)`` filters each layer keeps at each grid rate (the env's rate rule)."""
+    ``(L, K)`` filters each layer keeps at each grid rate (the env's rate rule); ``removed``: the layers'
+    :func:`removed_masses`, when known."""
     mass = [sum(layer.sums[j] for layer in layers) or 1.0 for j in range(3)]
     rows = []
     for i, layer in enumerate(layers):
         row = dict(layer.row)
         for j, c in enumerate(("grad", "taylor", "kl")):
             row[f"{c}_share"] = layer.sums[j] / mass[j]
-        current, total = len(layer.cum) - 1, layer.total
-        for k in range(kept.shape[1]):
-            n_prune = max(0, current - int(kept[i, k]))
-            row[removed_mass(k)] = float(layer.cum[n_prune]) / total if total > 0 else n_prune / max(current, 1)
+        masses = removed_masses(layer, kept[i]) if removed is None else removed[i]
+        row.update({removed_mass(k): float(v) for k, v in enumerate(masses)})
         rows.append(row)
     return _columns(rows)
 

@@ -26,7 +26,7 @@ from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import PruningPlan
 from pruning_env.engine.surgery import apply
 from pruning_env.envs.config import EnvConfig
-from pruning_env.envs.features import LayerDsfp, combine_dsfp, dsfp_features, kept_table, layer_dsfp
+from pruning_env.envs.features import LayerDsfp, combine_dsfp, dsfp_features, kept_table, layer_dsfp, removed_masses
 from pruning_env.envs.objective import objective
 from pruning_env.training.proxy import RewardImages, Signals, kd_steps
 from pruning_env.training.teacher import TeacherCache
@@ -263,9 +263,9 @@ class StaticDsfp:
                  rates: list[float], keep_count: Any, per_layer: int = 2048) -> None:
         self.base, self.names, self.direction, self.per_layer = base, names, direction, per_layer
         self.kept = kept_table(len(names), rates, keep_count)
-        self._memo: list[dict[tuple[int, ...], tuple[torch.Tensor, LayerDsfp]]] = [{} for _ in names]
+        self._memo: list[dict[tuple[int, ...], tuple[torch.Tensor, LayerDsfp, np.ndarray]]] = [{} for _ in names]
 
-    def _layer(self, i: int, plan: PruningPlan) -> tuple[torch.Tensor, LayerDsfp]:
+    def _layer(self, i: int, plan: PruningPlan) -> tuple[torch.Tensor, LayerDsfp, np.ndarray]:
         n, memo = self.names[i], self._memo[i]
         hit = memo.get(plan.keep[n])
         if hit is None:
@@ -273,7 +273,8 @@ class StaticDsfp:
             grad, taylor, kl = ({n: self.base[c][n][idx]} for c in ("grad", "taylor", "kl"))
             fused = fuse(grad, taylor, kl)
             order = apply_direction(fused, self.direction)[n]
-            hit = (order, layer_dsfp(grad[n], taylor[n], kl[n], fused[n], order))
+            stats = layer_dsfp(grad[n], taylor[n], kl[n], fused[n], order)
+            hit = (order, stats, removed_masses(stats, self.kept[i]))
             if len(memo) >= self.per_layer:
                 memo.pop(next(iter(memo)))
             memo[plan.keep[n]] = hit
@@ -283,4 +284,4 @@ class StaticDsfp:
         """``(order, features)`` of ``plan``, exactly as :func:`dsfp_order_and_features` gives them."""
         hits = [self._layer(i, plan) for i in range(len(self.names))]
         return ({n: h[0].clone() for n, h in zip(self.names, hits)},
-                combine_dsfp([h[1] for h in hits], self.kept))
+                combine_dsfp([h[1] for h in hits], self.kept, [h[2] for h in hits]))
