@@ -20,8 +20,8 @@ from torch import nn
 import pruning_env
 
 
-def make_vec_env(copies: int = 2):
-    env = pruning_env.make("pruning_env/Tiny-v1")
+def make_vec_env(copies: int = 2, env_id: str = "pruning_env/Tiny-v1"):
+    env = pruning_env.make(env_id)
     vec = ss.pettingzoo_env_to_vec_env_v1(env)
     return ss.concat_vec_envs_v1(vec, copies, num_cpus=0, base_class="gymnasium")
 
@@ -41,9 +41,10 @@ class Agent(nn.Module):
 
 
 def train(updates: int = 20, num_steps: int = 6, copies: int = 2, seed: int = 0, gamma: float = 0.99,
+          env_id: str = "pruning_env/Tiny-v1",
           lam: float = 0.95, clip: float = 0.2, epochs: int = 2) -> dict:
     torch.manual_seed(seed)
-    envs = make_vec_env(copies)
+    envs = make_vec_env(copies, env_id)
     n = envs.num_envs
     agent = Agent(envs.observation_space.shape[0], envs.action_space.n)
     optim = torch.optim.Adam(agent.parameters(), lr=3e-4)
@@ -97,8 +98,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--updates", type=int, default=20)
     parser.add_argument("--smoke", action="store_true", help="tiny budget: 2 updates of 3 steps")
+    parser.add_argument("--env", default="pruning_env/Tiny-v1",
+                        help="registered parallel env id, e.g. pruning_env/Tiny-Surrogate-v1 (the surrogate mode)")
     args = parser.parse_args(argv)
-    result = train(2, num_steps=3) if args.smoke else train(args.updates)
+    result = train(2, num_steps=3, env_id=args.env) if args.smoke else train(args.updates, env_id=args.env)
     print(json.dumps(result))
     return result
 

@@ -19,7 +19,8 @@ import json
 import sys
 
 
-def train(iterations: int = 5, batch: int = 48, seed: int = 0, env_runners: int = 0) -> dict:
+def train(iterations: int = 5, batch: int = 48, seed: int = 0, env_runners: int = 0,
+          env_id: str = "pruning_env/Tiny-v1") -> dict:
     """PPO for ``iterations`` iterations of ``batch`` env steps; ``env_runners`` > 0 samples in that many Ray
     env-runner actors (each with its own env), 0 in the driver."""
     import ray
@@ -30,7 +31,7 @@ def train(iterations: int = 5, batch: int = 48, seed: int = 0, env_runners: int 
     def env_creator(_config):
         import pruning_env
 
-        return ParallelPettingZooEnv(pruning_env.make("pruning_env/Tiny-v1"))
+        return ParallelPettingZooEnv(pruning_env.make(env_id))
 
     register_env("pruning_env_tiny", env_creator)
     ray.init(num_cpus=1 + env_runners, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--smoke", action="store_true", help="tiny budget: 1 iteration of 24 env steps")
     parser.add_argument("--env-runners", type=int, default=0,
                         help="RLlib num_env_runners: sampling actors (0: sample in the driver)")
+    parser.add_argument("--env", default="pruning_env/Tiny-v1",
+                        help="registered parallel env id, e.g. pruning_env/Tiny-Surrogate-v1 (the surrogate mode)")
     args = parser.parse_args(argv)
     if args.env_runners < 0:
         parser.error(f"--env-runners must be >= 0, got {args.env_runners}")
@@ -80,8 +83,8 @@ def main(argv: list[str] | None = None) -> dict | None:
               file=sys.stderr)
         print(json.dumps({"skipped": "ray[rllib] not installed"}))
         return None
-    result = train(1, batch=24, env_runners=args.env_runners) if args.smoke else \
-        train(args.iterations, env_runners=args.env_runners)
+    result = train(1, batch=24, env_runners=args.env_runners, env_id=args.env) if args.smoke else \
+        train(args.iterations, env_runners=args.env_runners, env_id=args.env)
     print(json.dumps(result, default=float))
     return result
 

@@ -55,10 +55,11 @@ def build(env: PettingZooWrapper, hidden: int = 64, embed: int = 16):
     return group, qnet, explore, loss
 
 
-def train(batches: int = 8, frames_per_batch: int = 12, updates_per_batch: int = 4, seed: int = 0) -> dict:
+def train(batches: int = 8, frames_per_batch: int = 12, updates_per_batch: int = 4, seed: int = 0,
+          env_id: str = "pruning_env/Tiny-v1") -> dict:
     """Collect ``batches`` x ``frames_per_batch`` env steps, do QMIX updates; returns what it saw."""
     torch.manual_seed(seed)
-    env = make_env()
+    env = make_env(env_id)
     env.set_seed(seed)
     group, _qnet, explore, loss = build(env)
     optim = torch.optim.Adam(loss.parameters(), lr=5e-4)
@@ -96,8 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, default=8, help="collector batches of 12 frames (4 episodes)")
     parser.add_argument("--smoke", action="store_true", help="tiny budget: 2 batches")
+    parser.add_argument("--env", default="pruning_env/Tiny-v1",
+                        help="registered parallel env id, e.g. pruning_env/Tiny-Surrogate-v1 (the surrogate mode)")
     args = parser.parse_args(argv)
-    result = train(batches=2 if args.smoke else args.batches)
+    result = train(batches=2 if args.smoke else args.batches, env_id=args.env)
     print(json.dumps(result))
     return result
 

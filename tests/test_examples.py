@@ -50,3 +50,12 @@ def test_example_runs_with_a_tiny_budget(name):
         assert result["iterations"] == 1 and result["env_steps"] >= 24 and result["episodes"] >= 1
         assert result["env_runners"] == 1  # sampled by one Ray env-runner actor (num_env_runners=1)
         assert math.isfinite(result["total_loss"])
+
+
+@pytest.mark.parametrize("name", ["torchrl_qmix.py", "cleanrl_supersuit.py"])
+def test_examples_run_on_the_surrogate_env(name):
+    if importlib.util.find_spec(NEEDS[name]) is None:
+        pytest.skip(f"{NEEDS[name]} not installed")
+    result = _run(name, "--env", "pruning_env/Tiny-Surrogate-v1")
+    loss = result["last_loss"]
+    assert math.isfinite(loss)
