@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pruning_env.core.checkpoint import weights_digest
+
 __all__ = ["TeacherCache", "teacher_fn"]
 
 
@@ -43,15 +45,6 @@ def _digest(x: torch.Tensor) -> bytes:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(x.shape)}|{x.dtype}|{_cpu_autocast()}|{torch.get_num_threads()}".encode())
     h.update(x.detach().contiguous().numpy().tobytes())
-    return h.digest()
-
-
-def _weights_digest(model: nn.Module) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes() if t.dtype != torch.bfloat16
-                 else t.detach().cpu().float().numpy().tobytes())
     return h.digest()
 
 
@@ -75,7 +68,7 @@ class TeacherCache:
         self.misses = 0
         self._store: dict[bytes, torch.Tensor] = {}
         self._bytes = 0
-        self._weights: bytes | None = None
+        self._weights: str | None = None
 
     def __len__(self) -> int:
         return len(self._store)
@@ -91,7 +84,7 @@ class TeacherCache:
         hashing would copy its weights to the host)."""
         if any(p.device.type != "cpu" for p in self.teacher.parameters()):
             return
-        digest = _weights_digest(self.teacher)
+        digest = weights_digest(self.teacher)
         if digest != self._weights:
             self.clear()
             self._weights = digest
