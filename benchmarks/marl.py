@@ -1,13 +1,11 @@
 """QMIX against the other searches and a practitioner's baseline, at the same budget and matched MACs.
 
-Every algorithm (QMIX, VDN, IQL, AMC-style DDPG, random search, DSFP-uniform) searches the
-SAME pruning env configuration (a fresh env per algorithm, same seed) with the SAME budget,
-in the one search loop of the package (:class:`pruning_env.search.Search`): training episodes
-run until the search has measured ``--plans`` distinct plans (greedy evaluations count too;
-the unpruned network does not). An episode is never cut, so an algorithm may end up to
-``episode_length - 1`` plans over the budget; the exact figure is reported. An algorithm that
-measures no new plan for ``--stall-episodes`` episodes in a row stops early (DSFP-uniform has
-only one plan per grid rate) and is marked "exhausted".
+Every algorithm (QMIX, VDN, IQL, AMC-style DDPG, random search, DSFP-uniform) searches the SAME pruning env
+configuration (a fresh env per algorithm, same seed) with the SAME budget, in the one search loop of the package
+(:class:`pruning_env.search.Search`): training episodes run until the search has measured ``--plans`` distinct plans
+(greedy evaluations count too; the unpruned network does not). An episode is never cut, so an algorithm may end up to
+``episode_length - 1`` plans over the budget; the exact figure is reported. An algorithm that measures no new plan for
+``--stall-episodes`` episodes in a row stops early (DSFP-uniform: one plan per grid rate), marked "exhausted".
 
 The reward is the env's (default ``budget`` with ``--macs-target 0.5`` and ``--exact-budget``):
 every step's joint action is projected onto the MACs target (:mod:`pruning_env.engine.budget`),
@@ -44,17 +42,18 @@ each method and seed is finalized in every mode of ``--selections``:
 * ``own``: successive halving of short KD fine-tunes over the method's own ``--selection-k`` best distinct plans,
   judged on VALIDATION accuracy, the winner's fine-tune continued to the full budget;
 * ``own+reference``: the same over those plans plus the reference plans at the same MACs budget
-  (:func:`pruning_env.envs.plans.reference_plans`: ``uniform`` and ``global``, the same for every method).
+  (:func:`pruning_env.envs.plans.reference_plans`: ``uniform``, ``gradual`` and ``global``, the same for every
+  method).
 
 The flat ``rows`` of ``marl.json`` hold one entry per (target, method, seed, selection) with the winner's source
-(``search``, ``uniform``, ``global``; ``torch-pruning`` for its network). Long runs may be staged: e.g.
+(``search`` or a reference's name; ``torch-pruning`` for its network). Long runs may be staged: e.g.
 ``--selections none`` first, then ``--selections own own+reference --resume`` into the same folders.
 
 Resumable with ``--resume``: every finished search, fine-tune and selection is written
 to ``marl.json`` at once and skipped on a rerun with the same settings; an interrupted
 fine-tune continues from its per-epoch checkpoint under ``--work-dir``, an interrupted selection from its stage
 state there (``seed<s>/<method>-<selection>/``). Changing only ``--selection-*`` keeps the searches and the
-``none`` fine-tunes.
+``none`` fine-tunes; a run recorded with other reference plans keeps all but its ``own+reference`` selections.
 
     python -m benchmarks.marl --data-dir /path/to/data --macs-target 0.3   # VGG-16 w0.25, CIFAR-10, 3 seeds
     python -m benchmarks.marl --seeds 0 --plans 300 --finetune-epochs 2 --finetune-train-limit 10000
@@ -69,6 +68,7 @@ import dataclasses
 import datetime as dt
 import json
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -112,6 +112,7 @@ from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig
 from pruning_env.training.selection import (
     MACS_SLACK,
+    REFERENCE_SOURCES,
     SelectionConfig,
     select_and_finalize,
     selection_budget,
@@ -426,7 +427,8 @@ def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool, boo
     search_cfg, ft_cfg, sel_cfg = _keys(cfg)
     digest = None if cfg.checkpoint is None else ckpt.weights_digest(ckpt.load(cfg.checkpoint).model)
     fresh = {"benchmark": "marl", "search_config": search_cfg, "finetune_config": ft_cfg,
-             "selection_config": sel_cfg, "baseline_digest": digest, "runs": {}}
+             "selection_config": sel_cfg, "reference_sources": list(REFERENCE_SOURCES), "baseline_digest": digest,
+             "runs": {}}
     if not (cfg.resume and path.is_file()):
         return fresh, False, False
     state = json.loads(path.read_text())
@@ -440,6 +442,8 @@ def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool, boo
         diff = sorted(k for k in set(search_cfg) | set(old) if search_cfg.get(k) != old.get(k))
         raise ValueError(f"{path} holds results of other search settings ({', '.join(diff)}); drop --resume to "
                          "start over or pass another --out-dir")
+    # The reference set grew once (the gradual plan): runs recorded before it name none and had uniform + global.
+    refs, state["reference_sources"] = state.get("reference_sources", ["uniform", "global"]), list(REFERENCE_SOURCES)
     if ft_cfg != without_run_only(BenchConfig, state.get("finetune_config", {})):
         # The searches stay valid; the fine-tunes (and their checkpoints) do not.
         print("marl: fine-tuning settings changed: recorded fine-tunes are discarded, searches kept", file=sys.stderr)
@@ -455,6 +459,13 @@ def _load_state(path: Path, cfg: BenchConfig) -> tuple[dict[str, Any], bool, boo
             run["selection"] = {}
         state["selection_config"] = sel_cfg
         return state, True, False
+    if refs != list(REFERENCE_SOURCES):
+        print(f"marl: the reference plans changed ({', '.join(refs)} -> {', '.join(REFERENCE_SOURCES)}): recorded "
+              "own+reference selections are discarded, the rest kept", file=sys.stderr)
+        for seed, run in state["runs"].items():
+            run.get("selection", {}).pop("own+reference", None)
+            for stage in (finetune_dir(cfg.work_dir, cfg.problem.macs_target) / f"seed{seed}").glob("*-own+reference"):
+                shutil.rmtree(stage)  # its candidates are no longer this run's: never continued
     return state, True, True
 
 
@@ -467,9 +478,6 @@ def _jsonable(x: Any) -> Any:
 def _save_state(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: an interrupted write never loses what was recorded before."""
     ckpt.atomic_write_text(path, json.dumps(state, indent=1, default=_jsonable))
-
-
-# ----------------------------------------------------------------------------- report
 
 
 # ----------------------------------------------------------------------------- main

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import marl as marl_module
+from pruning_env.training.selection import SOURCES
 
 ALGOS = ["qmix", "random", "dsfp-uniform"]
 SELECTIONS = ("none", "own", "own+reference")
@@ -70,7 +71,7 @@ def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory,
         assert set(row) == ROW_KEYS, row
         assert row["target"] == 0.5 and row["seed"] == 0 and row["macs_ratio"] <= 0.5 + 0.005, row
         expected = {"none": {"torch-pruning"} if row["method"] == "torch-pruning" else {"search"},
-                    "own": {"search"}, "own+reference": {"search", "uniform", "global"}}[row["selection"]]
+                    "own": {"search"}, "own+reference": set(SOURCES)}[row["selection"]]
         assert row["winner_source"] in expected, row
     for mode in ("own", "own+reference"):
         for name in ALGOS:
@@ -83,7 +84,7 @@ def test_smoke_writes_every_output_and_resumes(marl, tmp_path, tiny_env_factory,
             if mode == "own":
                 assert set(sources) == {"search"}, name
             else:  # the references are added unless they repeat one of the method's plans
-                assert set(sources) <= {"search", "uniform", "global"}, name
+                assert set(sources) <= set(SOURCES), name
             assert sel["candidates"][sel["winner"]]["source"] == sel["winner_source"]
     # every method got the same references: qmix's list shows both (its plans repeat neither here)
     assert {"uniform", "global"} <= {c["source"] for c in run["selection"]["own+reference"]["qmix"]["candidates"]}
@@ -240,6 +241,33 @@ def test_selection_settings_are_keyed_apart_from_searches_and_fine_tunes(marl, t
     assert ft_resume and not sel_resume
     assert state["runs"]["0"]["search"] == {"qmix": {"x": 1}} and state["runs"]["0"]["finetune"] == {"qmix": {"y": 2}}
     assert state["runs"]["0"]["selection"] == {} and state["selection_config"]["selection_k"] == 3
+
+
+def test_a_run_recorded_with_other_reference_plans_redoes_only_its_own_reference_selections(marl, tmp_path):
+    """A run of the two-reference era (uniform + global, no "reference_sources") keeps its searches, fine-tunes and
+    own selections; its own+reference selections and their stage folders go (their candidates changed)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(marl.BenchConfig(), resume=True, work_dir=str(tmp_path / "work"))
+    search, ft, sel = marl._keys(cfg)
+    stage = marl.finetune_dir(cfg.work_dir, cfg.problem.macs_target) / "seed0" / "qmix-own+reference"
+    stage.mkdir(parents=True)
+    (stage / "selection.json").write_text("{}")
+    own = marl.finetune_dir(cfg.work_dir, cfg.problem.macs_target) / "seed0" / "qmix-own"
+    own.mkdir()
+    runs = {"0": {"search": {"qmix": {"x": 1}}, "finetune": {"qmix": {"y": 2}},
+                  "selection": {"own": {"qmix": {"z": 3}}, "own+reference": {"qmix": {"w": 4}}}}}
+    path = tmp_path / "marl.json"
+    path.write_text(json.dumps({"benchmark": "marl", "search_config": search, "finetune_config": ft,
+                                "selection_config": sel, "runs": runs}))
+    state, ft_resume, sel_resume = marl._load_state(path, cfg)
+    assert ft_resume and sel_resume and state["reference_sources"] == ["uniform", "gradual", "global"]
+    assert state["runs"]["0"]["selection"] == {"own": {"qmix": {"z": 3}}}
+    assert state["runs"]["0"]["finetune"] == {"qmix": {"y": 2}} and not stage.exists() and own.is_dir()
+    marl._save_state(path, state)  # recorded with today's references: nothing more is discarded
+    state["runs"]["0"]["selection"]["own+reference"] = {"qmix": {"w": 5}}
+    marl._save_state(path, state)
+    assert marl._load_state(path, cfg)[0]["runs"]["0"]["selection"]["own+reference"] == {"qmix": {"w": 5}}
 
 
 def test_an_interrupted_selection_continues_its_stage_on_resume(marl, tmp_path, tiny_env_factory, monkeypatch):

@@ -246,7 +246,7 @@ def test_the_companion_helpers_match_the_env(tiny_env_factory):
     with pytest.raises(ValueError, match="out of range"):
         plans.keep_count(env, 9, 0.5)
     assert set(plans.__all__) == {"keep_count", "uniform_plan", "objective_of", "REMOVED_FROM_ENV", "reference_plans",
-                                  "REFERENCES"}
+                                  "REFERENCES", "gradual_plan"}
 
 
 def test_the_package_api_is_small_and_documented():

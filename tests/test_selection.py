@@ -11,8 +11,8 @@ import torch
 import agents
 import pruning_env.cli.marl as train_marl
 import pruning_env.training.finetune as finetune_mod
-from pruning_env.engine.plan import PruningPlan
-from pruning_env.envs.plans import reference_plans
+from pruning_env.engine.plan import PruningPlan, narrow_plan
+from pruning_env.envs.plans import gradual_plan, reference_plans
 from pruning_env.search import Search, SearchConfig
 from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig
@@ -112,6 +112,37 @@ def test_every_candidate_is_at_the_budget(env, tmp_path):
         select(env.base_model, env.splits, [*cands, full], SelectionConfig(), _ft(), out_dir=tmp_path,
                max_macs_ratio=target + MACS_SLACK)
     assert not (tmp_path / "selection.json").exists()
+
+
+def test_the_gradual_reference_prunes_the_uniform_counts_in_the_episodes_steps(env):
+    """``gradual``: the uniform plan's keep counts reached in ``episode_length`` equal steps, the transition's
+    scores re-measured on each intermediate network (by hand here); one step is the single-shot uniform plan."""
+    from pruning_env.envs.registry import make_tiny_env
+
+    refs = reference_plans(env, 0.3)
+    uniform, gradual = refs["uniform"], refs["gradual"]
+    steps = env.config.episode_length
+    assert steps >= 2 and gradual.keep_counts() == uniform.keep_counts()
+    assert env.macs_model.predict_plan(gradual)[0] / env.base_macs <= 0.3
+    final = uniform.keep_counts()
+    plan = PruningPlan.full(env.layers)
+    for s in range(1, steps + 1):
+        counts = {n: max(final[n], round(plan.widths[n] - s / steps * (plan.widths[n] - final[n])))
+                  for n in env.layer_names}
+        assert all(counts[n] < plan.widths[n] for n in env.layer_names if final[n] < plan.widths[n] - steps)
+        plan = narrow_plan(plan, env.measure(plan).scores, counts)
+    assert plan == gradual
+    assert gradual != uniform  # re-scored between the steps, other filters go (the point of the reference)
+    assert gradual_plan(env, final, 1) == uniform
+    static_refs = reference_plans(make_tiny_env(dynamic=False), 0.3)  # dynamic=False: the same counts too
+    assert static_refs["gradual"].keep_counts() == static_refs["uniform"].keep_counts()
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        gradual_plan(env, final, 0)
+    with pytest.raises(ValueError, match="no entry for layers"):
+        gradual_plan(env, {}, 2)
+    # the candidates list a plan once: a gradual plan that repeats the uniform one does not enter
+    same = {"uniform": uniform, "gradual": uniform, "global": refs["global"]}
+    assert [c.source for c in selection_candidates([], same, k=4)] == ["uniform", "global"]
 
 
 def test_the_global_reference_is_the_engines_torch_pruning_plan(env):

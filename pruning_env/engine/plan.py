@@ -48,6 +48,7 @@ __all__ = [
     "PruningPlan",
     "RateRule",
     "keep_count_for_rate",
+    "narrow_plan",
     "plan_global",
     "plan_per_layer",
     "plan_top_k",
@@ -398,6 +399,27 @@ def plan_top_k(scores: Mapping[str, Any], keep_counts: Mapping[str, int]) -> Pru
         keep[name] = top_k_indices(sc, k)
         widths[name] = width
     return PruningPlan(keep, widths)
+
+
+def narrow_plan(plan: PruningPlan, scores: Mapping[str, Any], keep_counts: Sequence[int] | Mapping[str, int]
+                ) -> PruningPlan:
+    """Prune ``plan`` further: each layer keeps its ``keep_counts`` highest-scoring CURRENT filters (a count at or
+    above what the layer keeps now leaves it as it is). The transition of the env, one step of iterative pruning.
+
+    Args:
+        plan: the plan now.
+        scores: ``{layer: (k,) scores}`` of each layer's ``k`` kept filters (in ``plan.indices(layer)`` order),
+            low = prune first; layers whose count does not shrink need none.
+        keep_counts: filters each layer keeps after the step, ``{layer: n}`` or ``(L,)`` in ``plan.layers`` order.
+    """
+    counts = keep_counts if isinstance(keep_counts, Mapping) else dict(zip(plan.layers, keep_counts))
+    keep = {}
+    for name in plan.layers:
+        kept, n_keep = plan.indices(name), int(counts.get(name, plan.keep_count(name)))
+        if n_keep < 1:
+            raise PlanError(f"layer {name!r}: keep count {n_keep} < 1")
+        keep[name] = kept if n_keep >= len(kept) else kept[top_k_indices(torch.as_tensor(scores[name]), n_keep)]
+    return PruningPlan(keep, plan.widths)
 
 
 def plan_uniform(scores: Mapping[str, Any], rate: float, *, min_keep: int = 1, round_to: int = 1) -> PruningPlan:

@@ -27,7 +27,7 @@ from pruning_env.engine.budget import budget_keep_counts, check_reachable
 from pruning_env.engine.flops import count
 from pruning_env.engine.graph import PrunableLayer, consumer_map, prunable_layers
 from pruning_env.engine.macs import MacsModel
-from pruning_env.engine.plan import PruningPlan, top_k_indices
+from pruning_env.engine.plan import PruningPlan, narrow_plan
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.features import (
     FEATURES,
@@ -492,15 +492,8 @@ class FilterPruningEnv(ParallelEnv):
         else:
             counts = budget_keep_counts(self._macs_model, self.config.rule, current, targets,
                                         target * self._base_macs, final=final, max_rate=float(self._rates.max()))
-        keep = {}
-        for i, name in enumerate(self._names):
-            kept, n_keep = plan.indices(name), int(counts[i])
-            if n_keep >= len(kept):
-                keep[name] = kept
-            else:
-                order = measured.scores[name]  # of the current filters, low = prune first
-                keep[name] = kept[top_k_indices(order, n_keep)]
-        return PruningPlan(keep, self._widths)
+        # the lowest transition scores of the current filters pruned
+        return narrow_plan(plan, measured.scores, dict(zip(self._names, counts.tolist())))
 
     def _parse_actions(self, actions: dict[str, Any]) -> list[float]:
         if not isinstance(actions, dict):

@@ -6,8 +6,8 @@ by a real, if short, knowledge-distillation fine-tune of several candidates:
 
 * the candidates (:func:`selection_candidates`): the ``k`` best distinct plans of the search by its
   validation objective (:attr:`pruning_env.search.Search.top`), plus reference plans at the same MACs
-  budget (:func:`pruning_env.envs.plans.reference_plans`: ``"uniform"``, ``"global"``); each is named by
-  its source (``"search"``, ``"uniform"``, ``"global"``);
+  budget (:func:`pruning_env.envs.plans.reference_plans`: ``"uniform"``, ``"gradual"``, ``"global"``); each
+  is named by its source (:data:`SOURCES`);
 * successive halving (:func:`select`): every candidate fine-tunes ``rung_epochs`` epochs of the run's own
   recipe (:class:`~pruning_env.training.finetune.FinetuneConfig`: its cosine schedule spans the full
   ``epochs``, so a rung is the start of the real run, not a different one); the better half by VALIDATION
@@ -19,8 +19,8 @@ by a real, if short, knowledge-distillation fine-tune of several candidates:
 
 Cost, in fine-tuning epochs, for ``n`` candidates, rung ``R`` and ``E`` epochs: ``R * (n + ceil(n/2) +
 ceil(n/4) + ...)`` over the rungs until one candidate is left (at most ``E`` epochs each), plus the winner's
-remaining epochs; e.g. ``n = 8`` (k = 6 and two references), ``R = 0.25`` (the default), ``E = 8``:
-``0.25 * (8 + 4 + 2) + (8 - 0.75) = 10.75`` epochs instead of 8 (``R = 1``: 19). The record's ``cost_epochs``
+remaining epochs; e.g. ``n = 9`` (k = 6 and three references), ``R = 0.25`` (the default), ``E = 8``:
+``0.25 * (9 + 5 + 3 + 2) + (8 - 1) = 11.75`` epochs instead of 8 (``R = 1``: 23). The record's ``cost_epochs``
 gives the rungs' share of a run. A rung may end inside an epoch (:func:`~pruning_env.training.finetune.finetune`'s
 ``stop_after``), plus one validation pass per candidate and rung.
 
@@ -54,10 +54,12 @@ from pruning_env.training.finalize import finalize
 from pruning_env.training.finetune import FinetuneConfig, finetune
 from pruning_env.training.teacher import TeacherCache
 
-__all__ = ["MACS_SLACK", "SOURCES", "Candidate", "SelectionConfig", "check_finetune", "markdown_table", "select",
-           "select_and_finalize", "selection_budget", "selection_candidates"]
+__all__ = ["MACS_SLACK", "REFERENCE_SOURCES", "SOURCES", "Candidate", "SelectionConfig", "check_finetune",
+           "markdown_table", "select", "select_and_finalize", "selection_budget", "selection_candidates"]
 
-SOURCES = ("search", "uniform", "global")
+REFERENCE_SOURCES = ("uniform", "gradual", "global")
+"""The reference plans at a candidate's budget (:func:`pruning_env.envs.plans.reference_plans` makes them)."""
+SOURCES = ("search", *REFERENCE_SOURCES)
 """Where a candidate comes from: the search's best plans, or a reference plan at the same budget."""
 
 STATE_FILE = "selection.json"
@@ -78,8 +80,10 @@ class SelectionConfig:
     rung_epochs: float = option(0.25, "fine-tuning epochs per rung of successive halving, fractions allowed (of "
                                 "the run's own schedule; the better half goes on each rung)", min=0,
                                 min_exclusive=True)
-    references: bool = option(True, "add the uniform plan and the global plan (Torch-Pruning's iterative "
-                              "global group-L1 pruning, by our engine) at the same MACs budget as candidates")
+    references: bool = option(True, "add the uniform plan (single-shot and gradual: the same keep counts in the "
+                              "episode's steps, DSFP re-measured after each) and the global plan (Torch-Pruning's "
+                              "iterative global group-L1 pruning, by our engine) at the same MACs budget as "
+                              "candidates")
 
     def __post_init__(self) -> None:
         check_settings(self)
