@@ -149,7 +149,7 @@ class BenchConfig:
                                         "(the same for every method)", prefix="selection")
     selections: list[str] | None = option(None, "selection modes to run: none (the search's best plan), own (the "
                                           "selection over the method's own best plans), own+reference (those plus "
-                                          "the uniform and global plans at the budget); default: all three, or none "
+                                          "the reference plans at the budget); default: all three, or none "
                                           "alone with --finetune-epochs 0 (a search-only run)", run_only=True)
     parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement on Ray (--workers, --ray-address)")
     tp_target: str = option("target", "Torch-Pruning prunes until its MACs ratio <= that of the QMIX best plan of "

@@ -10,7 +10,8 @@ episodes, TensorBoard logs under ``--logdir`` with plans measured as the x axis)
 keeping the best plans by the VALIDATION objective and the accuracy-vs-MACs Pareto
 front of every plan measured, (3) select and finalize a plan: by default the final selection
 (:mod:`pruning_env.training.selection`, ``--selection-*``: the ``--selection-k`` best distinct plans
-of the search plus the uniform and global (Torch-Pruning-style) plans at the same MACs budget, short KD fine-tunes with
+of the search plus the reference plans at the same MACs budget (uniform, gradual uniform, Torch-Pruning-style
+global), short KD fine-tunes with
 successive halving judged on VALIDATION accuracy, the winner's fine-tune continued to the full budget;
 ``--no-selection``: the search's best plan), through
 :func:`pruning_env.training.finalize.finalize` (surgery, BN re-estimated as the env

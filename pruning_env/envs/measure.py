@@ -121,21 +121,25 @@ class PlanMeter:
 
     def __init__(self, base: nn.Module, layers: list[PrunableLayer], splits: Splits, cfg: EnvConfig,
                  keep_count, device: torch.device) -> None:
-        self.base, self.layers, self.splits, self.cfg, self.device = base, layers, splits, cfg, device
-        self.names = [layer.name for layer in layers]
-        self.widths = np.array([layer.out_channels for layer in layers])
-        self.keep_count = keep_count
-        self.rates = list(cfg.rates)
-        self.macs_model = MacsModel.from_model(base, splits.input_shape)
+        self.base, self.splits, self.device = base, splits, device
+        self._plan_fields(layers, cfg, keep_count, MacsModel.from_model(base, splits.input_shape))
         self.calib_x, self.calib_y = calibration_batch(splits, cfg.scoring.calib_size, seed=0, device=device)
         self.reward_images = RewardImages(base, splits.val, mean=splits.mean, std=splits.std, limit=cfg.eval_size,
                                           batch_size=cfg.eval_batch_size, device=device)
-        self.timings: dict[str, float] = {}  # seconds per phase, summed over measurements
         # the proxy's KD steps of every plan replay the same batches (seed 0): the teacher runs once per batch
         self.teacher = TeacherCache(base)
         self._base_kl: dict[str, torch.Tensor] | None = None
         self._base_components: dict[str, dict[str, torch.Tensor]] = {}
         self._static: StaticDsfp | None = None  # dynamic=False with DSFP: the memoised static scores
+
+    def _plan_fields(self, layers: list[PrunableLayer], cfg: EnvConfig, keep_count: Any,
+                     macs_model: MacsModel) -> None:
+        """What a meter knows of plans without a network: layers, settings, the rate rule, the MACs model."""
+        self.layers, self.cfg, self.keep_count, self.macs_model = layers, cfg, keep_count, macs_model
+        self.names = [layer.name for layer in layers]
+        self.widths = np.array([layer.out_channels for layer in layers])
+        self.rates = list(cfg.rates)
+        self.timings: dict[str, float] = {}  # seconds per phase, summed over measurements
 
     @property
     def base_signals(self) -> Signals:

@@ -264,12 +264,8 @@ class SurrogateMeter(PlanMeter):
     """A :class:`~pruning_env.envs.measure.PlanMeter` whose signals of a pruned network are predicted."""
 
     def __init__(self, data: SurrogateData, model: SurrogateModel, layers: list[PrunableLayer], cfg: EnvConfig,
-                 keep_count: Any, macs_model: MacsModel) -> None:  # no network, no data: nothing of PlanMeter's
-        self.layers, self.cfg, self.keep_count, self.macs_model = layers, cfg, keep_count, macs_model
-        self.names = [layer.name for layer in layers]
-        self.widths = np.array([layer.out_channels for layer in layers])
-        self.rates = list(cfg.rates)
-        self.timings: dict[str, float] = {}
+                 keep_count: Any, macs_model: MacsModel) -> None:  # no network, no data: only PlanMeter's plan fields
+        self._plan_fields(layers, cfg, keep_count, macs_model)
         self.model, self._sens = model, data.sensitivities
         self._static = StaticDsfp(self._sens, self.names, cfg.scoring.direction, self.rates, keep_count)
         base = data.meta["base"]
