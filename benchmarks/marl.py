@@ -379,7 +379,7 @@ def run_selection(cfg: BenchConfig, ctx: Context, name: str, seed: int, search: 
     ft_cfg = dataclasses.replace(cfg.finetune, seed=seed, device=str(device), progress=cfg.progress)
     _, result = select_and_finalize(env.base_model, env.splits, candidates, cfg.selection, ft_cfg, out_dir=out,
                                     bn=env.config.bn, layers=env.layers, resume=cfg.resume, max_macs_ratio=limit,
-                                    teacher_cache=ctx.teacher_cache,
+                                    teacher_cache=ctx.teacher_cache, shared_dir=out.parent / "candidates",
                                     meta={"algorithm": name, "benchmark": "marl", "selection": mode})
     record = result["selection"]
     plan = candidates[record["winner"]].plan

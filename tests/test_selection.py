@@ -176,6 +176,43 @@ def test_same_seed_same_winner_and_the_winner_continues_its_own_fine_tune(env, t
     assert ra["finetune"]["epochs"] == 3 and len(ra["finetune"]["history"]) == 3
 
 
+def test_stages_sharing_candidates_take_their_rungs_instead_of_fine_tuning_again(env, tmp_path, monkeypatch):
+    """Two stages of one budget (e.g. `own` then `own+reference`) with a shared folder: the second fine-tunes only
+    what the first did not measure, and gets the same scores, winner and network as a stage alone."""
+    import pruning_env.training.selection as selection_mod
+
+    cands = _candidates(env)
+    args = dict(bn=env.config.bn, layers=env.layers)
+    alone_model, alone = select_and_finalize(env.base_model, env.splits, cands, SelectionConfig(), _ft(),
+                                             out_dir=tmp_path / "alone", **args)
+    real, calls = selection_mod.finetune, []
+
+    def counted(*a, **k):
+        calls.append((k["plan"], k["stop_after"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(selection_mod, "finetune", counted)
+    shared = tmp_path / "shared"
+    _, first = select_and_finalize(env.base_model, env.splits, cands[1:], SelectionConfig(), _ft(),
+                                   out_dir=tmp_path / "first", shared_dir=shared, **args)
+    assert len(calls) == 2 and first["selection"].get("shared_epochs", 0) == 0  # one rung: 2 -> 1
+    calls.clear()
+    model, second = select_and_finalize(env.base_model, env.splits, cands, SelectionConfig(), _ft(),
+                                        out_dir=tmp_path / "second", shared_dir=shared, **args)
+    # rung 1: only the candidate the first stage lacked is fine-tuned (it is halved away); rung 2 (the first
+    # stage had none) continues the other two from their shared rung-1 states
+    assert calls == [(cands[0].plan.to_dict(), 0.25), *((c.plan.to_dict(), 0.5) for c in cands[1:])]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("checkpoint", "shared_epochs")}
+    assert strip(second["selection"]) == strip(alone["selection"])
+    assert second["selection"]["shared_epochs"] == 0.5 and alone["selection"]["cost_epochs"] == 0.25 * (3 + 2)
+    assert all(torch.equal(v, alone_model.state_dict()[k]) for k, v in model.state_dict().items())
+    # the first stage's winner went on in its own copy: the shared state stayed at its last rung
+    winner = first["selection"]["winner"]
+    assert first["selection"]["checkpoint"] == str(tmp_path / "first" / f"candidate_{winner}.pt")
+    assert [c["scores"]["0.25"] for c in first["selection"]["candidates"]] == \
+        [c["scores"]["0.25"] for c in alone["selection"]["candidates"][1:]]
+
+
 def test_an_interrupted_stage_resumes_to_the_same_winner_and_weights(env, tmp_path, monkeypatch):
     cands = _candidates(env)
     args = dict(bn=env.config.bn, layers=env.layers)

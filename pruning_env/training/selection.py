@@ -27,13 +27,21 @@ gives the rungs' share of a run. A rung may end inside an epoch (:func:`~pruning
 State: ``selection.json`` (candidates, scores per rung, winner; rewritten atomically after every candidate's
 rung) and one fine-tuning checkpoint per candidate (``candidate_<i>.pt``, :mod:`pruning_env.core.checkpoint`)
 in the stage's folder; ``resume=True`` continues an interrupted stage to the same winner and weights.
+
+Stages that share candidates (a benchmark's modes and methods at one budget and seed: the same reference plans,
+a method's own plans in ``own`` and ``own+reference``) may share their rungs with ``shared_dir``: a candidate's
+rung state and scores are kept there by the plan and the settings that make them (:func:`_candidate_tag`), and
+a stage takes a score already measured instead of fine-tuning again (the same number: a candidate's fine-tune
+depends only on its plan, the recipe and its seed). The winner's fine-tune continues on its own copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +186,8 @@ def _load_record(path: Path, fresh: dict[str, Any]) -> dict[str, Any]:
 def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg: SelectionConfig,
            finetune_cfg: FinetuneConfig, *, out_dir: str | Path, bn: BNRecalConfig | None = None,
            layers: Sequence[PrunableLayer] | None = None, resume: bool = False, max_macs_ratio: float | None = None,
-           writer: Any = None, bn_seed: int = 0, teacher_cache: TeacherCache | None = None) -> dict[str, Any]:
+           writer: Any = None, bn_seed: int = 0, teacher_cache: TeacherCache | None = None,
+           shared_dir: str | Path | None = None) -> dict[str, Any]:
     """Successive halving of short fine-tunes over ``candidates`` (see the module docstring).
 
     Args:
@@ -195,12 +204,15 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
         writer: a TensorBoard ``SummaryWriter``: ``selection/val_acc/<index>_<source>`` per rung (x: the rung),
             ``selection/winner`` and a ``selection`` text table.
         bn_seed, teacher_cache: as for :func:`finalize`.
+        shared_dir: a folder of rung states and scores shared with other stages of the same ``base`` (see the
+            module docstring); ``None``: the stage's own folder only.
 
     Returns:
         The record (also in ``selection.json``): ``candidates`` (``index``, ``source``, ``search_objective``,
         ``macs_ratio``, ``scores`` ``{epochs: validation accuracy %}``, ``plan``), ``rungs`` (``epochs``,
         ``candidates``, ``kept``), ``winner`` (index), ``winner_source``, ``cost_epochs`` (fine-tuning epochs
-        spent in the rungs) and ``checkpoint`` (the winner's fine-tuning state, to continue).
+        of the rungs, as a stage alone spends them), ``shared_epochs`` (those taken from ``shared_dir``) and
+        ``checkpoint`` (the winner's fine-tuning state, to continue).
     """
     bn = bn if bn is not None else BNRecalConfig()
     ft = finetune_cfg
@@ -229,6 +241,9 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
             stale.unlink(missing_ok=True)
     entries = record["candidates"]
     path_of = lambda i: out / f"candidate_{i}.pt"
+    shared = None if shared_dir is None else Path(shared_dir)
+    tags = [_candidate_tag(c.plan, ft, bn, bn_seed) for c in candidates] if shared is not None else []
+    rung_path = (lambda i: shared / f"{tags[i]}.pt") if shared is not None else path_of
     save = lambda: ckpt.atomic_write_text(state_path, json.dumps(record, indent=1))
     teacher = base if ft.kd else None
     alive, rung = list(range(len(candidates))), 0
@@ -238,11 +253,17 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
         for i in alive:
             if key in entries[i]["scores"]:  # done before an interruption
                 continue
-            model = _build(base, splits, candidates[i].plan, bn, layers, bn_seed, device)
-            summary = finetune(model, splits, ft, teacher=teacher, out=path_of(i), resume=True,
-                               plan=candidates[i].plan.to_dict(), meta={"selection_candidate": i},
-                               teacher_cache=teacher_cache if ft.kd else None, stop_after=stop)
-            score = summary["last_val_acc"] if summary.get("paused") else summary["val_acc"]
+            score = None if shared is None else _shared_scores(shared, tags[i]).get(key)
+            if score is None:
+                model = _build(base, splits, candidates[i].plan, bn, layers, bn_seed, device)
+                summary = finetune(model, splits, ft, teacher=teacher, out=rung_path(i), resume=True,
+                                   plan=candidates[i].plan.to_dict(), meta={"selection_candidate": i},
+                                   teacher_cache=teacher_cache if ft.kd else None, stop_after=stop)
+                score = summary["last_val_acc"] if summary.get("paused") else summary["val_acc"]
+                if shared is not None:
+                    _share_score(shared, tags[i], key, score)
+            else:
+                record["shared_epochs"] = round(record.get("shared_epochs", 0) + stop - rung * cfg.rung_epochs, 6)
             entries[i]["scores"][key] = score
             record["cost_epochs"] = round(record["cost_epochs"] + stop - rung * cfg.rung_epochs, 6)
             save()
@@ -257,6 +278,8 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
             break
         alive, rung = sorted(kept), rung + 1
     winner = kept[0]
+    if shared is not None and not path_of(winner).is_file():  # the winner goes on in its own copy: the shared
+        shutil.copyfile(rung_path(winner), path_of(winner))  # state stays at its rung for the other stages
     record.update(winner=winner, winner_source=candidates[winner].source, checkpoint=str(path_of(winner)))
     save()
     if writer is not None:
@@ -264,6 +287,25 @@ def select(base: nn.Module, splits: Splits, candidates: Sequence[Candidate], cfg
         writer.add_text("selection", markdown_table(record), 0)
         writer.flush()
     return record
+
+
+def _candidate_tag(plan: PruningPlan, ft: FinetuneConfig, bn: BNRecalConfig, bn_seed: int) -> str:
+    """A candidate's name in a shared folder: a digest of its plan and of the settings its rungs depend on."""
+    recipe = {k: v for k, v in dataclasses.asdict(ft).items() if k != "progress"}
+    settings = {"plan": plan.key(), "finetune": recipe, "bn": dataclasses.asdict(bn),
+                "bn_seed": bn_seed}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _shared_scores(shared: Path, tag: str) -> dict[str, float]:
+    """``{rung end: validation accuracy}`` measured for a candidate in ``shared`` (empty when none)."""
+    path = shared / f"{tag}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _share_score(shared: Path, tag: str, key: str, score: float) -> None:
+    shared.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(shared / f"{tag}.json", json.dumps({**_shared_scores(shared, tag), key: score}))
 
 
 def _epochs_key(epochs: float) -> str:
