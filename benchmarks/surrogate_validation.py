@@ -66,6 +66,8 @@ class ValidationConfig:
                                   default=SearchConfig(plans=300))
     problem: EnvConfig = nested(EnvConfig, "the real env (dynamic off, budget reward at each target)")
     parallel: WorkersConfig = nested(WorkersConfig, "parallel plan measurement of the real searches (--workers)")
+    searches: bool = option(True, "part 2, the searches on both envs (hours; needs the data's baseline); "
+                            "--no-searches: the held-out sets of the data and the speed only")
     heldout_fraction: float = option(0.1, "share of the data's plans left out of the held-out fit", min=0.01,
                                      max=0.5)
     speed_steps: int = option(200, "env steps per env in the speed measurement", min=10)
@@ -112,6 +114,18 @@ def heldout(data: SurrogateData, cfg: ValidationConfig) -> dict[str, Any]:
         if m.sum() >= 3:
             rows.append({"target": t, "set": "random held-out", **_scores(quality(pred)[m], truth[m]),
                          "acc": _scores(pred["acc"][m], held.signals["acc"][m])})
+    # whole searches left out: every plan one search seed of the data visited (all methods), as a new seed's are
+    is_search = np.array([data.meta["sources"][i].startswith("search") for i in data.source])
+    for s in sorted({int(x) for x in data.seed[is_search & (data.seed >= 0)]}):
+        out_s = is_search & (data.seed == s)
+        unseen = data.subset(out_s)
+        p = SurrogateModel.fit(data.subset(~out_s)).predict(unseen.keep, unseen.macs, unseen.params)
+        for t in cfg.targets:
+            m = np.isclose(unseen.target, t)
+            if m.sum() >= 3:
+                rows.append({"target": t, "set": f"search seed {s} left out of the fit",
+                             **_scores(quality(p)[m], quality(unseen.signals)[m]),
+                             "acc": _scores(p["acc"][m], unseen.signals["acc"][m])})
     curve = []
     for share in (0.1, 0.25, 0.5, 1.0):
         sub = train.subset(np.random.default_rng(1).random(len(train)) < share) if share < 1 else train
@@ -267,20 +281,21 @@ def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = SurrogateModel.load_or_fit(data)
     probe = real_env(cfg, cfg.targets[0], splits)
-    digest = ckpt.weights_digest(probe.base_model)
-    if digest != data.meta["provenance"].get("baseline_digest"):
-        raise ValueError(f"the real env's baseline (weights digest {digest}) is not the data's "
-                         f"({data.meta['provenance'].get('baseline_digest')}): pass the data's --checkpoint")
+    digest, data_digest = ckpt.weights_digest(probe.base_model), data.meta["provenance"].get("baseline_digest")
+    if cfg.searches and digest != data_digest:
+        raise ValueError(f"the real env's baseline (weights digest {digest}) is not the data's ({data_digest}): "
+                         "pass the data's --checkpoint, or --no-searches for the held-out sets and the speed only")
     result: dict[str, Any] = {"benchmark": "surrogate_validation", "command": command_line("surrogate_validation",
                                                                                              argv),
                               "commit": commit(), "machine": machine(), "data": Path(cfg.data).name,
-                              "data_plans": len(data), "proxy": cfg.problem.proxy.proxy}
-    result["steps_per_s"] = speed(cfg, data, model, splits)
+                              "data_plans": len(data), "proxy": cfg.problem.proxy.proxy,
+                              "baseline_digest": digest, "data_baseline_digest": data_digest}
+    result["steps_per_s"] = speed(cfg, data, model, splits)  # the weights do not change the cost of a step
     part1 = heldout(data, cfg)
-    runs = searches(cfg, data, model, splits)
+    runs = searches(cfg, data, model, splits) if cfg.searches else {}
     result["heldout"] = part1["rows"] + search_heldout(runs, data, model, cfg.targets, cfg.problem.proxy.proxy)
     result["learning_curve"], result["regressors"] = part1["learning_curve"], part1["regressors"]
-    result["ranking"] = ranking(runs, cfg)
+    result["ranking"] = ranking(runs, cfg) if runs else None
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -297,16 +312,23 @@ def report(r: dict[str, Any]) -> str:
           f"**Speed** (random episodes, side by side): real env {sp['real']:.2f} steps/s, surrogate "
           f"{sp['surrogate']:.1f} steps/s: **{sp['surrogate'] / sp['real']:.0f}x** (goal: 1,000x).", "",
           f"## Held-out plans: predicted against measured reward signal (quality of --proxy {r['proxy']})", "",
-          "| MACs target | held-out set | plans | Kendall tau | R^2 |", "|---|---|---|---|---|"]
-    md += [f"| {h['target']:g} | {h['set']} | {h['plans']} | {h['kendall_tau']:.3f} | {h['r2']:.3f} |"
-           for h in r["heldout"]]
+          "| MACs target | held-out set | plans | Kendall tau | R^2 | accuracy: Kendall tau |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {h['target']:g} | {h['set']} | {h['plans']} | {h['kendall_tau']:.3f} | {h['r2']:.3f} | "
+           + (f"{h['acc']['kendall_tau']:.3f} |" if "acc" in h else "- |") for h in r["heldout"]]
     md += ["", "Goal: tau >= 0.9 at every target.", "", "Learning curve (random held-out set, all targets):", "",
            "| training plans | Kendall tau | R^2 |", "|---|---|---|"]
     md += [f"| {c['train_plans']} | {c['kendall_tau']:.3f} | {c['r2']:.3f} |" for c in r["learning_curve"]]
     md += ["", "Regressors on the same split: " + ", ".join(f"{k} tau {v['kendall_tau']:.3f} / R^2 {v['r2']:.3f}"
                                                          for k, v in r["regressors"].items()) + ".", "",
-           "## The methods ranked on both envs (mean best REAL objective over seeds)", "",
-           f"Real env: {' > '.join(rk['real'])}; surrogate: {' > '.join(rk['surrogate'])}; Kendall tau "
+           "## The methods ranked on both envs (mean best REAL objective over seeds)", ""]
+    if rk is None:
+        other = r["baseline_digest"] != r["data_baseline_digest"]
+        md += ["Not run (`--no-searches`)" + (f": the real env's baseline here (weights digest {r['baseline_digest']})"
+               f" is not the data's ({r['data_baseline_digest']}), so its searches would measure another network; "
+               "the speed above does not depend on the weights." if other else "."), ""]
+        return "\n".join(md)
+    md += [f"Real env: {' > '.join(rk['real'])}; surrogate: {' > '.join(rk['surrogate'])}; Kendall tau "
            f"{rk['kendall_tau']:.2f} (goal: same ranking, or tau >= 0.8).", "",
            f"Predicted minus real objective of the surrogate's best plans: mean "
            f"{rk['predicted_minus_real_best']['mean']:+.4f}, largest {rk['predicted_minus_real_best']['max_abs']:.4f};"

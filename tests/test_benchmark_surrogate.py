@@ -76,10 +76,19 @@ def test_validation_writes_the_acceptance_fields(made, tmp_path):
     assert surrogate_validation.main(args) == 0
     r = json.loads((tmp_path / "surrogate.json").read_text())
     assert set(r["steps_per_s"]) == {"surrogate", "real"} and min(r["steps_per_s"].values()) > 0
-    assert {h["set"] for h in r["heldout"]} == {"random held-out", "search seeds absent from the data"}
+    seeds = sorted({int(x) for x in SurrogateData.load(out).seed if x >= 0})
+    assert {h["set"] for h in r["heldout"]} == {"random held-out", "search seeds absent from the data",
+                                                *(f"search seed {s} left out of the fit" for s in seeds)}
     assert all({"target", "kendall_tau", "r2", "plans"} <= set(h) for h in r["heldout"])
     assert sorted(r["ranking"]["real"]) == sorted(r["ranking"]["surrogate"]) == ["qmix", "random"]
     assert -1.0 <= r["ranking"]["kendall_tau"] <= 1.0 and r["command"] and r["commit"] and r["machine"]
     assert "steps/s" in (tmp_path / "surrogate.md").read_text()
     assert surrogate_validation.main([*args[:-5], "--seeds", "0", "--out-dir", str(tmp_path / "x"),
                                       "--work-dir", str(tmp_path / "w2"), "--no-progress"]) == 2  # a data seed
+    quick = tmp_path / "quick"  # held-out sets and speed only: no search on either env
+    assert surrogate_validation.main([*args[:-5], "--no-searches", "--out-dir", str(quick), "--work-dir",
+                                      str(tmp_path / "w3"), "--no-progress"]) == 0
+    q = json.loads((quick / "surrogate.json").read_text())
+    assert q["ranking"] is None and min(q["steps_per_s"].values()) > 0
+    assert {h["set"] for h in q["heldout"]} == {h["set"] for h in r["heldout"]} - {"search seeds absent from the data"}
+    assert "Not run (`--no-searches`)." in (quick / "surrogate.md").read_text()
