@@ -107,25 +107,21 @@ def heldout(data: SurrogateData, cfg: ValidationConfig) -> dict[str, Any]:
     def quality(signals: dict[str, Any]) -> np.ndarray:
         return _quality(signals, proxy, base)
 
+    def per_target(name: str, unseen: SurrogateData, p: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+        q_pred, q_true = quality(p), quality(unseen.signals)
+        return [{"target": t, "set": name, **_scores(q_pred[m], q_true[m]),
+                 "acc": _scores(p["acc"][m], unseen.signals["acc"][m])}
+                for t in cfg.targets if (m := np.isclose(unseen.target, t)).sum() >= 3]
+
     truth = quality(held.signals)
-    rows = []
-    for t in cfg.targets:
-        m = np.isclose(held.target, t)
-        if m.sum() >= 3:
-            rows.append({"target": t, "set": "random held-out", **_scores(quality(pred)[m], truth[m]),
-                         "acc": _scores(pred["acc"][m], held.signals["acc"][m])})
+    rows = per_target("random held-out", held, pred)
     # whole searches left out: every plan one search seed of the data visited (all methods), as a new seed's are
     is_search = np.array([data.meta["sources"][i].startswith("search") for i in data.source])
     for s in sorted({int(x) for x in data.seed[is_search & (data.seed >= 0)]}):
         out_s = is_search & (data.seed == s)
         unseen = data.subset(out_s)
         p = SurrogateModel.fit(data.subset(~out_s)).predict(unseen.keep, unseen.macs, unseen.params)
-        for t in cfg.targets:
-            m = np.isclose(unseen.target, t)
-            if m.sum() >= 3:
-                rows.append({"target": t, "set": f"search seed {s} left out of the fit",
-                             **_scores(quality(p)[m], quality(unseen.signals)[m]),
-                             "acc": _scores(p["acc"][m], unseen.signals["acc"][m])})
+        rows += per_target(f"search seed {s} left out of the fit", unseen, p)
     curve = []
     for share in (0.1, 0.25, 0.5, 1.0):
         sub = train.subset(np.random.default_rng(1).random(len(train)) < share) if share < 1 else train

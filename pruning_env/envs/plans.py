@@ -114,7 +114,8 @@ def reference_plans(env: FilterPruningEnv, macs_ratio: float | None = None, *,
       lowest transition scores pruned: DSFP-uniform at the budget;
     * ``"gradual"``: the same keep counts reached in the episode's ``episode_length`` equal steps, the
       transition's scores re-measured after each (:func:`gradual_plan`; iterative pruning as a uniform policy
-      over an episode does it); the same plan as ``"uniform"`` with one step (then it is not listed twice);
+      over an episode does it); the same plan as ``"uniform"`` with one step (the selection's candidates
+      then list it once);
     * ``"global"``: Torch-Pruning's iterative global magnitude pruning (group L1 of each filter's coupled
       tensors, ``global_steps`` steps up to the env's largest rate) to the budget, its last step's filters given
       back while the budget holds (:func:`~pruning_env.engine.global_prune.iterative_global_plan`).
