@@ -14,7 +14,7 @@ from pruning_env.cli import marl
 from pruning_env.core import checkpoint as ckpt
 from pruning_env.core.models import build
 
-FAST = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--algo", "dsfp-uniform", "--plans", "6",
+FAST = ["--env", "pruning_env/Tiny-v1", "--preset", "smoke", "--algo", "dsfp-uniform", "--plans", "6", "--no-selection",
         "--latency-repeats", "0", "--no-progress", "--device", "cpu"]
 
 

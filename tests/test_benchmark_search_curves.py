@@ -82,17 +82,21 @@ def test_runs_measuring_another_objective_are_refused(runs, tmp_path, capsys):
     assert not (tmp_path / "x.md").exists()
 
 
-def test_bad_input_is_refused_before_any_work(runs, tmp_path, capsys):
-    uniform, _ = runs
+def test_missing_runs_and_mismatched_labels_are_refused(tmp_path, capsys):
     assert search_curves.main([]) == 2
     assert "--runs needs" in capsys.readouterr().err
     assert search_curves.main(["--runs", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        search_curves.main(["--runs", str(tmp_path / "a"), str(tmp_path / "b"), "--labels", "a"])
+    assert "one name per run" in capsys.readouterr().err
+
+
+@pytest.mark.long  # needs the recorded runs of the benchmark (.ci/run runs it)
+def test_algorithms_no_run_searched_are_refused(runs, tmp_path, capsys):
+    uniform, _ = runs
     assert search_curves.main(["--runs", str(uniform), "--algos", "amc", "--out", str(tmp_path / "x.md")]) == 2
     assert "--algos: no run searched with amc; they searched with qmix, random" in capsys.readouterr().err
     # one of them searched is not enough: the other would be left out silently
     assert search_curves.main(["--runs", str(uniform), "--algos", "qmix", "amc", "--out", str(tmp_path / "x.md")]) == 2
     assert "--algos: no run searched with amc" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        search_curves.main(["--runs", str(uniform), "--labels", "a", "b"])
-    assert "one name per run" in capsys.readouterr().err

@@ -52,6 +52,7 @@ def test_example_runs_with_a_tiny_budget(name):
         assert math.isfinite(result["total_loss"])
 
 
+@pytest.mark.long  # the same scripts as above on another env id: a subprocess each (.ci/run runs them)
 @pytest.mark.parametrize("name", ["torchrl_qmix.py", "cleanrl_supersuit.py"])
 def test_examples_run_on_the_surrogate_env(name):
     if importlib.util.find_spec(NEEDS[name]) is None:

@@ -176,6 +176,7 @@ def test_same_seed_same_winner_and_the_winner_continues_its_own_fine_tune(env, t
     assert ra["finetune"]["epochs"] == 3 and len(ra["finetune"]["history"]) == 3
 
 
+@pytest.mark.long  # three selection stages end to end (.ci/run runs it)
 def test_stages_sharing_candidates_take_their_rungs_instead_of_fine_tuning_again(env, tmp_path, monkeypatch):
     """Two stages of one budget (e.g. `own` then `own+reference`) with a shared folder: the second fine-tunes only
     what the first did not measure, and gets the same scores, winner and network as a stage alone."""
@@ -286,6 +287,7 @@ def test_train_marl_runs_the_selection_by_default_and_names_the_winner(tmp_path,
     assert resumed["test_acc"] == report["test_acc"]
 
 
+@pytest.mark.long  # two train_marl runs end to end (.ci/run runs them)
 @pytest.mark.parametrize("flags,budget", [(["--no-exact-budget"], 0.5), (["--reward", "linear"], None)])
 def test_without_an_exact_budget_candidates_share_one_budget(tmp_path, tiny_env_factory, flags, budget):
     """A soft budget's search plans above the target and, without a target, plans of other MACs than the best

@@ -20,7 +20,13 @@ def _run(tmp_path, *extra):
     return train_marl.main(argv)
 
 
-@pytest.mark.parametrize("algo", ["qmix", "vdn", "iql", "amc", "random", "dsfp-uniform"])
+# QMIX (discrete, mixer), AMC (continuous) and DSFP-uniform (no learning) by default; the value-decomposition
+# variants and random search take the same discrete path and run with --long (.ci/run)
+LONG = pytest.mark.long
+
+
+@pytest.mark.parametrize("algo", ["qmix", pytest.param("vdn", marks=LONG), pytest.param("iql", marks=LONG), "amc",
+                                  pytest.param("random", marks=LONG), "dsfp-uniform"])
 def test_every_algorithm_writes_every_output(tmp_path, algo, tiny_env_factory):
     assert _run(tmp_path, "--algo", algo) == 0
     report = json.loads((tmp_path / "report.json").read_text())
