@@ -202,22 +202,35 @@ def test_bad_selection_flags_are_refused_before_any_work(marl, tmp_path, capsys,
     assert not (tmp_path / "marl").exists()
 
 
-def test_committed_results_without_selection_modes_still_combine(tmp_path, monkeypatch):
-    """benchmarks/results/marl.json was recorded before the selection modes: its rows count as "none"."""
+def test_committed_results_combine_with_and_without_their_selection_modes(tmp_path, monkeypatch):
+    """benchmarks/results/marl.json combines again to its rows; the same states recorded before the selection
+    modes (no ``selection`` in a run, rows without the key) count as "none"."""
+    import copy
+
     from benchmarks import marl_report
 
     committed = json.loads((Path(marl_report.__file__).parent / "results" / "marl.json").read_text())
     monkeypatch.setattr(marl_report, "plots", lambda *a, **k: None)  # the figures are not this test's business
     states = list(committed["targets"].values())
-    result = marl_report.write_targets_report(states, tmp_path, "cmd", "commit")
+    result = marl_report.write_targets_report(copy.deepcopy(states), tmp_path / "now", "cmd", "commit")
+    assert all(set(r) == ROW_KEYS for r in result["rows"])
+    assert {r["selection"] for r in result["rows"]} == {"none", "own", "own+reference"}
+    key = ("target", "method", "seed", "selection")
+    assert sorted(tuple(r[k] for k in key) for r in result["rows"]) == sorted(
+        tuple(r[k] for k in key) for r in committed["rows"])
+    assert all(r["macs_ratio"] <= r["target"] + 0.005 for r in result["rows"])
+
+    for state in states:  # as recorded before the selection modes
+        for run in state["runs"].values():
+            run.pop("selection", None)
+    result = marl_report.write_targets_report(states, tmp_path / "old", "cmd", "commit")
     assert result["rows"] and all(set(r) == ROW_KEYS for r in result["rows"])
     assert {r["selection"] for r in result["rows"]} == {"none"}
     assert {r["winner_source"] for r in result["rows"] if r["method"] == "torch-pruning"} == {"torch-pruning"}
     assert {r["winner_source"] for r in result["rows"] if r["method"] != "torch-pruning"} == {"search"}
-    old_rows = committed["rows"]  # as stored, without the key
-    assert all("selection" not in r for r in old_rows)
+    old_rows = [{k: v for k, v in r.items() if k != "selection"} for r in result["rows"]]  # stored without the key
     assert {marl_report.row_selection(r) for r in old_rows} == {"none"}
-    assert "## Final selection" not in (tmp_path / "marl.md").read_text()  # no selection recorded: no table
+    assert "## Final selection" not in (tmp_path / "old" / "marl.md").read_text()  # no selection recorded: no table
 
 
 def test_selection_settings_are_keyed_apart_from_searches_and_fine_tunes(marl, tmp_path):
