@@ -48,6 +48,15 @@ def write_image_folder(root: Path, *, classes: int = 3, per_class: int = 6, size
     return root
 
 
+def exit_status(main, argv: list[str]) -> int:
+    """The exit status of a command's ``main(argv)``: its return value, or the code of the ``SystemExit`` that
+    argparse raises for a flag it refuses itself."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 def interrupt_training(monkeypatch, module, episode: int) -> None:
     """Make ``module.agents.make_algorithm`` build algorithms whose ``episode``-th ``train_episode`` raises
     ``KeyboardInterrupt`` (a Ctrl-C mid-search); pass a ``pytest.MonkeyPatch.context()`` to restore it after."""

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import requires_cifar
+from conftest import exit_status, requires_cifar
 
 from benchmarks import env_step as env_step_bench
 from benchmarks import latency as latency_bench
@@ -20,10 +20,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_device_cuda_without_cuda_is_refused_before_any_work(tmp_path, module, capsys):
     out = tmp_path / "x.md"
     bench = {"env_step": env_step_bench, "latency": latency_bench}[module]
-    try:
-        code = bench.main(["--device", "cuda", "--out", str(out)])
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
+    code = exit_status(bench.main, ["--device", "cuda", "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and "CUDA is not available here; use --device cpu" in err, err
     assert not out.exists()

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import exit_status
 
 from benchmarks import paper_scale
 
@@ -51,10 +52,7 @@ def test_dry_run_then_smoke_run_then_resume(tmp_path, capsys):
     *([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA is not available")]),
 ])
 def test_bad_settings_fail_before_any_work(tmp_path, flags, message, capsys):
-    try:
-        code = paper_scale.main(["--smoke", "--out", str(tmp_path / "x.md"), *flags])
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
+    code = exit_status(paper_scale.main, ["--smoke", "--out", str(tmp_path / "x.md"), *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err, err
     assert not list(tmp_path.iterdir())
