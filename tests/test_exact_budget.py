@@ -193,3 +193,21 @@ def test_predict_batch_is_predict_array(macs_model):
     keep = np.maximum(1, (macs_model.widths * rng.uniform(0.05, 1.0, size=(50, macs_model.widths.size))).astype(int))
     macs, params = macs_model.predict_batch(keep)
     assert [(int(m), int(p)) for m, p in zip(macs, params)] == [macs_model.predict_array(k) for k in keep]
+
+
+def test_hints_only_change_the_rounds_never_the_result():
+    """The search's breakpoint hints (or wrong ones) give the same grid pair as no hints."""
+    from pruning_env.engine.budget import _bisect
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        flip = rng.uniform(-1.0, 1.0)
+
+        def first_true(points, flip=flip):
+            ok = points >= flip
+            return int(np.argmax(ok)) if ok.any() else len(points)
+
+        want = _bisect(first_true, -1.0, 1.0)
+        assert want[0] < flip <= want[1] and want[1] - want[0] == 2.0 / 2**48
+        for hints in (np.array([flip]), rng.uniform(-3, 3, size=40), np.array([np.nan, np.inf, flip + 1e-13])):
+            assert _bisect(first_true, -1.0, 1.0, hints) == want

@@ -53,6 +53,16 @@ def test_the_fit_is_deterministic_and_predicts_stored_plans(data, model):
     assert np.allclose(np.log(pred["kl"] + 1e-3), np.log(data.signals["kl"][rows] + 1e-3), atol=0.3)
     again = SurrogateModel.from_text(model.to_text()).predict(data.keep[rows], data.macs[rows], data.params[rows])
     assert all(np.array_equal(again[s], pred[s]) for s in pred)
+    for j, r in enumerate(rows):  # the env step's single-row path gives the batch path's values exactly
+        one = model.predict_one(data.keep[r], int(data.macs[r]), int(data.params[r]))
+        assert one == {s: float(pred[s][j]) for s in pred}
+    from pruning_env.envs.surrogate import _RowPredictor
+
+    slow = _RowPredictor(model.boosters["kl"], data.keep.shape[1] + 2)
+    slow._fast = None  # where LightGBM lacks the single-row API: Booster.predict, the same value
+    x = SurrogateModel.features(data.keep[rows], data.widths, data.macs[rows] / model.base_macs,
+                                data.params[rows] / model.base_params)
+    assert [slow(row) for row in x] == model.boosters["kl"].predict(x, num_threads=1).tolist()
 
 
 def test_plans_of_a_held_out_search_seed_are_ranked(data):

@@ -58,19 +58,57 @@ def _keep_at(s: np.ndarray, widths: np.ndarray, current: np.ndarray, proposed: n
     return np.minimum(keep, current)
 
 
-def _bisect(first_true, lo: float, hi: float) -> tuple[float, float]:
+def _bisect(first_true, lo: float, hi: float, hints: np.ndarray | None = None) -> tuple[float, float]:
     """The ``(lo, hi)`` that :data:`_BISECTION_STEPS` halvings of ``[lo, hi]`` reach for a monotone predicate (False
-    at ``lo``, True at ``hi``): the adjacent points of the same dyadic grid, found ``2**_WAYS_LOG2 - 1`` points at a
-    time. ``first_true(points)`` gives the index of the first point where the predicate holds (``len``: none).
-    Every point is exact (dyadic), so the result is the plain bisection's, bit for bit."""
-    steps = _BISECTION_STEPS
-    while steps > 0:
-        ways = 2 ** min(_WAYS_LOG2, steps)
-        points = lo + (hi - lo) * np.arange(1, ways) / ways
-        j = first_true(points)
-        lo, hi = (float(points[j - 1]) if j > 0 else lo), (float(points[j]) if j < len(points) else hi)
-        steps -= min(_WAYS_LOG2, steps)
-    return lo, hi
+    at ``lo``, True at ``hi``): the adjacent points of the dyadic grid ``lo + k * (hi - lo) / 2**48`` between which
+    it flips. That pair is unique, so any search over the grid finds the plain bisection's, bit for bit (every grid
+    point is exact in float64). ``first_true(points)`` gives the index of the first point where the predicate holds
+    (``len``: none); it is asked ``2**_WAYS_LOG2 - 1`` points at a time.
+
+    ``hints``: values of ``s`` where the predicate may flip (the layers' breakpoints, :func:`_breakpoints`). The
+    grid points at and just below them are searched first, so the search ends in about ``log_64(len(hints)) + 1``
+    rounds instead of 8; a wrong or missing hint only costs rounds, never the result."""
+    n = 2 ** _BISECTION_STEPS
+    h = (hi - lo) / n
+    k_lo, k_hi = 0, n  # the predicate is False at grid index k_lo, True at k_hi
+    ways = 2 ** _WAYS_LOG2
+    cand = np.empty(0, dtype=np.int64)
+    if hints is not None and len(hints):
+        k = np.ceil((np.asarray(hints, dtype=np.float64) - lo) / h)
+        k = k[np.isfinite(k)]
+        k = np.clip(k, 1, n - 1).astype(np.int64)
+        cand = _sorted_unique(np.concatenate([k - 1, k]))
+        cand = cand[(cand > k_lo) & (cand < k_hi)]
+    while k_hi - k_lo > 1:
+        if len(cand):  # the hinted grid points, evenly spaced among those left
+            ks = cand if len(cand) < ways else cand[(np.arange(1, ways) * len(cand)) // ways]
+        else:  # an even split of what is left (integer grid indices)
+            ks = _sorted_unique(k_lo + (k_hi - k_lo) * np.arange(1, ways, dtype=np.int64) // ways)
+            ks = ks[(ks > k_lo) & (ks < k_hi)]
+        j = first_true(lo + ks * h)
+        k_lo, k_hi = (int(ks[j - 1]) if j > 0 else k_lo), (int(ks[j]) if j < len(ks) else k_hi)
+        cand = cand[(cand > k_lo) & (cand < k_hi)]
+    return lo + k_lo * h, lo + k_hi * h
+
+
+def _sorted_unique(x: np.ndarray) -> np.ndarray:
+    """``np.unique`` of an int array by sorting (a few times faster than its hash path on small arrays)."""
+    x = np.sort(x)
+    return x[np.concatenate([[True], x[1:] != x[:-1]])] if len(x) else x
+
+
+def _breakpoints(widths: np.ndarray, a: np.ndarray, b: np.ndarray, offset: float) -> np.ndarray:
+    """The ``s`` at which a layer's rate ``a + (s + offset) * b`` crosses ``(m - 1e-9) / width`` for an integer
+    ``m`` in ``[1, width]``: where its kept count can change (the rate rule's floor), for layers with ``b > 0``."""
+    moving = b > 0
+    w = widths[moving]
+    m = np.arange(1, int(w.max()) + 1) if len(w) else np.empty(0)
+    if not len(w):
+        return np.empty(0)
+    # (layers, m) grid, masked to m <= width
+    rates = (m[None, :] - 1e-9) / w[:, None]
+    s = (rates - a[moving][:, None]) / b[moving][:, None] - offset
+    return s[m[None, :] <= w[:, None]]
 
 
 def _fill(macs, under: np.ndarray, over: np.ndarray, target_macs: float) -> np.ndarray:
@@ -174,10 +212,13 @@ def budget_keep_counts(
         if m_most > target_macs:  # unreachable: prune as far as allowed
             return most
         # invariant: macs(lo) > target >= macs(hi)
-        lo, hi = _bisect(lambda p: first(p, lambda m: m <= target_macs), -1.0, 1.0)
+        hints = np.concatenate([_breakpoints(widths, proposed, r_max - proposed, 0.0),
+                                _breakpoints(widths, current_rate, proposed - current_rate, 1.0)])
+        lo, hi = _bisect(lambda p: first(p, lambda m: m <= target_macs), -1.0, 1.0, hints)
         return _fill(macs, keep(hi), keep(lo), target_macs)
     if m_proposed >= target_macs or m_least < target_macs:
         return as_proposed if m_proposed >= target_macs else least
     # invariant: macs(lo) >= target > macs(hi)
-    lo, _ = _bisect(lambda p: first(p, lambda m: m < target_macs), -1.0, 0.0)
+    hints = _breakpoints(widths, current_rate, proposed - current_rate, 1.0)
+    lo, _ = _bisect(lambda p: first(p, lambda m: m < target_macs), -1.0, 0.0, hints)
     return keep(lo)

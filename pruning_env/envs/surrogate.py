@@ -189,6 +189,7 @@ class SurrogateModel:
     def __init__(self, boosters: dict[str, Any], widths: np.ndarray, base_macs: float, base_params: float) -> None:
         self.boosters, self.widths = boosters, np.asarray(widths, dtype=np.float64)
         self.base_macs, self.base_params = float(base_macs), float(base_params)
+        self._rows: dict[str, _RowPredictor] | None = None  # made on the first predict_one
 
     @staticmethod
     def features(keep: np.ndarray, widths: np.ndarray, macs_ratio: np.ndarray, params_ratio: np.ndarray) -> np.ndarray:
@@ -219,6 +220,16 @@ class SurrogateModel:
         out = {s: self.boosters[s].predict(x, num_threads=1) for s in SIGNALS}
         return {"acc": np.clip(out["acc"], 0.0, 100.0), "kl": np.maximum(np.exp(out["kl"]) - self.EPS, 0.0),
                 "ce": np.maximum(np.exp(out["ce"]) - self.EPS, 0.0)}
+
+    def predict_one(self, keep: np.ndarray, macs: int, params: int) -> dict[str, float]:
+        """:meth:`predict` of ONE plan (``(L,)`` keep counts), value for value, through LightGBM's single-row
+        fast path (about 20x less overhead per call than ``Booster.predict``): what an env step needs."""
+        if self._rows is None:
+            self._rows = {s: _RowPredictor(b, len(self.widths) + 2) for s, b in self.boosters.items()}
+        x = self.features(keep, self.widths, np.array([macs]) / self.base_macs, np.array([params]) / self.base_params)
+        out = {s: self._rows[s](x[0]) for s in SIGNALS}
+        return {"acc": float(np.clip(out["acc"], 0.0, 100.0)), "kl": max(float(np.exp(out["kl"])) - self.EPS, 0.0),
+                "ce": max(float(np.exp(out["ce"])) - self.EPS, 0.0)}
 
     def to_text(self) -> str:
         """The model as text (LightGBM's model format per signal, in a JSON envelope): no pickle."""
@@ -255,6 +266,45 @@ class SurrogateModel:
         return model
 
 
+class _RowPredictor:
+    """One booster's raw prediction of one feature row through LightGBM's C API for single rows
+    (``LGBM_BoosterPredictForMatSingleRowFast``: the predictor is configured once, not per call); the same
+    trees and arithmetic as ``Booster.predict``. Falls back to ``Booster.predict`` where that API is missing."""
+
+    def __init__(self, booster: Any, ncol: int) -> None:
+        import ctypes
+
+        self.booster, self._out, self._len = booster, np.zeros(1, dtype=np.float64), ctypes.c_int64()
+        self._fast = None
+        try:
+            from lightgbm.basic import _LIB, _c_str, _safe_call
+
+            handle = ctypes.c_void_p()
+            _safe_call(_LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
+                booster._handle, ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(-1), ctypes.c_int(1),  # normal,
+                ctypes.c_int32(ncol), _c_str("num_threads=1"), ctypes.byref(handle)))  # all trees, float64 rows
+        except Exception:  # any failure (an old LightGBM, no such symbol): Booster.predict
+            return
+        self._handle, self._lib, self._safe_call = handle, _LIB, _safe_call
+        self._out_ptr = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+        self._fast = _LIB.LGBM_BoosterPredictForMatSingleRowFast
+        self._void_p = ctypes.c_void_p
+        self._byref = ctypes.byref
+
+    def __call__(self, row: np.ndarray) -> float:
+        """The raw score of one ``(ncol,)`` float64 row."""
+        if self._fast is None:
+            return float(self.booster.predict(row[None, :], num_threads=1)[0])
+        row = np.ascontiguousarray(row, dtype=np.float64)
+        self._safe_call(self._fast(self._handle, self._void_p(row.ctypes.data), self._byref(self._len),
+                                   self._out_ptr))
+        return float(self._out[0])
+
+    def __del__(self) -> None:
+        if getattr(self, "_fast", None) is not None:
+            self._lib.LGBM_FastConfigFree(self._handle)
+
+
 def _base_counts(data: SurrogateData) -> tuple[float, float]:
     base = data.meta["base"]
     return float(base["macs"]), float(base["params"])
@@ -285,8 +335,7 @@ class SurrogateMeter(PlanMeter):
         if np.array_equal(counts, self.widths):
             signals = self._base
         else:
-            pred = self.model.predict(counts[None, :], np.array([macs]), np.array([params]))
-            signals = Signals(acc=float(pred["acc"][0]), kl=float(pred["kl"][0]), ce=float(pred["ce"][0]))
+            signals = Signals(**self.model.predict_one(counts, macs, params))
         order, feats = self._static(plan)
         self.timings["surrogate"] = self.timings.get("surrogate", 0.0) + time.perf_counter() - t0
         return self.record(plan, signals.acc, signals.quality(self.cfg.proxy.proxy, self._base), int(macs),
