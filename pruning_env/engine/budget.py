@@ -45,6 +45,7 @@ from pruning_env.engine.plan import RateRule
 __all__ = ["budget_keep_counts", "check_reachable", "reachable_macs"]
 
 _BISECTION_STEPS = 48  # s is resolved to 2 / 2**48: far below one filter of any layer
+_BELOW_ONE = float(np.nextafter(1.0, 0.0))
 _WAYS_LOG2 = 6  # the search evaluates 2**6 - 1 points at once: six bisection halvings per round
 
 
@@ -53,9 +54,8 @@ def _keep_at(s: np.ndarray, widths: np.ndarray, current: np.ndarray, proposed: n
     """``(N, L)`` keep counts at the ``(N,)`` values ``s`` of the rule's scalar (see the module docstring)."""
     s = np.asarray(s, dtype=np.float64).reshape(-1, 1)
     rates = np.where(s >= 0.0, proposed + s * (r_max - proposed), current_rate + (1.0 + s) * (proposed - current_rate))
-    rates = np.clip(rates, 0.0, np.nextafter(1.0, 0.0))
-    keep = rule.keep_counts(np.broadcast_to(widths, rates.shape).ravel(), rates.ravel()).reshape(rates.shape)
-    return np.minimum(keep, current)
+    rates = np.clip(rates, 0.0, _BELOW_ONE)
+    return np.minimum(rule.keep_counts_unchecked(widths, rates), current)
 
 
 def _bisect(first_true, lo: float, hi: float, hints: np.ndarray | None = None) -> tuple[float, float]:

@@ -103,6 +103,17 @@ class PruningPlan:
         self._key: str | None = None
         self._index_cache: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def _trusted(cls, keep: Mapping[str, tuple[int, ...]], widths: Mapping[str, int]) -> PruningPlan:
+        """A plan from kept indices that are already sorted tuples of Python ints and ``widths`` that already
+        cover them (the engine's own transitions): :meth:`__init__` without its checks and copies."""
+        plan = cls.__new__(cls)
+        plan._keep = MappingProxyType(dict(keep))
+        plan._widths = widths if isinstance(widths, MappingProxyType) else MappingProxyType(dict(widths))
+        plan._key = None
+        plan._index_cache = {}
+        return plan
+
     # -- views
     @property
     def keep(self) -> Mapping[str, tuple[int, ...]]:
@@ -158,8 +169,8 @@ class PruningPlan:
     @classmethod
     def full(cls, layers: Sequence[PrunableLayer]) -> PruningPlan:
         """The identity plan: every layer keeps all its filters."""
-        return cls({lay.name: range(lay.out_channels) for lay in layers},
-                   {lay.name: lay.out_channels for lay in layers})
+        return cls._trusted({lay.name: tuple(range(lay.out_channels)) for lay in layers},
+                            {lay.name: int(lay.out_channels) for lay in layers})
 
     @classmethod
     def from_masks(cls, masks: Mapping[str, torch.Tensor | Sequence[bool]]) -> PruningPlan:
@@ -369,13 +380,24 @@ class RateRule:
         """:meth:`keep_count` of many layers at once (``(L,)`` arrays in, ``(L,)`` int64 out)."""
         return keep_counts_for_rates(widths, rates, min_keep=self.min_keep, round_to=self.round_to)
 
+    def keep_counts_unchecked(self, widths: np.ndarray, rates: np.ndarray) -> np.ndarray:
+        """:meth:`keep_counts` of int64 ``widths`` and float64 ``rates`` in [0, 1) that broadcast (e.g. ``(L,)``
+        and ``(N, L)``), without the checks: for arrays the caller made valid (the exact budget's search)."""
+        return _kept(widths, rates, self.min_keep, self.round_to).astype(np.int64)
+
 
 def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The filters a layer keeps: indices of the ``k`` highest of its ``(C,)`` ``scores`` (low = pruned first),
     ascending; among equal scores the lower index is pruned first. The one tie-break of every plan (the
     ``plan_*`` functions, the env's transition)."""
-    order = torch.sort(scores, stable=True).indices  # ascending: pruned first
-    return torch.sort(order[scores.numel() - k:]).values
+    return torch.from_numpy(top_k_positions(scores.detach().cpu().numpy(), k))
+
+
+def top_k_positions(scores: np.ndarray, k: int) -> np.ndarray:
+    """:func:`top_k_indices` of a ``(C,)`` numpy array (the same rule: a stable ascending sort, the last ``k``),
+    as an ascending int64 array."""
+    order = np.argsort(scores, kind="stable")  # ascending: pruned first
+    return np.sort(order[len(order) - k:]).astype(np.int64)
 
 
 def plan_top_k(scores: Mapping[str, Any], keep_counts: Mapping[str, int]) -> PruningPlan:
@@ -414,12 +436,20 @@ def narrow_plan(plan: PruningPlan, scores: Mapping[str, Any], keep_counts: Seque
     """
     counts = keep_counts if isinstance(keep_counts, Mapping) else dict(zip(plan.layers, keep_counts))
     keep = {}
-    for name in plan.layers:
-        kept, n_keep = plan.indices(name), int(counts.get(name, plan.keep_count(name)))
+    for name, kept in plan.keep.items():
+        n_keep = int(counts.get(name, len(kept)))
         if n_keep < 1:
             raise PlanError(f"layer {name!r}: keep count {n_keep} < 1")
-        keep[name] = kept if n_keep >= len(kept) else kept[top_k_indices(torch.as_tensor(scores[name]), n_keep)]
-    return PruningPlan(keep, plan.widths)
+        if n_keep >= len(kept):
+            keep[name] = kept
+            continue
+        sc = scores[name]
+        sc = sc.detach().cpu().numpy() if isinstance(sc, torch.Tensor) else np.asarray(sc)
+        if sc.shape != (len(kept),):
+            raise PlanError(f"layer {name!r}: {sc.shape} scores for its {len(kept)} kept filters")
+        # positions into the sorted kept indices, ascending: the kept indices stay sorted
+        keep[name] = tuple(np.asarray(kept, dtype=np.int64)[top_k_positions(sc, n_keep)].tolist())
+    return PruningPlan._trusted(keep, plan.widths)
 
 
 def plan_uniform(scores: Mapping[str, Any], rate: float, *, min_keep: int = 1, round_to: int = 1) -> PruningPlan:

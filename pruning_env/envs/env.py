@@ -476,7 +476,10 @@ class FilterPruningEnv(ParallelEnv):
         return self.config.rule.keep_count(int(self._orig[layer]), float(rate))
 
     def _full_plan(self) -> PruningPlan:
-        return PruningPlan.full(self._layers)
+        full = self.__dict__.get("_full")
+        if full is None:  # plans are immutable: one identity plan per env
+            full = self._full = PruningPlan.full(self._layers)
+        return full
 
     def _keep_counts(self, plan: PruningPlan) -> dict[str, int]:
         return {n: len(plan.keep[n]) for n in self._names}

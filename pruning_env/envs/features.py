@@ -117,8 +117,9 @@ def assemble(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndar
 
     ``ValueError`` when the computed columns are not exactly the declared ones (a feature computed but not
     declared, or declared but not computed)."""
+    declared = set(names)
     missing = [n for n in names if n not in columns]
-    undeclared = [n for n in columns if n not in set(names)]
+    undeclared = [n for n in columns if n not in declared]
     if missing or undeclared:
         raise ValueError(f"observation features: declared but not computed {missing}, computed but not declared "
                          f"{undeclared} (declare each in pruning_env.envs.features.FEATURES and compute it by name)")
@@ -206,16 +207,19 @@ def combine_dsfp(layers: Sequence[LayerDsfp], kept: np.ndarray,
     """The DSFP features of every layer (:func:`dsfp_features`) from the layers' statistics and ``kept``, the
     ``(L, K)`` filters each layer keeps at each grid rate (the env's rate rule); ``removed``: the layers'
     :func:`removed_masses`, when known."""
-    mass = [sum(layer.sums[j] for layer in layers) or 1.0 for j in range(3)]
-    rows = []
-    for i, layer in enumerate(layers):
-        row = dict(layer.row)
-        for j, c in enumerate(("grad", "taylor", "kl")):
-            row[f"{c}_share"] = layer.sums[j] / mass[j]
-        masses = removed_masses(layer, kept[i]) if removed is None else removed[i]
-        row.update({removed_mass(k): float(v) for k, v in enumerate(masses)})
-        rows.append(row)
-    return _columns(rows)
+    sums = np.array([layer.sums for layer in layers], dtype=np.float64)  # (L, 3)
+    mass = [sum(layer.sums[j] for layer in layers) or 1.0 for j in range(3)]  # summed in layer order
+    names = list(layers[0].row)
+    columns = [np.array([layer.row[n] for layer in layers], dtype=np.float64) for n in names]
+    for j, c in enumerate(("grad", "taylor", "kl")):
+        names.append(f"{c}_share")
+        columns.append(sums[:, j] / mass[j])
+    if removed is None:
+        removed = [removed_masses(layer, kept[i]) for i, layer in enumerate(layers)]
+    masses = np.array(removed, dtype=np.float64).reshape(len(layers), -1)  # (L, K)
+    names.extend(removed_mass(k) for k in range(masses.shape[1]))
+    mat = np.clip(np.column_stack([*columns, masses]).astype(np.float32), 0.0, 1.0)
+    return {name: mat[:, i] for i, name in enumerate(names)}
 
 
 def dsfp_features(
