@@ -88,7 +88,15 @@ from pruning_env.criteria.base import (
     score,
     unregister_criterion,
 )
-from pruning_env.criteria.dsfp import DIRECTIONS, Components, apply_direction, compute_components, fuse, minmax
+from pruning_env.criteria.dsfp import (
+    DIRECTIONS,
+    Components,
+    apply_direction,
+    compute_components,
+    fuse,
+    fuse_normalised,
+    minmax,
+)
 
 # isort: split
 from pruning_env.criteria import baselines as baselines  # registers l1, l2, taylor_fo, fpgm, random
@@ -103,6 +111,7 @@ __all__ = [
     "apply_direction",
     "compute_components",
     "fuse",
+    "fuse_normalised",
     "get_criterion",
     "list_criteria",
     "minmax",

@@ -34,6 +34,7 @@ __all__ = [
     "apply_direction",
     "compute_components",
     "fuse",
+    "fuse_normalised",
     "minmax",
 ]
 
@@ -171,9 +172,14 @@ def fuse(grad: Mapping[str, Tensor], taylor: Mapping[str, Tensor], kl: Mapping[s
             raise ValueError(f"layer {name!r}: grad, taylor and kl have lengths {[p.numel() for p in parts]}")
         if not all(bool(torch.isfinite(p).all()) for p in parts):
             raise ValueError(f"layer {name!r}: the sensitivities contain NaN or inf")
-        g, t, k = (minmax(p) for p in parts)
-        out[name] = torch.exp((g - t).abs() + (t - k).abs() + 0.5 * (g - k).abs()).float()
+        out[name] = fuse_normalised(*(minmax(p) for p in parts))
     return out
+
+
+def fuse_normalised(g: Tensor, t: Tensor, k: Tensor) -> Tensor:
+    """:func:`fuse` of one layer's min-max normalised ``(C,)`` float64 components (checked by the caller):
+    ``exp(|g - t| + |t - k| + 0.5 |g - k|)`` as float32."""
+    return torch.exp((g - t).abs() + (t - k).abs() + 0.5 * (g - k).abs()).float()
 
 
 # ----------------------------------------------------------------------------- the criteria

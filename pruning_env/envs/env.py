@@ -304,8 +304,11 @@ class FilterPruningEnv(ParallelEnv):
     ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
         if seed is not None:
             self._np_random = np.random.default_rng(seed)
+            last: dict[int, tuple[spaces.Space, int]] = {}  # one seed per space, each space's last (agents share)
             for space in (*self.action_spaces.values(), *self.observation_spaces.values()):
-                space.seed(int(self._np_random.integers(2**31)))
+                last[id(space)] = (space, int(self._np_random.integers(2**31)))
+            for space, space_seed in last.values():
+                space.seed(space_seed)
         self.agents = list(self.possible_agents)
         self._plan = self._full_plan()
         self._step = 0

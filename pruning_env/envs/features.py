@@ -180,9 +180,12 @@ class LayerDsfp:
 
 
 def layer_dsfp(grad: torch.Tensor, taylor: torch.Tensor, kl: torch.Tensor, fused: torch.Tensor,
-               order: torch.Tensor) -> LayerDsfp:
-    """The statistics of one layer's ``(C,)`` components, their fusion and the pruning ``order`` (low first)."""
-    comps = {"grad": minmax(grad.double()), "taylor": minmax(taylor.double()), "kl": minmax(kl.double())}
+               order: torch.Tensor, normalised: tuple[torch.Tensor, ...] | None = None) -> LayerDsfp:
+    """The statistics of one layer's ``(C,)`` components, their fusion and the pruning ``order`` (low first);
+    ``normalised``: the components' ``minmax`` in float64 when the caller has them (the same values)."""
+    if normalised is None:
+        normalised = (minmax(grad.double()), minmax(taylor.double()), minmax(kl.double()))
+    comps = dict(zip(("grad", "taylor", "kl"), normalised))
     log_f = torch.log(fused.double()) / LOG_FUSED_MAX
     sens = (comps["grad"] + comps["taylor"] + comps["kl"]) / 3.0
     ranked = sens[torch.argsort(order, stable=True)]
@@ -210,15 +213,13 @@ def combine_dsfp(layers: Sequence[LayerDsfp], kept: np.ndarray,
     sums = np.array([layer.sums for layer in layers], dtype=np.float64)  # (L, 3)
     mass = [sum(layer.sums[j] for layer in layers) or 1.0 for j in range(3)]  # summed in layer order
     names = list(layers[0].row)
-    columns = [np.array([layer.row[n] for layer in layers], dtype=np.float64) for n in names]
-    for j, c in enumerate(("grad", "taylor", "kl")):
-        names.append(f"{c}_share")
-        columns.append(sums[:, j] / mass[j])
+    rows = np.array([[layer.row[n] for n in names] for layer in layers], dtype=np.float64)  # (L, row features)
+    names += [f"{c}_share" for c in ("grad", "taylor", "kl")]
     if removed is None:
         removed = [removed_masses(layer, kept[i]) for i, layer in enumerate(layers)]
     masses = np.array(removed, dtype=np.float64).reshape(len(layers), -1)  # (L, K)
-    names.extend(removed_mass(k) for k in range(masses.shape[1]))
-    mat = np.clip(np.column_stack([*columns, masses]).astype(np.float32), 0.0, 1.0)
+    names += [removed_mass(k) for k in range(masses.shape[1])]
+    mat = np.clip(np.hstack([rows, sums / np.array(mass), masses]).astype(np.float32), 0.0, 1.0)
     return {name: mat[:, i] for i, name in enumerate(names)}
 
 

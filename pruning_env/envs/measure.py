@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from pruning_env.core.data import Splits, calibration_batch
-from pruning_env.criteria import apply_direction, compute_components, fuse, score
+from pruning_env.criteria import apply_direction, compute_components, fuse, fuse_normalised, minmax, score
 from pruning_env.engine.bn import BNRecalConfig
 from pruning_env.engine.graph import PrunableLayer
 from pruning_env.engine.macs import MacsModel
@@ -268,16 +268,21 @@ class StaticDsfp:
         self.base, self.names, self.direction, self.per_layer = base, names, direction, per_layer
         self.kept = kept_table(len(names), rates, keep_count)
         self._memo: list[dict[tuple[int, ...], tuple[torch.Tensor, LayerDsfp, np.ndarray]]] = [{} for _ in names]
+        fuse({n: base["grad"][n] for n in names}, {n: base["taylor"][n] for n in names},
+             {n: base["kl"][n] for n in names})  # fuse's checks (lengths, finite values), once for every subset
+        self._base64 = {c: {n: torch.as_tensor(base[c][n]).detach().to("cpu", torch.float64).flatten()
+                            for n in names} for c in ("grad", "taylor", "kl")}
 
     def _layer(self, i: int, plan: PruningPlan) -> tuple[torch.Tensor, LayerDsfp, np.ndarray]:
         n, memo = self.names[i], self._memo[i]
         hit = memo.get(plan.keep[n])
-        if hit is None:
+        if hit is None:  # fuse() and layer_dsfp() of the kept filters, sharing the min-max normalisation
             idx = plan.indices(n)
-            grad, taylor, kl = ({n: self.base[c][n][idx]} for c in ("grad", "taylor", "kl"))
-            fused = fuse(grad, taylor, kl)
-            order = apply_direction(fused, self.direction)[n]
-            stats = layer_dsfp(grad[n], taylor[n], kl[n], fused[n], order)
+            grad, taylor, kl = (self.base[c][n][idx] for c in ("grad", "taylor", "kl"))
+            norm = tuple(minmax(self._base64[c][n][idx]) for c in ("grad", "taylor", "kl"))
+            fused = fuse_normalised(*norm)
+            order = apply_direction({n: fused}, self.direction)[n]
+            stats = layer_dsfp(grad, taylor, kl, fused, order, norm)
             hit = (order, stats, removed_masses(stats, self.kept[i]))
             if len(memo) >= self.per_layer:
                 memo.pop(next(iter(memo)))
