@@ -60,6 +60,8 @@ class ValidationConfig:
     checkpoint: str | None = option(None, "trained baseline (default: the cached one); must be the data's")
     data_dir: str | None = option(None, "data directory (default: $PRUNING_ENV_DATA, else the cache)", run_only=True)
     targets: list[float] = option([0.5, 0.3, 0.2], "MACs targets", min=0, max=1, min_exclusive=True)
+    search_targets: list[float] | None = option(None, "MACs targets of part 2, the searches (default: --targets)",
+                                                min=0, max=1, min_exclusive=True)
     algos: list[str] = option(list(SEARCH_ALGOS), "search methods compared on both envs")
     seeds: list[int] = option([2, 3, 4], "search seeds (not among the data's, so their plans are held out)")
     search: SearchConfig = nested(SearchConfig, "the budget of every search", prefix="search",
@@ -165,7 +167,7 @@ def searches(cfg: ValidationConfig, data: SurrogateData, model: SurrogateModel, 
     work.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {}
     with ray_session(cfg.parallel):
-        for t in cfg.targets:
+        for t in _search_targets(cfg):
             for algo in cfg.algos:
                 for seed in cfg.seeds:
                     path = work / f"{algo}-s{seed}-t{t:g}.json"
@@ -183,6 +185,10 @@ def searches(cfg: ValidationConfig, data: SurrogateData, model: SurrogateModel, 
                     ckpt.atomic_write_text(path, json.dumps(rec))
                     out[path.stem] = rec
     return out
+
+
+def _search_targets(cfg: ValidationConfig) -> list[float]:
+    return list(cfg.targets if cfg.search_targets is None else cfg.search_targets)
 
 
 def _free_settings(cfg: ValidationConfig, target: float) -> dict[str, Any]:
@@ -207,7 +213,7 @@ def ranking(runs: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
     per["kendall_tau"] = float(kendalltau(real_rank, sur_rank).statistic)
     gaps = [r["surrogate"]["best_objective"] - r["surrogate"]["best_real_objective"] for r in runs.values()]
     spread = [float(np.std([r["real"]["best_objective"] for r in runs.values() if r["algo"] == a
-                            and r["target"] == t], ddof=1)) for a in cfg.algos for t in cfg.targets
+                            and r["target"] == t], ddof=1)) for a in cfg.algos for t in _search_targets(cfg)
               if sum(r["algo"] == a and r["target"] == t for r in runs.values()) > 1]
     per["predicted_minus_real_best"] = {"mean": float(np.mean(gaps)), "max_abs": float(np.max(np.abs(gaps)))}
     per["real_seed_spread"] = float(np.mean(spread)) if spread else None
@@ -289,7 +295,8 @@ def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
     result["steps_per_s"] = speed(cfg, data, model, splits)  # the weights do not change the cost of a step
     part1 = heldout(data, cfg)
     runs = searches(cfg, data, model, splits) if cfg.searches else {}
-    result["heldout"] = part1["rows"] + search_heldout(runs, data, model, cfg.targets, cfg.problem.proxy.proxy)
+    result["heldout"] = part1["rows"] + search_heldout(runs, data, model, _search_targets(cfg),
+                                                              cfg.problem.proxy.proxy)
     result["learning_curve"], result["regressors"] = part1["learning_curve"], part1["regressors"]
     result["ranking"] = ranking(runs, cfg) if runs else None
     result["seconds"] = round(time.perf_counter() - t0, 1)
