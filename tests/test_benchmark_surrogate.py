@@ -92,3 +92,13 @@ def test_validation_writes_the_acceptance_fields(made, tmp_path):
     assert q["ranking"] is None and min(q["steps_per_s"].values()) > 0
     assert {h["set"] for h in q["heldout"]} == {h["set"] for h in r["heldout"]} - {"search seeds absent from the data"}
     assert "Not run (`--no-searches`)." in (quick / "surrogate.md").read_text()
+    split = tmp_path / "split"  # held-out sets at two targets, the searches at one
+    both = [a for a in args[:-5] if a != "0.5"]
+    both[both.index("--targets") + 1:both.index("--targets") + 1] = ["0.5", "0.3"]
+    assert surrogate_validation.main([*both, "--search-targets", "0.3", "--out-dir", str(split), "--work-dir",
+                                      str(tmp_path / "w4"), "--no-progress"]) == 0
+    s = json.loads((split / "surrogate.json").read_text())
+    assert {h["target"] for h in s["heldout"] if h["set"] == "random held-out"} == {0.5, 0.3}
+    assert {h["target"] for h in s["heldout"] if h["set"] == "search seeds absent from the data"} == {0.3}
+    assert sorted(s["ranking"]["real"]) == ["qmix", "random"]
+    assert {p.stem.rsplit("-t", 1)[1] for p in (tmp_path / "w4").glob("*-t*.json")} == {"0.3"}
