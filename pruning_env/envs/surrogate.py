@@ -35,6 +35,7 @@ Confirm any result that matters on the real env (its id without ``-Surrogate``, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -305,7 +306,8 @@ class _RowPredictor:
 
     def __del__(self) -> None:
         if getattr(self, "_fast", None) is not None:
-            self._lib.LGBM_FastConfigFree(self._handle)
+            with contextlib.suppress(Exception):  # at interpreter exit the library may be gone already
+                self._lib.LGBM_FastConfigFree(self._handle)
 
 
 def _base_counts(data: SurrogateData) -> tuple[float, float]:
