@@ -56,6 +56,12 @@ def test_the_fit_is_deterministic_and_predicts_stored_plans(data, model):
     for j, r in enumerate(rows):  # the env step's single-row path gives the batch path's values exactly
         one = model.predict_one(data.keep[r], int(data.macs[r]), int(data.params[r]))
         assert one == {s: float(pred[s][j]) for s in pred}
+    import copy
+    import pickle
+
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # after predict_one made its predictors
+        assert clone.predict_one(data.keep[rows[0]], int(data.macs[rows[0]]), int(data.params[rows[0]])) == \
+            model.predict_one(data.keep[rows[0]], int(data.macs[rows[0]]), int(data.params[rows[0]]))
     from pruning_env.envs.surrogate import _RowPredictor
 
     slow = _RowPredictor(model.boosters["kl"], data.keep.shape[1] + 2)

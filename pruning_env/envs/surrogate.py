@@ -225,6 +225,9 @@ class SurrogateModel:
         return {"acc": np.clip(out["acc"], 0.0, 100.0), "kl": np.maximum(np.exp(out["kl"]) - self.EPS, 0.0),
                 "ce": np.maximum(np.exp(out["ce"]) - self.EPS, 0.0)}
 
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the single-row predictors are made again
+        return {**self.__dict__, "_rows": None}
+
     def predict_one(self, keep: np.ndarray, macs: int, params: int) -> dict[str, float]:
         """:meth:`predict` of ONE plan (``(L,)`` keep counts), value for value, through LightGBM's single-row
         fast path (about 20x less overhead per call than ``Booster.predict``): what an env step needs."""
