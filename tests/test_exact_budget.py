@@ -211,3 +211,14 @@ def test_hints_only_change_the_rounds_never_the_result():
         assert want[0] < flip <= want[1] and want[1] - want[0] == 2.0 / 2**48
         for hints in (np.array([flip]), rng.uniform(-3, 3, size=40), np.array([np.nan, np.inf, flip + 1e-13])):
             assert _bisect(first_true, -1.0, 1.0, hints) == want
+
+
+def test_non_finite_proposals_are_refused(macs_model):
+    rule = RateRule()
+    widths = macs_model.widths
+    for bad in (np.nan, np.inf):
+        proposed = np.full(widths.size, 0.3)
+        proposed[0] = bad
+        with pytest.raises(ValueError, match="finite pruning rates"):
+            budget_keep_counts(macs_model, rule, widths, proposed, 0.4 * macs_model.base_macs, final=True,
+                               max_rate=0.9)

@@ -150,3 +150,12 @@ def test_one_tie_break_for_every_plan():
     # plan_global never prunes a layer's min_keep best filters, the same ones under ties
     scores = {"a": torch.zeros(6), "b": torch.ones(4)}
     assert plan_global(scores, 0.9, min_keep=2).keep == {"a": (4, 5), "b": (2, 3)}
+
+
+def test_top_k_of_half_precision_scores_is_that_of_their_float32_values():
+    from pruning_env.engine.plan import top_k_indices
+
+    scores = torch.tensor([0.5, 0.25, 0.25, 1.0, 0.125])
+    want = top_k_indices(scores, 3)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(top_k_indices(scores.to(dtype), 3), want)

@@ -186,6 +186,8 @@ def budget_keep_counts(
     if cur.shape != widths.shape or np.asarray(proposed_rates).shape != widths.shape:
         raise ValueError(f"current and proposed_rates must have one entry per layer ({len(widths)}), got "
                          f"{cur.shape} and {np.asarray(proposed_rates).shape}")
+    if not np.isfinite(np.asarray(proposed_rates, dtype=np.float64)).all():
+        raise ValueError(f"proposed_rates must be finite pruning rates, got {np.asarray(proposed_rates).tolist()}")
     current_rate = 1.0 - cur / widths
     proposed = np.maximum(np.asarray(proposed_rates, dtype=np.float64), current_rate)
     r_max = np.maximum(float(max_rate), proposed)

@@ -390,7 +390,13 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The filters a layer keeps: indices of the ``k`` highest of its ``(C,)`` ``scores`` (low = pruned first),
     ascending; among equal scores the lower index is pruned first. The one tie-break of every plan (the
     ``plan_*`` functions, the env's transition)."""
-    return torch.from_numpy(top_k_positions(scores.detach().cpu().numpy(), k))
+    return torch.from_numpy(top_k_positions(_scores_array(scores), k)).to(scores.device)
+
+
+def _scores_array(scores: torch.Tensor) -> np.ndarray:
+    """A CPU numpy copy of ``(C,)`` scores (float32 for dtypes numpy lacks, e.g. bfloat16: an exact widening)."""
+    t = scores.detach().cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
 
 
 def top_k_positions(scores: np.ndarray, k: int) -> np.ndarray:
@@ -444,7 +450,7 @@ def narrow_plan(plan: PruningPlan, scores: Mapping[str, Any], keep_counts: Seque
             keep[name] = kept
             continue
         sc = scores[name]
-        sc = sc.detach().cpu().numpy() if isinstance(sc, torch.Tensor) else np.asarray(sc)
+        sc = _scores_array(torch.as_tensor(sc))  # a list as torch reads it (float32), an array in its own dtype
         if sc.shape != (len(kept),):
             raise PlanError(f"layer {name!r}: {sc.shape} scores for its {len(kept)} kept filters")
         # positions into the sorted kept indices, ascending: the kept indices stay sorted

@@ -281,7 +281,7 @@ class _RowPredictor:
     def __init__(self, booster: Any, ncol: int) -> None:
         import ctypes
 
-        self.booster, self._out, self._len = booster, np.zeros(1, dtype=np.float64), ctypes.c_int64()
+        self.booster = booster
         self._fast = None
         try:
             from lightgbm.basic import _LIB, _c_str, _safe_call
@@ -293,7 +293,7 @@ class _RowPredictor:
         except Exception:  # any failure (an old LightGBM, no such symbol): Booster.predict
             return
         self._handle, self._lib, self._safe_call = handle, _LIB, _safe_call
-        self._out_ptr = self._out.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+        self._double_p, self._int64 = ctypes.POINTER(ctypes.c_double), ctypes.c_int64
         self._fast = _LIB.LGBM_BoosterPredictForMatSingleRowFast
         self._void_p = ctypes.c_void_p
         self._byref = ctypes.byref
@@ -303,9 +303,10 @@ class _RowPredictor:
         if self._fast is None:
             return float(self.booster.predict(row[None, :], num_threads=1)[0])
         row = np.ascontiguousarray(row, dtype=np.float64)
-        self._safe_call(self._fast(self._handle, self._void_p(row.ctypes.data), self._byref(self._len),
-                                   self._out_ptr))
-        return float(self._out[0])
+        out, length = np.zeros(1, dtype=np.float64), self._int64()  # per call: safe from several threads
+        self._safe_call(self._fast(self._handle, self._void_p(row.ctypes.data), self._byref(length),
+                                   out.ctypes.data_as(self._double_p)))
+        return float(out[0])
 
     def __del__(self) -> None:
         if getattr(self, "_fast", None) is not None:
