@@ -102,9 +102,9 @@ def _breakpoints(widths: np.ndarray, a: np.ndarray, b: np.ndarray, offset: float
     ``m`` in ``[1, width]``: where its kept count can change (the rate rule's floor), for layers with ``b > 0``."""
     moving = b > 0
     w = widths[moving]
-    m = np.arange(1, int(w.max()) + 1) if len(w) else np.empty(0)
     if not len(w):
         return np.empty(0)
+    m = np.arange(1, int(w.max()) + 1)
     # (layers, m) grid, masked to m <= width
     rates = (m[None, :] - 1e-9) / w[:, None]
     s = (rates - a[moving][:, None]) / b[moving][:, None] - offset
