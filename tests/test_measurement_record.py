@@ -172,6 +172,11 @@ def test_assemble_refuses_columns_that_are_not_the_declared_ones():
         assemble(cols, ("a", "b", "c"))
     with pytest.raises(ValueError, match=r"computed but not declared \['b'\]"):
         assemble(cols, ("a",))
+    # every column has one value per layer, none broadcast; values clipped to [0, 1] in float32
+    with pytest.raises(ValueError, match=r"'b' has 1 values, 'a' has 2"):
+        assemble({"a": np.zeros(2), "b": np.ones(1)}, ("a", "b"))
+    out = assemble({"a": np.array([-0.5, 1.5]), "b": np.array([0.25, np.float64(1 / 3)])}, ("a", "b"))
+    assert out.dtype == np.float32 and out.tolist() == [[0.0, 0.25], [1.0, np.float32(1 / 3)]]
 
 
 def test_the_documented_tables_are_generated_from_the_declarations():

@@ -65,3 +65,22 @@ def test_static_env_observations_are_those_of_the_direct_scores(tiny_env_factory
                                            lambda i, rate: keep_count(env, i, rate))
     measured = env.measure(plan)
     _same((dict(measured.scores), dict(measured.features)), (order, feats))
+
+
+def test_combine_dsfp_refuses_layers_with_other_statistics():
+    """The layers' statistics are combined by position, so layers that do not share one feature set are refused."""
+    import dataclasses
+
+    from pruning_env.envs.features import combine_dsfp, layer_dsfp
+
+    comps = [torch.tensor([0.1, 0.5, 0.2]), torch.tensor([0.3, 0.1, 0.9]), torch.tensor([0.2, 0.2, 0.4])]
+    one = layer_dsfp(*comps, torch.ones(3), torch.arange(3.0))
+    kept = np.array([[3, 2], [3, 2]])
+    feats = combine_dsfp([one, one], kept)
+    assert feats["fused_mean"].shape == (2,) and feats["grad_share"].tolist() == [0.5, 0.5]
+    other = dataclasses.replace(one, row={k: one.row[k] for k in reversed(one.row)})  # the same keys, other order
+    for layers in ([other, other], [one, other], [other, one]):  # read by name, whatever the order
+        assert {k: v.tolist() for k, v in combine_dsfp(layers, kept).items()} == {k: v.tolist() for k, v in
+                                                                                 feats.items()}
+    with pytest.raises(ValueError, match="different features"):
+        combine_dsfp([one, dataclasses.replace(one, row={**one.row, "extra": 0.0})], kept)

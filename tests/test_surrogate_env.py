@@ -69,6 +69,8 @@ def test_the_fit_is_deterministic_and_predicts_stored_plans(data, model):
     x = SurrogateModel.features(data.keep[rows], data.widths, data.macs[rows] / model.base_macs,
                                 data.params[rows] / model.base_params)
     assert [slow(row) for row in x] == model.boosters["kl"].predict(x, num_threads=1).tolist()
+    with pytest.raises(ValueError, match="a feature row has"):  # never a read past the row's end in C
+        model._rows["kl"](x[0][:-1])
 
 
 def test_plans_of_a_held_out_search_seed_are_ranked(data):

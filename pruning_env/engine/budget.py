@@ -35,6 +35,7 @@ relative allocation the agents chose (which layers prune more than which) surviv
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,11 +51,12 @@ _WAYS_LOG2 = 6  # the search evaluates 2**6 - 1 points at once: six bisection ha
 
 
 def _keep_at(s: np.ndarray, widths: np.ndarray, current: np.ndarray, proposed: np.ndarray, current_rate: np.ndarray,
-             r_max: np.ndarray, rule: RateRule) -> np.ndarray:
-    """``(N, L)`` keep counts at the ``(N,)`` values ``s`` of the rule's scalar (see the module docstring)."""
+             room: np.ndarray, increment: np.ndarray, rule: RateRule) -> np.ndarray:
+    """``(N, L)`` keep counts at the ``(N,)`` values ``s`` of the rule's scalar (see the module docstring);
+    ``room = r_max - proposed`` and ``increment = proposed - current_rate``."""
     s = np.asarray(s, dtype=np.float64).reshape(-1, 1)
-    rates = np.where(s >= 0.0, proposed + s * (r_max - proposed), current_rate + (1.0 + s) * (proposed - current_rate))
-    rates = np.clip(rates, 0.0, _BELOW_ONE)
+    rates = np.where(s >= 0.0, proposed + s * room, current_rate + (1.0 + s) * increment)
+    np.minimum(np.maximum(rates, 0.0, out=rates), _BELOW_ONE, out=rates)  # np.clip's values, without its overhead
     return np.minimum(rule.keep_counts_unchecked(widths, rates), current)
 
 
@@ -76,9 +78,10 @@ def _bisect(first_true, lo: float, hi: float, hints: np.ndarray | None = None) -
     if hints is not None and len(hints):
         k = np.ceil((np.asarray(hints, dtype=np.float64) - lo) / h)
         k = k[np.isfinite(k)]
-        k = np.clip(k, 1, n - 1).astype(np.int64)
-        cand = _sorted_unique(np.concatenate([k - 1, k]))
-        cand = cand[(cand > k_lo) & (cand < k_hi)]
+        k = _sorted_unique(np.clip(k, 1, n - 1).astype(np.int64))
+        cand = np.empty(2 * len(k), dtype=np.int64)  # k - 1 and k of every hint: sorted, as k is strictly increasing
+        cand[0::2], cand[1::2] = k - 1, k
+        cand = cand[np.concatenate([[True], cand[1:] != cand[:-1]]) & (cand > k_lo) & (cand < k_hi)]
     while k_hi - k_lo > 1:
         if len(cand):  # the hinted grid points, evenly spaced among those left
             ks = cand if len(cand) < ways else cand[(np.arange(1, ways) * len(cand)) // ways]
@@ -101,14 +104,22 @@ def _breakpoints(widths: np.ndarray, a: np.ndarray, b: np.ndarray, offset: float
     """The ``s`` at which a layer's rate ``a + (s + offset) * b`` crosses ``(m - 1e-9) / width`` for an integer
     ``m`` in ``[1, width]``: where its kept count can change (the rate rule's floor), for layers with ``b > 0``."""
     moving = b > 0
-    w = widths[moving]
-    if not len(w):
+    if not moving.any():
         return np.empty(0)
+    rates, valid = _rate_grid(widths.tobytes())  # (layers, m) grid, masked to m <= width
+    s = (rates[moving] - a[moving][:, None]) / b[moving][:, None] - offset
+    return s[valid[moving]]
+
+
+@functools.lru_cache(maxsize=64)
+def _rate_grid(widths: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """``((m - 1e-9) / width, m <= width)`` for ``m`` in ``1..max width``, per layer of the int64 ``widths``
+    (their bytes: the cache key); read-only."""
+    w = np.frombuffer(widths, dtype=np.int64)
     m = np.arange(1, int(w.max()) + 1)
-    # (layers, m) grid, masked to m <= width
-    rates = (m[None, :] - 1e-9) / w[:, None]
-    s = (rates - a[moving][:, None]) / b[moving][:, None] - offset
-    return s[m[None, :] <= w[:, None]]
+    rates, valid = (m[None, :] - 1e-9) / w[:, None], m[None, :] <= w[:, None]
+    rates.flags.writeable = valid.flags.writeable = False
+    return rates, valid
 
 
 def _fill(macs, under: np.ndarray, over: np.ndarray, target_macs: float) -> np.ndarray:
@@ -192,8 +203,10 @@ def budget_keep_counts(
     proposed = np.maximum(np.asarray(proposed_rates, dtype=np.float64), current_rate)
     r_max = np.maximum(float(max_rate), proposed)
 
+    room, increment = r_max - proposed, proposed - current_rate
+
     def keeps(s: np.ndarray) -> np.ndarray:
-        return _keep_at(s, widths, cur, proposed, current_rate, r_max, rule)
+        return _keep_at(s, widths, cur, proposed, current_rate, room, increment, rule)
 
     def keep(s: float) -> np.ndarray:
         return keeps(np.array([s]))[0]
@@ -214,13 +227,13 @@ def budget_keep_counts(
         if m_most > target_macs:  # unreachable: prune as far as allowed
             return most
         # invariant: macs(lo) > target >= macs(hi)
-        hints = np.concatenate([_breakpoints(widths, proposed, r_max - proposed, 0.0),
-                                _breakpoints(widths, current_rate, proposed - current_rate, 1.0)])
+        hints = np.concatenate([_breakpoints(widths, proposed, room, 0.0),
+                                _breakpoints(widths, current_rate, increment, 1.0)])
         lo, hi = _bisect(lambda p: first(p, lambda m: m <= target_macs), -1.0, 1.0, hints)
         return _fill(macs, keep(hi), keep(lo), target_macs)
     if m_proposed >= target_macs or m_least < target_macs:
         return as_proposed if m_proposed >= target_macs else least
     # invariant: macs(lo) >= target > macs(hi)
-    hints = _breakpoints(widths, current_rate, proposed - current_rate, 1.0)
+    hints = _breakpoints(widths, current_rate, increment, 1.0)
     lo, _ = _bisect(lambda p: first(p, lambda m: m < target_macs), -1.0, 0.0, hints)
     return keep(lo)

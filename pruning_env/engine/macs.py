@@ -46,9 +46,13 @@ class MacsModel:
         self._const_macs = int(const_macs)
         self._const_params = int(const_params)
         t = self._terms  # the per-plan arithmetic's constant parts (predict_batch)
-        self._out_var, self._out_idx, self._out_fixed = t[:, 0] >= 0, np.maximum(t[:, 0], 0), t[:, 1]
-        self._in_var, self._in_idx = t[:, 2] >= 0, np.maximum(t[:, 2], 0)
-        self._in_block, self._in_fixed = t[:, 3], t[:, 4]
+        # O and I of every term are gathered from the keep counts followed by the fixed widths: columns
+        # [0, L) the layers, [L, L + T) each term's fixed O, [L + T, L + 2T) its fixed I
+        n_layers, n_terms = len(self.widths), len(t)
+        self._fixed = np.concatenate([t[:, 1], t[:, 4]])
+        self._o_col = np.where(t[:, 0] >= 0, t[:, 0], n_layers + np.arange(n_terms))
+        self._i_col = np.where(t[:, 2] >= 0, t[:, 2], n_layers + n_terms + np.arange(n_terms))
+        self._i_mul = np.where(t[:, 2] >= 0, t[:, 3], 1)  # a fixed I is taken as it is
         # rows: the O*I, O and I coefficients of every term; columns: MACs, params (the 1-terms go to _const)
         self._coef = np.concatenate([t[:, [5, 9]], t[:, [6, 10]], t[:, [7, 11]]], axis=0)
         self._const = np.array([self._const_macs + int(t[:, 8].sum()), self._const_params + int(t[:, 12].sum())],
@@ -105,8 +109,9 @@ class MacsModel:
         """``(macs, params)``, each ``(N,)`` int64, for ``(N, L)`` keep counts: per term, ``O`` and ``I`` from the
         keep counts (or fixed), then ``[O*I, O, I] @ coefficients`` (exact integer arithmetic)."""
         k = np.asarray(keep, dtype=np.int64).reshape(-1, len(self.widths))
-        o = np.where(self._out_var, k[:, self._out_idx], self._out_fixed)  # (N, terms)
-        i = np.where(self._in_var, k[:, self._in_idx] * self._in_block, self._in_fixed)
+        ext = np.empty((len(k), len(self.widths) + len(self._fixed)), dtype=np.int64)
+        ext[:, :len(self.widths)], ext[:, len(self.widths):] = k, self._fixed
+        o, i = ext[:, self._o_col], ext[:, self._i_col] * self._i_mul  # (N, terms)
         both = np.concatenate([o * i, o, i], axis=1) @ self._coef + self._const  # (N, 2)
         return both[:, 0], both[:, 1]
 

@@ -233,10 +233,14 @@ class SurrogateModel:
         fast path (about 20x less overhead per call than ``Booster.predict``): what an env step needs."""
         if self._rows is None:
             self._rows = {s: _RowPredictor(b, len(self.widths) + 2) for s, b in self.boosters.items()}
-        x = self.features(keep, self.widths, np.array([macs]) / self.base_macs, np.array([params]) / self.base_params)
-        out = {s: self._rows[s](x[0]) for s in SIGNALS}
-        return {"acc": float(np.clip(out["acc"], 0.0, 100.0)), "kl": max(float(np.exp(out["kl"])) - self.EPS, 0.0),
-                "ce": max(float(np.exp(out["ce"])) - self.EPS, 0.0)}
+        row = np.empty(len(self.widths) + 2)  # :meth:`features` of one plan, the same float64 arithmetic
+        np.divide(keep, self.widths, out=row[:-2])
+        row[-2], row[-1] = macs / self.base_macs, params / self.base_params
+        rows = self._rows
+        acc = rows["acc"](row)
+        logs = np.exp(np.array([rows["kl"](row), rows["ce"](row)]))
+        return {"acc": min(max(acc, 0.0), 100.0), "kl": max(float(logs[0]) - self.EPS, 0.0),
+                "ce": max(float(logs[1]) - self.EPS, 0.0)}
 
     def to_text(self) -> str:
         """The model as text (LightGBM's model format per signal, in a JSON envelope): no pickle."""
@@ -281,7 +285,7 @@ class _RowPredictor:
     def __init__(self, booster: Any, ncol: int) -> None:
         import ctypes
 
-        self.booster = booster
+        self.booster, self.ncol = booster, ncol
         self._fast = None
         try:
             from lightgbm.basic import _LIB, _c_str, _safe_call
@@ -290,22 +294,25 @@ class _RowPredictor:
             _safe_call(_LIB.LGBM_BoosterPredictForMatSingleRowFastInit(
                 booster._handle, ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(-1), ctypes.c_int(1),  # normal,
                 ctypes.c_int32(ncol), _c_str("num_threads=1"), ctypes.byref(handle)))  # all trees, float64 rows
+            # our own prototype of the same symbol (plain addresses in, no per-call ctypes conversions); lightgbm's
+            # handle on the library is left as it is
+            address = ctypes.cast(_LIB.LGBM_BoosterPredictForMatSingleRowFast, ctypes.c_void_p).value
+            fast = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_void_p] * 4)(address)
         except Exception:  # any failure (an old LightGBM, no such symbol): Booster.predict
             return
         self._handle, self._lib, self._safe_call = handle, _LIB, _safe_call
-        self._double_p, self._int64 = ctypes.POINTER(ctypes.c_double), ctypes.c_int64
-        self._fast = _LIB.LGBM_BoosterPredictForMatSingleRowFast
-        self._void_p = ctypes.c_void_p
-        self._byref = ctypes.byref
+        self._fast, self._handle_value = fast, handle.value
 
     def __call__(self, row: np.ndarray) -> float:
         """The raw score of one ``(ncol,)`` float64 row."""
+        row = np.ascontiguousarray(row, dtype=np.float64)
+        if row.shape != (self.ncol,):
+            raise ValueError(f"a feature row has {self.ncol} values, got shape {row.shape}")
         if self._fast is None:
             return float(self.booster.predict(row[None, :], num_threads=1)[0])
-        row = np.ascontiguousarray(row, dtype=np.float64)
-        out, length = np.zeros(1, dtype=np.float64), self._int64()  # per call: safe from several threads
-        self._safe_call(self._fast(self._handle, self._void_p(row.ctypes.data), self._byref(length),
-                                   out.ctypes.data_as(self._double_p)))
+        out = np.empty(2, dtype=np.float64)  # per call (safe from several threads): [0] the score, [1] its length
+        address = out.ctypes.data
+        self._safe_call(self._fast(self._handle_value, row.ctypes.data, address + 8, address))
         return float(out[0])
 
     def __del__(self) -> None:
