@@ -72,6 +72,8 @@ class ValidationConfig:
                             "--no-searches: the held-out sets of the data and the speed only")
     heldout_fraction: float = option(0.1, "share of the data's plans left out of the held-out fit", min=0.01,
                                      max=0.5)
+    capacity_leaves: list[int] = option([31, 127, 255], "leaves per tree of the capacity study (the model's "
+                                        "default is 31): held-out tau of the reward's signal at each", min=2)
     speed_steps: int = option(200, "env steps per env in the speed measurement", min=10)
     out_dir: str = option(str(RESULTS), "folder of surrogate.md / surrogate.json", run_only=True)
     work_dir: str = option("runs/surrogate_validation", "folder of the finished searches (for --resume)",
@@ -147,7 +149,36 @@ def heldout(data: SurrogateData, cfg: ValidationConfig) -> dict[str, Any]:
         others["sklearn_hist_gradient_boosting"] = _scores(quality({**pred, proxy: out}), truth)
     except ImportError:
         pass
-    return {"rows": rows, "learning_curve": curve, "regressors": others}
+    return {"rows": rows, "learning_curve": curve, "regressors": others, "capacity": capacity(data, cfg, test)}
+
+
+def capacity(data: SurrogateData, cfg: ValidationConfig, test: np.ndarray) -> list[dict[str, Any]]:
+    """The model of the reward's signal with more leaves per tree: tau on the random held-out plans (per target) and
+    on every left-out search seed (mean and smallest). Larger trees fit plans near the data's better, not
+    necessarily the plans of a new search."""
+    proxy, base = cfg.problem.proxy.proxy, _base(data)
+    base_macs, base_params = data.meta["base"]["macs"], data.meta["base"]["params"]
+
+    def tau(train: SurrogateData, unseen: SurrogateData, leaves: int) -> dict[str, float]:
+        booster = SurrogateModel.fit_signal(train, proxy, params={"num_leaves": leaves})
+        x = SurrogateModel.features(unseen.keep, unseen.widths, unseen.macs / base_macs, unseen.params / base_params)
+        pred = _quality({**unseen.signals, proxy: SurrogateModel.decode(proxy, booster.predict(x, num_threads=1))},
+                        proxy, base)
+        truth = _quality(unseen.signals, proxy, base)
+        return {f"{t:g}": float(kendalltau(pred[m], truth[m]).statistic) for t in cfg.targets
+                if (m := np.isclose(unseen.target, t)).sum() >= 3}
+
+    is_search = np.array([data.meta["sources"][i].startswith("search") for i in data.source])
+    seeds = sorted({int(x) for x in data.seed[is_search & (data.seed >= 0)]})
+    rows = []
+    for leaves in cfg.capacity_leaves:
+        left_out = [v for s in seeds for v in tau(data.subset(~(is_search & (data.seed == s))),
+                                                  data.subset(is_search & (data.seed == s)), leaves).values()]
+        rows.append({"num_leaves": leaves, "random_heldout": tau(data.subset(~test), data.subset(test), leaves),
+                     "search_seed_left_out": {"mean": float(np.mean(left_out)) if left_out else None,
+                                              "min": float(np.min(left_out)) if left_out else None,
+                                              "sets": len(left_out)}})
+    return rows
 
 
 def _search_record(env: FilterPruningEnv, search: Any) -> dict[str, Any]:
@@ -298,6 +329,7 @@ def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
     result["heldout"] = part1["rows"] + search_heldout(runs, data, model, _search_targets(cfg),
                                                               cfg.problem.proxy.proxy)
     result["learning_curve"], result["regressors"] = part1["learning_curve"], part1["regressors"]
+    result["capacity"] = part1["capacity"]
     result["ranking"] = ranking(runs, cfg) if runs else None
     result["seconds"] = round(time.perf_counter() - t0, 1)
     out = Path(cfg.out_dir)
@@ -305,6 +337,10 @@ def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
     ckpt.atomic_write_text(out / "surrogate.json", json.dumps(result, indent=1))
     write_markdown(out / "surrogate.md", report(result))
     return result
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def report(r: dict[str, Any]) -> str:
@@ -323,8 +359,19 @@ def report(r: dict[str, Any]) -> str:
            "| training plans | Kendall tau | R^2 |", "|---|---|---|"]
     md += [f"| {c['train_plans']} | {c['kendall_tau']:.3f} | {c['r2']:.3f} |" for c in r["learning_curve"]]
     md += ["", "Regressors on the same split: " + ", ".join(f"{k} tau {v['kendall_tau']:.3f} / R^2 {v['r2']:.3f}"
-                                                         for k, v in r["regressors"].items()) + ".", "",
-           "## The methods ranked on both envs (mean best REAL objective over seeds)", ""]
+                                                         for k, v in r["regressors"].items()) + ".", ""]
+    if r.get("capacity"):
+        md += ["Capacity (leaves per tree of the reward signal's model; the env's model has "
+               f"{SurrogateModel.PARAMS['num_leaves']}): Kendall tau on the random held-out plans per target, and over "
+               "every left-out search seed and target", "",
+               "| leaves | " + " | ".join(f"random held-out, {t}" for t in r["capacity"][0]["random_heldout"])
+               + " | left-out search seeds: mean | smallest |",
+               "|---|" + "---|" * (len(r["capacity"][0]["random_heldout"]) + 2)]
+        md += [f"| {c['num_leaves']} | " + " | ".join(f"{v:.3f}" for v in c["random_heldout"].values())
+               + f" | {_fmt(c['search_seed_left_out']['mean'])} | {_fmt(c['search_seed_left_out']['min'])} |"
+               for c in r["capacity"]]
+        md += [""]
+    md += ["## The methods ranked on both envs (mean best REAL objective over seeds)", ""]
     if rk is None:
         other = r["baseline_digest"] != r["data_baseline_digest"]
         md += ["Not run (`--no-searches`)" + (f": the real env's baseline here (weights digest {r['baseline_digest']})"

@@ -83,6 +83,11 @@ def test_validation_writes_the_acceptance_fields(made, tmp_path):
     assert sorted(r["ranking"]["real"]) == sorted(r["ranking"]["surrogate"]) == ["qmix", "random"]
     assert -1.0 <= r["ranking"]["kendall_tau"] <= 1.0 and r["command"] and r["commit"] and r["machine"]
     assert "steps/s" in (tmp_path / "surrogate.md").read_text()
+    cap = r["capacity"]  # the capacity study: one row per --capacity-leaves, tau per target and per left-out seed
+    assert [c["num_leaves"] for c in cap] == [31, 127, 255]
+    assert all(set(c["random_heldout"]) == {"0.5"} and -1 <= c["random_heldout"]["0.5"] <= 1 for c in cap)
+    assert all(c["search_seed_left_out"]["sets"] == len(seeds) for c in cap)
+    assert "| 127 |" in (tmp_path / "surrogate.md").read_text()
     assert surrogate_validation.main([*args[:-5], "--seeds", "0", "--out-dir", str(tmp_path / "x"),
                                       "--work-dir", str(tmp_path / "w2"), "--no-progress"]) == 2  # a data seed
     quick = tmp_path / "quick"  # held-out sets and speed only: no search on either env

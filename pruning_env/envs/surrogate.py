@@ -205,25 +205,36 @@ class SurrogateModel:
     @classmethod
     def fit(cls, data: SurrogateData, rounds: int | None = None) -> SurrogateModel:
         """Fit on every record of ``data`` (seconds for 20,000 plans)."""
+        base_macs, base_params = _base_counts(data)
+        return cls({s: cls.fit_signal(data, s, rounds=rounds) for s in SIGNALS}, data.widths, base_macs, base_params)
+
+    @classmethod
+    def fit_signal(cls, data: SurrogateData, signal: str, *, rounds: int | None = None,
+                   params: Mapping[str, Any] | None = None) -> Any:
+        """The LightGBM booster of one signal (``acc`` as it is, ``kl`` and ``ce`` as ``log(x + EPS)``) on every
+        record of ``data``; ``params`` override :attr:`PARAMS` (e.g. ``num_leaves``, for a study of capacity)."""
         import lightgbm as lgb
 
         if len(data) < 20:
             raise ValueError(f"a surrogate needs at least 20 measured plans, the data has {len(data)}")
+        if signal not in SIGNALS:
+            raise ValueError(f"signal must be one of {SIGNALS}, got {signal!r}")
         base_macs, base_params = _base_counts(data)
         x = cls.features(data.keep, data.widths, data.macs / base_macs, data.params / base_params)
-        boosters = {}
-        for s in SIGNALS:
-            y = data.signals[s] if s == "acc" else np.log(data.signals[s] + cls.EPS)
-            boosters[s] = lgb.train(dict(cls.PARAMS), lgb.Dataset(x, y, free_raw_data=True),
-                                    num_boost_round=rounds or cls.ROUNDS)
-        return cls(boosters, data.widths, base_macs, base_params)
+        y = data.signals[signal] if signal == "acc" else np.log(data.signals[signal] + cls.EPS)
+        return lgb.train({**cls.PARAMS, **(params or {})}, lgb.Dataset(x, y, free_raw_data=True),
+                         num_boost_round=rounds or cls.ROUNDS)
 
     def predict(self, keep: np.ndarray, macs: np.ndarray, params: np.ndarray) -> dict[str, np.ndarray]:
         """``{acc | kl | ce: (N,)}`` for ``(N, L)`` keep counts and their exact MACs and parameters."""
         x = self.features(keep, self.widths, np.asarray(macs) / self.base_macs, np.asarray(params) / self.base_params)
-        out = {s: self.boosters[s].predict(x, num_threads=1) for s in SIGNALS}
-        return {"acc": np.clip(out["acc"], 0.0, 100.0), "kl": np.maximum(np.exp(out["kl"]) - self.EPS, 0.0),
-                "ce": np.maximum(np.exp(out["ce"]) - self.EPS, 0.0)}
+        return {s: self.decode(s, self.boosters[s].predict(x, num_threads=1)) for s in SIGNALS}
+
+    @classmethod
+    def decode(cls, signal: str, raw: np.ndarray) -> np.ndarray:
+        """A booster's ``(N,)`` raw scores as the signal: accuracy clipped to [0, 100] %, KL and cross-entropy
+        ``exp(raw) - EPS`` (at least 0)."""
+        return np.clip(raw, 0.0, 100.0) if signal == "acc" else np.maximum(np.exp(raw) - cls.EPS, 0.0)
 
     def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the single-row predictors are made again
         return {**self.__dict__, "_rows": None}
