@@ -73,7 +73,8 @@ class ValidationConfig:
     heldout_fraction: float = option(0.1, "share of the data's plans left out of the held-out fit", min=0.01,
                                      max=0.5)
     capacity_leaves: list[int] = option([31, 127, 255], "leaves per tree of the capacity study (the model's "
-                                        "default is 31): held-out tau of the reward's signal at each", min=2)
+                                        "default is 31): held-out tau of the reward's signal at each", min=2,
+                                        run_only=True)
     speed_steps: int = option(200, "env steps per env in the speed measurement", min=10)
     out_dir: str = option(str(RESULTS), "folder of surrogate.md / surrogate.json", run_only=True)
     work_dir: str = option("runs/surrogate_validation", "folder of the finished searches (for --resume)",
@@ -177,7 +178,7 @@ def capacity(data: SurrogateData, cfg: ValidationConfig, test: np.ndarray) -> li
         rows.append({"num_leaves": leaves, "random_heldout": tau(data.subset(~test), data.subset(test), leaves),
                      "search_seed_left_out": {"mean": float(np.mean(left_out)) if left_out else None,
                                               "min": float(np.min(left_out)) if left_out else None,
-                                              "sets": len(left_out)}})
+                                              "sets": len(left_out)}})  # (seed, target) sets
     return rows
 
 

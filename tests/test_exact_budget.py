@@ -193,6 +193,19 @@ def test_predict_batch_is_predict_array(macs_model):
     keep = np.maximum(1, (macs_model.widths * rng.uniform(0.05, 1.0, size=(50, macs_model.widths.size))).astype(int))
     macs, params = macs_model.predict_batch(keep)
     assert [(int(m), int(p)) for m, p in zip(macs, params)] == [macs_model.predict_array(k) for k in keep]
+    from pruning_env.engine.macs import MacsModel
+
+    # one term per kind: bilinear in two layers, a fixed input, a fixed output (columns as in MacsModel)
+    terms = [[0, 8, 1, 2, 8, 9, 1, 0, 0, 9, 1, 0, 0], [1, 4, -1, 1, 3, 3, 0, 0, 5, 3, 0, 0, 0],
+             [-1, 10, 1, 4, 16, 1, 0, 0, 0, 1, 0, 0, 0]]
+    mm = MacsModel(["a", "b"], [8, 4], terms, 7, 11)
+    k = np.array([[5, 3], [8, 4], [1, 1]])
+    o = np.array([k[:, 0], k[:, 1], np.full(3, 10)]).T
+    i = np.array([k[:, 1] * 2, np.full(3, 3), k[:, 1] * 4]).T
+    want = 7 + 5 + (o * i * [9, 3, 1]).sum(1) + o[:, 0]  # the constant, the d of term 2, then a*O*I and b*O
+    assert mm.predict_batch(k)[0].tolist() == want.tolist()
+    with pytest.raises(ValueError, match="outside"):  # a term naming a layer the model does not have
+        MacsModel(["a"], [4], [[1, 5, -1, 1, 3, 1, 0, 0, 0, 1, 0, 0, 0]], 0, 0)
 
 
 def test_hints_only_change_the_rounds_never_the_result():

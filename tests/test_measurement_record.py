@@ -177,6 +177,9 @@ def test_assemble_refuses_columns_that_are_not_the_declared_ones():
         assemble({"a": np.zeros(2), "b": np.ones(1)}, ("a", "b"))
     out = assemble({"a": np.array([-0.5, 1.5]), "b": np.array([0.25, np.float64(1 / 3)])}, ("a", "b"))
     assert out.dtype == np.float32 and out.tolist() == [[0.0, 0.25], [1.0, np.float32(1 / 3)]]
+    assert assemble({"a": np.array([-0.0])}, ("a",)).tobytes() == np.float32(-0.0).tobytes()  # as np.clip keeps it
+    with pytest.raises(ValueError, match="no feature names"):
+        assemble({}, ())
 
 
 def test_the_documented_tables_are_generated_from_the_declarations():

@@ -106,7 +106,7 @@ def _breakpoints(widths: np.ndarray, a: np.ndarray, b: np.ndarray, offset: float
     moving = b > 0
     if not moving.any():
         return np.empty(0)
-    rates, valid = _rate_grid(widths.tobytes())  # (layers, m) grid, masked to m <= width
+    rates, valid = _rate_grid(np.ascontiguousarray(widths, dtype=np.int64).tobytes())  # (layers, m), m <= width
     s = (rates[moving] - a[moving][:, None]) / b[moving][:, None] - offset
     return s[valid[moving]]
 

@@ -46,6 +46,9 @@ class MacsModel:
         self._const_macs = int(const_macs)
         self._const_params = int(const_params)
         t = self._terms  # the per-plan arithmetic's constant parts (predict_batch)
+        if ((t[:, [0, 2]] < -1) | (t[:, [0, 2]] >= len(self.widths))).any():
+            raise ValueError(f"MacsModel terms name layers outside [-1, {len(self.widths)}): "
+                             f"{sorted(set(t[:, [0, 2]].ravel().tolist()))}")
         # O and I of every term are gathered from the keep counts followed by the fixed widths: columns
         # [0, L) the layers, [L, L + T) each term's fixed O, [L + T, L + 2T) its fixed I
         n_layers, n_terms = len(self.widths), len(t)

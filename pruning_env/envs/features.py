@@ -9,7 +9,6 @@ computing it under that name; :func:`assemble` refuses a computed set that diffe
 
 from __future__ import annotations
 
-import functools
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -124,14 +123,16 @@ def assemble(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndar
     if missing or undeclared:
         raise ValueError(f"observation features: declared but not computed {missing}, computed but not declared "
                          f"{undeclared} (declare each in pruning_env.envs.features.FEATURES and compute it by name)")
-    rows = len(columns[names[0]]) if names else 0
+    if not names:
+        raise ValueError("observation features: no feature names to assemble")
+    rows = len(columns[names[0]])
     mat = np.empty((rows, len(names)), dtype=np.float32)
     for j, n in enumerate(names):  # each column cast to float32 as it is written
         col = columns[n]
         if len(col) != rows:
             raise ValueError(f"observation feature {n!r} has {len(col)} values, {names[0]!r} has {rows}")
         mat[:, j] = col
-    return np.minimum(np.maximum(mat, 0.0, out=mat), 1.0, out=mat)  # np.clip's values
+    return np.clip(mat, 0.0, 1.0, out=mat)
 
 
 def observation_table() -> str:
@@ -185,11 +186,6 @@ class LayerDsfp:
     cum: np.ndarray
     total: float
 
-    @functools.cached_property
-    def values(self) -> tuple[float, ...]:
-        """``row``'s values in its order (the same for every layer: :func:`layer_dsfp` makes them all)."""
-        return tuple(self.row.values())
-
 
 def layer_dsfp(grad: torch.Tensor, taylor: torch.Tensor, kl: torch.Tensor, fused: torch.Tensor,
                order: torch.Tensor, normalised: tuple[torch.Tensor, ...] | None = None) -> LayerDsfp:
@@ -228,7 +224,7 @@ def combine_dsfp(layers: Sequence[LayerDsfp], kept: np.ndarray,
 
     def values(layer: LayerDsfp) -> tuple[float, ...]:  # in the order of ``names``
         if tuple(layer.row) == tuple(names):
-            return layer.values
+            return tuple(layer.row.values())
         if layer.row.keys() != layers[0].row.keys():
             raise ValueError(f"combine_dsfp: the layers' statistics have different features ({sorted(layer.row)} "
                              f"and {sorted(names)}); make each with layer_dsfp")

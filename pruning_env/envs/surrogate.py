@@ -245,7 +245,7 @@ class SurrogateModel:
         if self._rows is None:
             self._rows = {s: _RowPredictor(b, len(self.widths) + 2) for s, b in self.boosters.items()}
         row = np.empty(len(self.widths) + 2)  # :meth:`features` of one plan, the same float64 arithmetic
-        np.divide(keep, self.widths, out=row[:-2])
+        np.divide(np.asarray(keep).reshape(-1), self.widths, out=row[:-2])
         row[-2], row[-1] = macs / self.base_macs, params / self.base_params
         rows = self._rows
         acc = rows["acc"](row)
