@@ -14,7 +14,7 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NEEDS = {"torchrl_qmix.py": "torchrl", "sb3_ppo.py": "stable_baselines3", "cleanrl_supersuit.py": "supersuit",
-         "rllib_ppo.py": "ray"}
+         "rllib_ppo.py": "ray", "benchmarl_task.py": "benchmarl"}  # BenchMARL: its own venv (see the script)
 
 
 def test_every_example_is_listed():
@@ -32,11 +32,19 @@ def _run(name: str, *extra: str) -> dict:
 @pytest.mark.parametrize("name", sorted(NEEDS))
 def test_example_runs_with_a_tiny_budget(name):
     if importlib.util.find_spec(NEEDS[name]) is None:
+        if NEEDS[name] in os.environ.get("PRUNING_ENV_REQUIRE", "").split(","):  # .ci/run's own venvs: never skip
+            pytest.fail(f"{NEEDS[name]} is required here (PRUNING_ENV_REQUIRE) but not installed")
         if name == "rllib_ppo.py":  # the script itself says it skips
             assert _run(name) == {"skipped": "ray[rllib] not installed"}
             return
         pytest.skip(f"{NEEDS[name]} not installed")
     result = _run(name, "--env-runners", "1") if name == "rllib_ppo.py" else _run(name)
+    if name == "benchmarl_task.py":  # QMIX, 2 iterations of 120 frames on the Tiny surrogate (3-step episodes)
+        assert result["algo"] == "qmix" and result["frames"] == 240 and result["iterations"] == 2
+        assert result["episodes"] == 80 and math.isfinite(result["last_tenth_mean_return"])
+        mappo = _run(name, "--algo", "mappo")
+        assert mappo["algo"] == "mappo" and mappo["frames"] == 240 and mappo["episodes"] == 80
+        return
     if name == "torchrl_qmix.py":
         assert result["episodes"] == 8 and result["updates"] == 8
         assert math.isfinite(result["first_loss"]) and math.isfinite(result["last_loss"])
