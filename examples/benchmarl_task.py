@@ -45,6 +45,7 @@ class PruningEnvTask(TaskClass):
 
         def make() -> EnvBase:
             env = pruning_env.make(cfg["env_id"], continuous=continuous_actions, **cfg.get("kwargs", {}))
+            self.episode_length = int(env.config.episode_length)  # the env's public config (for max_steps)
             return PettingZooWrapper(env, return_state=True, categorical_actions=True, seed=seed, device=device)
 
         return make
@@ -59,7 +60,7 @@ class PruningEnvTask(TaskClass):
         return False
 
     def max_steps(self, env: EnvBase) -> int:
-        return int(env._env.config.episode_length)
+        return self.episode_length  # recorded by get_env_fun's env maker, which BenchMARL calls first
 
     def group_map(self, env: EnvBase) -> dict[str, list[str]]:
         return env.group_map
