@@ -221,16 +221,11 @@ def combine_dsfp(layers: Sequence[LayerDsfp], kept: np.ndarray,
     sums = np.array([layer.sums for layer in layers], dtype=np.float64)  # (L, 3)
     mass = [sum(layer.sums[j] for layer in layers) or 1.0 for j in range(3)]  # summed in layer order
     names = list(layers[0].row)
-
-    def values(layer: LayerDsfp) -> tuple[float, ...]:  # in the order of ``names``
-        if tuple(layer.row) == tuple(names):
-            return tuple(layer.row.values())
-        if layer.row.keys() != layers[0].row.keys():
-            raise ValueError(f"combine_dsfp: the layers' statistics have different features ({sorted(layer.row)} "
-                             f"and {sorted(names)}); make each with layer_dsfp")
-        return tuple(layer.row[n] for n in names)
-
-    rows = np.array([values(layer) for layer in layers], dtype=np.float64)  # (L, row features)
+    other = next((layer for layer in layers if layer.row.keys() != layers[0].row.keys()), None)
+    if other is not None:
+        raise ValueError(f"combine_dsfp: the layers' statistics have different features ({sorted(other.row)} and "
+                         f"{sorted(names)}); make each with layer_dsfp")
+    rows = np.array([[layer.row[n] for n in names] for layer in layers], dtype=np.float64)  # (L, row features)
     names += [f"{c}_share" for c in ("grad", "taylor", "kl")]
     if removed is None:
         removed = [removed_masses(layer, kept[i]) for i, layer in enumerate(layers)]
