@@ -41,6 +41,7 @@ from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.registry import NETWORK_NAMES, TINY_ID
 from pruning_env.envs.surrogate import SurrogateData, SurrogateModel, SurrogatePruningEnv
+from pruning_env.envs.surrogate_vector import SurrogateVectorEnv
 from pruning_env.search import SearchConfig
 from pruning_env.search.parallel import WorkersConfig, ray_session
 from pruning_env.training.proxy import Signals
@@ -76,6 +77,8 @@ class ValidationConfig:
                                         "default is 31): held-out tau of the reward's signal at each", min=2,
                                         run_only=True)
     speed_steps: int = option(200, "env steps per env in the speed measurement", min=10)
+    vector_envs: int = option(256, "episodes the SurrogateVectorEnv of the speed measurement steps at once",
+                              min=1, run_only=True)
     out_dir: str = option(str(RESULTS), "folder of surrogate.md / surrogate.json", run_only=True)
     work_dir: str = option("runs/surrogate_validation", "folder of the finished searches (for --resume)",
                            run_only=True)
@@ -275,17 +278,28 @@ def search_heldout(runs: dict[str, Any], data: SurrogateData, model: SurrogateMo
 
 
 def speed(cfg: ValidationConfig, data: SurrogateData, model: SurrogateModel, splits: Any) -> dict[str, float]:
-    """Steps per second of both envs, alternating blocks of random episodes in one run."""
+    """Steps per second of the real env, the surrogate env and the surrogate's vector env (``--vector-envs``
+    episodes per call; one episode's step counts as one step), alternating blocks of random episodes in one run."""
     t = cfg.targets[0]
-    envs = {"real": real_env(cfg, t, splits), "surrogate": SurrogatePruningEnv(data, model=model,
-                                                                              **_free_settings(cfg, t))}
+    surrogate = SurrogatePruningEnv(data, model=model, **_free_settings(cfg, t))
+    envs = {"real": real_env(cfg, t, splits), "surrogate": surrogate,
+            "surrogate_vector": SurrogateVectorEnv(SurrogatePruningEnv(data, model=model, **_free_settings(cfg, t)),
+                                                   cfg.vector_envs)}
     seconds, steps = dict.fromkeys(envs, 0.0), dict.fromkeys(envs, 0)
     rng = np.random.default_rng(0)
+    per_block = {"real": cfg.speed_steps // 4, "surrogate": 25 * cfg.speed_steps // 4,
+                 "surrogate_vector": 250 * cfg.speed_steps // 4}
     for block in range(4):
         for name, env in envs.items():
-            n = cfg.speed_steps // 4 if name == "real" else 25 * cfg.speed_steps // 4
+            n = per_block[name]
             t0 = time.perf_counter()
             while steps[name] < (block + 1) * n:
+                if name == "surrogate_vector":
+                    env.reset(seed=int(rng.integers(2**31)))
+                    for _ in range(env.env.config.episode_length):
+                        env.step(env.action_space.sample())
+                        steps[name] += env.num_envs
+                    continue
                 env.reset(seed=int(rng.integers(2**31)))
                 while env.agents:
                     env.step({a: env.action_space(a).sample() for a in env.agents})
@@ -325,6 +339,7 @@ def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
                               "data_plans": len(data), "proxy": cfg.problem.proxy.proxy,
                               "baseline_digest": digest, "data_baseline_digest": data_digest}
     result["steps_per_s"] = speed(cfg, data, model, splits)  # the weights do not change the cost of a step
+    result["vector_envs"] = cfg.vector_envs
     part1 = heldout(data, cfg)
     runs = searches(cfg, data, model, splits) if cfg.searches else {}
     result["heldout"] = part1["rows"] + search_heldout(runs, data, model, _search_targets(cfg),
@@ -350,7 +365,10 @@ def report(r: dict[str, Any]) -> str:
     md = [f"# Surrogate env validation ({r['data']}, {r['data_plans']} plans)", "",
           f"`{r['command']}` at commit {r['commit']}; {r['machine']}; {r['seconds']} s.", "",
           f"**Speed** (random episodes, side by side): real env {sp['real']:.2f} steps/s, surrogate "
-          f"{sp['surrogate']:.1f} steps/s: **{sp['surrogate'] / sp['real']:.0f}x** (goal: 1,000x).", "",
+          f"{sp['surrogate']:.1f} steps/s: **{sp['surrogate'] / sp['real']:.0f}x** (goal: 1,000x)"
+          + (f"; its vector env (`SurrogateVectorEnv`, {r['vector_envs']} episodes per call, each episode's step "
+             f"counted) {sp['surrogate_vector']:.0f} steps/s: **{sp['surrogate_vector'] / sp['real']:.0f}x**."
+             if "surrogate_vector" in sp else "."), "",
           f"## Held-out plans: predicted against measured reward signal (quality of --proxy {r['proxy']})", "",
           "| MACs target | held-out set | plans | Kendall tau | R^2 | accuracy: Kendall tau |",
           "|---|---|---|---|---|---|"]

@@ -72,10 +72,11 @@ def test_validation_writes_the_acceptance_fields(made, tmp_path):
     out, _ = made
     args = ["--env", "pruning_env/Tiny-v1", "--data", str(out), "--targets", "0.5", "--algos", "random", "qmix",
             "--seeds", "2", "3", "--search-plans", "9", "--speed-steps", "12", "--heldout-fraction", "0.3",
-            "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--no-progress"]
+            "--vector-envs", "16", "--out-dir", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--no-progress"]
     assert surrogate_validation.main(args) == 0
     r = json.loads((tmp_path / "surrogate.json").read_text())
-    assert set(r["steps_per_s"]) == {"surrogate", "real"} and min(r["steps_per_s"].values()) > 0
+    assert set(r["steps_per_s"]) == {"surrogate", "real", "surrogate_vector"} and min(r["steps_per_s"].values()) > 0
+    assert r["vector_envs"] == 16 and "SurrogateVectorEnv" in (tmp_path / "surrogate.md").read_text()
     seeds = sorted({int(x) for x in SurrogateData.load(out).seed if x >= 0})
     assert {h["set"] for h in r["heldout"]} == {"random held-out", "search seeds absent from the data",
                                                 *(f"search seed {s} left out of the fit" for s in seeds)}

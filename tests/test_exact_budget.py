@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pruning_env.core.models import build
-from pruning_env.engine.budget import budget_keep_counts, reachable_macs
+from pruning_env.engine.budget import budget_keep_counts, budget_keep_counts_batch, reachable_macs
 from pruning_env.engine.macs import MacsModel
 from pruning_env.engine.plan import RateRule
 from pruning_env.envs.features import OBSERVATION_FEATURES
@@ -157,9 +157,16 @@ def _plain_bisection(macs_model, rule, current, proposed_rates, target_macs, *, 
         for _ in range(48):
             mid = 0.5 * (lo + hi)
             lo, hi = (lo, mid) if macs(keep(mid)) <= target_macs else (mid, hi)
-        from pruning_env.engine.budget import _fill
-
-        return _fill(macs, keep(hi), keep(lo), target_macs)
+        k, room, grew = keep(hi).copy(), keep(lo) - keep(hi), True  # give back filters, layer by layer in turn
+        while grew:
+            grew = False
+            for i in np.flatnonzero(room > 0):
+                k[i] += 1
+                if macs(k) <= target_macs:
+                    room[i], grew = room[i] - 1, True
+                else:
+                    k[i], room[i] = k[i] - 1, 0
+        return k
     as_proposed = keep(0.0)
     if macs(as_proposed) >= target_macs or macs(keep(-1.0)) < target_macs:
         return as_proposed if macs(as_proposed) >= target_macs else keep(-1.0)
@@ -186,6 +193,32 @@ def test_the_many_points_search_is_the_plain_bisection(macs_model, rule):
             got = budget_keep_counts(macs_model, rule, current, proposed, target, final=final, max_rate=0.9)
             want = _plain_bisection(macs_model, rule, current, proposed, target, final=final, max_rate=0.9)
             assert got.tolist() == np.asarray(want).tolist(), (k, final)
+
+
+@pytest.mark.parametrize("rule", [RateRule(), RateRule(min_keep=2, round_to=4)])
+def test_the_batched_budget_is_the_budget_row_for_row(macs_model, rule):
+    """budget_keep_counts_batch (48 halvings of every row at once, the give-back in lockstep) gives each row
+    budget_keep_counts' keep counts: 200 random proposals from random current states, at targets that are met at
+    once, searched, or unreachable, final and earlier steps."""
+    rng = np.random.default_rng(3)
+    widths = macs_model.widths
+    current = np.maximum(1, (widths * rng.uniform(0.3, 1.0, size=(200, widths.size)))).astype(np.int64)
+    current[::3] = widths
+    proposed = rng.uniform(0.0, 0.9, size=current.shape)
+    proposed[::7] = 0.0
+    for target in (0.05, 0.2, 0.4, 0.7, 0.97):
+        for final in (True, False):
+            got = budget_keep_counts_batch(macs_model, rule, current, proposed, target * macs_model.base_macs,
+                                           final=final, max_rate=0.9)
+            want = [budget_keep_counts(macs_model, rule, c, p, target * macs_model.base_macs, final=final,
+                                       max_rate=0.9) for c, p in zip(current, proposed)]
+            assert got.dtype == np.int64 and got.tolist() == np.asarray(want).tolist(), (target, final)
+    with pytest.raises(ValueError, match=r"\(N, "):
+        budget_keep_counts_batch(macs_model, rule, widths, proposed[0], 1.0, final=True, max_rate=0.9)
+    bad = proposed[:2].copy()
+    bad[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"rows \[1\]"):
+        budget_keep_counts_batch(macs_model, rule, current[:2], bad, 1.0, final=True, max_rate=0.9)
 
 
 def test_predict_batch_is_predict_array(macs_model):

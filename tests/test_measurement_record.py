@@ -173,8 +173,16 @@ def test_assemble_refuses_columns_that_are_not_the_declared_ones():
     with pytest.raises(ValueError, match=r"computed but not declared \['b'\]"):
         assemble(cols, ("a",))
     # every column has one value per layer, none broadcast; values clipped to [0, 1] in float32
-    with pytest.raises(ValueError, match=r"'b' has 1 values, 'a' has 2"):
+    with pytest.raises(ValueError, match=r"'b' has shape \(1,\), 'a' has \(2,\)"):
         assemble({"a": np.zeros(2), "b": np.ones(1)}, ("a", "b"))
+    # N plans at once: (N, L) columns, the (L,) ones repeated per plan
+    many = assemble({"a": np.array([[0.1, 0.2], [0.3, 0.4], [0.5, 0.6]]), "b": np.array([0.7, 0.8])}, ("a", "b"))
+    assert many.shape == (3, 2, 2) and many[2].tolist() == assemble({"a": np.array([0.5, 0.6]), "b": np.array(
+        [0.7, 0.8])}, ("a", "b")).tolist()
+    z = np.zeros
+    for a, b in ((z((3, 2)), z((2, 2))), (z((3, 2)), z(3)), (z(2), z((3, 1)))):
+        with pytest.raises(ValueError, match="all of one L and N"):
+            assemble({"a": a, "b": b}, ("a", "b"))
     out = assemble({"a": np.array([-0.5, 1.5]), "b": np.array([0.25, np.float64(1 / 3)])}, ("a", "b"))
     assert out.dtype == np.float32 and out.tolist() == [[0.0, 0.25], [1.0, np.float32(1 / 3)]]
     assert assemble({"a": np.array([-0.0])}, ("a",)).tobytes() == np.float32(-0.0).tobytes()  # as np.clip keeps it

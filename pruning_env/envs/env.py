@@ -33,6 +33,7 @@ from pruning_env.envs.features import (
     FEATURES,
     GLOBAL_FEATURES,
     assemble,
+    dynamic_columns,
     observation_features,
     observation_table,
     rst_table,
@@ -551,14 +552,8 @@ class FilterPruningEnv(ParallelEnv):
     def _observation_matrix(self, m: Measurement) -> np.ndarray:
         """``(L, F + K)``: every agent's observation, assembled by feature name (see Observation Space)."""
         keep = np.array([len(self._plan.keep[n]) for n in self._names]) / self._orig
-        target = self.config.budget_target
-        target = 0.0 if target is None else float(target)
-        whole = {"macs_ratio": m.macs_ratio, "acc_ratio": min(1.0, m.acc_ratio),
-                 "progress": self._step / self.config.episode_length, "macs_target": target,
-                 "macs_to_cut": max(0.0, m.macs_ratio - target) if target else 0.0}
-        dynamic = {"keep_ratio": keep, "input_keep_ratio": np.array([keep[j] if j >= 0 else 1.0
-                                                                      for j in self._input_layer]),
-                   **{k: np.full(len(keep), v) for k, v in whole.items()}}
+        dynamic = dynamic_columns(keep, self._input_layer, m.macs_ratio, m.acc_ratio,
+                                  self._step / self.config.episode_length, self.config.budget_target)
         return assemble({**self._static, **dynamic, **m.features}, self._feature_names)
 
     def _observations(self, m: Measurement) -> dict[str, np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +35,9 @@ __all__ = [
     "assemble",
     "combine_dsfp",
     "dsfp_features",
+    "dsfp_matrix",
+    "dsfp_names",
+    "dynamic_columns",
     "kept_table",
     "layer_dsfp",
     "observation_features",
@@ -113,7 +117,8 @@ def observation_features(num_rates: int) -> tuple[str, ...]:
 
 
 def assemble(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
-    """``(L, len(names))`` float32 in [0, 1]: the ``(L,)`` ``columns`` stacked in the order of ``names``.
+    """``(L, len(names))`` float32 in [0, 1]: the ``(L,)`` ``columns`` stacked in the order of ``names``; with
+    ``(N, L)`` columns among them (N plans at once), ``(N, L, len(names))``, the ``(L,)`` ones repeated per plan.
 
     ``ValueError`` when the computed columns are not exactly the declared ones (a feature computed but not
     declared, or declared but not computed)."""
@@ -125,14 +130,43 @@ def assemble(columns: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndar
                          f"{undeclared} (declare each in pruning_env.envs.features.FEATURES and compute it by name)")
     if not names:
         raise ValueError("observation features: no feature names to assemble")
-    rows = len(columns[names[0]])
-    mat = np.empty((rows, len(names)), dtype=np.float32)
-    for j, n in enumerate(names):  # each column cast to float32 as it is written
-        col = columns[n]
-        if len(col) != rows:
-            raise ValueError(f"observation feature {n!r} has {len(col)} values, {names[0]!r} has {rows}")
-        mat[:, j] = col
+    cols = [np.asarray(columns[n]) for n in names]
+    shapes = [c.shape for c in cols]
+    shape = max(shapes, key=len)
+    for n, sh in zip(names, shapes):
+        if sh != shape and sh != shape[-1:]:
+            raise ValueError(f"observation feature {n!r} has shape {sh}, {names[0]!r} has {shapes[0]} (columns are "
+                             f"(L,) or (N, L), all of one L and N)")
+    mat = np.empty((*shape, len(names)), dtype=np.float32)
+    for j, col in enumerate(cols):  # each column cast to float32 as it is written
+        mat[..., j] = col
     return np.clip(mat, 0.0, 1.0, out=mat)
+
+
+def dynamic_columns(keep_ratio: np.ndarray, input_layer: Sequence[int], macs_ratio: Any, acc_ratio: Any,
+                    progress: float, macs_target: float | None) -> dict[str, np.ndarray]:
+    """THE computation of :data:`DYNAMIC_FEATURES`, for one plan or many at once.
+
+    Args:
+        keep_ratio: ``(L,)`` or ``(N, L)`` float64, kept / original filters per layer.
+        input_layer: ``(L,)`` index of the prunable layer feeding each layer (-1: none).
+        macs_ratio, acc_ratio: the network's, a number or ``(N,)``.
+        progress: step / T.
+        macs_target: the exact budget's MACs ratio (None or 0: none).
+    """
+    def spread(v: Any) -> np.ndarray:  # one value per plan -> one per plan and layer
+        out = np.empty(keep_ratio.shape)
+        out[...] = np.asarray(v, dtype=np.float64)[..., None]
+        return out
+
+    src = np.asarray(input_layer)
+    target = float(macs_target or 0.0)
+    macs_ratio = np.asarray(macs_ratio, dtype=np.float64)
+    return {"keep_ratio": keep_ratio,
+            "input_keep_ratio": np.where(src >= 0, keep_ratio[..., np.maximum(src, 0)], 1.0),
+            "macs_ratio": spread(macs_ratio), "acc_ratio": spread(np.minimum(1.0, acc_ratio)),
+            "progress": spread(progress), "macs_target": spread(target),
+            "macs_to_cut": spread(np.maximum(0.0, macs_ratio - target) if target else 0.0)}
 
 
 def observation_table() -> str:
@@ -218,21 +252,41 @@ def combine_dsfp(layers: Sequence[LayerDsfp], kept: np.ndarray,
     """The DSFP features of every layer (:func:`dsfp_features`) from the layers' statistics and ``kept``, the
     ``(L, K)`` filters each layer keeps at each grid rate (the env's rate rule); ``removed``: the layers'
     :func:`removed_masses`, when known."""
-    sums = np.array([layer.sums for layer in layers], dtype=np.float64)  # (L, 3)
-    mass = [sum(layer.sums[j] for layer in layers) or 1.0 for j in range(3)]  # summed in layer order
     names = list(layers[0].row)
     other = next((layer for layer in layers if layer.row.keys() != layers[0].row.keys()), None)
     if other is not None:
         raise ValueError(f"combine_dsfp: the layers' statistics have different features ({sorted(other.row)} and "
                          f"{sorted(names)}); make each with layer_dsfp")
     rows = np.array([[layer.row[n] for n in names] for layer in layers], dtype=np.float64)  # (L, row features)
-    names += [f"{c}_share" for c in ("grad", "taylor", "kl")]
+    sums = np.array([layer.sums for layer in layers], dtype=np.float64)  # (L, 3)
     if removed is None:
         removed = [removed_masses(layer, kept[i]) for i, layer in enumerate(layers)]
     masses = np.array(removed, dtype=np.float64).reshape(len(layers), -1)  # (L, K)
-    names += [removed_mass(k) for k in range(masses.shape[1])]
-    mat = np.clip(np.hstack([rows, sums / np.array(mass), masses]).astype(np.float32), 0.0, 1.0)
-    return {name: mat[:, i] for i, name in enumerate(names)}
+    mat = dsfp_matrix(rows, sums, masses)
+    return {name: mat[:, i] for i, name in enumerate(dsfp_names(names, masses.shape[1]))}
+
+
+def dsfp_names(row_names: Sequence[str], num_rates: int) -> list[str]:
+    """The columns of :func:`dsfp_matrix`: a layer's ``row`` features, the three ``_share`` features, then one
+    ``removed_mass_<k>`` per grid rate."""
+    return [*row_names, *(f"{c}_share" for c in ("grad", "taylor", "kl")),
+            *(removed_mass(k) for k in range(num_rates))]
+
+
+def dsfp_matrix(rows: np.ndarray, sums: np.ndarray, masses: np.ndarray) -> np.ndarray:
+    """THE combination of the layers' DSFP statistics into features, for one plan (``(L, .)`` arrays) or many at
+    once (``(N, L, .)``): ``(..., L, R + 3 + K)`` float32 in [0, 1] (columns: :func:`dsfp_names`).
+
+    Args:
+        rows: ``(..., L, R)`` float64, each layer's :attr:`LayerDsfp.row` values.
+        sums: ``(..., L, 3)`` float64, each layer's raw component sums (a ``_share`` is the layer's sum over the
+            network's, summed in layer order; 1 where the network's is 0).
+        masses: ``(..., L, K)`` float64, each layer's :func:`removed_masses`.
+    """
+    mass = np.add.accumulate(sums, axis=-2)[..., -1, :] + 0.0  # summed in layer order (not pairwise): the same
+    mass[mass == 0] = 1.0  # float64 sum for every shape (+ 0.0: a -0.0 total is 0, as Python's sum gives it)
+    mat = np.concatenate([rows, sums / mass[..., None, :], masses], axis=-1).astype(np.float32)
+    return np.clip(mat, 0.0, 1.0, out=mat)
 
 
 def dsfp_features(

@@ -273,11 +273,14 @@ class StaticDsfp:
         self._base64 = {c: {n: torch.as_tensor(base[c][n]).detach().to("cpu", torch.float64).flatten()
                             for n in names} for c in ("grad", "taylor", "kl")}
 
-    def _layer(self, i: int, plan: PruningPlan) -> tuple[torch.Tensor, LayerDsfp, np.ndarray]:
+    def layer(self, i: int, kept: tuple[int, ...]) -> tuple[torch.Tensor, LayerDsfp, np.ndarray]:
+        """Layer ``i``'s ``(order, statistics, removed masses)`` when it keeps the filters ``kept`` (sorted
+        indices into the unpruned layer): the ``(C_kept,)`` pruning order of those filters (low first), their
+        :class:`LayerDsfp` and its :func:`removed_masses` at every grid rate. Memoised; do not modify."""
         n, memo = self.names[i], self._memo[i]
-        hit = memo.get(plan.keep[n])
+        hit = memo.get(kept)
         if hit is None:  # fuse() and layer_dsfp() of the kept filters, sharing the min-max normalisation
-            idx = plan.indices(n)
+            idx = torch.tensor(kept, dtype=torch.long)
             grad, taylor, kl = (self.base[c][n][idx] for c in ("grad", "taylor", "kl"))
             norm = tuple(minmax(self._base64[c][n][idx]) for c in ("grad", "taylor", "kl"))
             fused = fuse_normalised(*norm)
@@ -286,11 +289,11 @@ class StaticDsfp:
             hit = (order, stats, removed_masses(stats, self.kept[i]))
             if len(memo) >= self.per_layer:
                 memo.pop(next(iter(memo)))
-            memo[plan.keep[n]] = hit
+            memo[kept] = hit
         return hit
 
     def __call__(self, plan: PruningPlan) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
         """``(order, features)`` of ``plan``, exactly as :func:`dsfp_order_and_features` gives them."""
-        hits = [self._layer(i, plan) for i in range(len(self.names))]
+        hits = [self.layer(i, plan.keep[n]) for i, n in enumerate(self.names)]
         return ({n: h[0].clone() for n, h in zip(self.names, hits)},
                 combine_dsfp([h[1] for h in hits], self.kept, [h[2] for h in hits]))

@@ -57,8 +57,8 @@ from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.measure import Measurement, PlanMeter, StaticDsfp
 from pruning_env.training.proxy import Signals
 
-__all__ = ["DATA_DIR", "MEASURED_SETTINGS", "SIGNALS", "SurrogateData", "SurrogateModel", "SurrogatePruningEnv",
-           "data_command", "data_name", "find_data", "predict_measurements", "shipped_data"]
+__all__ = ["DATA_DIR", "MEASURED_SETTINGS", "SIGNALS", "BatchParts", "SurrogateData", "SurrogateModel",
+           "SurrogatePruningEnv", "data_command", "data_name", "find_data", "predict_measurements", "shipped_data"]
 
 DATA_DIR = Path(__file__).with_name("surrogate_data")
 """Where the shipped surrogate data sets are (``<Problem>.npz``, e.g. ``Tiny.npz``, ``VGG16-CIFAR10-w0.25.npz``;
@@ -337,6 +337,32 @@ def _base_counts(data: SurrogateData) -> tuple[float, float]:
     return float(base["macs"]), float(base["params"])
 
 
+@dataclass(frozen=True)
+class BatchParts:
+    """A surrogate env's parts that stepping many of its episodes at once reuses
+    (:meth:`SurrogatePruningEnv.batch_parts`).
+
+    Attributes:
+        widths: ``(L,)`` int64 filters of the unpruned layers, agent order.
+        input_layer: per layer, the index of the prunable layer feeding it (-1: none).
+        static: the observation's static columns (``{name: (L,) float32}``).
+        feature_names: the observation's columns, in order.
+        full: the unpruned plan.
+        record: the meter's :meth:`~pruning_env.envs.measure.PlanMeter.record` (ratios and objective).
+        base_signals: the unpruned network's signals.
+        static_dsfp: the memoised DSFP order and statistics of every kept-filter set.
+    """
+
+    widths: np.ndarray
+    input_layer: tuple[int, ...]
+    static: Mapping[str, np.ndarray]
+    feature_names: tuple[str, ...]
+    full: PruningPlan
+    record: Any
+    base_signals: Signals
+    static_dsfp: StaticDsfp
+
+
 class SurrogateMeter(PlanMeter):
     """A :class:`~pruning_env.envs.measure.PlanMeter` whose signals of a pruned network are predicted."""
 
@@ -351,6 +377,11 @@ class SurrogateMeter(PlanMeter):
     @property
     def base_signals(self) -> Signals:
         return self._base
+
+    @property
+    def static_dsfp(self) -> StaticDsfp:
+        """The memoised DSFP order and statistics of the unpruned network's filters, per kept-filter set."""
+        return self._static
 
     def sensitivities(self) -> dict[str, dict[str, torch.Tensor]]:
         return self._sens
@@ -445,6 +476,14 @@ class SurrogatePruningEnv(FilterPruningEnv):
         self.surrogate_model = model if model is not None else SurrogateModel.load_or_fit(data)
         self._init_problem(net, layers, lambda: SurrogateMeter(data, self.surrogate_model, layers, cfg,
                                                                self._keep_count, macs_model))
+
+    def batch_parts(self) -> BatchParts:
+        """What :class:`~pruning_env.envs.surrogate_vector.SurrogateVectorEnv` needs to step many episodes exactly
+        as this env steps one: this env's own objects, read-only."""
+        meter = self._meter
+        return BatchParts(widths=np.asarray(self._orig, dtype=np.int64), input_layer=tuple(self._input_layer),
+                          static=self._static, feature_names=tuple(self._feature_names), full=self._full_plan(),
+                          record=meter.record, base_signals=meter.base_signals, static_dsfp=meter.static_dsfp)
 
     def _no_network(self, what: str) -> RuntimeError:
         real = self.surrogate_data.meta.get("real_env", "the real env")
