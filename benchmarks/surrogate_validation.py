@@ -222,6 +222,16 @@ def searches(cfg: ValidationConfig, data: SurrogateData, model: SurrogateModel, 
     return out
 
 
+#: Settings that choose which searches run, or what is computed besides them, not how a search runs: a --resume
+#: may change them (e.g. add --seeds), each finished search being one file of --work-dir.
+_NOT_SEARCH_SETTINGS = ("algos", "seeds", "targets", "search_targets", "speed_steps", "heldout_fraction")
+
+
+def _search_key(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a finished search of --work-dir was made under (what --resume must find unchanged)."""
+    return {k: v for k, v in settings.items() if k not in _NOT_SEARCH_SETTINGS}
+
+
 def _search_targets(cfg: ValidationConfig) -> list[float]:
     return list(cfg.targets if cfg.search_targets is None else cfg.search_targets)
 
@@ -313,9 +323,9 @@ def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
     overlap = sorted(set(cfg.seeds) & {int(s) for s in np.unique(data.seed) if s >= 0})
     if overlap:
         raise ValueError(f"--seeds {overlap} are search seeds of the data: their plans are not held out")
-    key = without_run_only(ValidationConfig, flat_dict(cfg))
+    key = _search_key(without_run_only(ValidationConfig, flat_dict(cfg)))
     key_file = Path(cfg.work_dir) / "settings.json"
-    if key_file.is_file() and json.loads(key_file.read_text()) != key and cfg.resume:
+    if key_file.is_file() and _search_key(json.loads(key_file.read_text())) != key and cfg.resume:
         raise ValueError(f"--work-dir {cfg.work_dir} holds searches of other settings: pass another --work-dir")
     if key_file.is_file() and not cfg.resume:
         raise ValueError(f"--work-dir {cfg.work_dir} holds an earlier run: pass --resume or another --work-dir")

@@ -108,3 +108,15 @@ def test_validation_writes_the_acceptance_fields(made, tmp_path):
     assert {h["target"] for h in s["heldout"] if h["set"] == "search seeds absent from the data"} == {0.3}
     assert sorted(s["ranking"]["real"]) == ["qmix", "random"]
     assert {p.stem.rsplit("-t", 1)[1] for p in (tmp_path / "w4").glob("*-t*.json")} == {"0.3"}
+    # --resume with one more seed: the finished searches are read back, only the new seed's run
+    work = tmp_path / "work"
+    before = {p.name: p.stat().st_mtime_ns for p in work.glob("*-s*.json")}
+    more = [*args[:-5], "--out-dir", str(tmp_path / "more"), "--work-dir", str(work), "--resume", "--no-progress"]
+    more[more.index("--seeds") + 1:more.index("--seeds") + 3] = ["2", "3", "4"]
+    assert surrogate_validation.main(more) == 0
+    after = {p.name: p.stat().st_mtime_ns for p in work.glob("*-s*.json")}
+    assert {n: after[n] for n in before} == before and set(after) - set(before) == {"qmix-s4-t0.5.json",
+                                                                                     "random-s4-t0.5.json"}
+    assert json.loads((tmp_path / "more" / "surrogate.json").read_text())["ranking"]["real"]
+    other = [*more[:more.index("--search-plans") + 1], "12", *more[more.index("--search-plans") + 2:]]
+    assert surrogate_validation.main(other) == 2  # another search budget: not the finished searches' settings

@@ -44,6 +44,9 @@ def test_example_runs_with_a_tiny_budget(name):
         assert result["episodes"] == 80 and math.isfinite(result["last_tenth_mean_return"])
         mappo = _run(name, "--algo", "mappo")
         assert mappo["algo"] == "mappo" and mappo["frames"] == 240 and mappo["episodes"] == 80
+        batched = _run(name, "--num-envs", "4")  # one TorchRL env of 4 episodes (SurrogateBatchEnv), specs checked
+        assert batched["num_envs"] == 4 and batched["frames"] == 240 and batched["episodes"] == 80
+        assert math.isfinite(batched["last_tenth_mean_return"])
         return
     if name == "torchrl_qmix.py":
         assert result["episodes"] == 8 and result["updates"] == 8
