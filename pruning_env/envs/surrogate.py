@@ -30,6 +30,9 @@ differs from the real env in exactly these ways:
 * There is no network: ``base_model``, ``calibration_batch``, ``build_network`` and ``measure_network`` raise
   an error naming the real env to use. ``splits`` is None.
 
+Many episodes at once: :class:`~pruning_env.envs.surrogate_vector.SurrogateVectorEnv` steps N episodes of a
+surrogate env in arrays, each row the episode this env gives for the same actions.
+
 Confirm any result that matters on the real env (its id without ``-Surrogate``, with ``dynamic=False``).
 """
 
