@@ -86,6 +86,7 @@ class SurrogateBatchEnv(EnvBase):
     def _out(self, obs: Any, done: bool, reward: Any = None) -> Any:
         from tensordict import TensorDict
 
+        self._obs, self._done = obs, done
         flags = self._flags(done)
         layer = {"observation": torch.from_numpy(obs), **flags.pop("layer")}
         if reward is not None:
@@ -97,9 +98,11 @@ class SurrogateBatchEnv(EnvBase):
 
     def _reset(self, tensordict: Any = None, **_: Any) -> Any:
         mask = None if tensordict is None else tensordict.get("_reset", None)
-        if mask is not None and not bool(mask.all()) and bool(mask.any()):
-            raise RuntimeError("SurrogateBatchEnv resets all its episodes at once (they run in lockstep); got a "
-                               "reset of some of them")
+        if mask is not None and not bool(mask.all()):
+            if bool(mask.any()):
+                raise RuntimeError("SurrogateBatchEnv resets all its episodes at once (they run in lockstep); got a "
+                                   "reset of some of them")
+            return self._out(self._obs, self._done)  # nothing to reset: the episodes as they are
         obs, _ = self.venv.reset()
         return self._out(obs, False)
 

@@ -96,6 +96,23 @@ def test_seeded_action_sampling_repeats():
     assert np.array_equal(a.action_space.sample(), b.action_space.sample())
 
 
+def test_infos_are_the_callers_and_state_works_before_reset():
+    venv = SurrogateVectorEnv(TINY, 3, macs_target=0.4)
+    ref = pruning_env.make(TINY, macs_target=0.4)
+    assert np.array_equal(venv.state()[0], ref.state())  # before any reset: the unpruned network
+    venv.reset()
+    actions = np.ones((3, len(venv.env.layer_names)), dtype=np.int64)
+    infos = venv.step(actions)[4]
+    state = venv.state()
+    for v in infos.values():
+        v[...] = 100.0  # a caller's normaliser writing into its infos changes nothing of the env's
+    assert np.array_equal(venv.state(), state)
+    ref.reset()
+    ref.step({a: 1 for a in ref.possible_agents})
+    _, r, _, _, _ = ref.step({a: 1 for a in ref.possible_agents})
+    assert venv.step(actions)[1].tolist() == [r["layer_0"]] * 3
+
+
 def test_bad_input_is_refused_before_any_work():
     venv = SurrogateVectorEnv(TINY, 3, macs_target=0.4)
     layers, rates = len(venv.env.layer_names), len(venv.env.config.rates)
@@ -106,7 +123,9 @@ def test_bad_input_is_refused_before_any_work():
                        (np.zeros((3, layers)), "must be ints"),
                        (np.full((3, layers), rates), "must be ints"),
                        (np.full((3, layers), -1), "must be ints"),
-                       (np.zeros((3, layers), dtype=bool), "must be ints")]:
+                       (np.zeros((3, layers), dtype=bool), "must be ints"),
+                       (np.full((3, layers), "1"), "got dtype <U1"),
+                       (np.full((3, layers), None), "got dtype object")]:
         with pytest.raises(ValueError, match=match):
             venv.step(bad)
     assert venv.current_step == 0  # nothing was stepped
@@ -116,15 +135,21 @@ def test_bad_input_is_refused_before_any_work():
         with pytest.raises(ValueError, match="rates in"):
             cont.step(bad)
     cont.step(np.full((2, layers, 1), 0.3))  # (N, L, 1), as Box(1,) actions stacked, is taken
+    high = cont.single_action_space.high[0]
+    with pytest.raises(ValueError, match="rates in"):  # the PettingZoo env's bound exactly (a float32 sum)
+        cont.step(np.full((2, layers), float(high + np.float32(1e-6)) + 1e-7))
     for bad_n in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="num_envs"):
             SurrogateVectorEnv(TINY, bad_n)
+        with pytest.raises(ValueError, match="max_states"):
+            SurrogateVectorEnv(TINY, 2, max_states=bad_n)
     with pytest.raises(ValueError, match="not one"):
         SurrogateVectorEnv("pruning_env/Tiny-v1", 2)
     with pytest.raises(TypeError, match="already made"):
         SurrogateVectorEnv(pruning_env.make(TINY), 2, macs_target=0.3)
-    with pytest.raises(IndexError):
-        venv.plan(3)
+    for bad_i in (3, -1, 1.7, True):
+        with pytest.raises(IndexError, match="episode index"):
+            venv.plan(bad_i)
 
 
 def test_made_from_the_data_file_and_the_id_alike():

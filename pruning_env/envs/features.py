@@ -162,6 +162,7 @@ def dynamic_columns(keep_ratio: np.ndarray, input_layer: Sequence[int], macs_rat
     src = np.asarray(input_layer)
     target = float(macs_target or 0.0)
     macs_ratio = np.asarray(macs_ratio, dtype=np.float64)
+    keep_ratio = np.array(keep_ratio, dtype=np.float64)  # the caller's array is not handed back
     return {"keep_ratio": keep_ratio,
             "input_keep_ratio": np.where(src >= 0, keep_ratio[..., np.maximum(src, 0)], 1.0),
             "macs_ratio": spread(macs_ratio), "acc_ratio": spread(np.minimum(1.0, acc_ratio)),
@@ -283,8 +284,8 @@ def dsfp_matrix(rows: np.ndarray, sums: np.ndarray, masses: np.ndarray) -> np.nd
             network's, summed in layer order; 1 where the network's is 0).
         masses: ``(..., L, K)`` float64, each layer's :func:`removed_masses`.
     """
-    mass = np.add.accumulate(sums, axis=-2)[..., -1, :] + 0.0  # summed in layer order (not pairwise): the same
-    mass[mass == 0] = 1.0  # float64 sum for every shape (+ 0.0: a -0.0 total is 0, as Python's sum gives it)
+    mass = np.add.accumulate(sums, axis=-2)[..., -1, :] + 0.0  # a plain fold in layer order (not pairwise): the
+    mass[mass == 0] = 1.0  # same float64 sum for every shape (+ 0.0: a -0.0 total counts as 0)
     mat = np.concatenate([rows, sums / mass[..., None, :], masses], axis=-1).astype(np.float32)
     return np.clip(mat, 0.0, 1.0, out=mat)
 

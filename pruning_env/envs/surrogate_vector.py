@@ -40,7 +40,8 @@ class SurrogateVectorEnv:
 
     Args:
         env: a registered surrogate env id (``pruning_env/VGG16-CIFAR10-w0.25-Surrogate-v1``), a
-            :class:`SurrogatePruningEnv`, or a surrogate data set (:class:`SurrogateData` or its ``.npz``).
+            :class:`SurrogatePruningEnv` (it becomes this env's: it is reset, and must not be stepped elsewhere), or
+            a surrogate data set (:class:`SurrogateData` or its ``.npz``).
         num_envs: N, the episodes stepped at once.
         max_states: filter sets remembered per layer before a ``reset`` empties the tables.
         **kwargs: the env's settings (``macs_target``, ``reward``, ``rates``...) when ``env`` is an id or data.
@@ -56,6 +57,8 @@ class SurrogateVectorEnv:
                  max_states: int = 8192, **kwargs: Any) -> None:
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be an int >= 1 (episodes stepped at once), got {num_envs!r}")
+        if isinstance(max_states, bool) or not isinstance(max_states, (int, np.integer)) or max_states < 1:
+            raise ValueError(f"max_states must be an int >= 1 (filter sets remembered per layer), got {max_states!r}")
         self.env = _surrogate_env(env, kwargs)
         env, cfg = self.env, self.env.config
         self.num_envs, self.max_states = int(num_envs), int(max_states)
@@ -79,8 +82,7 @@ class SurrogateVectorEnv:
         self._info0 = {k: np.full(n, infos[agent][k]) for k in Measurement.info_keys()}
         self._states = [_LayerStates(self, i, full.keep[name]) for i, name in enumerate(self._names)]
         self._row_names = list(self._static_dsfp.layer(0, full.keep[self._names[0]])[1].row)
-        self._sid = np.zeros((self.num_envs, len(self._names)), dtype=np.int64)  # before reset: unpruned
-        self._step = 0
+        self._begin()  # before the first reset: the unpruned network (state(), plan())
         self._done = True
 
     # ------------------------------------------------------------------ the vector API
@@ -93,16 +95,22 @@ class SurrogateVectorEnv:
         for states in self._states:
             if len(states) > self.max_states:
                 states.clear()
+        self._begin()
+        self._done = False
+        n = self.num_envs
+        infos = {k: v.copy() for k, v in self._info0.items()}
+        infos["rate"] = np.zeros((n, len(self._names)))
+        return np.repeat(self._obs0[None], n, axis=0), infos
+
+    def _begin(self) -> None:
+        """Every episode at the unpruned network, step 0."""
         n = self.num_envs
         self._sid = np.zeros((n, len(self._names)), dtype=np.int64)
         self._counts = np.tile(self._orig, (n, 1))
         self._objective = np.full(n, self._full_measure.objective)
         self._measured = {k: np.full(n, getattr(self._full_measure, k)) for k in ("macs_ratio", "params_ratio",
                                                                                   "acc_ratio")}
-        self._step, self._done = 0, False
-        infos = {k: v.copy() for k, v in self._info0.items()}
-        infos["rate"] = np.zeros((n, len(self._names)))
-        return np.repeat(self._obs0[None], n, axis=0), infos
+        self._step = 0
 
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """One step of every episode.
@@ -140,7 +148,7 @@ class SurrogateVectorEnv:
         done = self._step >= cfg.episode_length
         self._done = done
         n = self.num_envs
-        infos = {k: measured[k] for k in Measurement.info_keys()}
+        infos = {k: measured[k].copy() for k in Measurement.info_keys()}  # the caller's: the env keeps its own
         infos["rate"] = 1.0 - counts / self._orig
         return (self._observations(), rewards, np.full(n, done), np.zeros(n, dtype=bool), infos)
 
@@ -156,8 +164,8 @@ class SurrogateVectorEnv:
 
     def plan(self, i: int) -> PruningPlan:
         """The current plan of episode ``i`` (e.g. to measure it on the real env)."""
-        if not 0 <= int(i) < self.num_envs:
-            raise IndexError(f"episode {i} of {self.num_envs}")
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.num_envs:
+            raise IndexError(f"episode index must be an int in [0, {self.num_envs}), got {i!r}")
         full = self._parts.full
         return PruningPlan._trusted({n: s.kept[int(k)] for n, s, k in zip(self._names, self._states,
                                                                           self._sid[int(i)])}, full.widths)
@@ -181,18 +189,21 @@ class SurrogateVectorEnv:
             raise ValueError(f"actions must be an (N, L) = {shape} array (one action per episode and agent), got "
                              f"shape {a.shape}")
         if self.env.config.continuous:
-            high = float(self._rates.max())
+            high = self.single_action_space.high[0]
             if not np.issubdtype(a.dtype, np.number) or a.dtype == bool:
                 raise ValueError(f"continuous actions must be rates in [0, {high:.3g}], got dtype {a.dtype}")
-            bad = ~(np.isfinite(a) & (a >= 0) & (a <= high + 1e-6))
+            bad = ~(np.isfinite(a) & (a >= 0) & (a <= high + 1e-6))  # the PettingZoo env's bound, float for float
             if bad.any():
                 at = tuple(int(x) for x in np.argwhere(bad)[0])
                 raise ValueError(f"continuous actions must be rates in [0, {high:.3g}]; {int(bad.sum())} are not, "
                                  f"the first {a[at]!r} at (episode, agent) {at}")
             return a.astype(np.float64)
-        if a.dtype == bool or not np.issubdtype(a.dtype, np.integer) or (a < 0).any() or (a >= len(self._rates)).any():
+        if a.dtype == bool or not np.issubdtype(a.dtype, np.integer):
             raise ValueError(f"actions must be ints in [0, {len(self._rates) - 1}] (indices into the rates "
-                             f"{self._rates.tolist()}), got dtype {a.dtype} with values in [{a.min()}, {a.max()}]")
+                             f"{self._rates.tolist()}), got dtype {a.dtype}")
+        if (a < 0).any() or (a >= len(self._rates)).any():
+            raise ValueError(f"actions must be ints in [0, {len(self._rates) - 1}] (indices into the rates "
+                             f"{self._rates.tolist()}), got values in [{a.min()}, {a.max()}]")
         return self._rates[a]
 
     def _measure(self, counts: np.ndarray) -> dict[str, np.ndarray]:
