@@ -265,25 +265,66 @@ def ranking(runs: dict[str, Any], cfg: ValidationConfig) -> dict[str, Any]:
     return per
 
 
+def _new_search_plans(runs: dict[str, Any], data: SurrogateData, target: float) -> dict[str, list[Any]]:
+    """The distinct plans the real searches at ``target`` measured that the data lacks, with their measurements."""
+    known = {tuple(k) for k in data.keep.tolist()}
+    cols: dict[str, list[Any]] = {c: [] for c in ("keep", "acc", "kl", "ce", "macs", "params")}
+    for r in runs.values():
+        if r["target"] != target:
+            continue
+        for j, k in enumerate(r["real"]["keep"]):
+            if tuple(k) not in known:
+                known.add(tuple(k))
+                for c in cols:
+                    cols[c].append(r["real"][c][j])
+    return cols
+
+
 def search_heldout(runs: dict[str, Any], data: SurrogateData, model: SurrogateModel,
                    targets: list[float], proxy: str) -> list[dict[str, Any]]:
     """Part 1 on the real searches' plans that the data lacks (seeds absent from it)."""
-    known = {tuple(k) for k in data.keep.tolist()}
     rows = []
     for t in targets:
-        cols: dict[str, list[Any]] = {c: [] for c in ("keep", "acc", "kl", "ce", "macs", "params")}
-        for r in runs.values():
-            if r["target"] != t:
-                continue
-            for j, k in enumerate(r["real"]["keep"]):
-                if tuple(k) not in known:
-                    known.add(tuple(k))
-                    for c in cols:
-                        cols[c].append(r["real"][c][j])
+        cols = _new_search_plans(runs, data, t)
         if len(cols["keep"]) >= 3:
             pred = model.predict(np.array(cols["keep"]), np.array(cols["macs"]), np.array(cols["params"]))
             rows.append({"target": t, "set": "search seeds absent from the data",
                          **_scores(_quality(pred, proxy, _base(data)), _quality(cols, proxy, _base(data)))})
+    return rows
+
+
+TOP_FRACTIONS = (1.0, 0.5, 0.25, 0.1, 0.05, 0.01)
+
+
+def top_plans(runs: dict[str, Any], data: SurrogateData, model: SurrogateModel, targets: list[float],
+              proxy: str) -> list[dict[str, Any]]:
+    """Where the model fails: its fidelity among the BEST plans, which decide a search's best objective.
+
+    Of the real searches' plans that the data lacks and that meet the budget (MACs at most the target), per
+    :data:`TOP_FRACTIONS` share of the best by measured quality: Kendall tau of predicted against measured quality,
+    the mean absolute error and the mean error (bias), and the share of the model's own top (as many plans, by
+    predicted quality) that is in the measured top."""
+    base_macs, base = float(data.meta["base"]["macs"]), _base(data)
+    rows = []
+    for t in targets:
+        cols = _new_search_plans(runs, data, t)
+        macs = np.array(cols["macs"], dtype=np.float64)
+        within = np.flatnonzero(macs <= t * base_macs)
+        if len(within) < 3:
+            continue
+        pred = model.predict(np.array(cols["keep"])[within], macs[within], np.array(cols["params"])[within])
+        q_pred = _quality(pred, proxy, base)
+        q = _quality({c: np.asarray(cols[c])[within] for c in ("acc", "kl", "ce")}, proxy, base)
+        best_measured, best_predicted = np.argsort(-q, kind="stable"), np.argsort(-q_pred, kind="stable")
+        for frac in TOP_FRACTIONS:
+            n = max(3, round(frac * len(q)))
+            top = best_measured[:n]
+            err = q_pred[top] - q[top]
+            rows.append({"target": t, "top_fraction": frac, "plans": int(n),
+                         "kendall_tau": float(kendalltau(q_pred[top], q[top]).statistic),
+                         "mae": float(np.mean(np.abs(err))), "bias": float(np.mean(err)),
+                         "quality_range": [float(q[top].min()), float(q[top].max())],
+                         "overlap": len(set(best_predicted[:n].tolist()) & set(top.tolist())) / n})
     return rows
 
 
@@ -354,6 +395,7 @@ def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:
     runs = searches(cfg, data, model, splits) if cfg.searches else {}
     result["heldout"] = part1["rows"] + search_heldout(runs, data, model, _search_targets(cfg),
                                                               cfg.problem.proxy.proxy)
+    result["top_plans"] = top_plans(runs, data, model, _search_targets(cfg), cfg.problem.proxy.proxy)
     result["learning_curve"], result["regressors"] = part1["learning_curve"], part1["regressors"]
     result["capacity"] = part1["capacity"]
     result["ranking"] = ranking(runs, cfg) if runs else None
@@ -399,6 +441,16 @@ def report(r: dict[str, Any]) -> str:
         md += [f"| {c['num_leaves']} | " + " | ".join(f"{v:.3f}" for v in c["random_heldout"].values())
                + f" | {_fmt(c['search_seed_left_out']['mean'])} | {_fmt(c['search_seed_left_out']['min'])} |"
                for c in r["capacity"]]
+        md += [""]
+    if r.get("top_plans"):
+        md += ["## Where the model fails: the best plans", "",
+               "The new real searches' plans within the budget, the best share of them by measured quality (what "
+               "decides a search's best objective): predicted against measured quality.", "",
+               "| MACs target | best share | plans | measured quality | Kendall tau | mean abs error | bias | "
+               "model's top in the measured top |", "|---|---|---|---|---|---|---|---|"]
+        md += [f"| {p['target']:g} | {100 * p['top_fraction']:g} % | {p['plans']} | {p['quality_range'][0]:.4f}-"
+               f"{p['quality_range'][1]:.4f} | {p['kendall_tau']:.3f} | {p['mae']:.4f} | {p['bias']:+.4f} | "
+               f"{100 * p['overlap']:.0f} % |" for p in r["top_plans"]]
         md += [""]
     md += ["## The methods ranked on both envs (mean best REAL objective over seeds)", ""]
     if rk is None:

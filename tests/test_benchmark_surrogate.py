@@ -83,6 +83,12 @@ def test_validation_writes_the_acceptance_fields(made, tmp_path):
     assert all({"target", "kendall_tau", "r2", "plans"} <= set(h) for h in r["heldout"])
     assert sorted(r["ranking"]["real"]) == sorted(r["ranking"]["surrogate"]) == ["qmix", "random"]
     assert -1.0 <= r["ranking"]["kendall_tau"] <= 1.0 and r["command"] and r["commit"] and r["machine"]
+    top = r["top_plans"]  # where the model fails: its fidelity among the best plans within the budget
+    assert [p["top_fraction"] for p in top] == list(surrogate_validation.TOP_FRACTIONS)
+    assert [p["plans"] for p in top] == sorted((p["plans"] for p in top), reverse=True) and top[-1]["plans"] >= 3
+    assert all(-1 <= p["kendall_tau"] <= 1 and p["mae"] >= abs(p["bias"]) and 0 <= p["overlap"] <= 1 for p in top)
+    assert top[0]["overlap"] == 1.0  # all plans: the model's top is the measured top
+    assert "Where the model fails" in (tmp_path / "surrogate.md").read_text()
     assert "steps/s" in (tmp_path / "surrogate.md").read_text()
     cap = r["capacity"]  # the capacity study: one row per --capacity-leaves, tau per target and per left-out seed
     assert [c["num_leaves"] for c in cap] == [31, 127, 255]
