@@ -195,28 +195,33 @@ def _search_record(env: FilterPruningEnv, search: Any) -> dict[str, Any]:
 
 
 def searches(cfg: ValidationConfig, data: SurrogateData, model: SurrogateModel, splits: Any) -> dict[str, Any]:
-    """Part 2: every (target, method, seed) on both envs; the surrogate's best plan measured for real."""
+    """Part 2: every (target, method, seed) on both envs; the surrogate's best plan measured for real. A finished
+    unit of --work-dir is read back; its surrogate side is run again when it ran on another model (its digest)."""
     from pruning_env.engine.plan import PruningPlan
 
     work = Path(cfg.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {}
+    model_digest = model.digest()
     with ray_session(cfg.parallel):
         for t in _search_targets(cfg):
             for algo in cfg.algos:
                 for seed in cfg.seeds:
                     path = work / f"{algo}-s{seed}-t{t:g}.json"
-                    if path.is_file():
-                        out[path.stem] = json.loads(path.read_text())
+                    rec = json.loads(path.read_text()) if path.is_file() else None
+                    if rec is not None and rec["surrogate"].get("model") == model_digest:
+                        out[path.stem] = rec
                         continue
                     env = real_env(cfg, t, splits)
-                    real = _search_record(env, run_search(env, algo, seed, cfg.search, cfg.parallel))
+                    if rec is None:  # the real search (hours in all); it does not depend on the model
+                        real = _search_record(env, run_search(env, algo, seed, cfg.search, cfg.parallel))
+                        rec = {"target": t, "algo": algo, "seed": seed, "real": real}
+                    # the surrogate's search: again whenever the model is not the one it ran on
                     sur_env = SurrogatePruningEnv(data, model=model, **_free_settings(cfg, t))
                     sur_search = run_search(sur_env, algo, seed, cfg.search, WorkersConfig())
                     plan = PruningPlan.from_dict(sur_search.best["plan"])
-                    rec = {"target": t, "algo": algo, "seed": seed, "real": real,
-                           "surrogate": {"best_objective": sur_search.best["objective"],
-                                         "best_real_objective": env.measure(plan).objective}}
+                    rec["surrogate"] = {"best_objective": sur_search.best["objective"],
+                                        "best_real_objective": env.measure(plan).objective, "model": model_digest}
                     ckpt.atomic_write_text(path, json.dumps(rec))
                     out[path.stem] = rec
     return out

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from benchmarks import surrogate_data, surrogate_validation
-from pruning_env.envs.surrogate import SurrogateData, SurrogatePruningEnv
+from pruning_env.envs.surrogate import SurrogateData, SurrogateModel, SurrogatePruningEnv
 
 pytestmark = pytest.mark.long  # end-to-end runs of the benchmarks (.ci/run runs them)
 
@@ -124,5 +124,13 @@ def test_validation_writes_the_acceptance_fields(made, tmp_path):
     assert {n: after[n] for n in before} == before and set(after) - set(before) == {"qmix-s4-t0.5.json",
                                                                                      "random-s4-t0.5.json"}
     assert json.loads((tmp_path / "more" / "surrogate.json").read_text())["ranking"]["real"]
+    stale = work / "qmix-s2-t0.5.json"  # a unit whose surrogate side ran on another model: run again, real kept
+    rec = json.loads(stale.read_text())
+    rec["surrogate"].update(model="another model", best_objective=-1.0)
+    stale.write_text(json.dumps(rec))
+    assert surrogate_validation.main(more) == 0
+    again = json.loads(stale.read_text())
+    assert again["real"] == rec["real"] and again["surrogate"]["best_objective"] != -1.0
+    assert again["surrogate"]["model"] == SurrogateModel.load_or_fit(SurrogateData.load(out)).digest()
     other = [*more[:more.index("--search-plans") + 1], "12", *more[more.index("--search-plans") + 2:]]
     assert surrogate_validation.main(other) == 2  # another search budget: not the finished searches' settings

@@ -256,6 +256,11 @@ class SurrogateModel:
         return {"acc": min(max(acc, 0.0), 100.0), "kl": max(float(logs[0]) - self.EPS, 0.0),
                 "ce": max(float(logs[1]) - self.EPS, 0.0)}
 
+    def digest(self) -> str:
+        """SHA-256 (16 hex digits) of :meth:`to_text`: names the fitted trees (a result computed with the model
+        depends on them)."""
+        return hashlib.sha256(self.to_text().encode()).hexdigest()[:16]
+
     def to_text(self) -> str:
         """The model as text (LightGBM's model format per signal, in a JSON envelope): no pickle."""
         return json.dumps({"widths": self.widths.tolist(), "base_macs": self.base_macs, "base_params": self.base_params,
