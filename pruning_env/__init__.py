@@ -9,7 +9,8 @@ single-agent views with Gymnasium (``...-Joint-v1``, ``...-Sequential-v1``,
 
 The public API is what ``__all__`` lists:
 
-* the env: :func:`make` / :func:`list_envs` / :func:`register_all` (the registry), :class:`FilterPruningEnv`
+* the env: :func:`make` / :func:`list_envs` / :func:`register_all` (the registry), :func:`make_vec` (many
+  surrogate episodes at once), :class:`FilterPruningEnv`
   (the PettingZoo ``ParallelEnv``), its settings :class:`EnvConfig`, THE record of a measurement
   :class:`Measurement` (what ``env.measure(plan)`` returns) and the single-agent Gymnasium views
   :class:`JointPruningEnv`, :class:`SequentialPruningEnv`, :class:`SequentialDiscretePruningEnv`;
@@ -32,7 +33,7 @@ from pruning_env.engine.flops import count as count_macs
 from pruning_env.envs.config import EnvConfig
 from pruning_env.envs.env import FilterPruningEnv
 from pruning_env.envs.measure import Measurement
-from pruning_env.envs.registry import list_envs, make, register_all
+from pruning_env.envs.registry import list_envs, make, make_vec, register_all
 from pruning_env.envs.views import JointPruningEnv, SequentialDiscretePruningEnv, SequentialPruningEnv
 
 register_all()
@@ -57,6 +58,7 @@ __all__ = [
     "list_models",
     "load_splits",
     "make",
+    "make_vec",
     "register_all",
     "score",
 ]

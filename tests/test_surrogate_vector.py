@@ -152,6 +152,15 @@ def test_bad_input_is_refused_before_any_work():
             venv.plan(bad_i)
 
 
+def test_make_vec_batches_registered_surrogate_ids_only():
+    venv = pruning_env.make_vec(TINY, 3, macs_target=0.4)
+    assert isinstance(venv, SurrogateVectorEnv) and venv.num_envs == 3 and venv.env.config.macs_target == 0.4
+    with pytest.raises(ValueError, match="not one"):
+        pruning_env.make_vec("pruning_env/Tiny-v1", 2)
+    with pytest.raises(ValueError, match="unknown env id"):
+        pruning_env.make_vec("pruning_env/Nope-Surrogate-v1", 2)
+
+
 def test_made_from_the_data_file_and_the_id_alike():
     by_id = SurrogateVectorEnv(TINY, 2, macs_target=0.4)
     by_file = SurrogateVectorEnv(DATA_DIR / "Tiny.npz", 2, macs_target=0.4)

@@ -54,6 +54,7 @@ __all__ = [
     "make_benchmark_env",
     "make_surrogate_env",
     "make_tiny_env",
+    "make_vec",
     "parse_env_id",
     "real_env_id",
     "register_all",
@@ -259,6 +260,15 @@ def check_env_id(env_id: str) -> str:
 def make(env_id: str, **kwargs: Any) -> FilterPruningEnv:
     """``pettingzoo.make("parallel", env_id, **kwargs)`` with a helpful error for unknown or removed ids."""
     return pettingzoo.make("parallel", check_env_id(env_id), **kwargs)
+
+
+def make_vec(env_id: str, num_envs: int, **kwargs: Any) -> Any:
+    """``num_envs`` episodes of a registered surrogate env (an id with ``Surrogate``) stepped at once: a
+    :class:`~pruning_env.envs.surrogate_vector.SurrogateVectorEnv` (``kwargs``: the env's settings). A real env
+    measures each plan on a network; to spread its plans over cores or machines, see ``--workers``."""
+    from pruning_env.envs.surrogate_vector import SurrogateVectorEnv
+
+    return SurrogateVectorEnv(check_env_id(env_id), num_envs, **kwargs)
 
 
 def _joint(env_id: str, **kwargs: Any) -> gymnasium.Env:
