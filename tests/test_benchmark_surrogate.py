@@ -89,6 +89,11 @@ def test_validation_writes_the_acceptance_fields(made, tmp_path):
     assert all(-1 <= p["kendall_tau"] <= 1 and p["mae"] >= abs(p["bias"]) and 0 <= p["overlap"] <= 1 for p in top)
     assert top[0]["overlap"] == 1.0  # all plans: the model's top is the measured top
     assert "Where the model fails" in (tmp_path / "surrogate.md").read_text()
+    curve = r["top_curve"]  # the same plans' tau as the data grows
+    assert [c["train_plans"] for c in curve] == sorted(c["train_plans"] for c in curve)
+    assert curve[-1]["train_plans"] == len(SurrogateData.load(out))
+    assert all(set(c["kendall_tau"]) == {"1", "0.25", "0.1"} for c in curve)
+    assert "training plans | all | best 25 %" in (tmp_path / "surrogate.md").read_text()
     assert "steps/s" in (tmp_path / "surrogate.md").read_text()
     cap = r["capacity"]  # the capacity study: one row per --capacity-leaves, tau per target and per left-out seed
     assert [c["num_leaves"] for c in cap] == [31, 127, 255]
