@@ -98,6 +98,15 @@ def _quality(signals: dict[str, Any], proxy: str, base: Signals) -> np.ndarray:
                      for a, k, c in zip(signals["acc"], signals["kl"], signals["ce"])])
 
 
+def _booster_quality(booster: Any, data: SurrogateData, keep: np.ndarray, macs: np.ndarray, params: np.ndarray,
+                     signals: dict[str, Any], proxy: str) -> np.ndarray:
+    """The quality of plans by one signal's ``booster`` (a model fitted in a study), the other signals as given."""
+    base = data.meta["base"]
+    x = SurrogateModel.features(keep, data.widths, np.asarray(macs) / base["macs"], np.asarray(params) / base["params"])
+    raw = booster.predict(x, num_threads=1)
+    return _quality({**signals, proxy: SurrogateModel.decode(proxy, raw)}, proxy, _base(data))
+
+
 def _base(data: SurrogateData) -> Signals:
     b = data.meta["base"]
     return Signals(acc=float(b["acc"]), kl=float(b["kl"]), ce=float(b["ce"]))
@@ -161,13 +170,10 @@ def capacity(data: SurrogateData, cfg: ValidationConfig, test: np.ndarray) -> li
     on every left-out search seed (mean and smallest). Larger trees fit plans near the data's better, not
     necessarily the plans of a new search."""
     proxy, base = cfg.problem.proxy.proxy, _base(data)
-    base_macs, base_params = data.meta["base"]["macs"], data.meta["base"]["params"]
 
     def tau(train: SurrogateData, unseen: SurrogateData, leaves: int) -> dict[str, float]:
         booster = SurrogateModel.fit_signal(train, proxy, params={"num_leaves": leaves})
-        x = SurrogateModel.features(unseen.keep, unseen.widths, unseen.macs / base_macs, unseen.params / base_params)
-        pred = _quality({**unseen.signals, proxy: SurrogateModel.decode(proxy, booster.predict(x, num_threads=1))},
-                        proxy, base)
+        pred = _booster_quality(booster, data, unseen.keep, unseen.macs, unseen.params, unseen.signals, proxy)
         truth = _quality(unseen.signals, proxy, base)
         return {f"{t:g}": float(kendalltau(pred[m], truth[m]).statistic) for t in cfg.targets
                 if (m := np.isclose(unseen.target, t)).sum() >= 3}
@@ -317,7 +323,7 @@ def top_curve(runs: dict[str, Any], data: SurrogateData, targets: list[float], p
     """How the error on the new searches' plans shrinks with more data: the model of the reward's signal fitted on
     random shares of the data (:data:`CURVE_FRACTIONS`, seed 0), its Kendall tau on their plans within the budget,
     on all of them and on the best 25 % and 10 % by measured quality."""
-    base_macs, base_params, base = float(data.meta["base"]["macs"]), float(data.meta["base"]["params"]), _base(data)
+    base = _base(data)
     order = np.random.default_rng(0).permutation(len(data))
     rows = []
     for t in targets:
@@ -326,13 +332,10 @@ def top_curve(runs: dict[str, Any], data: SurrogateData, targets: list[float], p
             continue
         q = _quality(plans, proxy, base)
         best = np.argsort(-q, kind="stable")
-        x = SurrogateModel.features(plans["keep"], data.widths, plans["macs"] / base_macs,
-                                    plans["params"] / base_params)
         for frac in CURVE_FRACTIONS:
             n = max(20, round(frac * len(data)))
             booster = SurrogateModel.fit_signal(data.subset(np.sort(order[:n])), proxy)
-            q_pred = _quality({**plans, proxy: SurrogateModel.decode(proxy, booster.predict(x, num_threads=1))},
-                              proxy, base)
+            q_pred = _booster_quality(booster, data, plans["keep"], plans["macs"], plans["params"], plans, proxy)
             taus = {}
             for share in (1.0, 0.25, 0.1):
                 top = best[:max(3, round(share * len(q)))]
@@ -387,18 +390,28 @@ def speed(cfg: ValidationConfig, data: SurrogateData, model: SurrogateModel, spl
             n = per_block[name]
             t0 = time.perf_counter()
             while steps[name] < (block + 1) * n:
-                if name == "surrogate_vector":
-                    env.reset(seed=int(rng.integers(2**31)))
-                    for _ in range(env.env.config.episode_length):
-                        env.step(env.action_space.sample())
-                        steps[name] += env.num_envs
-                    continue
-                env.reset(seed=int(rng.integers(2**31)))
-                while env.agents:
-                    env.step({a: env.action_space(a).sample() for a in env.agents})
-                    steps[name] += 1
+                steps[name] += (_vector_episode if name == "surrogate_vector" else _episode)(
+                    env, int(rng.integers(2**31)))
             seconds[name] += time.perf_counter() - t0
     return {name: steps[name] / seconds[name] for name in envs}
+
+
+def _episode(env: FilterPruningEnv, seed: int) -> int:
+    """One random episode of a PettingZoo env; its steps."""
+    env.reset(seed=seed)
+    steps = 0
+    while env.agents:
+        env.step({a: env.action_space(a).sample() for a in env.agents})
+        steps += 1
+    return steps
+
+
+def _vector_episode(env: SurrogateVectorEnv, seed: int) -> int:
+    """One random episode of every row of a vector env; its steps, each row's counted."""
+    env.reset(seed=seed)
+    for _ in range(env.env.config.episode_length):
+        env.step(env.action_space.sample())
+    return env.num_envs * env.env.config.episode_length
 
 
 def run(cfg: ValidationConfig, argv: list[str] | None) -> dict[str, Any]:

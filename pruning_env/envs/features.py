@@ -162,8 +162,7 @@ def dynamic_columns(keep_ratio: np.ndarray, input_layer: Sequence[int], macs_rat
     src = np.asarray(input_layer)
     target = float(macs_target or 0.0)
     macs_ratio = np.asarray(macs_ratio, dtype=np.float64)
-    keep_ratio = np.array(keep_ratio, dtype=np.float64)  # the caller's array is not handed back
-    return {"keep_ratio": keep_ratio,
+    return {"keep_ratio": keep_ratio,  # the array given, as its column (both envs pass a new one)
             "input_keep_ratio": np.where(src >= 0, keep_ratio[..., np.maximum(src, 0)], 1.0),
             "macs_ratio": spread(macs_ratio), "acc_ratio": spread(np.minimum(1.0, acc_ratio)),
             "progress": spread(progress), "macs_target": spread(target),

@@ -268,7 +268,7 @@ def make_vec(env_id: str, num_envs: int, **kwargs: Any) -> Any:
     measures each plan on a network; to spread its plans over cores or machines, see ``--workers``."""
     from pruning_env.envs.surrogate_vector import SurrogateVectorEnv
 
-    return SurrogateVectorEnv(check_env_id(env_id), num_envs, **kwargs)
+    return SurrogateVectorEnv(env_id, num_envs, **kwargs)  # its make() checks the id
 
 
 def _joint(env_id: str, **kwargs: Any) -> gymnasium.Env:

@@ -28,7 +28,7 @@ from gymnasium import spaces
 from pruning_env.engine.budget import budget_keep_counts_batch
 from pruning_env.engine.plan import PruningPlan, top_k_positions
 from pruning_env.envs.features import GLOBAL_FEATURES, assemble, dsfp_matrix, dsfp_names, dynamic_columns
-from pruning_env.envs.measure import Measurement
+from pruning_env.envs.measure import Measurement, StaticDsfp
 from pruning_env.envs.surrogate import SurrogateData, SurrogatePruningEnv
 from pruning_env.training.proxy import Signals
 
@@ -80,8 +80,9 @@ class SurrogateVectorEnv:
         obs, infos = env.reset()
         self._obs0 = np.stack([obs[a] for a in env.possible_agents])
         self._info0 = {k: np.full(n, infos[agent][k]) for k in Measurement.info_keys()}
-        self._states = [_LayerStates(self, i, full.keep[name]) for i, name in enumerate(self._names)]
-        self._row_names = list(self._static_dsfp.layer(0, full.keep[self._names[0]])[1].row)
+        self._row_names = tuple(self._static_dsfp.layer(0, full.keep[self._names[0]])[1].row)
+        self._states = [_LayerStates(self._static_dsfp, i, full.keep[name], self._row_names)
+                        for i, name in enumerate(self._names)]
         self._begin()  # before the first reset: the unpruned network (state(), plan())
         self._done = True
 
@@ -107,9 +108,7 @@ class SurrogateVectorEnv:
         n = self.num_envs
         self._sid = np.zeros((n, len(self._names)), dtype=np.int64)
         self._counts = np.tile(self._orig, (n, 1))
-        self._objective = np.full(n, self._full_measure.objective)
-        self._measured = {k: np.full(n, getattr(self._full_measure, k)) for k in ("macs_ratio", "params_ratio",
-                                                                                  "acc_ratio")}
+        self._measured = {k: np.full(n, v) for k, v in self._full_measure.info().items()}
         self._step = 0
 
     def step(self, actions: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
@@ -142,13 +141,12 @@ class SurrogateVectorEnv:
                 sids[r] = states.narrowed(int(sids[r]), k)
         self._counts = counts
         self._step += 1
-        measured = self._measure(counts)
-        rewards = measured["objective"] - self._objective
-        self._objective = measured["objective"]
+        before, self._measured = self._measured, self._measure(counts)
+        rewards = self._measured["objective"] - before["objective"]
         done = self._step >= cfg.episode_length
         self._done = done
         n = self.num_envs
-        infos = {k: measured[k].copy() for k in Measurement.info_keys()}  # the caller's: the env keeps its own
+        infos = {k: v.copy() for k, v in self._measured.items()}  # the caller's: the env keeps its own
         infos["rate"] = 1.0 - counts / self._orig
         return (self._observations(), rewards, np.full(n, done), np.zeros(n, dtype=bool), infos)
 
@@ -207,8 +205,8 @@ class SurrogateVectorEnv:
         return self._rates[a]
 
     def _measure(self, counts: np.ndarray) -> dict[str, np.ndarray]:
-        """The metrics of every row, each ``(N,)``: MACs and the model's signals in one call each, the ratios and
-        the objective by the env's own record (:meth:`~pruning_env.envs.measure.PlanMeter.record`)."""
+        """The infos of every row, ``{info key: (N,)}``: MACs and the model's signals in one call each, the ratios
+        and the objective by the env's own record (:meth:`~pruning_env.envs.measure.PlanMeter.record`)."""
         env, parts = self.env, self._parts
         macs, params = env.macs_model.predict_batch(counts)
         pruned = np.flatnonzero((counts != self._orig).any(axis=1))
@@ -221,11 +219,7 @@ class SurrogateVectorEnv:
         records = [parts.record(None, s.acc, s.quality(proxy, base), int(m), int(p))
                    for s, m, p in zip(signals, macs.tolist(), params.tolist())]
         infos = [r.info() for r in records]
-        out = {k: np.array([i[k] for i in infos]) for k in Measurement.info_keys()}
-        out.update({k: np.array([getattr(r, k) for r in records]) for k in ("macs_ratio", "params_ratio", "acc_ratio",
-                                                                            "objective")})
-        self._measured = out
-        return out
+        return {k: np.array([i[k] for i in infos]) for k in Measurement.info_keys()}
 
     def _observations(self) -> np.ndarray:
         env = self.env
@@ -243,8 +237,8 @@ class _LayerStates:
     """The filter sets one layer has been met with, numbered (0: all filters), with what a step needs of each:
     the pruning order of its filters and its DSFP row, component sums and removed masses."""
 
-    def __init__(self, owner: SurrogateVectorEnv, layer: int, full: tuple[int, ...]) -> None:
-        self.owner, self.layer, self.full = owner, layer, full
+    def __init__(self, static_dsfp: StaticDsfp, layer: int, full: tuple[int, ...], row_names: tuple[str, ...]) -> None:
+        self.static_dsfp, self.layer, self.full, self.row_names = static_dsfp, layer, full, row_names
         self.clear()
 
     def clear(self) -> None:
@@ -261,14 +255,14 @@ class _LayerStates:
         return len(self.kept)
 
     def _add(self, kept: tuple[int, ...]) -> int:
-        order, stats, removed = self.owner._static_dsfp.layer(self.layer, kept)
+        order, stats, removed = self.static_dsfp.layer(self.layer, kept)
         sid = len(self.kept)
         if sid == len(self._rows):  # grow the arrays (doubling)
             cap = max(16, 2 * sid)
-            self._rows = _grown(self._rows, cap, len(stats.row))
+            self._rows = _grown(self._rows, cap, len(self.row_names))
             self._sums = _grown(self._sums, cap, 3)
             self._mass = _grown(self._mass, cap, len(removed))
-        self._rows[sid] = list(stats.row.values())
+        self._rows[sid] = [stats.row[n] for n in self.row_names]  # by name, as combine_dsfp reads them
         self._sums[sid] = stats.sums
         self._mass[sid] = removed
         self.kept.append(kept)
@@ -310,12 +304,12 @@ def _surrogate_env(env: Any, kwargs: dict[str, Any]) -> SurrogatePruningEnv:
     if isinstance(env, SurrogateData) or (isinstance(env, (str, Path)) and str(env).endswith(".npz")):
         return SurrogatePruningEnv(env, **kwargs)
     if isinstance(env, str):
-        import pruning_env
+        from pruning_env.envs.registry import list_envs, make
 
         if "Surrogate" not in env:
             raise ValueError(f"SurrogateVectorEnv batches surrogate envs; {env!r} is not one (their ids contain "
-                             f"'Surrogate': {[i for i in pruning_env.list_envs() if 'Surrogate' in i]})")
-        made = pruning_env.make(env, **kwargs)
+                             f"'Surrogate': {[i for i in list_envs() if 'Surrogate' in i]})")
+        made = make(env, **kwargs)
         if not isinstance(made, SurrogatePruningEnv):
             raise ValueError(f"{env!r} does not make a SurrogatePruningEnv")
         return made
